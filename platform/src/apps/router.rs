@@ -1,0 +1,96 @@
+//! Uploading and reading tenant apps: `PUT/GET /v1/tenants/{t}/apps/{batch|stream}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::put;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::{AppKind, MAX_SOURCE_BYTES, compile};
+use crate::Platform;
+use crate::http::{ApiError, Caller, PathArgs};
+
+pub fn router() -> Router<Arc<Platform>> {
+    Router::new().route(
+        "/v1/tenants/{t}/apps/{kind}",
+        put(upload)
+            .get(current)
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
+    )
+}
+
+fn kind(raw: &str) -> Result<AppKind, ApiError> {
+    match raw {
+        "batch" => Ok(AppKind::Batch),
+        "stream" => Ok(AppKind::Stream),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no app kind `{raw}`: use batch or stream"),
+        )),
+    }
+}
+
+async fn upload(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, k)): PathArgs<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let kind = kind(&k)?;
+    let source = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::bad_request("app source is not valid UTF-8"))?
+        .to_owned();
+    let profile = p.coredms.tenant(&t).await?;
+    let limits = profile.constraints.app_limits;
+    let src = source.clone();
+    let compiled = tokio::task::spawn_blocking(move || compile(&src, &limits))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?
+        .map_err(|e| {
+            let at = match (e.line, e.column) {
+                (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
+                (Some(l), None) => format!(" at line {l}"),
+                _ => String::new(),
+            };
+            ApiError::bad_request(format!("app does not compile{at}: {}", e.message))
+                .with_details(json!({"line": e.line, "column": e.column}))
+        })?;
+    let version = p.coredms.save_app(&t, kind, &source).await?;
+    tracing::info!(tenant = %t, kind = kind.as_str(), version, "app uploaded");
+    Ok(Json(json!({
+        "version": version,
+        "kind": kind,
+        "functions": {
+            "map": compiled.shape.has_map,
+            "ingest": compiled.shape.has_ingest,
+        },
+    }))
+    .into_response())
+}
+
+async fn current(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, k)): PathArgs<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let kind = kind(&k)?;
+    match p.coredms.active_app(&t, kind).await? {
+        Some(app) => Ok(Json(json!({
+            "version": app.version,
+            "kind": kind,
+            "source": app.source,
+            "created_at": app.created_at,
+        }))
+        .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {} app uploaded", kind.as_str()),
+        )),
+    }
+}

@@ -1,0 +1,484 @@
+//! The batch ingest manager: stages uploaded files, runs ingestion jobs over them (file →
+//! parse → tenant app → bulk write through coredms), and records per-file status.
+//!
+//! Jobs checkpoint after every bulk write; on start the manager resumes any file left
+//! `ingesting` from its checkpoint. Ids derive from (content hash, record index), so records
+//! written again after a crash are duplicates, never new documents.
+
+pub mod parse;
+mod router;
+mod staging;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use router::router;
+pub use staging::{Staging, check_file_name};
+
+use crate::apps::{AppCache, AppHandle, AppKind, Input, transform};
+use crate::config::BatchSettings;
+use crate::coredms::{BulkWrite, CoreDms, CoreError, now_us};
+use crate::events::Ingested;
+use crate::logs::Source;
+use crate::metrics::Metrics;
+use crate::tenants::{Format, TenantName};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileState {
+    Staged,
+    Ingesting,
+    Done,
+    Failed,
+}
+
+impl FileState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Staged => "staged",
+            Self::Ingesting => "ingesting",
+            Self::Done => "done",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A staged file and its ingestion status, stored through coredms.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileRecord {
+    pub tenant: String,
+    pub name: String,
+    pub format: Format,
+    pub bytes: u64,
+    pub sha256: String,
+    pub state: FileState,
+    pub collection: String,
+    pub records_ok: u64,
+    pub records_failed: u64,
+    pub records_duplicate: u64,
+    /// Records before this index are stored and logged: where a resumed job starts.
+    pub next_record: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub app_version: Option<u32>,
+    pub staged_at: String,
+    pub updated_at: String,
+}
+
+/// Bulk writes a job runs before yielding its worker to another tenant.
+const SLICE_BATCHES: usize = 4;
+
+/// A running job: the open file and where it is.
+struct Job {
+    record: FileRecord,
+    tenant: TenantName,
+    source: Option<Box<dyn parse::RecordSource>>,
+    app: Option<Arc<AppHandle>>,
+    started: bool,
+}
+
+/// Round-robin over tenants with pending jobs, so one tenant's huge file does not starve
+/// the others: each turn runs a slice of one job, then the next tenant goes.
+#[derive(Default)]
+struct Scheduler {
+    inner: Mutex<(VecDeque<TenantName>, HashMap<TenantName, VecDeque<Job>>)>,
+    notify: Notify,
+}
+
+impl Scheduler {
+    fn push(&self, job: Job) {
+        if let Ok(mut g) = self.inner.lock() {
+            let (order, queues) = &mut *g;
+            let q = queues.entry(job.tenant.clone()).or_default();
+            if q.is_empty() && !order.contains(&job.tenant) {
+                order.push_back(job.tenant.clone());
+            }
+            q.push_back(job);
+        }
+        self.notify.notify_one();
+    }
+
+    fn pop(&self) -> Option<Job> {
+        let mut g = self.inner.lock().ok()?;
+        let (order, queues) = &mut *g;
+        while let Some(t) = order.pop_front() {
+            if let Some(q) = queues.get_mut(&t)
+                && let Some(job) = q.pop_front()
+            {
+                if q.is_empty() {
+                    queues.remove(&t);
+                }
+                return Some(job);
+            }
+            queues.remove(&t);
+        }
+        None
+    }
+
+    async fn next(&self, cancel: &CancellationToken) -> Option<Job> {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(j) = self.pop() {
+                return Some(j);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = cancel.cancelled() => return None,
+            }
+        }
+    }
+}
+
+pub struct BatchManager {
+    coredms: CoreDms,
+    apps: Arc<AppCache>,
+    pub staging: Staging,
+    settings: BatchSettings,
+    scheduler: Scheduler,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    #[error("file `{0}` is not staged")]
+    NotStaged(String),
+    #[error("file `{0}` is already being ingested")]
+    Busy(String),
+    #[error("cannot read staged file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BatchManager {
+    pub fn new(
+        coredms: CoreDms,
+        apps: Arc<AppCache>,
+        staging: Staging,
+        settings: BatchSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            coredms,
+            apps,
+            staging,
+            settings,
+            scheduler: Scheduler::default(),
+            metrics,
+        }
+    }
+
+    /// Runs the worker pool until `cancel`; first re-queues jobs a previous run left unfinished.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        match self.coredms.files_in_state(FileState::Ingesting).await {
+            Ok(files) => {
+                for rec in files {
+                    tracing::info!(tenant = %rec.tenant, file = %rec.name, from = rec.next_record, "resuming interrupted ingestion");
+                    if let Err(e) = self.enqueue(rec).await {
+                        tracing::warn!(error = %e, "cannot resume ingestion");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for interrupted ingestions"),
+        }
+        let mut workers = Vec::new();
+        for _ in 0..self.settings.workers {
+            let me = self.clone();
+            let cancel = cancel.clone();
+            workers.push(tokio::spawn(async move {
+                while let Some(job) = me.scheduler.next(&cancel).await {
+                    me.run_slice(job, &cancel).await;
+                }
+            }));
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+    }
+
+    /// Marks a staged file `ingesting` and queues its job.
+    pub async fn start(&self, tenant: &TenantName, name: &str) -> Result<FileRecord, BatchError> {
+        let mut rec = self
+            .coredms
+            .file(tenant, name)
+            .await?
+            .ok_or_else(|| BatchError::NotStaged(name.to_owned()))?;
+        if rec.state == FileState::Ingesting {
+            return Err(BatchError::Busy(name.to_owned()));
+        }
+        rec.state = FileState::Ingesting;
+        rec.records_ok = 0;
+        rec.records_failed = 0;
+        rec.records_duplicate = 0;
+        rec.next_record = 0;
+        rec.error = None;
+        rec.updated_at = crate::logs::rfc3339_now();
+        self.coredms.put_file(&rec).await?;
+        self.enqueue(rec.clone()).await?;
+        Ok(rec)
+    }
+
+    async fn enqueue(&self, record: FileRecord) -> Result<(), BatchError> {
+        let tenant = TenantName::parse(&record.tenant)
+            .map_err(|e| BatchError::Core(CoreError::Invalid(e.to_string())))?;
+        self.scheduler.push(Job {
+            record,
+            tenant,
+            source: None,
+            app: None,
+            started: false,
+        });
+        Ok(())
+    }
+
+    async fn run_slice(&self, mut job: Job, cancel: &CancellationToken) {
+        if !job.started {
+            if let Err(e) = self.open(&mut job).await {
+                self.finish(job, Some(e)).await;
+                return;
+            }
+            job.started = true;
+        }
+        for _ in 0..SLICE_BATCHES {
+            if cancel.is_cancelled() {
+                // Left `ingesting`: the next start resumes from the checkpoint.
+                return;
+            }
+            match self.step(&mut job, cancel).await {
+                Ok(true) => continue,
+                Ok(false) => {
+                    self.finish(job, None).await;
+                    return;
+                }
+                Err(e) => {
+                    if cancel.is_cancelled() {
+                        return;
+                    }
+                    self.finish(job, Some(e)).await;
+                    return;
+                }
+            }
+        }
+        self.scheduler.push(job);
+    }
+
+    async fn open(&self, job: &mut Job) -> Result<(), String> {
+        let profile = self
+            .coredms
+            .tenant(&job.tenant)
+            .await
+            .map_err(|e| e.to_string())?;
+        job.app = self
+            .apps
+            .active(
+                &self.coredms,
+                &job.tenant,
+                AppKind::Batch,
+                profile.constraints.app_limits,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        job.record.app_version = job.app.as_ref().map(|a| a.version);
+        let path = self.staging.path(&job.tenant, &job.record.name);
+        let format = job.record.format;
+        let skip = job.record.next_record;
+        let whole = job.app.as_ref().is_some_and(|a| !a.shape.has_map);
+        let source =
+            tokio::task::spawn_blocking(move || -> Result<Box<dyn parse::RecordSource>, String> {
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| format!("cannot open staged file: {e}"))?;
+                if whole {
+                    return Ok(Box::new(WholeFile(Some(file))));
+                }
+                let mut src =
+                    parse::open(format, std::io::BufReader::with_capacity(256 * 1024, file));
+                for _ in 0..skip {
+                    match src.next_record() {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Err(format!("cannot read staged file: {e}")),
+                        None => break,
+                    }
+                }
+                Ok(src)
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        job.source = Some(source);
+        Ok(())
+    }
+
+    /// One bulk write's worth of records. Ok(false) at the end of the file.
+    async fn step(&self, job: &mut Job, cancel: &CancellationToken) -> Result<bool, String> {
+        let Some(mut source) = job.source.take() else {
+            return Ok(false);
+        };
+        let app = job.app.clone();
+        let batch = self.settings.batch_size;
+        let origin = job.record.sha256.get(..16).unwrap_or("0").to_owned();
+        let collection = job.record.collection.clone();
+        let data_name = job.record.name.clone();
+        let max_doc = app
+            .as_ref()
+            .map_or(crate::config::AppLimits::default().max_doc_bytes, |a| {
+                a.limits().max_doc_bytes
+            });
+        let (source, inputs, transformed, more) = tokio::task::spawn_blocking(move || {
+            let mut inputs = Vec::with_capacity(batch);
+            let mut more = true;
+            while inputs.len() < batch {
+                match source.next_record() {
+                    Some(Ok(r)) => inputs.push(Input {
+                        origin: origin.clone(),
+                        index: r.index,
+                        bytes: r.bytes,
+                        started_us: now_us(),
+                        data_name: data_name.clone(),
+                        value: r.value,
+                    }),
+                    Some(Err(e)) => return Err(format!("cannot read staged file: {e}")),
+                    None => {
+                        more = false;
+                        break;
+                    }
+                }
+            }
+            let t = transform(app.as_deref(), &collection, max_doc, &inputs);
+            Ok((source, inputs.len(), t, more))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        job.source = Some(source);
+        if inputs == 0 {
+            return Ok(false);
+        }
+        let write = BulkWrite {
+            tenant: job.tenant.clone(),
+            source: Source::Batch,
+            data_name: job.record.name.clone(),
+            app_version: job.record.app_version,
+            docs: transformed.docs,
+            failures: transformed.failures,
+        };
+        let failures = write.failures.len() as u64;
+        let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
+        let outcome = write_with_retry(&self.coredms, write, cancel).await?;
+        let failed = failures + outcome.failed.len() as u64;
+        job.record.records_ok += outcome.inserted;
+        job.record.records_duplicate += outcome.duplicates;
+        job.record.records_failed += failed;
+        job.record.next_record += inputs as u64;
+        job.record.updated_at = crate::logs::rfc3339_now();
+        Ingested {
+            tenant: &job.record.tenant,
+            source: Source::Batch,
+            stored: outcome.inserted,
+            duplicates: outcome.duplicates,
+            failed,
+            bytes,
+        }
+        .emit(&self.metrics);
+        self.coredms
+            .put_file(&job.record)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(more)
+    }
+
+    async fn finish(&self, mut job: Job, error: Option<String>) {
+        job.record.state = if error.is_some() {
+            FileState::Failed
+        } else {
+            FileState::Done
+        };
+        if let Some(e) = &error {
+            tracing::warn!(tenant = %job.tenant, file = %job.record.name, error = %e, "ingestion failed");
+            // A file that could not be processed at all still gets its one log entry.
+            let _ = self
+                .coredms
+                .bulk_write(&BulkWrite {
+                    tenant: job.tenant.clone(),
+                    source: Source::Batch,
+                    data_name: job.record.name.clone(),
+                    app_version: job.record.app_version,
+                    docs: vec![],
+                    failures: vec![crate::coredms::Failure {
+                        collection: job.record.collection.clone(),
+                        reason: e.clone(),
+                        bytes: job.record.bytes,
+                        started_us: now_us(),
+                        data_name: None,
+                    }],
+                })
+                .await;
+        } else {
+            tracing::info!(tenant = %job.tenant, file = %job.record.name, ok = job.record.records_ok,
+                failed = job.record.records_failed, duplicates = job.record.records_duplicate, "ingestion done");
+        }
+        job.record.error = error;
+        job.record.updated_at = crate::logs::rfc3339_now();
+        for attempt in 0..10u32 {
+            match self.coredms.put_file(&job.record).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, attempt, "cannot record file status");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
+                }
+            }
+        }
+    }
+}
+
+/// The whole file as one input, for `ingest` apps.
+struct WholeFile(Option<std::fs::File>);
+
+impl parse::RecordSource for WholeFile {
+    fn next_record(&mut self) -> Option<Result<parse::Record, std::io::Error>> {
+        use std::io::Read;
+        let mut f = self.0.take()?;
+        let mut buf = Vec::new();
+        if let Err(e) = f.read_to_end(&mut buf) {
+            return Some(Err(e));
+        }
+        let bytes = buf.len() as u64;
+        let value = String::from_utf8(buf)
+            .map(serde_json::Value::String)
+            .map_err(|_| "file is not valid UTF-8".to_owned());
+        Some(Ok(parse::Record {
+            index: 0,
+            line: 1,
+            bytes,
+            value,
+        }))
+    }
+}
+
+/// Writes through coredms; while the database is unavailable, waits with backoff (the data
+/// is on disk and nothing is acknowledged), up to a few minutes.
+pub async fn write_with_retry(
+    coredms: &CoreDms,
+    write: BulkWrite,
+    cancel: &CancellationToken,
+) -> Result<crate::coredms::BulkOutcome, String> {
+    let mut delay = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        match coredms.bulk_write(&write).await {
+            Ok(o) => return Ok(o),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "bulk write failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err("shutting down".into()),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The batch API: stage files, start ingestion, read per-file status.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::staging::UploadError;
+use super::{BatchError, BatchManager, FileRecord, FileState, check_file_name};
+use crate::Platform;
+use crate::http::{ApiError, Caller, PathArgs, QueryArgs};
+use crate::tenants::{Format, TenantName};
+
+pub fn router() -> Router<Arc<Platform>> {
+    Router::new()
+        .route("/v1/tenants/{t}/files", get(list))
+        .route(
+            "/v1/tenants/{t}/files/{name}",
+            put(upload)
+                .get(status)
+                .delete(remove)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/tenants/{t}/files/{name}/ingest", post(ingest))
+}
+
+fn manager(p: &Platform) -> Result<&BatchManager, ApiError> {
+    p.batch.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "batch ingestion is served by the batch service",
+        )
+    })
+}
+
+impl From<BatchError> for ApiError {
+    fn from(e: BatchError) -> Self {
+        match e {
+            BatchError::Core(c) => c.into(),
+            BatchError::NotStaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
+            BatchError::Busy(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            BatchError::Io(io) => {
+                tracing::error!(error = %io, "staging io error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+/// The default collection for a file: its name without extension, as a collection name.
+fn collection_for(name: &str) -> String {
+    let stem = name.rsplit_once('.').map_or(name, |(s, _)| s);
+    let c: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if c.is_empty() { "data".into() } else { c }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    /// Collection the records go to (default: the file name without extension).
+    collection: Option<String>,
+}
+
+async fn upload(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, name)): PathArgs<(String, String)>,
+    QueryArgs(q): QueryArgs<UploadQuery>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let m = manager(&p)?;
+    check_file_name(&name).map_err(ApiError::bad_request)?;
+    let collection = q.collection.unwrap_or_else(|| collection_for(&name));
+    crate::apps::check_collection(&collection).map_err(ApiError::bad_request)?;
+    let profile = p.coredms.tenant(&t).await?;
+    let c = &profile.constraints;
+    let format = Format::from_file_name(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("unknown format for `{name}`: name files .csv, .json, .ndjson or .jsonl"),
+        )
+    })?;
+    if !c.formats.contains(&format) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("format {format} is not accepted for tenant `{t}`"),
+        ));
+    }
+    if let Some(rec) = p.coredms.file(&t, &name).await?
+        && rec.state == FileState::Ingesting
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("file `{name}` is being ingested; upload it again when it is done"),
+        ));
+    }
+    let replacing = m.staging.exists(&t, &name).await;
+    if !replacing && m.staging.count(&t).await.map_err(BatchError::Io)? >= c.max_staged_files {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "tenant `{t}` already has {} staged files, the limit",
+                c.max_staged_files
+            ),
+        ));
+    }
+    let staged = m
+        .staging
+        .write(&t, &name, body.into_data_stream(), c.max_file_bytes)
+        .await
+        .map_err(|e| match e {
+            UploadError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            UploadError::Body(_) => ApiError::bad_request(e.to_string()),
+            UploadError::Io(io) => BatchError::Io(io).into(),
+        })?;
+    let now = crate::logs::rfc3339_now();
+    let rec = FileRecord {
+        tenant: t.to_string(),
+        name: name.clone(),
+        format,
+        bytes: staged.bytes,
+        sha256: staged.sha256,
+        state: FileState::Staged,
+        collection,
+        records_ok: 0,
+        records_failed: 0,
+        records_duplicate: 0,
+        next_record: 0,
+        error: None,
+        app_version: None,
+        staged_at: now.clone(),
+        updated_at: now,
+    };
+    p.coredms.put_file(&rec).await?;
+    let rec = if profile.auto_ingest {
+        m.start(&t, &name).await?
+    } else {
+        rec
+    };
+    Ok((StatusCode::CREATED, Json(rec)).into_response())
+}
+
+async fn ingest(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, name)): PathArgs<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    check_file_name(&name).map_err(ApiError::bad_request)?;
+    let rec = manager(&p)?.start(&t, &name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": format!("{t}/{name}"), "file": rec })),
+    )
+        .into_response())
+}
+
+async fn status(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, name)): PathArgs<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    check_file_name(&name).map_err(ApiError::bad_request)?;
+    match p.coredms.file(&t, &name).await? {
+        Some(rec) => Ok(Json(rec).into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("file `{name}` is not staged"),
+        )),
+    }
+}
+
+async fn list(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+) -> Result<Response, ApiError> {
+    let t: TenantName = caller.for_tenant(&t)?;
+    Ok(Json(json!({ "files": p.coredms.files(&t).await? })).into_response())
+}
+
+async fn remove(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, name)): PathArgs<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    check_file_name(&name).map_err(ApiError::bad_request)?;
+    let m = manager(&p)?;
+    match p.coredms.file(&t, &name).await? {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("file `{name}` is not staged"),
+        )),
+        Some(r) if r.state == FileState::Ingesting => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("file `{name}` is being ingested"),
+        )),
+        Some(_) => {
+            m.staging.remove(&t, &name).await.map_err(BatchError::Io)?;
+            p.coredms.delete_file(&t, &name).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! Layered configuration: defaults → TOML file → environment → flags, into one typed tree.
+//!
+//! Every layer is merged as a TOML table before the typed [`Settings`] is deserialized, so an
+//! unknown key in any layer (a typo in the file, a stray `MYSIMBDP_BATCH__SIZEE`) is an error
+//! rather than a silently ignored setting.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with a short, conventional name, and the setting each one sets.
+const SHORT_ENV: &[(&str, &str, &str)] = &[
+    ("MONGODB_URI", "mongodb", "uri"),
+    ("AMQP_URI", "amqp", "uri"),
+    ("MYSIMBDP_ADMIN_TOKEN", "auth", "admin_token"),
+    ("MYSIMBDP_INTERNAL_TOKEN", "auth", "internal_token"),
+    ("MYSIMBDP_LISTEN", "http", "listen"),
+    ("MYSIMBDP_STAGING_DIR", "staging", "dir"),
+];
+const ENV_PREFIX: &str = "MYSIMBDP_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid setting `{0}`: expected MYSIMBDP_<SECTION>__<KEY>")]
+    EnvKey(String),
+    #[error("invalid override `{0}`: expected section.key=value")]
+    Override(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole platform configuration. Every field has a default that works on a laptop.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub mongodb: MongoSettings,
+    pub amqp: AmqpSettings,
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub staging: StagingSettings,
+    pub limits: TenantLimits,
+    pub apps: AppLimits,
+    pub batch: BatchSettings,
+    pub stream: StreamSettings,
+    pub platform: PlatformSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoSettings {
+    /// Empty: provisioned through testcontainers when Docker answers.
+    pub uri: String,
+    /// `majority`, or a number of acknowledging nodes.
+    pub write_concern: String,
+    pub journal: bool,
+    /// Kept small: every connection costs the server, and bulk writes need few.
+    pub max_pool_size: u32,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            write_concern: "majority".into(),
+            journal: false,
+            max_pool_size: 8,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// Empty: provisioned through testcontainers when Docker answers.
+    pub uri: String,
+    /// Declare tenant queues as quorum queues (for RabbitMQ clusters).
+    pub quorum_queues: bool,
+    /// With quorum queues: deliveries after which a message is dead-lettered by the broker.
+    pub delivery_limit: u32,
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            quorum_queues: false,
+            delivery_limit: 20,
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: String,
+    /// Base URL of a separate coredms service; empty in the one-process topology.
+    pub coredms_url: String,
+    /// Requests served at once per process; more wait.
+    pub max_in_flight: usize,
+    /// Largest JSON body accepted on API endpoints other than file uploads and messages.
+    pub max_json_bytes: usize,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8800".into(),
+            coredms_url: String::new(),
+            max_in_flight: 1024,
+            max_json_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// The operator's token. Empty: admin endpoints answer 401.
+    pub admin_token: String,
+    /// Token components use to call coredms over HTTP. Empty: the admin token.
+    pub internal_token: String,
+}
+
+impl AuthSettings {
+    pub fn internal(&self) -> &str {
+        if self.internal_token.is_empty() {
+            &self.admin_token
+        } else {
+            &self.internal_token
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StagingSettings {
+    pub dir: PathBuf,
+}
+
+impl Default for StagingSettings {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("staging"),
+        }
+    }
+}
+
+/// Constraints a new tenant gets unless the admin sets others.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    pub max_file_bytes: u64,
+    pub max_staged_files: u32,
+    pub formats: Vec<crate::tenants::Format>,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        use crate::tenants::Format;
+        Self {
+            max_file_bytes: 5 * 1024 * 1024,
+            max_staged_files: 100,
+            formats: vec![Format::Csv, Format::Json, Format::Ndjson],
+        }
+    }
+}
+
+/// Limits on tenant app execution; the admin may override them per tenant.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppLimits {
+    pub memory_bytes: usize,
+    pub time_ms: u64,
+    /// Interrupt checks (function calls and loop iterations) allowed per call.
+    pub instructions: u64,
+    pub max_emits: usize,
+    pub max_doc_bytes: usize,
+}
+
+impl Default for AppLimits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 32 * 1024 * 1024,
+            time_ms: 50,
+            instructions: 10_000_000,
+            max_emits: 100_000,
+            max_doc_bytes: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Records per bulk write.
+    pub batch_size: usize,
+    /// Ingestion jobs running at once, across tenants.
+    pub workers: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            workers: 2,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamSettings {
+    pub batch_size: usize,
+    pub linger_ms: u64,
+    pub prefetch: u16,
+    pub max_message_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_consumers: u32,
+    /// Width of the buckets in the stream report.
+    pub report_period_s: u64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            linger_ms: 10,
+            prefetch: 1000,
+            max_message_bytes: 1024 * 1024,
+            max_request_bytes: 16 * 1024 * 1024,
+            max_consumers: 16,
+            report_period_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformSettings {
+    /// Prefix for databases and queues, so several platforms (or tests) share one server.
+    pub namespace: String,
+}
+
+impl Settings {
+    /// Loads defaults, then `file` (if any), then the process environment, then `overrides`
+    /// (`section.key=value`, as given on the command line).
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &env, overrides)
+    }
+
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+        overrides: &[String],
+    ) -> Result<Self, ConfigError> {
+        let mut table = toml::Table::try_from(Settings::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let layer: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                source: Box::new(e),
+            })?;
+            merge(&mut table, layer);
+        }
+        merge(&mut table, env_layer(env)?);
+        let mut flags = toml::Table::new();
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::Override(o.clone()))?;
+            let (section, key) = key
+                .split_once('.')
+                .ok_or_else(|| ConfigError::Override(o.clone()))?;
+            set(&mut flags, section, key, value);
+        }
+        merge(&mut table, flags);
+        let settings: Settings = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_owned()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("batch.batch_size", self.batch.batch_size),
+            ("batch.workers", self.batch.workers),
+            ("stream.batch_size", self.stream.batch_size),
+            ("stream.prefetch", usize::from(self.stream.prefetch)),
+            ("http.max_in_flight", self.http.max_in_flight),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
+            }
+        }
+        if self.mongodb.write_concern != "majority"
+            && self.mongodb.write_concern.parse::<u32>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "mongodb.write_concern must be `majority` or a number, not `{}`",
+                self.mongodb.write_concern
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn env_layer(env: &[(String, String)]) -> Result<toml::Table, ConfigError> {
+    let mut layer = toml::Table::new();
+    for (name, value) in env {
+        if let Some((_, section, key)) = SHORT_ENV.iter().find(|(n, _, _)| n == name) {
+            set(&mut layer, section, key, value);
+        } else if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+            // Variables of the test harness and tools that share the prefix are not settings.
+            if !rest.contains("__") {
+                continue;
+            }
+            let (section, key) = rest
+                .split_once("__")
+                .filter(|(s, k)| !s.is_empty() && !k.is_empty())
+                .ok_or_else(|| ConfigError::EnvKey(name.clone()))?;
+            set(
+                &mut layer,
+                &section.to_ascii_lowercase(),
+                &key.to_ascii_lowercase(),
+                value,
+            );
+        }
+    }
+    Ok(layer)
+}
+
+/// Sets `section.key` from a raw string: a TOML literal if it parses as one
+/// (numbers, booleans, arrays), else the string itself.
+fn set(table: &mut toml::Table, section: &str, key: &str, raw: &str) {
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(key.to_owned(), value);
+    }
+}
+
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (k, v) in layer {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn layers_apply_in_order_defaults_env_flags() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("MONGODB_URI", "mongodb://db:27017"),
+                ("MYSIMBDP_BATCH__BATCH_SIZE", "250"),
+                ("MYSIMBDP_AUTH__ADMIN_TOKEN", "s3cret"),
+            ]),
+            &["batch.batch_size=300".into()],
+        )
+        .expect("settings load");
+        assert_eq!(s.mongodb.uri, "mongodb://db:27017");
+        assert_eq!(s.batch.batch_size, 300);
+        assert_eq!(s.auth.admin_token, "s3cret");
+        assert_eq!(s.stream.prefetch, 1000);
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error() {
+        let err = Settings::load_from(None, &env(&[("MYSIMBDP_BATCH__SIZEE", "3")]), &[])
+            .expect_err("unknown key must fail");
+        assert!(err.to_string().contains("sizee"), "{err}");
+        let err = Settings::load_from(None, &[], &["nosuch.key=1".into()]).expect_err("fails");
+        assert!(err.to_string().contains("nosuch"), "{err}");
+    }
+
+    #[test]
+    fn file_layer_is_read_and_validated() {
+        let dir = std::env::temp_dir().join(format!("mysimbdp-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "[stream]\nlinger_ms = 7\n[mongodb]\nwrite_concern = \"x\"\n",
+        )
+        .expect("write");
+        let err = Settings::load_from(Some(&path), &[], &[]).expect_err("bad write concern");
+        assert!(err.to_string().contains("write_concern"), "{err}");
+        std::fs::write(&path, "[stream]\nlinger_ms = 7\n").expect("write");
+        let s = Settings::load_from(Some(&path), &[], &[]).expect("loads");
+        assert_eq!(s.stream.linger_ms, 7);
+    }
+}

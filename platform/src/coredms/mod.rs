@@ -1,0 +1,412 @@
+//! coredms: the only component that talks to MongoDB. Tenant profiles, tenant databases,
+//! app versions, staged-file status and the ingestion log all go through [`CoreDms`].
+//!
+//! [`CoreDms`] has two implementations with one interface: in-process ([`MongoStore`]) and
+//! remote ([`Remote`], HTTP to a coredms service), so components run in one process or apart.
+
+mod mongodb;
+mod remote;
+mod router;
+
+use std::sync::Arc;
+
+use ::mongodb::bson::{self, Bson, DateTime, Document};
+use serde::{Deserialize, Serialize};
+
+pub use self::mongodb::MongoStore;
+pub use remote::Remote;
+pub use router::{router, rpc_router};
+
+use crate::apps::{AppKind, StoredApp};
+use crate::batch::{FileRecord, FileState};
+use crate::logs::{LogEntry, Source, Status};
+use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
+
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum CoreError {
+    #[error("tenant `{0}` not found")]
+    TenantNotFound(String),
+    #[error("tenant `{0}` already exists")]
+    TenantExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// MongoDB (or the coredms service) cannot be reached now; the caller may retry.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl CoreError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<::mongodb::error::Error> for CoreError {
+    fn from(e: ::mongodb::error::Error) -> Self {
+        use ::mongodb::error::ErrorKind;
+        match e.kind.as_ref() {
+            ErrorKind::Io(_)
+            | ErrorKind::ServerSelection { .. }
+            | ErrorKind::ConnectionPoolCleared { .. }
+            | ErrorKind::Shutdown => Self::Unavailable(e.to_string()),
+            _ if e.contains_label("RetryableWriteError")
+                || e.contains_label("TransientTransactionError") =>
+            {
+                Self::Unavailable(e.to_string())
+            }
+            _ => Self::Database(e.to_string()),
+        }
+    }
+}
+
+/// A batch of documents for one tenant, written in bulk with its log entries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BulkWrite {
+    pub tenant: TenantName,
+    pub source: Source,
+    pub data_name: String,
+    pub app_version: Option<u32>,
+    pub docs: Vec<DocWrite>,
+    /// Records that failed before reaching the database (parse errors, app errors).
+    pub failures: Vec<Failure>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DocWrite {
+    /// Deterministic id (see [`doc_id`]): a retry writes the same id, and is a duplicate.
+    pub id: String,
+    pub collection: String,
+    pub doc: serde_json::Map<String, serde_json::Value>,
+    /// Size of the input this document came from.
+    pub bytes: u64,
+    /// When ingestion of its input began (record read, or message published), Unix µs.
+    pub started_us: i64,
+    /// A different data name than the batch's (e.g. per stream message type).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Failure {
+    pub collection: String,
+    pub reason: String,
+    pub bytes: u64,
+    pub started_us: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_name: Option<String>,
+}
+
+/// What a bulk write did, per document: `failed` holds (index into `docs`, reason).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BulkOutcome {
+    pub inserted: u64,
+    pub duplicates: u64,
+    pub failed: Vec<(usize, String)>,
+}
+
+/// A document id derived from where the record came from, never random: the same input
+/// position always yields the same id, so re-ingestion cannot duplicate.
+pub fn doc_id(origin: &str, record: u64, emitted: u32) -> String {
+    if emitted == 0 {
+        format!("{origin}:{record}")
+    } else {
+        format!("{origin}:{record}:{emitted}")
+    }
+}
+
+pub fn now_us() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1000
+}
+
+/// The documents of a bulk write as BSON, grouped by collection, ready to insert.
+pub struct Prepared {
+    /// (collection, indexes into `BulkWrite::docs`, documents)
+    pub collections: Vec<(String, Vec<usize>, Vec<Document>)>,
+    /// Documents that could not be encoded: (index, reason).
+    pub invalid: Vec<(usize, String)>,
+}
+
+/// Encodes a bulk write's documents as BSON with their ids: the CPU-bound part of a write.
+pub fn prepare(w: &BulkWrite) -> Prepared {
+    let mut collections: Vec<(String, Vec<usize>, Vec<Document>)> = Vec::new();
+    let mut invalid = Vec::new();
+    for (i, d) in w.docs.iter().enumerate() {
+        let mut doc = Document::new();
+        doc.insert("_id", d.id.as_str());
+        let mut bad = None;
+        for (k, v) in &d.doc {
+            if k == "_id" {
+                continue;
+            }
+            match Bson::try_from(v.clone()) {
+                Ok(b) => {
+                    doc.insert(k.as_str(), b);
+                }
+                Err(e) => {
+                    bad = Some(format!("field `{k}` cannot be stored: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(reason) = bad {
+            invalid.push((i, reason));
+            continue;
+        }
+        match collections.iter_mut().find(|(c, _, _)| *c == d.collection) {
+            Some((_, idx, docs)) => {
+                idx.push(i);
+                docs.push(doc);
+            }
+            None => collections.push((d.collection.clone(), vec![i], vec![doc])),
+        }
+    }
+    Prepared {
+        collections,
+        invalid,
+    }
+}
+
+/// The log entries of a finished bulk write: one per document and one per failure.
+pub fn log_entries(
+    w: &BulkWrite,
+    outcome_of: &[Status],
+    reasons: &[Option<String>],
+) -> Vec<Document> {
+    let now = DateTime::now();
+    let now_us = now_us();
+    let mut out = Vec::with_capacity(w.docs.len() + w.failures.len());
+    for (i, d) in w.docs.iter().enumerate() {
+        out.push(
+            LogEntry {
+                timestamp: now,
+                tenant: w.tenant.to_string(),
+                source: w.source,
+                data_name: d.data_name.clone().unwrap_or_else(|| w.data_name.clone()),
+                collection: d.collection.clone(),
+                status: outcome_of[i],
+                reason: reasons[i].clone(),
+                bytes: d.bytes,
+                latency_us: u64::try_from(now_us - d.started_us).unwrap_or(0),
+                app_version: w.app_version,
+            }
+            .to_document(),
+        );
+    }
+    for f in &w.failures {
+        out.push(
+            LogEntry {
+                timestamp: now,
+                tenant: w.tenant.to_string(),
+                source: w.source,
+                data_name: f.data_name.clone().unwrap_or_else(|| w.data_name.clone()),
+                collection: f.collection.clone(),
+                status: Status::Failure,
+                reason: Some(f.reason.clone()),
+                bytes: f.bytes,
+                latency_us: u64::try_from(now_us - f.started_us).unwrap_or(0),
+                app_version: w.app_version,
+            }
+            .to_document(),
+        );
+    }
+    out
+}
+
+/// The single interface every component uses to reach the database.
+#[derive(Clone)]
+pub enum CoreDms {
+    Local(Arc<MongoStore>),
+    Remote(Arc<Remote>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $local:ident => $l:expr, $remote:ident => $r:expr) => {
+        match $self {
+            CoreDms::Local($local) => $l,
+            CoreDms::Remote($remote) => $r,
+        }
+    };
+}
+
+impl CoreDms {
+    pub async fn create_tenant(
+        &self,
+        name: &TenantName,
+        constraints: Constraints,
+    ) -> Result<(Profile, String), CoreError> {
+        dispatch!(self, s => s.create_tenant(name, constraints).await,
+            r => r.create_tenant(name, constraints).await)
+    }
+
+    pub async fn tenant(&self, name: &TenantName) -> Result<Profile, CoreError> {
+        dispatch!(self, s => s.tenant(name).await, r => r.tenant(name).await)
+    }
+
+    pub async fn update_tenant(
+        &self,
+        name: &TenantName,
+        patch: AdminPatch,
+    ) -> Result<Profile, CoreError> {
+        dispatch!(self, s => s.update_tenant(name, patch).await,
+            r => r.update_tenant(name, patch).await)
+    }
+
+    /// The tenant a token belongs to, if any.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<TenantName>, CoreError> {
+        dispatch!(self, s => s.authenticate(token).await, r => r.authenticate(token).await)
+    }
+
+    pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
+        dispatch!(self, s => s.bulk_write(w).await, r => r.bulk_write(w).await)
+    }
+
+    pub async fn save_app(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+        source: &str,
+    ) -> Result<u32, CoreError> {
+        dispatch!(self, s => s.save_app(tenant, kind, source).await,
+            r => r.save_app(tenant, kind, source).await)
+    }
+
+    pub async fn active_app(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+    ) -> Result<Option<StoredApp>, CoreError> {
+        dispatch!(self, s => s.active_app(tenant, kind).await, r => r.active_app(tenant, kind).await)
+    }
+
+    pub async fn put_file(&self, rec: &FileRecord) -> Result<(), CoreError> {
+        dispatch!(self, s => s.put_file(rec).await, r => r.put_file(rec).await)
+    }
+
+    pub async fn file(
+        &self,
+        tenant: &TenantName,
+        name: &str,
+    ) -> Result<Option<FileRecord>, CoreError> {
+        dispatch!(self, s => s.file(tenant, name).await, r => r.file(tenant, name).await)
+    }
+
+    pub async fn files(&self, tenant: &TenantName) -> Result<Vec<FileRecord>, CoreError> {
+        dispatch!(self, s => s.files(tenant).await, r => r.files(tenant).await)
+    }
+
+    pub async fn files_in_state(&self, state: FileState) -> Result<Vec<FileRecord>, CoreError> {
+        dispatch!(self, s => s.files_in_state(state).await, r => r.files_in_state(state).await)
+    }
+
+    pub async fn delete_file(&self, tenant: &TenantName, name: &str) -> Result<(), CoreError> {
+        dispatch!(self, s => s.delete_file(tenant, name).await, r => r.delete_file(tenant, name).await)
+    }
+
+    pub async fn ping(&self) -> Result<(), CoreError> {
+        dispatch!(self, s => s.ping().await, r => r.ping().await)
+    }
+
+    /// The in-process store, where reads that only coredms serves (logs, documents) happen.
+    pub fn local(&self) -> Option<&MongoStore> {
+        match self {
+            Self::Local(s) => Some(s),
+            Self::Remote(_) => None,
+        }
+    }
+}
+
+/// Converts stored BSON back to JSON for API responses: ids and dates as strings.
+pub fn to_json(doc: Document) -> serde_json::Value {
+    fn conv(b: Bson) -> serde_json::Value {
+        match b {
+            Bson::DateTime(d) => d
+                .try_to_rfc3339_string()
+                .map(serde_json::Value::String)
+                .unwrap_or(serde_json::Value::Null),
+            Bson::ObjectId(o) => serde_json::Value::String(o.to_hex()),
+            Bson::Document(d) => {
+                serde_json::Value::Object(d.into_iter().map(|(k, v)| (k, conv(v))).collect())
+            }
+            Bson::Array(a) => serde_json::Value::Array(a.into_iter().map(conv).collect()),
+            other => other.into_relaxed_extjson(),
+        }
+    }
+    conv(Bson::Document(doc))
+}
+
+pub(crate) fn bson_err(e: bson::ser::Error) -> CoreError {
+    CoreError::Invalid(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(docs: Vec<serde_json::Value>) -> BulkWrite {
+        BulkWrite {
+            tenant: TenantName::parse("alice").expect("valid"),
+            source: Source::Batch,
+            data_name: "f.csv".into(),
+            app_version: None,
+            docs: docs
+                .into_iter()
+                .enumerate()
+                .map(|(i, d)| DocWrite {
+                    id: doc_id("abc", i as u64, 0),
+                    collection: if i % 2 == 0 { "a".into() } else { "b".into() },
+                    doc: d.as_object().cloned().unwrap_or_default(),
+                    bytes: 3,
+                    started_us: now_us(),
+                    data_name: None,
+                })
+                .collect(),
+            failures: vec![],
+        }
+    }
+
+    #[test]
+    fn prepare_groups_by_collection_and_sets_ids() {
+        let w = write(vec![
+            json!({"x": 1}),
+            json!({"y": 2.5}),
+            json!({"_id": "mine", "z": [1]}),
+        ]);
+        let p = prepare(&w);
+        assert!(p.invalid.is_empty());
+        assert_eq!(p.collections.len(), 2);
+        let (c, idx, docs) = &p.collections[0];
+        assert_eq!((c.as_str(), idx.as_slice()), ("a", &[0usize, 2][..]));
+        assert_eq!(docs[1].get_str("_id").expect("id"), "abc:2");
+        assert!(
+            matches!(docs[0].get("x"), Some(Bson::Int32(1) | Bson::Int64(1))),
+            "integers stay integers: {:?}",
+            docs[0]
+        );
+    }
+
+    #[test]
+    fn ids_are_deterministic() {
+        assert_eq!(doc_id("h", 7, 0), "h:7");
+        assert_eq!(doc_id("h", 7, 2), "h:7:2");
+    }
+
+    #[test]
+    fn every_document_and_failure_gets_a_log_entry() {
+        let mut w = write(vec![json!({"x": 1}), json!({"x": 2})]);
+        w.failures.push(Failure {
+            collection: "a".into(),
+            reason: "line 4: bad".into(),
+            bytes: 1,
+            started_us: now_us(),
+            data_name: None,
+        });
+        let logs = log_entries(&w, &[Status::Success, Status::Duplicate], &[None, None]);
+        assert_eq!(logs.len(), 3);
+        assert_eq!(logs[1].get_str("status").expect("status"), "duplicate");
+        assert_eq!(logs[2].get_str("reason").expect("reason"), "line 4: bad");
+    }
+}

@@ -1,0 +1,477 @@
+//! The in-process coredms: the platform's one MongoDB client.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use mongodb::bson::{self, Document, doc};
+use mongodb::error::ErrorKind;
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
+use mongodb::{Client, Collection, IndexModel};
+
+use super::{BulkOutcome, BulkWrite, CoreError, bson_err, log_entries, prepare};
+use crate::apps::{AppKind, StoredApp};
+use crate::batch::{FileRecord, FileState};
+use crate::config::MongoSettings;
+use crate::logs::{LogEntry, LogFilter, Status};
+use crate::tenants::{AdminPatch, Constraints, Profile, TenantName, hash_token, new_token};
+
+const DUPLICATE_KEY: i32 = 11000;
+/// How long a verified token is trusted without asking the database again.
+const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
+const AUTH_CACHE_MAX: usize = 10_000;
+
+pub struct MongoStore {
+    client: Client,
+    namespace: String,
+    write_concern: WriteConcern,
+    auth_cache: Mutex<HashMap<String, (TenantName, Instant)>>,
+}
+
+impl MongoStore {
+    /// Connects and creates the indexes coredms relies on (idempotent).
+    pub async fn connect(
+        uri: &str,
+        settings: &MongoSettings,
+        namespace: &str,
+    ) -> Result<Self, CoreError> {
+        let mut opts = ClientOptions::parse(uri).await?;
+        opts.app_name = Some("mysimbdp".into());
+        opts.max_pool_size = Some(settings.max_pool_size);
+        opts.server_selection_timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
+        opts.connect_timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
+        let w = match settings.write_concern.parse::<u32>() {
+            Ok(n) => Acknowledgment::Nodes(n),
+            Err(_) => Acknowledgment::Majority,
+        };
+        let write_concern = WriteConcern::builder()
+            .w(w)
+            .journal(settings.journal)
+            .build();
+        let store = Self {
+            client: Client::with_options(opts)?,
+            namespace: namespace.to_owned(),
+            write_concern,
+            auth_cache: Mutex::new(HashMap::new()),
+        };
+        store.ensure_indexes().await?;
+        Ok(store)
+    }
+
+    async fn ensure_indexes(&self) -> Result<(), CoreError> {
+        let unique = IndexOptions::builder().unique(true).build();
+        self.customers()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"token_sha256": 1})
+                    .options(unique)
+                    .build(),
+            )
+            .await?;
+        self.logs()
+            .create_index(
+                IndexModel::builder()
+                    .keys(doc! {"tenant": 1, "timestamp": 1})
+                    .build(),
+            )
+            .await?;
+        self.logs()
+            .create_index(IndexModel::builder().keys(doc! {"timestamp": 1}).build())
+            .await?;
+        self.file_status()
+            .create_index(IndexModel::builder().keys(doc! {"state": 1}).build())
+            .await?;
+        Ok(())
+    }
+
+    pub fn database_name(&self, tenant: &TenantName) -> String {
+        format!("{}tenant_{}", self.namespace, tenant)
+    }
+
+    fn customers(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}customers", self.namespace))
+            .collection("customers")
+    }
+
+    fn apps(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}customers", self.namespace))
+            .collection("apps")
+    }
+
+    fn file_status(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}customers", self.namespace))
+            .collection("files")
+    }
+
+    pub fn logs(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}logs", self.namespace))
+            .collection("logs")
+    }
+
+    /// A collection of a tenant's own database: the only way to reach tenant data.
+    pub fn tenant_collection(&self, tenant: &TenantName, collection: &str) -> Collection<Document> {
+        self.client
+            .database(&self.database_name(tenant))
+            .collection(collection)
+    }
+
+    pub async fn ping(&self) -> Result<(), CoreError> {
+        self.client
+            .database("admin")
+            .run_command(doc! {"ping": 1})
+            .await?;
+        Ok(())
+    }
+
+    pub async fn create_tenant(
+        &self,
+        name: &TenantName,
+        constraints: Constraints,
+    ) -> Result<(Profile, String), CoreError> {
+        let token = new_token();
+        let profile = Profile {
+            name: name.clone(),
+            database: self.database_name(name),
+            constraints,
+            auto_ingest: false,
+            description: String::new(),
+            created_at: crate::logs::rfc3339_now(),
+        };
+        let mut d = bson::to_document(&profile).map_err(bson_err)?;
+        d.insert("_id", name.as_str());
+        d.insert("token_sha256", hash_token(&token));
+        match self
+            .customers()
+            .insert_one(d)
+            .with_options(
+                mongodb::options::InsertOneOptions::builder()
+                    .write_concern(self.write_concern.clone())
+                    .build(),
+            )
+            .await
+        {
+            Ok(_) => Ok((profile, token)),
+            Err(e) if is_duplicate(&e) => Err(CoreError::TenantExists(name.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn tenant(&self, name: &TenantName) -> Result<Profile, CoreError> {
+        let d = self
+            .customers()
+            .find_one(doc! {"_id": name.as_str()})
+            .await?
+            .ok_or_else(|| CoreError::TenantNotFound(name.to_string()))?;
+        bson::from_document(d).map_err(|e| CoreError::Database(e.to_string()))
+    }
+
+    pub async fn update_tenant(
+        &self,
+        name: &TenantName,
+        patch: AdminPatch,
+    ) -> Result<Profile, CoreError> {
+        let mut set = Document::new();
+        if let Some(v) = patch.tenant.auto_ingest {
+            set.insert("auto_ingest", v);
+        }
+        if let Some(v) = patch.tenant.description {
+            if v.len() > 4096 {
+                return Err(CoreError::Invalid("description exceeds 4096 bytes".into()));
+            }
+            set.insert("description", v);
+        }
+        if let Some(v) = patch.max_file_bytes {
+            set.insert("constraints.max_file_bytes", v as i64);
+        }
+        if let Some(v) = patch.max_staged_files {
+            set.insert("constraints.max_staged_files", i64::from(v));
+        }
+        if let Some(v) = patch.formats {
+            set.insert("constraints.formats", bson::to_bson(&v).map_err(bson_err)?);
+        }
+        if let Some(v) = patch.app_limits {
+            set.insert(
+                "constraints.app_limits",
+                bson::to_bson(&v).map_err(bson_err)?,
+            );
+        }
+        if !set.is_empty() {
+            let r = self
+                .customers()
+                .update_one(doc! {"_id": name.as_str()}, doc! {"$set": set})
+                .await?;
+            if r.matched_count == 0 {
+                return Err(CoreError::TenantNotFound(name.to_string()));
+            }
+        }
+        self.tenant(name).await
+    }
+
+    pub async fn authenticate(&self, token: &str) -> Result<Option<TenantName>, CoreError> {
+        let hash = hash_token(token);
+        if let Ok(cache) = self.auth_cache.lock()
+            && let Some((t, at)) = cache.get(&hash)
+            && at.elapsed() < AUTH_CACHE_TTL
+        {
+            return Ok(Some(t.clone()));
+        }
+        let found = self
+            .customers()
+            .find_one(doc! {"token_sha256": &hash})
+            .projection(doc! {"_id": 1})
+            .await?;
+        let tenant = found
+            .and_then(|d| d.get_str("_id").ok().map(str::to_owned))
+            .and_then(|n| TenantName::parse(&n).ok());
+        if let (Some(t), Ok(mut cache)) = (&tenant, self.auth_cache.lock()) {
+            if cache.len() >= AUTH_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(hash, (t.clone(), Instant::now()));
+        }
+        Ok(tenant)
+    }
+
+    /// Unordered bulk inserts per collection, then the log entries in bulk. A duplicate id is
+    /// an earlier attempt's document: counted, logged as `duplicate`, never an error.
+    pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
+        let prepared = prepare(w);
+        let mut status = vec![Status::Success; w.docs.len()];
+        let mut reasons: Vec<Option<String>> = vec![None; w.docs.len()];
+        let mut outcome = BulkOutcome::default();
+        for (i, reason) in prepared.invalid {
+            status[i] = Status::Failure;
+            reasons[i] = Some(reason.clone());
+            outcome.failed.push((i, reason));
+        }
+        let opts = mongodb::options::InsertManyOptions::builder()
+            .ordered(false)
+            .write_concern(self.write_concern.clone())
+            .build();
+        for (collection, idx, docs) in prepared.collections {
+            let n = docs.len() as u64;
+            let coll = self.tenant_collection(&w.tenant, &collection);
+            match coll.insert_many(docs).with_options(opts.clone()).await {
+                Ok(_) => outcome.inserted += n,
+                Err(e) => {
+                    let ErrorKind::InsertMany(ime) = e.kind.as_ref() else {
+                        return Err(e.into());
+                    };
+                    if ime.write_concern_error.is_some() {
+                        return Err(CoreError::Unavailable(e.to_string()));
+                    }
+                    let errors = ime.write_errors.clone().unwrap_or_default();
+                    let mut bad = 0;
+                    for we in errors {
+                        let Some(&i) = idx.get(we.index) else {
+                            continue;
+                        };
+                        bad += 1;
+                        if we.code == DUPLICATE_KEY {
+                            status[i] = Status::Duplicate;
+                            outcome.duplicates += 1;
+                        } else {
+                            status[i] = Status::Failure;
+                            reasons[i] = Some(format!("rejected by the database: {}", we.message));
+                            outcome.failed.push((i, we.message.clone()));
+                        }
+                    }
+                    outcome.inserted += n - bad;
+                }
+            }
+        }
+        let logs = log_entries(w, &status, &reasons);
+        if !logs.is_empty() {
+            self.logs()
+                .insert_many(logs)
+                .with_options(
+                    mongodb::options::InsertManyOptions::builder()
+                        .ordered(false)
+                        .write_concern(self.write_concern.clone())
+                        .build(),
+                )
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    pub async fn save_app(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+        source: &str,
+    ) -> Result<u32, CoreError> {
+        // Versions are claimed through the unique `_id`: two concurrent uploads get two numbers.
+        for _ in 0..16 {
+            let version = self
+                .active_app(tenant, kind)
+                .await?
+                .map_or(1, |a| a.version + 1);
+            let app = StoredApp {
+                tenant: tenant.to_string(),
+                kind,
+                version,
+                source: source.to_owned(),
+                created_at: crate::logs::rfc3339_now(),
+            };
+            let mut d = bson::to_document(&app).map_err(bson_err)?;
+            d.insert("_id", format!("{tenant}:{}:{version}", kind.as_str()));
+            match self.apps().insert_one(d).await {
+                Ok(_) => return Ok(version),
+                Err(e) if is_duplicate(&e) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoreError::Unavailable(
+            "too many concurrent app uploads".into(),
+        ))
+    }
+
+    pub async fn active_app(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+    ) -> Result<Option<StoredApp>, CoreError> {
+        let d = self
+            .apps()
+            .find_one(doc! {"tenant": tenant.as_str(), "kind": kind.as_str()})
+            .sort(doc! {"version": -1})
+            .await?;
+        d.map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
+            .transpose()
+    }
+
+    pub async fn put_file(&self, rec: &FileRecord) -> Result<(), CoreError> {
+        let mut d = bson::to_document(rec).map_err(bson_err)?;
+        let id = format!("{}/{}", rec.tenant, rec.name);
+        d.insert("_id", &id);
+        self.file_status()
+            .replace_one(doc! {"_id": &id}, d)
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn file(
+        &self,
+        tenant: &TenantName,
+        name: &str,
+    ) -> Result<Option<FileRecord>, CoreError> {
+        let d = self
+            .file_status()
+            .find_one(doc! {"_id": format!("{tenant}/{name}")})
+            .await?;
+        d.map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
+            .transpose()
+    }
+
+    pub async fn files(&self, tenant: &TenantName) -> Result<Vec<FileRecord>, CoreError> {
+        self.find_files(doc! {"tenant": tenant.as_str()}).await
+    }
+
+    pub async fn files_in_state(&self, state: FileState) -> Result<Vec<FileRecord>, CoreError> {
+        self.find_files(doc! {"state": state.as_str()}).await
+    }
+
+    async fn find_files(&self, filter: Document) -> Result<Vec<FileRecord>, CoreError> {
+        let docs: Vec<Document> = self
+            .file_status()
+            .find(filter)
+            .sort(doc! {"_id": 1})
+            .await?
+            .try_collect()
+            .await?;
+        docs.into_iter()
+            .map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
+            .collect()
+    }
+
+    pub async fn delete_file(&self, tenant: &TenantName, name: &str) -> Result<(), CoreError> {
+        self.file_status()
+            .delete_one(doc! {"_id": format!("{tenant}/{name}")})
+            .await?;
+        Ok(())
+    }
+
+    /// A cursor over log entries in time order; callers stream it, never collect it whole.
+    pub async fn log_cursor(
+        &self,
+        tenant: Option<&TenantName>,
+        filter: &LogFilter,
+    ) -> Result<mongodb::Cursor<LogEntry>, CoreError> {
+        let mut q = Document::new();
+        if let Some(t) = tenant {
+            q.insert("tenant", t.as_str());
+        }
+        let mut ts = Document::new();
+        if let Some(s) = filter.since {
+            ts.insert("$gte", s);
+        }
+        if let Some(u) = filter.until {
+            ts.insert("$lt", u);
+        }
+        if !ts.is_empty() {
+            q.insert("timestamp", ts);
+        }
+        if let Some(s) = filter.status {
+            q.insert("status", crate::logs::status_str(s));
+        }
+        if let Some(s) = filter.source {
+            q.insert("source", crate::logs::source_str(s));
+        }
+        let cursor = self
+            .logs()
+            .clone_with_type::<LogEntry>()
+            .find(q)
+            .sort(doc! {"timestamp": 1})
+            .projection(doc! {"_id": 0})
+            .batch_size(2000)
+            .await?;
+        Ok(cursor)
+    }
+
+    pub async fn documents(
+        &self,
+        tenant: &TenantName,
+        collection: &str,
+        limit: i64,
+        skip: u64,
+    ) -> Result<Vec<Document>, CoreError> {
+        Ok(self
+            .tenant_collection(tenant, collection)
+            .find(doc! {})
+            .sort(doc! {"_id": 1})
+            .skip(skip)
+            .limit(limit)
+            .await?
+            .try_collect()
+            .await?)
+    }
+
+    pub async fn count_documents(
+        &self,
+        tenant: &TenantName,
+        collection: &str,
+    ) -> Result<u64, CoreError> {
+        Ok(self
+            .tenant_collection(tenant, collection)
+            .count_documents(doc! {})
+            .await?)
+    }
+}
+
+fn is_duplicate(e: &mongodb::error::Error) -> bool {
+    match e.kind.as_ref() {
+        ErrorKind::Write(mongodb::error::WriteFailure::WriteError(we)) => we.code == DUPLICATE_KEY,
+        ErrorKind::InsertMany(ime) => ime
+            .write_errors
+            .as_ref()
+            .is_some_and(|w| w.iter().any(|we| we.code == DUPLICATE_KEY)),
+        _ => false,
+    }
+}

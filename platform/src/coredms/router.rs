@@ -1,0 +1,318 @@
+//! coredms's HTTP API: tenants, logs, analytics, stored documents, and the internal RPC
+//! endpoint other components use when they run in their own processes.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::remote::Call;
+use super::{CoreDms, CoreError, MongoStore, to_json};
+use crate::Platform;
+use crate::http::{ApiError, Caller, JsonBody, PathArgs, QueryArgs};
+use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary};
+use crate::tenants::{AdminPatch, Constraints, ProfilePatch, TenantName};
+
+pub fn router() -> Router<Arc<Platform>> {
+    Router::new()
+        .route("/v1/tenants", post(create_tenant))
+        .route("/v1/tenants/{t}", get(get_tenant).patch(patch_tenant))
+        .route("/v1/tenants/{t}/logs", get(download_logs))
+        .route("/v1/tenants/{t}/stream/report", get(stream_report))
+        .route("/v1/tenants/{t}/collections/{c}/documents", get(documents))
+        .route("/v1/logs/summary", get(summary))
+}
+
+pub fn rpc_router() -> Router<Arc<Platform>> {
+    Router::new().route("/internal/v1/rpc", post(rpc))
+}
+
+fn local(p: &Platform) -> Result<&MongoStore, ApiError> {
+    p.coredms.local().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this endpoint is served by the coredms service",
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTenant {
+    name: String,
+    #[serde(flatten)]
+    limits: AdminPatch,
+}
+
+async fn create_tenant(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    JsonBody(req): JsonBody<CreateTenant>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let name = TenantName::parse(&req.name)?;
+    let mut c = Constraints::from_defaults(&p.settings.limits, &p.settings.apps);
+    if let Some(v) = req.limits.max_file_bytes {
+        c.max_file_bytes = v;
+    }
+    if let Some(v) = req.limits.max_staged_files {
+        c.max_staged_files = v;
+    }
+    if let Some(v) = req.limits.formats {
+        c.formats = v;
+    }
+    if let Some(v) = req.limits.app_limits {
+        c.app_limits = v;
+    }
+    let (mut profile, token) = p.coredms.create_tenant(&name, c).await?;
+    // The stream topology exists before the tenant can publish anything.
+    if let Some(broker) = &p.broker {
+        broker.declare_topology(&name).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("tenant created but its queues could not be declared: {e}; retry"),
+            )
+        })?;
+    }
+    if req.limits.tenant.auto_ingest.is_some() || req.limits.tenant.description.is_some() {
+        profile = p
+            .coredms
+            .update_tenant(
+                &name,
+                AdminPatch {
+                    tenant: req.limits.tenant,
+                    ..Default::default()
+                },
+            )
+            .await?;
+    }
+    tracing::info!(tenant = %name, "tenant created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": profile.name,
+            "database": profile.database,
+            "token": token,
+            "profile": profile,
+        })),
+    )
+        .into_response())
+}
+
+async fn get_tenant(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    Ok(Json(p.coredms.tenant(&t).await?).into_response())
+}
+
+async fn patch_tenant(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let patch = if caller == Caller::Admin {
+        serde_json::from_value::<AdminPatch>(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid profile change: {e}")))?
+    } else {
+        let tenant: ProfilePatch = serde_json::from_value(body).map_err(|e| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("invalid profile change: {e} (limits are changed by the admin)"),
+            )
+        })?;
+        AdminPatch {
+            tenant,
+            ..Default::default()
+        }
+    };
+    Ok(Json(p.coredms.update_tenant(&t, patch).await?).into_response())
+}
+
+/// Entries per chunk of the streamed download.
+const LOG_CHUNK: usize = 512;
+
+async fn download_logs(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+    QueryArgs(q): QueryArgs<LogQuery>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let filter = q.parse().map_err(ApiError::bad_request)?;
+    // A JSON array written entry by entry: memory stays flat however long the log is.
+    let stream = log_array_stream(local(&p)?.log_cursor(Some(&t), &filter).await?);
+    let file = format!("{t}-logs.json");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file}\""),
+            ),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `[entry,entry,...]` from a cursor, in chunks.
+fn log_array_stream(
+    cursor: mongodb::Cursor<crate::logs::LogEntry>,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
+    enum St {
+        Open(mongodb::Cursor<crate::logs::LogEntry>, bool),
+        Done,
+    }
+    futures::stream::unfold(St::Open(cursor, false), |st| async move {
+        let St::Open(mut cursor, mut started) = st else {
+            return None;
+        };
+        let mut out = Vec::with_capacity(LOG_CHUNK * 200);
+        for _ in 0..LOG_CHUNK {
+            match cursor.next().await {
+                Some(Ok(e)) => {
+                    out.push(if started { b',' } else { b'[' });
+                    started = true;
+                    if let Err(e) = serde_json::to_writer(&mut out, &e.to_json()) {
+                        return Some((Err(std::io::Error::other(e)), St::Done));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(std::io::Error::other(e)), St::Done)),
+                None => {
+                    out.extend_from_slice(if started { b"]" } else { b"[]" });
+                    return Some((Ok(Bytes::from(out)), St::Done));
+                }
+            }
+        }
+        Some((Ok(Bytes::from(out)), St::Open(cursor, started)))
+    })
+}
+
+async fn summary(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    QueryArgs(q): QueryArgs<LogQuery>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let filter = q.parse().map_err(ApiError::bad_request)?;
+    let mut cursor = local(&p)?.log_cursor(None, &filter).await?;
+    let mut s = Summary::new(q.bucket_s.unwrap_or(60));
+    let mut total = 0u64;
+    while let Some(e) = cursor.next().await {
+        let e = e.map_err(CoreError::from)?;
+        total += 1;
+        s.add(&e);
+    }
+    Ok(Json(json!({ "entries": total, "groups": s.rows() })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReportQuery {
+    since: Option<String>,
+    until: Option<String>,
+    period_s: Option<u64>,
+}
+
+async fn stream_report(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+    QueryArgs(q): QueryArgs<ReportQuery>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let mut filter: LogFilter = LogQuery {
+        since: q.since,
+        until: q.until,
+        ..Default::default()
+    }
+    .parse()
+    .map_err(ApiError::bad_request)?;
+    filter.source = Some(Source::Stream);
+    let mut cursor = local(&p)?.log_cursor(Some(&t), &filter).await?;
+    let mut r = StreamReport::new(q.period_s.unwrap_or(p.settings.stream.report_period_s));
+    while let Some(e) = cursor.next().await {
+        r.add(&e.map_err(CoreError::from)?);
+    }
+    Ok(Json(json!({ "tenant": t, "periods": r.periods() })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    limit: Option<i64>,
+    skip: Option<u64>,
+}
+
+const MAX_PAGE: i64 = 1000;
+
+async fn documents(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    PathArgs((t, c)): PathArgs<(String, String)>,
+    QueryArgs(page): QueryArgs<Page>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    crate::apps::check_collection(&c).map_err(ApiError::bad_request)?;
+    let limit = page.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let store = local(&p)?;
+    let docs = store
+        .documents(&t, &c, limit, page.skip.unwrap_or(0))
+        .await?;
+    let total = store.count_documents(&t, &c).await?;
+    let docs: Vec<_> = docs.into_iter().map(to_json).collect();
+    Ok(Json(json!({ "total": total, "documents": docs })).into_response())
+}
+
+async fn rpc(
+    State(p): State<Arc<Platform>>,
+    caller: Caller,
+    JsonBody(call): JsonBody<Call>,
+) -> Result<Response, ApiError> {
+    if !matches!(caller, Caller::Internal | Caller::Admin) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "internal token required",
+        ));
+    }
+    let db: &CoreDms = &p.coredms;
+    fn out<T: serde::Serialize>(r: Result<T, CoreError>) -> Response {
+        Json(r).into_response()
+    }
+    Ok(match call {
+        Call::CreateTenant { name, constraints } => out(db.create_tenant(&name, constraints).await),
+        Call::Tenant { name } => out(db.tenant(&name).await),
+        Call::UpdateTenant { name, patch } => out(db.update_tenant(&name, patch).await),
+        Call::Authenticate { token } => out(db.authenticate(&token).await),
+        Call::BulkWrite { write } => out(db.bulk_write(&write).await),
+        Call::SaveApp {
+            tenant,
+            kind,
+            source,
+        } => out(db.save_app(&tenant, kind, &source).await),
+        Call::ActiveApp { tenant, kind } => out(db.active_app(&tenant, kind).await),
+        Call::PutFile { record } => out(db.put_file(&record).await),
+        Call::File { tenant, name } => out(db.file(&tenant, &name).await),
+        Call::Files { tenant } => out(db.files(&tenant).await),
+        Call::FilesInState { state } => out(db.files_in_state(state).await),
+        Call::DeleteFile { tenant, name } => out(db.delete_file(&tenant, &name).await),
+        Call::Ping => out(db.ping().await),
+    })
+}

@@ -1,0 +1,223 @@
+//! mysimbdp: a multi-tenant big-data ingestion platform. Tenants ingest batch files and
+//! RabbitMQ streams through their own sandboxed ingest apps into their own MongoDB
+//! databases, and every ingestion is logged.
+//!
+//! The library does the work; the `mysimbdp` binary parses flags and calls [`start`] and
+//! [`serve`]. See ARCHITECTURE.md for the map.
+
+pub mod apps;
+pub mod batch;
+pub mod client;
+pub mod config;
+pub mod coredms;
+pub mod events;
+pub mod http;
+pub mod infra;
+pub mod logs;
+pub mod metrics;
+pub mod stream;
+pub mod tenants;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::apps::AppCache;
+use crate::batch::{BatchManager, Staging};
+use crate::config::Settings;
+use crate::coredms::{CoreDms, MongoStore, Remote};
+use crate::infra::{Infra, ServerVersions};
+use crate::metrics::Metrics;
+use crate::stream::{Broker, StreamManager};
+
+/// Which part of the platform a process runs.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Component {
+    /// Everything in one process (the default topology).
+    All,
+    /// Tenants, logs and the database; the only component with a MongoDB client.
+    Coredms,
+    /// The batch ingest manager; reaches coredms over HTTP.
+    Batch,
+    /// The data broker and stream ingest manager; reaches coredms over HTTP.
+    Stream,
+}
+
+/// The state every handler shares. Components a process does not run are `None`.
+pub struct Platform {
+    pub settings: Settings,
+    pub coredms: CoreDms,
+    pub apps: Arc<AppCache>,
+    pub batch: Option<Arc<BatchManager>>,
+    pub broker: Option<Arc<Broker>>,
+    pub stream: Option<Arc<StreamManager>>,
+    pub metrics: Arc<Metrics>,
+    pub versions: ServerVersions,
+    pub component: Component,
+    in_flight: tokio::sync::Semaphore,
+    shutdown: CancellationToken,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    _infra: Option<Infra>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Infra(#[from] infra::InfraError),
+    #[error("cannot connect to MongoDB: {0}")]
+    Core(#[from] coredms::CoreError),
+    #[error("cannot create the staging directory {path}: {source}")]
+    Staging {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "`serve {0:?}` needs http.coredms_url (MYSIMBDP_HTTP__COREDMS_URL): the address of the coredms service"
+    )]
+    NoCoredms(Component),
+}
+
+/// Provisions or connects to the infrastructure and builds the components of `component`.
+pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platform>, StartError> {
+    let infra = Infra::provision(&settings).await?;
+    tracing::info!(
+        mongodb = %infra::redact(&infra.mongodb_uri),
+        mongodb_version = %infra.versions.mongodb,
+        mongodb_server = %infra.versions.mongodb_server,
+        amqp = %infra::redact(&infra.amqp_uri),
+        rabbitmq = %infra.versions.rabbitmq,
+        "infrastructure ready"
+    );
+    let ns = settings.platform.namespace.clone();
+    let coredms = match component {
+        Component::All | Component::Coredms => CoreDms::Local(Arc::new(
+            MongoStore::connect(&infra.mongodb_uri, &settings.mongodb, &ns).await?,
+        )),
+        other => {
+            if settings.http.coredms_url.is_empty() {
+                return Err(StartError::NoCoredms(other));
+            }
+            CoreDms::Remote(Arc::new(Remote::new(
+                &settings.http.coredms_url,
+                settings.auth.internal(),
+            )?))
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::default());
+    let apps = Arc::new(AppCache::default());
+    let runs = |c: Component| component == Component::All || component == c;
+    let batch = if runs(Component::Batch) {
+        let dir = settings.staging.dir.clone();
+        let staging = Staging::new(dir.clone())
+            .map_err(|source| StartError::Staging { path: dir, source })?;
+        Some(Arc::new(BatchManager::new(
+            coredms.clone(),
+            apps.clone(),
+            staging,
+            settings.batch.clone(),
+            metrics.clone(),
+        )))
+    } else {
+        None
+    };
+    // coredms declares each new tenant's queues, so it holds a broker too.
+    let broker = (runs(Component::Stream) || component == Component::Coredms)
+        .then(|| Arc::new(Broker::new(&infra.amqp_uri, &settings.amqp, &ns)));
+    let stream = runs(Component::Stream).then(|| {
+        Arc::new(StreamManager::new(
+            &infra.amqp_uri,
+            &settings.amqp,
+            &settings.stream,
+            &ns,
+            coredms.clone(),
+            apps.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ))
+    });
+    let platform = Arc::new(Platform {
+        in_flight: tokio::sync::Semaphore::new(settings.http.max_in_flight),
+        settings,
+        coredms,
+        apps,
+        batch: batch.clone(),
+        broker,
+        stream,
+        metrics,
+        versions: infra.versions.clone(),
+        component,
+        shutdown: shutdown.clone(),
+        tasks: std::sync::Mutex::new(Vec::new()),
+        _infra: Some(infra),
+    });
+    if let Some(b) = batch {
+        let task = tokio::spawn(b.run(shutdown));
+        if let Ok(mut t) = platform.tasks.lock() {
+            t.push(task);
+        }
+    }
+    Ok(platform)
+}
+
+impl Platform {
+    /// The HTTP application of this process's components.
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        let mut parts = Vec::new();
+        if matches!(self.component, Component::All | Component::Coredms) {
+            parts.push(coredms::router());
+            parts.push(coredms::rpc_router());
+        }
+        if matches!(
+            self.component,
+            Component::All | Component::Batch | Component::Stream
+        ) {
+            parts.push(apps::router());
+        }
+        if matches!(self.component, Component::All | Component::Batch) {
+            parts.push(batch::router());
+        }
+        if matches!(self.component, Component::All | Component::Stream) {
+            parts.push(stream::router());
+        }
+        http::compose(self.clone(), parts)
+    }
+
+    /// Stops background work: batch workers stop after their current bulk write (the file
+    /// stays `ingesting` and resumes on the next start), consumers finish their batch.
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        if let Some(s) = &self.stream {
+            s.stop_all().await;
+        }
+        let tasks: Vec<_> = self
+            .tasks
+            .lock()
+            .map(|mut t| t.drain(..).collect())
+            .unwrap_or_default();
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.in_flight.close();
+    }
+}
+
+/// Serves the platform on an already bound listener until `shutdown` resolves, then drains
+/// in-flight requests and background work.
+pub async fn serve(
+    listener: TcpListener,
+    platform: Arc<Platform>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = platform.router();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    platform.stop().await;
+    Ok(())
+}

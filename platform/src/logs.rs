@@ -1,0 +1,357 @@
+//! The ingestion log: one entry per ingestion attempt, the tenant's download format, and the
+//! operator's analytics. Storage and queries live in coredms; this module is the pure part.
+
+use std::collections::BTreeMap;
+
+use mongodb::bson::{self, DateTime};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Batch,
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Success,
+    Failure,
+    /// The record was stored by an earlier attempt (a retry or a redelivery): nothing new.
+    Duplicate,
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "success" => Ok(Self::Success),
+            "failure" => Ok(Self::Failure),
+            "duplicate" => Ok(Self::Duplicate),
+            _ => Err(format!(
+                "unknown status `{s}`: use success, failure or duplicate"
+            )),
+        }
+    }
+}
+
+/// One ingestion, as stored in the `logs` database.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogEntry {
+    pub timestamp: DateTime,
+    pub tenant: String,
+    pub source: Source,
+    pub data_name: String,
+    pub collection: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub bytes: u64,
+    pub latency_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_version: Option<u32>,
+}
+
+impl LogEntry {
+    pub fn to_document(&self) -> bson::Document {
+        let mut d = bson::Document::new();
+        d.insert("timestamp", self.timestamp);
+        d.insert("tenant", self.tenant.as_str());
+        d.insert("source", source_str(self.source));
+        d.insert("data_name", self.data_name.as_str());
+        d.insert("collection", self.collection.as_str());
+        d.insert("status", status_str(self.status));
+        if let Some(r) = &self.reason {
+            d.insert("reason", r.as_str());
+        }
+        d.insert("bytes", self.bytes as i64);
+        d.insert("latency_us", self.latency_us as i64);
+        if let Some(v) = self.app_version {
+            d.insert("app_version", i64::from(v));
+        }
+        d
+    }
+
+    /// The entry as tenants download it: RFC 3339 timestamps, no internal ids.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ts = self
+            .timestamp
+            .try_to_rfc3339_string()
+            .unwrap_or_else(|_| self.timestamp.timestamp_millis().to_string());
+        let mut v = serde_json::json!({
+            "timestamp": ts,
+            "tenant": self.tenant,
+            "source": self.source,
+            "data_name": self.data_name,
+            "collection": self.collection,
+            "status": self.status,
+            "bytes": self.bytes,
+            "latency_us": self.latency_us,
+        });
+        if let Some(r) = &self.reason {
+            v["reason"] = r.as_str().into();
+        }
+        if let Some(a) = self.app_version {
+            v["app_version"] = a.into();
+        }
+        v
+    }
+}
+
+/// The current time as RFC 3339, for profile and file timestamps.
+pub fn rfc3339_now() -> String {
+    DateTime::now().try_to_rfc3339_string().unwrap_or_default()
+}
+
+pub fn source_str(s: Source) -> &'static str {
+    match s {
+        Source::Batch => "batch",
+        Source::Stream => "stream",
+    }
+}
+
+pub fn status_str(s: Status) -> &'static str {
+    match s {
+        Status::Success => "success",
+        Status::Failure => "failure",
+        Status::Duplicate => "duplicate",
+    }
+}
+
+/// Filters for a tenant's log download and for analytics; times in RFC 3339.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    pub since: Option<String>,
+    pub until: Option<String>,
+    pub status: Option<String>,
+    /// Analytics only: bucket width in seconds (default 60).
+    pub bucket_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogFilter {
+    pub since: Option<DateTime>,
+    pub until: Option<DateTime>,
+    pub status: Option<Status>,
+    pub source: Option<Source>,
+}
+
+impl LogQuery {
+    pub fn parse(&self) -> Result<LogFilter, String> {
+        let time = |s: &Option<String>, name: &str| -> Result<Option<DateTime>, String> {
+            s.as_deref()
+                .map(|t| {
+                    DateTime::parse_rfc3339_str(t).map_err(|_| {
+                        format!("`{name}` must be an RFC 3339 time such as 2026-01-31T12:00:00Z")
+                    })
+                })
+                .transpose()
+        };
+        Ok(LogFilter {
+            since: time(&self.since, "since")?,
+            until: time(&self.until, "until")?,
+            status: self.status.as_deref().map(str::parse).transpose()?,
+            source: None,
+        })
+    }
+}
+
+/// One group of the operator's analytics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SummaryRow {
+    pub tenant: String,
+    pub status: Status,
+    pub reason: Option<String>,
+    /// Start of the time bucket, RFC 3339.
+    pub bucket: String,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// Folds log entries into counts and bytes by (tenant, status, reason, time bucket).
+#[derive(Debug, Default)]
+pub struct Summary {
+    bucket_ms: i64,
+    groups: BTreeMap<(String, Status, Option<String>, i64), (u64, u64)>,
+}
+
+/// Reasons are grouped by their first 80 characters: enough to tell causes apart
+/// while keeping the number of groups bounded.
+const REASON_KEY_CHARS: usize = 80;
+
+impl Summary {
+    pub fn new(bucket_s: u64) -> Self {
+        Self {
+            bucket_ms: i64::try_from(bucket_s.max(1).saturating_mul(1000)).unwrap_or(60_000),
+            groups: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, e: &LogEntry) {
+        let ms = e.timestamp.timestamp_millis();
+        let bucket = ms - ms.rem_euclid(self.bucket_ms);
+        let reason = e
+            .reason
+            .as_ref()
+            .map(|r| r.chars().take(REASON_KEY_CHARS).collect());
+        let g = self
+            .groups
+            .entry((e.tenant.clone(), e.status, reason, bucket))
+            .or_default();
+        g.0 += 1;
+        g.1 += e.bytes;
+    }
+
+    pub fn rows(self) -> Vec<SummaryRow> {
+        self.groups
+            .into_iter()
+            .map(
+                |((tenant, status, reason, bucket), (count, bytes))| SummaryRow {
+                    tenant,
+                    status,
+                    reason,
+                    bucket: DateTime::from_millis(bucket)
+                        .try_to_rfc3339_string()
+                        .unwrap_or_default(),
+                    count,
+                    bytes,
+                },
+            )
+            .collect()
+    }
+}
+
+/// One period of a tenant's stream report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamPeriod {
+    pub period_start: String,
+    pub messages: u64,
+    pub failures: u64,
+    pub duplicates: u64,
+    pub bytes: u64,
+    pub avg_ingestion_ms: f64,
+    pub p99_ingestion_ms: f64,
+}
+
+/// Folds stream log entries into per-period figures with an HDR histogram per period.
+pub struct StreamReport {
+    period_ms: i64,
+    periods: BTreeMap<i64, (u64, u64, u64, u64, hdrhistogram::Histogram<u64>)>,
+}
+
+impl StreamReport {
+    pub fn new(period_s: u64) -> Self {
+        Self {
+            period_ms: i64::try_from(period_s.max(1) * 1000).unwrap_or(60_000),
+            periods: BTreeMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, e: &LogEntry) {
+        let ms = e.timestamp.timestamp_millis();
+        let start = ms - ms.rem_euclid(self.period_ms);
+        let p = self.periods.entry(start).or_insert_with(|| {
+            (
+                0,
+                0,
+                0,
+                0,
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("static histogram bounds are valid"),
+            )
+        });
+        match e.status {
+            Status::Success => {
+                p.0 += 1;
+                p.3 += e.bytes;
+                p.4.saturating_record(e.latency_us.max(1));
+            }
+            Status::Failure => p.1 += 1,
+            Status::Duplicate => p.2 += 1,
+        }
+    }
+
+    pub fn periods(self) -> Vec<StreamPeriod> {
+        self.periods
+            .into_iter()
+            .map(|(start, (ok, failed, dup, bytes, h))| StreamPeriod {
+                period_start: DateTime::from_millis(start)
+                    .try_to_rfc3339_string()
+                    .unwrap_or_default(),
+                messages: ok,
+                failures: failed,
+                duplicates: dup,
+                bytes,
+                avg_ingestion_ms: if h.is_empty() { 0.0 } else { h.mean() / 1000.0 },
+                p99_ingestion_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ms: i64, status: Status, reason: Option<&str>) -> LogEntry {
+        LogEntry {
+            timestamp: DateTime::from_millis(ms),
+            tenant: "alice".into(),
+            source: Source::Stream,
+            data_name: "d".into(),
+            collection: "c".into(),
+            status,
+            reason: reason.map(str::to_owned),
+            bytes: 10,
+            latency_us: 2000,
+            app_version: Some(1),
+        }
+    }
+
+    #[test]
+    fn summary_groups_by_tenant_status_reason_and_bucket() {
+        let mut s = Summary::new(60);
+        s.add(&entry(1_000, Status::Success, None));
+        s.add(&entry(2_000, Status::Success, None));
+        s.add(&entry(61_000, Status::Failure, Some("bad json")));
+        let rows = s.rows();
+        assert_eq!(rows.len(), 2);
+        assert_eq!((rows[0].count, rows[0].bytes), (2, 20));
+        assert_eq!(rows[1].reason.as_deref(), Some("bad json"));
+        assert_eq!(rows[1].bucket, "1970-01-01T00:01:00Z");
+    }
+
+    #[test]
+    fn stream_report_averages_successes_per_period() {
+        let mut r = StreamReport::new(10);
+        r.add(&entry(1_000, Status::Success, None));
+        r.add(&entry(1_500, Status::Failure, Some("x")));
+        let p = r.periods();
+        assert_eq!(p.len(), 1);
+        assert_eq!((p[0].messages, p[0].failures), (1, 1));
+        assert!((p[0].avg_ingestion_ms - 2.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn log_query_rejects_bad_times_and_statuses() {
+        let q = LogQuery {
+            since: Some("yesterday".into()),
+            ..Default::default()
+        };
+        assert!(q.parse().unwrap_err().contains("RFC 3339"));
+        let q = LogQuery {
+            status: Some("meh".into()),
+            ..Default::default()
+        };
+        assert!(q.parse().unwrap_err().contains("unknown status"));
+    }
+
+    #[test]
+    fn entries_round_trip_through_bson() {
+        let e = entry(5, Status::Failure, Some("r"));
+        let back: LogEntry = bson::from_document(e.to_document()).expect("decodes");
+        assert_eq!(back, e);
+    }
+}

@@ -1,0 +1,308 @@
+//! The data broker: per-tenant RabbitMQ topology, publishing with publisher confirms, and
+//! dead-lettering with a reason.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use rand::RngCore;
+use tokio::sync::Mutex;
+
+use crate::config::AmqpSettings;
+use crate::tenants::TenantName;
+
+pub const HEADER_PUBLISHED_US: &str = "x-published-us";
+pub const HEADER_DATA_NAME: &str = "x-data-name";
+pub const HEADER_REASON: &str = "x-mysimbdp-reason";
+/// Channels used for publishing, each with its own confirm sequence.
+const PUBLISH_CHANNELS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("message broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("message broker refused the message: {0}")]
+    Refused(String),
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(e: lapin::Error) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+/// Names of a tenant's queues, under the platform namespace.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub queue: String,
+    pub dlq: String,
+    pub dlx: String,
+}
+
+impl Topology {
+    pub fn new(namespace: &str, tenant: &TenantName) -> Self {
+        Self {
+            queue: format!("{namespace}mysimbdp.{tenant}"),
+            dlq: format!("{namespace}mysimbdp.{tenant}.dlq"),
+            dlx: format!("{namespace}mysimbdp.dlx"),
+        }
+    }
+}
+
+pub async fn connect(
+    uri: &str,
+    settings: &AmqpSettings,
+    name: &str,
+) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    tokio::time::timeout(
+        Duration::from_millis(settings.connect_timeout_ms),
+        Connection::connect(uri, props),
+    )
+    .await
+    .map_err(|_| BrokerError::Unavailable("connection timed out".into()))?
+    .map_err(BrokerError::from)
+}
+
+/// Declares the tenant's queue, dead-letter exchange and dead-letter queue (idempotent).
+pub async fn declare(
+    ch: &Channel,
+    t: &Topology,
+    settings: &AmqpSettings,
+) -> Result<(), BrokerError> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        t.dlx.as_str().into(),
+        ExchangeKind::Direct,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await?;
+    let mut dlq_args = FieldTable::default();
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(t.dlx.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(t.dlq.as_str().into()),
+    );
+    if settings.quorum_queues {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(settings.delivery_limit as i32),
+        );
+        dlq_args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    ch.queue_declare(t.dlq.as_str().into(), durable, dlq_args)
+        .await?;
+    ch.queue_bind(
+        t.dlq.as_str().into(),
+        t.dlx.as_str().into(),
+        t.dlq.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    ch.queue_declare(t.queue.as_str().into(), durable, args)
+        .await?;
+    Ok(())
+}
+
+/// A message id: random, 128 bits, hex. It becomes the prefix of the message's document ids.
+pub fn new_message_id() -> String {
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Publishes to tenant queues over a few confirm-mode channels, reconnecting on failure.
+pub struct Broker {
+    uri: String,
+    settings: AmqpSettings,
+    namespace: String,
+    conn: Mutex<Option<Connection>>,
+    channels: Vec<Mutex<Option<Channel>>>,
+    next: AtomicUsize,
+}
+
+impl Broker {
+    pub fn new(uri: &str, settings: &AmqpSettings, namespace: &str) -> Self {
+        Self {
+            uri: uri.to_owned(),
+            settings: settings.clone(),
+            namespace: namespace.to_owned(),
+            conn: Mutex::new(None),
+            channels: (0..PUBLISH_CHANNELS).map(|_| Mutex::new(None)).collect(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn topology(&self, tenant: &TenantName) -> Topology {
+        Topology::new(&self.namespace, tenant)
+    }
+
+    async fn channel(&self) -> Result<(usize, Channel), BrokerError> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.channels.len();
+        let mut slot = self.channels[i].lock().await;
+        if let Some(ch) = slot.as_ref()
+            && ch.status().connected()
+        {
+            return Ok((i, ch.clone()));
+        }
+        let mut conn = self.conn.lock().await;
+        if !conn.as_ref().is_some_and(|c| c.status().connected()) {
+            *conn = Some(connect(&self.uri, &self.settings, "mysimbdp-broker").await?);
+        }
+        let ch = conn
+            .as_ref()
+            .ok_or_else(|| BrokerError::Unavailable("no connection".into()))?
+            .create_channel()
+            .await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *slot = Some(ch.clone());
+        Ok((i, ch))
+    }
+
+    async fn forget(&self, i: usize) {
+        *self.channels[i].lock().await = None;
+    }
+
+    pub async fn declare_topology(&self, tenant: &TenantName) -> Result<(), BrokerError> {
+        let (i, ch) = self.channel().await?;
+        let r = declare(&ch, &self.topology(tenant), &self.settings).await;
+        if r.is_err() {
+            self.forget(i).await;
+        }
+        r
+    }
+
+    /// Publishes persistent messages to the tenant's queue and returns their ids once the
+    /// broker confirmed every one. `mandatory`: a missing queue is an error, never a loss.
+    pub async fn publish(
+        &self,
+        tenant: &TenantName,
+        data_name: &str,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<String>, BrokerError> {
+        let (i, ch) = self.channel().await?;
+        let r = self.publish_on(&ch, tenant, data_name, payloads).await;
+        if matches!(r, Err(BrokerError::Unavailable(_))) {
+            self.forget(i).await;
+        }
+        r
+    }
+
+    async fn publish_on(
+        &self,
+        ch: &Channel,
+        tenant: &TenantName,
+        data_name: &str,
+        payloads: &[&[u8]],
+    ) -> Result<Vec<String>, BrokerError> {
+        let queue = self.topology(tenant).queue;
+        let mut ids = Vec::with_capacity(payloads.len());
+        let mut confirms = Vec::with_capacity(payloads.len());
+        for p in payloads {
+            let id = new_message_id();
+            let now_us = crate::coredms::now_us();
+            let mut headers = FieldTable::default();
+            headers.insert(HEADER_PUBLISHED_US.into(), AMQPValue::LongLongInt(now_us));
+            headers.insert(
+                HEADER_DATA_NAME.into(),
+                AMQPValue::LongString(LongString::from(data_name)),
+            );
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(id.as_str().into())
+                .with_timestamp((now_us / 1_000_000) as u64)
+                .with_headers(headers);
+            confirms.push(
+                ch.basic_publish(
+                    "".into(),
+                    queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    p,
+                    props,
+                )
+                .await?,
+            );
+            ids.push(id);
+        }
+        for c in confirms {
+            match c.await? {
+                Confirmation::Ack(None) => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(BrokerError::Refused(format!(
+                        "queue `{queue}` does not exist; create the tenant first"
+                    )));
+                }
+                Confirmation::Nack(_) => {
+                    return Err(BrokerError::Refused(
+                        "broker could not store the message".into(),
+                    ));
+                }
+                Confirmation::NotRequested => {}
+            }
+        }
+        Ok(ids)
+    }
+}
+
+/// Copies a failed message to the tenant's dead-letter queue with the reason, confirmed.
+pub async fn dead_letter(
+    ch: &Channel,
+    topology: &Topology,
+    delivery: &lapin::message::Delivery,
+    reason: &str,
+) -> Result<(), BrokerError> {
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    let reason: String = reason.chars().take(1000).collect();
+    headers.insert(
+        HEADER_REASON.into(),
+        AMQPValue::LongString(LongString::from(reason.as_str())),
+    );
+    let props = delivery.properties.clone().with_headers(headers);
+    let confirm = ch
+        .basic_publish(
+            topology.dlx.as_str().into(),
+            topology.dlq.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &delivery.data,
+            props,
+        )
+        .await?;
+    match confirm.await? {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        _ => Err(BrokerError::Refused(
+            "dead-letter queue refused the message".into(),
+        )),
+    }
+}

@@ -1,0 +1,319 @@
+//! The stream ingest manager: consumers per tenant that collect messages into batches, run
+//! the tenant's stream app, write each batch in bulk through coredms, dead-letter poison
+//! messages, and only then acknowledge.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
+use crate::apps::{AppCache, AppKind, Input, transform};
+use crate::batch::write_with_retry;
+use crate::config::{AmqpSettings, StreamSettings};
+use crate::coredms::{BulkWrite, CoreDms, now_us};
+use crate::events::{DeadLettered, Ingested};
+use crate::logs::Source;
+use crate::metrics::Metrics;
+use crate::tenants::TenantName;
+
+struct Consumer {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct StreamManager {
+    ctx: Arc<Ctx>,
+    consumers: Mutex<HashMap<TenantName, Vec<Consumer>>>,
+    shutdown: CancellationToken,
+}
+
+struct Ctx {
+    uri: String,
+    amqp: AmqpSettings,
+    settings: StreamSettings,
+    namespace: String,
+    coredms: CoreDms,
+    apps: Arc<AppCache>,
+    metrics: Arc<Metrics>,
+}
+
+impl StreamManager {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "wiring of one component, called once"
+    )]
+    pub fn new(
+        uri: &str,
+        amqp: &AmqpSettings,
+        settings: &StreamSettings,
+        namespace: &str,
+        coredms: CoreDms,
+        apps: Arc<AppCache>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            ctx: Arc::new(Ctx {
+                uri: uri.to_owned(),
+                amqp: amqp.clone(),
+                settings: settings.clone(),
+                namespace: namespace.to_owned(),
+                coredms,
+                apps,
+                metrics,
+            }),
+            consumers: Mutex::new(HashMap::new()),
+            shutdown,
+        }
+    }
+
+    /// Sets the number of consumers of a tenant's queue, starting or stopping some.
+    pub async fn scale(&self, tenant: &TenantName, n: u32) -> u32 {
+        let n = n.min(self.ctx.settings.max_consumers) as usize;
+        let mut all = self.consumers.lock().await;
+        let list = all.entry(tenant.clone()).or_default();
+        list.retain(|c| !c.task.is_finished());
+        while list.len() > n {
+            if let Some(c) = list.pop() {
+                c.cancel.cancel();
+                let _ = c.task.await;
+            }
+        }
+        while list.len() < n {
+            let cancel = self.shutdown.child_token();
+            let ctx = self.ctx.clone();
+            let t = tenant.clone();
+            let c = cancel.clone();
+            let task = tokio::spawn(async move { consume_forever(ctx, t, c).await });
+            list.push(Consumer { cancel, task });
+        }
+        list.len() as u32
+    }
+
+    pub async fn running(&self, tenant: &TenantName) -> u32 {
+        let all = self.consumers.lock().await;
+        all.get(tenant).map_or(0, |l| {
+            l.iter().filter(|c| !c.task.is_finished()).count() as u32
+        })
+    }
+
+    /// Stops every consumer and waits for in-flight batches to finish.
+    pub async fn stop_all(&self) {
+        let mut all = self.consumers.lock().await;
+        for (_, list) in all.drain() {
+            for c in list {
+                c.cancel.cancel();
+                let _ = c.task.await;
+            }
+        }
+    }
+}
+
+/// Consumes until cancelled, reconnecting with backoff. Unacknowledged messages go back to
+/// the queue when a connection drops, so a failure here loses nothing.
+async fn consume_forever(ctx: Arc<Ctx>, tenant: TenantName, cancel: CancellationToken) {
+    let mut delay = Duration::from_millis(200);
+    while !cancel.is_cancelled() {
+        match consume(&ctx, &tenant, &cancel).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(tenant = %tenant, error = %e, retry_in_ms = delay.as_millis() as u64, "stream consumer failed, reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn consume(
+    ctx: &Ctx,
+    tenant: &TenantName,
+    cancel: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let conn = broker::connect(&ctx.uri, &ctx.amqp, &format!("mysimbdp-consumer-{tenant}")).await?;
+    let topology = Topology::new(&ctx.namespace, tenant);
+    let ch = conn.create_channel().await?;
+    broker::declare(&ch, &topology, &ctx.amqp).await?;
+    ch.basic_qos(ctx.settings.prefetch, BasicQosOptions::default())
+        .await?;
+    // Dead letters go out on their own confirm-mode channel.
+    let dlq_ch = conn.create_channel().await?;
+    dlq_ch
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut consumer = ch
+        .basic_consume(
+            topology.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(tenant = %tenant, queue = %topology.queue, "stream consumer started");
+    let linger = Duration::from_millis(ctx.settings.linger_ms);
+    let result = loop {
+        let first = tokio::select! {
+            d = consumer.next() => d,
+            _ = cancel.cancelled() => break Ok(()),
+        };
+        let Some(first) = first else {
+            break Err(BrokerError::Unavailable(
+                "consumer cancelled by the broker".into(),
+            ));
+        };
+        let mut batch = vec![first?];
+        let until = tokio::time::Instant::now() + linger;
+        while batch.len() < ctx.settings.batch_size {
+            match tokio::time::timeout_at(until, consumer.next()).await {
+                Ok(Some(d)) => batch.push(d?),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if let Err(e) = process(ctx, tenant, &topology, &dlq_ch, batch, cancel).await {
+            break Err(e);
+        }
+    };
+    let _ = conn.close(200, "consumer stopped".into()).await;
+    result
+}
+
+fn header_i64(d: &Delivery, key: &str) -> Option<i64> {
+    d.properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find_map(|(k, v)| {
+            (k.as_str() == key).then(|| match v {
+                AMQPValue::LongLongInt(i) => Some(*i),
+                AMQPValue::LongInt(i) => Some(i64::from(*i)),
+                AMQPValue::Timestamp(t) => i64::try_from(*t).ok(),
+                _ => None,
+            })?
+        })
+}
+
+fn header_str(d: &Delivery, key: &str) -> Option<String> {
+    d.properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .iter()
+        .find_map(|(k, v)| {
+            (k.as_str() == key).then(|| match v {
+                AMQPValue::LongString(s) => {
+                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
+                }
+                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+                _ => None,
+            })?
+        })
+}
+
+/// One batch: app → one bulk write → dead letters → one multiple-ack. Any error before the
+/// ack leaves every message of the batch unacknowledged, for redelivery.
+async fn process(
+    ctx: &Ctx,
+    tenant: &TenantName,
+    topology: &Topology,
+    dlq_ch: &lapin::Channel,
+    batch: Vec<Delivery>,
+    cancel: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let profile = ctx
+        .coredms
+        .tenant(tenant)
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("coredms: {e}")))?;
+    let limits = profile.constraints.app_limits;
+    let app = ctx
+        .apps
+        .active(&ctx.coredms, tenant, AppKind::Stream, limits)
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("coredms: {e}")))?;
+    let raw = app.as_ref().is_some_and(|a| !a.shape.has_map);
+    let inputs: Vec<Input> = batch
+        .iter()
+        .map(|d| {
+            let origin = d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                // A message published around the broker API has no id: its content is its id.
+                .unwrap_or_else(|| {
+                    use sha2::Digest;
+                    hex::encode(&sha2::Sha256::digest(&d.data)[..16])
+                });
+            let value = if raw {
+                std::str::from_utf8(&d.data)
+                    .map(|s| serde_json::Value::String(s.to_owned()))
+                    .map_err(|_| "message is not valid UTF-8".to_owned())
+            } else {
+                serde_json::from_slice(&d.data).map_err(|e| format!("invalid JSON message: {e}"))
+            };
+            Input {
+                origin,
+                index: 0,
+                bytes: d.data.len() as u64,
+                started_us: header_i64(d, HEADER_PUBLISHED_US).unwrap_or_else(now_us),
+                data_name: header_str(d, HEADER_DATA_NAME).unwrap_or_else(|| "message".into()),
+                value,
+            }
+        })
+        .collect();
+    let app2 = app.clone();
+    let max_doc = limits.max_doc_bytes;
+    let (inputs, t) = tokio::task::spawn_blocking(move || {
+        let t = transform(app2.as_deref(), "messages", max_doc, &inputs);
+        (inputs, t)
+    })
+    .await
+    .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    let write = BulkWrite {
+        tenant: tenant.clone(),
+        source: Source::Stream,
+        data_name: inputs
+            .first()
+            .map_or_else(|| "message".into(), |i| i.data_name.clone()),
+        app_version: app.as_ref().map(|a| a.version),
+        docs: t.docs,
+        failures: t.failures,
+    };
+    let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
+    let failed = write.failures.len() as u64;
+    let outcome = write_with_retry(&ctx.coredms, write, cancel)
+        .await
+        .map_err(|e| BrokerError::Unavailable(format!("not stored: {e}")))?;
+    for (i, reason) in &t.failed_inputs {
+        broker::dead_letter(dlq_ch, topology, &batch[*i], reason).await?;
+        DeadLettered {
+            tenant: tenant.as_str(),
+            reason,
+        }
+        .emit(&ctx.metrics);
+    }
+    Ingested {
+        tenant: tenant.as_str(),
+        source: Source::Stream,
+        stored: outcome.inserted,
+        duplicates: outcome.duplicates,
+        failed: failed + outcome.failed.len() as u64,
+        bytes,
+    }
+    .emit(&ctx.metrics);
+    if let Some(last) = batch.last() {
+        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+    }
+    Ok(())
+}
