@@ -1,0 +1,193 @@
+//! `TestApp`: the whole platform on its own runtime, so a test can stop it gracefully or
+//! kill it mid-work (dropping every task, as a crash would) and start it again.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mysimbdp::client::Client;
+use mysimbdp::config::Settings;
+use mysimbdp::infra::ServerVersions;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub fn water_quality() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/data/water-quality-10k.csv")
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::random::<u32>())
+}
+
+pub struct TestApp {
+    pub admin: Client,
+    pub namespace: String,
+    pub staging: PathBuf,
+    pub versions: ServerVersions,
+    pub settings: Settings,
+    overrides: Vec<String>,
+    runtime: Option<tokio::runtime::Runtime>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(&[]).await
+    }
+
+    /// A platform with settings overridden (`section.key=value`).
+    pub async fn spawn_with(overrides: &[&str]) -> Self {
+        let ns = unique("t");
+        let staging = std::env::temp_dir().join(format!("mysimbdp-it-{ns}"));
+        Self::start(ns + "_", staging, overrides.iter().map(|s| (*s).to_owned()).collect()).await
+    }
+
+    async fn start(namespace: String, staging: PathBuf, overrides: Vec<String>) -> Self {
+        let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
+        let mut all = vec![
+            format!("platform.namespace={namespace}"),
+            format!("staging.dir={}", staging.display()),
+            format!("auth.admin_token={ADMIN_TOKEN}"),
+            "http.listen=127.0.0.1:0".to_owned(),
+            "mongodb.max_pool_size=4".to_owned(),
+        ];
+        all.extend(overrides.iter().cloned());
+        let settings = Settings::load_from(None, &env, &all).expect("test settings are valid");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("platform runtime");
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let s = settings.clone();
+        runtime.spawn(async move {
+            let platform = match mysimbdp::start(s, mysimbdp::Component::All).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let addr = listener.local_addr().expect("bound address");
+            let _ = ready_tx.send(Ok((addr, platform.versions.clone())));
+            let _ = mysimbdp::serve(listener, platform, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        });
+        let (addr, versions) = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+            Ok(Ok(Ok(v))) => v,
+            Ok(Ok(Err(e))) => panic!(
+                "the platform did not start: {e}\n\
+                 Integration tests need MongoDB and RabbitMQ: {}",
+                mysimbdp::infra::HOW_TO_PROVIDE
+            ),
+            _ => panic!("the platform did not start within 60 s"),
+        };
+        Self {
+            admin: Client::new(&format!("http://{addr}"), Some(ADMIN_TOKEN)),
+            namespace,
+            staging,
+            versions,
+            settings,
+            overrides,
+            runtime: Some(runtime),
+            shutdown: Some(stop_tx),
+        }
+    }
+
+    /// Creates a tenant and returns its name and a client with its token.
+    pub async fn tenant(&self, name: &str) -> (String, Client) {
+        let t = self
+            .admin
+            .create_tenant(name, serde_json::json!({}))
+            .await
+            .expect("tenant created");
+        (t.name, self.admin.with_token(Some(&t.token)))
+    }
+
+    /// Ends the platform abruptly, as a crash would: no draining, no final writes.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Kills the platform, then starts a new one on the same namespace and staging directory.
+    pub async fn restart(mut self) -> Self {
+        self.kill();
+        // The staging directory now belongs to the new platform: this one must not remove it.
+        let (ns, staging, overrides) = (
+            self.namespace.clone(),
+            std::mem::take(&mut self.staging),
+            self.overrides.clone(),
+        );
+        Self::start(ns, staging, overrides).await
+    }
+
+    /// A direct driver connection, for checking what the platform stored.
+    pub async fn mongo(&self) -> mongodb::Client {
+        mongodb::Client::with_uri_str(&self.settings.mongodb.uri)
+            .await
+            .expect("driver connects")
+    }
+
+    pub async fn count(&self, tenant: &str, collection: &str) -> u64 {
+        self.mongo()
+            .await
+            .database(&format!("{}tenant_{tenant}", self.namespace))
+            .collection::<mongodb::bson::Document>(collection)
+            .count_documents(mongodb::bson::doc! {})
+            .await
+            .expect("count")
+    }
+
+    /// The tenant's downloaded log, parsed.
+    pub async fn logs(&self, client: &Client, tenant: &str, query: &str) -> Vec<serde_json::Value> {
+        let r = client.logs(tenant, query).await.expect("log download");
+        serde_json::from_slice::<Vec<serde_json::Value>>(&r.body).expect("the log file is a JSON array")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(rt) = self.runtime.take() {
+            // Dropping a runtime inside the test's runtime would panic; this does not block.
+            rt.shutdown_background();
+        }
+        if !self.staging.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.staging);
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns the last answer.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,192 @@
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+use crate::harness::{TestApp, eventually};
+
+fn ndjson(from: usize, to: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for i in from..to {
+        out.extend_from_slice(format!("{{\"seq\":{i},\"v\":{}}}\n", i % 97).as_bytes());
+    }
+    out
+}
+
+async fn distinct_seqs(app: &TestApp, tenant: &str) -> (u64, u64) {
+    let coll = app
+        .mongo()
+        .await
+        .database(&format!("{}tenant_{tenant}", app.namespace))
+        .collection::<mongodb::bson::Document>("messages");
+    let total = coll.count_documents(mongodb::bson::doc! {}).await.expect("count");
+    let distinct = coll.distinct("seq", mongodb::bson::doc! {}).await.expect("distinct").len() as u64;
+    (total, distinct)
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_published_before_any_consumer_are_all_stored_once() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("early").await;
+    for chunk in 0..10 {
+        let r = c
+            .publish(&t, "reading", ndjson(chunk * 1000, (chunk + 1) * 1000))
+            .await
+            .expect("published with confirms");
+        assert_eq!(r["published"], 1000);
+    }
+    c.stream_start(&t, 2).await.expect("start");
+    let all = eventually(Duration::from_secs(120), || async {
+        app.count(&t, "messages").await >= 10_000
+    })
+    .await;
+    assert!(all, "stored {}", app.count(&t, "messages").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(distinct_seqs(&app, &t).await, (10_000, 10_000));
+    let report = c.stream_report(&t).await.expect("report");
+    let total: u64 = report["periods"]
+        .as_array()
+        .expect("periods")
+        .iter()
+        .map(|p| p["messages"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(total, 10_000);
+    assert!(report["periods"][0]["avg_ingestion_ms"].as_f64().unwrap_or(0.0) > 0.0);
+    c.stream_stop(&t).await.expect("stop");
+}
+
+#[tokio::test]
+async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_moving() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("poison").await;
+    c.upload_app(
+        &t,
+        "stream",
+        r#"
+        function map(m)
+            if m.kind == "throw" then error("cannot handle " .. m.kind) end
+            if m.kind == "loop" then while true do end end
+            return { seq = m.seq }
+        end"#,
+    )
+    .await
+    .expect("app");
+    let mut body = Vec::new();
+    for i in 0..300 {
+        let line = match i % 50 {
+            7 => "{not json".to_owned(),
+            8 => format!("{{\"seq\":{i},\"kind\":\"throw\"}}"),
+            9 => format!("{{\"seq\":{i},\"kind\":\"loop\"}}"),
+            _ => format!("{{\"seq\":{i}}}"),
+        };
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+    }
+    c.publish(&t, "mixed", body).await.expect("publish");
+    c.stream_start(&t, 1).await.expect("start");
+    let good = 300 - 18;
+    let done = eventually(Duration::from_secs(120), || async {
+        app.count(&t, "messages").await >= good
+    })
+    .await;
+    assert!(done, "stored {}", app.count(&t, "messages").await);
+    let failures = eventually(Duration::from_secs(30), || async {
+        app.logs(&c, &t, "status=failure").await.len() >= 18
+    })
+    .await;
+    assert!(failures);
+    let logs = app.logs(&c, &t, "status=failure").await;
+    let reasons: Vec<&str> = logs.iter().filter_map(|e| e["reason"].as_str()).collect();
+    assert_eq!(reasons.iter().filter(|r| r.starts_with("invalid JSON message")).count(), 6, "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("cannot handle throw")).count(), 6, "{reasons:?}");
+    assert_eq!(
+        reasons.iter().filter(|r| r.contains("time limit") || r.contains("instruction budget")).count(),
+        6,
+        "{reasons:?}"
+    );
+    assert_eq!(distinct_seqs(&app, &t).await, (good, good));
+    c.stream_stop(&t).await.expect("stop");
+
+    // The dead letters are in the tenant's DLQ, each with its reason.
+    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let dlq = format!("{}mysimbdp.{t}.dlq", app.namespace);
+    let mut consumer = ch
+        .basic_consume(dlq.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume dlq");
+    let mut dead = 0;
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+        let reason = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned());
+        assert!(matches!(reason, Some(AMQPValue::LongString(_))), "dead letter without a reason");
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        dead += 1;
+    }
+    assert_eq!(dead, 18);
+}
+
+#[tokio::test]
+async fn a_consumer_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
+    let app = TestApp::spawn_with(&["stream.batch_size=100"]).await;
+    let (t, c) = app.tenant("crash").await;
+    c.publish(&t, "reading", ndjson(0, 6000)).await.expect("publish");
+    c.stream_start(&t, 1).await.expect("start");
+    let progressed = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await >= 500
+    })
+    .await;
+    assert!(progressed);
+    let mut app = app;
+    app.kill();
+    let before = app.count(&t, "messages").await;
+    assert!(before < 6000, "killed mid-stream with {before} stored");
+    let app = app.restart().await;
+    let c = app.admin.clone();
+    c.publish(&t, "reading", ndjson(6000, 7000)).await.expect("publish after restart");
+    c.stream_start(&t, 2).await.expect("restart consumers");
+    let all = eventually(Duration::from_secs(120), || async {
+        app.count(&t, "messages").await >= 7000
+    })
+    .await;
+    assert!(all, "stored {}", app.count(&t, "messages").await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(distinct_seqs(&app, &t).await, (7000, 7000));
+    c.stream_stop(&t).await.expect("stop");
+}
+
+#[tokio::test]
+async fn publishing_checks_type_size_and_emptiness() {
+    let app = TestApp::spawn_with(&["stream.max_message_bytes=100"]).await;
+    let (t, c) = app.tenant("pub").await;
+    let r = c
+        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("text/csv"), "a,b")
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 415);
+    let r = c
+        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("application/json"), "")
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400);
+    let big = format!("{{\"x\":\"{}\"}}", "y".repeat(200));
+    let r = c
+        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("application/json"), big)
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 413);
+    assert!(r.json()["error"].as_str().unwrap_or("").contains("100 bytes limit"));
+    let r = c
+        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages?data_name=one"), Some("application/json"), "{\"a\":1}")
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 202);
+    assert_eq!(r.json()["published"], 1);
+}
