@@ -41,7 +41,8 @@ pub struct Infra {
 pub struct ServerVersions {
     /// `buildInfo.version` of the MongoDB server.
     pub mongodb: String,
-    /// A MongoDB-compatible server names itself here when it says so (e.g. `SecantusDB`).
+    /// The server's own name and version: `MongoDB 8.0.4`, or a compatible server's name
+    /// when it gives one (`Secantus 0.7.0b3 (MongoDB-compatible, reports MongoDB 8.2.11)`).
     pub mongodb_server: String,
     /// `product` and `version` from the broker's AMQP server properties.
     pub rabbitmq: String,
@@ -118,15 +119,24 @@ pub async fn mongodb_version(uri: &str, timeout: Duration) -> Result<(String, St
     .map_err(|_| fail("timed out".into()))?
     .map_err(|e| fail(e.to_string()))?;
     let version = info.get_str("version").unwrap_or("unknown").to_owned();
-    // Compatible servers announce themselves in varying fields; take the first one present.
-    let server = ["secantus", "server", "product", "gitVersion"]
+    // Compatible servers announce themselves with a `<name>Version` field (SecantusDB:
+    // `secantusVersion`); a server without one is taken to be MongoDB itself.
+    let server = info
         .iter()
-        .find_map(|k| match info.get(*k) {
-            Some(mongodb::bson::Bson::String(s)) if !s.is_empty() => Some(format!("{k}: {s}")),
-            Some(mongodb::bson::Bson::Document(d)) => Some(format!("{k}: {d}")),
+        .find_map(|(k, v)| match v {
+            mongodb::bson::Bson::String(s)
+                if k.ends_with("Version") && k != "gitVersion" && !s.is_empty() =>
+            {
+                let name = k.trim_end_matches("Version");
+                let mut name = name.to_owned();
+                if let Some(first) = name.get_mut(0..1) {
+                    first.make_ascii_uppercase();
+                }
+                Some(format!("{name} {s} (MongoDB-compatible, reports MongoDB {version})"))
+            }
             _ => None,
         })
-        .unwrap_or_default();
+        .unwrap_or_else(|| format!("MongoDB {version}"));
     Ok((version, server))
 }
 

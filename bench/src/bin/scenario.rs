@@ -1,1 +1,72 @@
-fn main() {}
+//! `scenario`: run a workload scenario against the platform and write its report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "mysimbdp workbench: scenarios, latency reports, comparisons")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a scenario file; needs MONGODB_URI and AMQP_URI (or Docker).
+    Run {
+        scenario: PathBuf,
+        #[arg(long, default_value = "reports")]
+        out: PathBuf,
+    },
+    /// List the scenarios in a folder.
+    List {
+        #[arg(default_value = "scenarios")]
+        dir: PathBuf,
+    },
+    /// Ratios between two report.json files (B/A).
+    Compare { a: PathBuf, b: PathBuf },
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Run { scenario, out } => {
+            let dir = mysimbdp_bench::run(&scenario, &out).await?;
+            let md = std::fs::read_to_string(dir.join("report.md")).unwrap_or_default();
+            println!("{md}\nreport written to {}", dir.display());
+        }
+        Cmd::List { dir } => {
+            let mut entries: Vec<_> = std::fs::read_dir(&dir)
+                .with_context(|| format!("cannot read {}", dir.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            entries.sort();
+            for p in entries {
+                match mysimbdp_bench::Scenario::load(&p) {
+                    Ok(s) => println!("{:<40} {}", p.display(), s.description),
+                    Err(e) => println!("{:<40} INVALID: {e:#}", p.display()),
+                }
+            }
+        }
+        Cmd::Compare { a, b } => print!("{}", mysimbdp_bench::compare(&a, &b)?),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,317 @@
+//! Reports: `report.json` (a stable, versioned format), `report.md`, a latency plot (SVG)
+//! and the serialized HDR histograms.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::scenario::Scenario;
+
+/// Bumped whenever a field changes meaning.
+pub const SCHEMA_VERSION: u32 = 1;
+/// The original Python platform's figures (shared/seed/platform-description.txt).
+pub const ORIGINAL_BATCH_MS: f64 = 38.7;
+pub const ORIGINAL_STREAM_MS: f64 = 114.4;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+        Self {
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+            mean_ms: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathStats {
+    pub count: u64,
+    pub failures: u64,
+    pub elapsed_s: f64,
+    pub throughput_per_s: f64,
+    /// Wall time divided by ingestions: the original platform's metric.
+    pub ms_per_ingestion: f64,
+    /// Per ingestion: batch record read → stored; stream publish → stored (corrected for
+    /// coordinated omission at the offered rate).
+    pub latency: Latency,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_file: Option<Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncorrected: Option<Latency>,
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+impl PathStats {
+    pub fn new(
+        count: u64,
+        failures: u64,
+        elapsed: Duration,
+        latency: Histogram<u64>,
+        per_file: Option<Histogram<u64>>,
+        uncorrected: Option<Histogram<u64>>,
+    ) -> Self {
+        let s = elapsed.as_secs_f64();
+        Self {
+            count,
+            failures,
+            elapsed_s: s,
+            throughput_per_s: count as f64 / s.max(1e-9),
+            ms_per_ingestion: s * 1000.0 / (count.max(1) as f64),
+            latency: Latency::of(&latency),
+            per_file: per_file.as_ref().map(Latency::of),
+            uncorrected: uncorrected.as_ref().map(Latency::of),
+            histogram: Some(latency),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ceiling {
+    pub documents: u64,
+    pub records_per_s: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Environment {
+    pub cores: usize,
+    pub memory_bytes: u64,
+    pub os: String,
+    pub mongodb_version: String,
+    pub mongodb_server: String,
+    pub rabbitmq: String,
+    pub commit: String,
+    pub build: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub scenario: Scenario,
+    pub run_id: String,
+    pub environment: Environment,
+    pub wall_s: f64,
+    pub batch: Option<PathStats>,
+    pub stream: Option<PathStats>,
+    pub ceiling: Option<Ceiling>,
+    /// Batch throughput as a fraction of the raw driver ceiling.
+    pub batch_fraction_of_ceiling: Option<f64>,
+    pub reference: serde_json::Value,
+}
+
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl Report {
+    pub fn new(
+        sc: &Scenario,
+        run_id: &str,
+        versions: mysimbdp::infra::ServerVersions,
+        batch: Option<PathStats>,
+        stream: Option<PathStats>,
+        ceiling: Option<Ceiling>,
+        wall: Duration,
+    ) -> Self {
+        let fraction = match (&batch, &ceiling) {
+            (Some(b), Some(c)) => Some(b.throughput_per_s / c.records_per_s),
+            _ => None,
+        };
+        let reference = serde_json::json!({
+            "original_batch_ms_per_ingestion": ORIGINAL_BATCH_MS,
+            "original_stream_ms_per_ingestion": ORIGINAL_STREAM_MS,
+            "batch_speedup": batch.as_ref().map(|b| ORIGINAL_BATCH_MS / b.ms_per_ingestion),
+            "stream_speedup": stream.as_ref().map(|s| ORIGINAL_STREAM_MS / s.ms_per_ingestion),
+        });
+        Self {
+            schema_version: SCHEMA_VERSION,
+            scenario: sc.clone(),
+            run_id: run_id.to_owned(),
+            environment: Environment {
+                cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+                memory_bytes: memory_bytes(),
+                os: std::env::consts::OS.to_owned(),
+                mongodb_version: versions.mongodb,
+                mongodb_server: versions.mongodb_server,
+                rabbitmq: versions.rabbitmq,
+                commit: commit(),
+                build: if cfg!(debug_assertions) { "debug".into() } else { "release".into() },
+            },
+            wall_s: wall.as_secs_f64(),
+            batch,
+            stream,
+            ceiling,
+            batch_fraction_of_ceiling: fraction,
+            reference,
+        }
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        std::fs::write(dir.join("latency.svg"), self.svg())?;
+        for (name, p) in [("batch", &self.batch), ("stream", &self.stream)] {
+            if let Some(h) = p.as_ref().and_then(|p| p.histogram.as_ref()) {
+                let mut buf = Vec::new();
+                V2Serializer::new()
+                    .serialize(h, &mut buf)
+                    .map_err(|e| anyhow::anyhow!("histogram: {e:?}"))?;
+                std::fs::write(dir.join(format!("{name}.hdr")), buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn markdown(&self) -> String {
+        let e = &self.environment;
+        let mut s = format!(
+            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            self.scenario.name,
+            self.run_id,
+            self.scenario.description,
+            e.cores,
+            e.memory_bytes as f64 / (1u64 << 30) as f64,
+            e.mongodb_server,
+            e.mongodb_version,
+            e.rabbitmq,
+            e.commit,
+            e.build
+        );
+        for (name, p, orig) in [("batch", &self.batch, ORIGINAL_BATCH_MS), ("stream", &self.stream, ORIGINAL_STREAM_MS)] {
+            if let Some(p) = p {
+                let l = &p.latency;
+                s.push_str(&format!(
+                    "| {name} | {} | {} | {:.0} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {orig} | {:.0}× |\n",
+                    p.count, p.failures, p.throughput_per_s, p.ms_per_ingestion, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms,
+                    orig / p.ms_per_ingestion
+                ));
+            }
+        }
+        s.push_str("\nBatch latency: record read → stored. Stream latency: publish → stored, corrected for coordinated omission at the offered rate");
+        if let Some(u) = self.stream.as_ref().and_then(|p| p.uncorrected.as_ref()) {
+            s.push_str(&format!(" (uncorrected p50 {:.2} ms, p99 {:.2} ms)", u.p50_ms, u.p99_ms));
+        }
+        s.push_str(".\n");
+        if let Some(f) = self.batch.as_ref().and_then(|p| p.per_file.as_ref()) {
+            s.push_str(&format!("\nPer file (ingest request → done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n", f.p50_ms, f.p99_ms, f.max_ms));
+        }
+        if let (Some(c), Some(f)) = (&self.ceiling, self.batch_fraction_of_ceiling) {
+            s.push_str(&format!(
+                "\n## Ceiling\n\nRaw driver on the same server in the same run: {:.0} records/s ({}). The platform's batch path reached {:.0}% of it.\n",
+                c.records_per_s,
+                c.note,
+                f * 100.0
+            ));
+        }
+        s
+    }
+
+    fn svg(&self) -> String {
+        // Latency by percentile on a log scale of 1/(1-p): the usual HDR percentile plot.
+        let (w, h, m) = (720.0, 400.0, 60.0);
+        let mut paths = String::new();
+        let mut max_ms: f64 = 1.0;
+        let series: Vec<(&str, &str, Vec<(f64, f64)>)> = [("batch", "#1f77b4", &self.batch), ("stream", "#d62728", &self.stream)]
+            .into_iter()
+            .filter_map(|(n, col, p)| {
+                let h = p.as_ref()?.histogram.as_ref()?;
+                let pts: Vec<(f64, f64)> = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999]
+                    .iter()
+                    .map(|q: &f64| ((1.0 / (1.0 - q)).log10(), h.value_at_quantile(*q) as f64 / 1000.0))
+                    .collect();
+                Some((n, col, pts))
+            })
+            .collect();
+        for (_, _, pts) in &series {
+            for (_, v) in pts {
+                max_ms = max_ms.max(*v);
+            }
+        }
+        let x = |lx: f64| m + lx / 4.0 * (w - 2.0 * m);
+        let y = |v: f64| h - m - v / max_ms * (h - 2.0 * m);
+        for (i, (name, col, pts)) in series.iter().enumerate() {
+            let d: Vec<String> = pts.iter().map(|(lx, v)| format!("{:.1},{:.1}", x(*lx), y(*v))).collect();
+            paths.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{col}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{col}\">{name}</text>",
+                d.join(" "),
+                w - m - 60.0,
+                m + 20.0 * (i as f64 + 1.0)
+            ));
+        }
+        let mut axes = String::new();
+        for (lx, label) in [(0.0, "0%"), (1.0, "90%"), (2.0, "99%"), (3.0, "99.9%"), (4.0, "99.99%")] {
+            axes.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>", x(lx), h - m + 20.0));
+        }
+        axes.push_str(&format!("<text x=\"{}\" y=\"{}\">{max_ms:.1} ms</text><text x=\"10\" y=\"{}\">0</text>", 5.0, m, h - m));
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"{m}\" y=\"25\" font-size=\"14\">{} — latency by percentile (ms)</text><line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>{axes}{paths}</svg>",
+            self.scenario.name,
+            h - m,
+            w - m,
+            h - m,
+            h - m
+        )
+    }
+}
+
+/// A table of B/A ratios for the headline figures of two reports.
+pub fn compare(a: &Path, b: &Path) -> Result<String> {
+    let load = |p: &Path| -> Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)?)
+    };
+    let (ra, rb) = (load(a)?, load(b)?);
+    let mut out = format!("{:<34} {:>14} {:>14} {:>9}\n", "figure", "A", "B", "B/A");
+    for path in ["batch", "stream"] {
+        for (field, label) in [
+            ("throughput_per_s", "throughput /s"),
+            ("ms_per_ingestion", "ms per ingestion"),
+        ] {
+            if let (Some(x), Some(y)) = (ra[path][field].as_f64(), rb[path][field].as_f64()) {
+                out.push_str(&format!("{:<34} {x:>14.4} {y:>14.4} {:>9.3}\n", format!("{path} {label}"), y / x));
+            }
+        }
+        for q in ["p50_ms", "p99_ms", "p999_ms", "max_ms"] {
+            if let (Some(x), Some(y)) = (ra[path]["latency"][q].as_f64(), rb[path]["latency"][q].as_f64()) {
+                out.push_str(&format!("{:<34} {x:>14.3} {y:>14.3} {:>9.3}\n", format!("{path} latency {q}"), y / x.max(1e-9)));
+            }
+        }
+    }
+    Ok(out)
+}
