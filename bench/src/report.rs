@@ -124,7 +124,11 @@ fn memory_bytes() -> u64 {
         .and_then(|m| {
             m.lines()
                 .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|k| k.parse::<u64>().ok()))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|k| k.parse::<u64>().ok())
+                })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -171,7 +175,11 @@ impl Report {
                 mongodb_server: versions.mongodb_server,
                 rabbitmq: versions.rabbitmq,
                 commit: commit(),
-                build: if cfg!(debug_assertions) { "debug".into() } else { "release".into() },
+                build: if cfg!(debug_assertions) {
+                    "debug".into()
+                } else {
+                    "release".into()
+                },
             },
             wall_s: wall.as_secs_f64(),
             batch,
@@ -214,7 +222,10 @@ impl Report {
             e.commit,
             e.build
         );
-        for (name, p, orig) in [("batch", &self.batch, ORIGINAL_BATCH_MS), ("stream", &self.stream, ORIGINAL_STREAM_MS)] {
+        for (name, p, orig) in [
+            ("batch", &self.batch, ORIGINAL_BATCH_MS),
+            ("stream", &self.stream, ORIGINAL_STREAM_MS),
+        ] {
             if let Some(p) = p {
                 let l = &p.latency;
                 s.push_str(&format!(
@@ -226,11 +237,17 @@ impl Report {
         }
         s.push_str("\nBatch latency: record read → stored. Stream latency: publish → stored, corrected for coordinated omission at the offered rate");
         if let Some(u) = self.stream.as_ref().and_then(|p| p.uncorrected.as_ref()) {
-            s.push_str(&format!(" (uncorrected p50 {:.2} ms, p99 {:.2} ms)", u.p50_ms, u.p99_ms));
+            s.push_str(&format!(
+                " (uncorrected p50 {:.2} ms, p99 {:.2} ms)",
+                u.p50_ms, u.p99_ms
+            ));
         }
         s.push_str(".\n");
         if let Some(f) = self.batch.as_ref().and_then(|p| p.per_file.as_ref()) {
-            s.push_str(&format!("\nPer file (ingest request → done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n", f.p50_ms, f.p99_ms, f.max_ms));
+            s.push_str(&format!(
+                "\nPer file (ingest request → done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",
+                f.p50_ms, f.p99_ms, f.max_ms
+            ));
         }
         if let (Some(c), Some(f)) = (&self.ceiling, self.batch_fraction_of_ceiling) {
             s.push_str(&format!(
@@ -248,17 +265,25 @@ impl Report {
         let (w, h, m) = (720.0, 400.0, 60.0);
         let mut paths = String::new();
         let mut max_ms: f64 = 1.0;
-        let series: Vec<(&str, &str, Vec<(f64, f64)>)> = [("batch", "#1f77b4", &self.batch), ("stream", "#d62728", &self.stream)]
-            .into_iter()
-            .filter_map(|(n, col, p)| {
-                let h = p.as_ref()?.histogram.as_ref()?;
-                let pts: Vec<(f64, f64)> = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999]
-                    .iter()
-                    .map(|q: &f64| ((1.0 / (1.0 - q)).log10(), h.value_at_quantile(*q) as f64 / 1000.0))
-                    .collect();
-                Some((n, col, pts))
-            })
-            .collect();
+        let series: Vec<(&str, &str, Vec<(f64, f64)>)> = [
+            ("batch", "#1f77b4", &self.batch),
+            ("stream", "#d62728", &self.stream),
+        ]
+        .into_iter()
+        .filter_map(|(n, col, p)| {
+            let h = p.as_ref()?.histogram.as_ref()?;
+            let pts: Vec<(f64, f64)> = [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999, 0.9999]
+                .iter()
+                .map(|q: &f64| {
+                    (
+                        (1.0 / (1.0 - q)).log10(),
+                        h.value_at_quantile(*q) as f64 / 1000.0,
+                    )
+                })
+                .collect();
+            Some((n, col, pts))
+        })
+        .collect();
         for (_, _, pts) in &series {
             for (_, v) in pts {
                 max_ms = max_ms.max(*v);
@@ -267,7 +292,10 @@ impl Report {
         let x = |lx: f64| m + lx / 4.0 * (w - 2.0 * m);
         let y = |v: f64| h - m - v / max_ms * (h - 2.0 * m);
         for (i, (name, col, pts)) in series.iter().enumerate() {
-            let d: Vec<String> = pts.iter().map(|(lx, v)| format!("{:.1},{:.1}", x(*lx), y(*v))).collect();
+            let d: Vec<String> = pts
+                .iter()
+                .map(|(lx, v)| format!("{:.1},{:.1}", x(*lx), y(*v)))
+                .collect();
             paths.push_str(&format!(
                 "<polyline fill=\"none\" stroke=\"{col}\" stroke-width=\"2\" points=\"{}\"/><text x=\"{}\" y=\"{}\" fill=\"{col}\">{name}</text>",
                 d.join(" "),
@@ -276,10 +304,25 @@ impl Report {
             ));
         }
         let mut axes = String::new();
-        for (lx, label) in [(0.0, "0%"), (1.0, "90%"), (2.0, "99%"), (3.0, "99.9%"), (4.0, "99.99%")] {
-            axes.push_str(&format!("<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>", x(lx), h - m + 20.0));
+        for (lx, label) in [
+            (0.0, "0%"),
+            (1.0, "90%"),
+            (2.0, "99%"),
+            (3.0, "99.9%"),
+            (4.0, "99.99%"),
+        ] {
+            axes.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+                x(lx),
+                h - m + 20.0
+            ));
         }
-        axes.push_str(&format!("<text x=\"{}\" y=\"{}\">{max_ms:.1} ms</text><text x=\"10\" y=\"{}\">0</text>", 5.0, m, h - m));
+        axes.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\">{max_ms:.1} ms</text><text x=\"10\" y=\"{}\">0</text>",
+            5.0,
+            m,
+            h - m
+        ));
         format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\"><rect width=\"100%\" height=\"100%\" fill=\"white\"/><text x=\"{m}\" y=\"25\" font-size=\"14\">{} — latency by percentile (ms)</text><line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>{axes}{paths}</svg>",
             self.scenario.name,
@@ -294,7 +337,9 @@ impl Report {
 /// A table of B/A ratios for the headline figures of two reports.
 pub fn compare(a: &Path, b: &Path) -> Result<String> {
     let load = |p: &Path| -> Result<serde_json::Value> {
-        Ok(serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)?)
+        Ok(serde_json::from_slice(&std::fs::read(p).with_context(
+            || format!("cannot read {}", p.display()),
+        )?)?)
     };
     let (ra, rb) = (load(a)?, load(b)?);
     let mut out = format!("{:<34} {:>14} {:>14} {:>9}\n", "figure", "A", "B", "B/A");
@@ -304,12 +349,23 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
             ("ms_per_ingestion", "ms per ingestion"),
         ] {
             if let (Some(x), Some(y)) = (ra[path][field].as_f64(), rb[path][field].as_f64()) {
-                out.push_str(&format!("{:<34} {x:>14.4} {y:>14.4} {:>9.3}\n", format!("{path} {label}"), y / x));
+                out.push_str(&format!(
+                    "{:<34} {x:>14.4} {y:>14.4} {:>9.3}\n",
+                    format!("{path} {label}"),
+                    y / x
+                ));
             }
         }
         for q in ["p50_ms", "p99_ms", "p999_ms", "max_ms"] {
-            if let (Some(x), Some(y)) = (ra[path]["latency"][q].as_f64(), rb[path]["latency"][q].as_f64()) {
-                out.push_str(&format!("{:<34} {x:>14.3} {y:>14.3} {:>9.3}\n", format!("{path} latency {q}"), y / x.max(1e-9)));
+            if let (Some(x), Some(y)) = (
+                ra[path]["latency"][q].as_f64(),
+                rb[path]["latency"][q].as_f64(),
+            ) {
+                out.push_str(&format!(
+                    "{:<34} {x:>14.3} {y:>14.3} {:>9.3}\n",
+                    format!("{path} latency {q}"),
+                    y / x.max(1e-9)
+                ));
             }
         }
     }

@@ -125,8 +125,10 @@ end
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut s: Scenario = toml::from_str(&text).with_context(|| format!("invalid scenario {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut s: Scenario = toml::from_str(&text)
+            .with_context(|| format!("invalid scenario {}", path.display()))?;
         if let Some(b) = &mut s.batch {
             let base = path.parent().unwrap_or(Path::new("."));
             b.dataset = base.join(&b.dataset);
@@ -143,7 +145,10 @@ impl Scenario {
             bail!("stream.messages, stream.rate and stream.per_request must be at least 1");
         }
         if s.platform.topology != "in-process" {
-            bail!("topology `{}` is not implemented: use in-process", s.platform.topology);
+            bail!(
+                "topology `{}` is not implemented: use in-process",
+                s.platform.topology
+            );
         }
         if !["none", "map"].contains(&s.tenants.app.as_str()) {
             bail!("tenants.app must be `none` or `map`");
@@ -189,8 +194,9 @@ fn hist() -> Histogram<u64> {
 /// Runs a scenario and writes its report under `out/<name>/<run-id>/`.
 pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let sc = Scenario::load(path)?;
-    let run_id = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::parse("[year][month][day]T[hour][minute][second]Z")?)?;
+    let run_id = time::OffsetDateTime::now_utc().format(&time::format_description::parse(
+        "[year][month][day]T[hour][minute][second]Z",
+    )?)?;
     let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
     let admin = format!("scenario-{:x}", rand_u32());
@@ -208,13 +214,9 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     ];
     let settings = Settings::load(None, &overrides)?;
     eprintln!("scenario {}: provisioning", sc.name);
-    let platform = mysimbdp::start(settings.clone(), mysimbdp::Component::All).await?;
+    let platform = mysimbdp::start(settings, mysimbdp::Component::All).await?;
     let versions = platform.versions.clone();
-    let mongodb_uri = if settings.mongodb.uri.is_empty() {
-        bail!("the workbench needs MONGODB_URI for its ceiling measurement");
-    } else {
-        settings.mongodb.uri.clone()
-    };
+    let mongodb_uri = platform.mongodb_uri.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -256,7 +258,16 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     eprintln!();
     // The ceiling: the same documents straight into the same server with the raw driver.
     let ceiling = match &sc.batch {
-        Some(b) => Some(raw_ceiling(&mongodb_uri, &ns, b, sc.platform.batch_size, &sc.platform.write_concern).await?),
+        Some(b) => Some(
+            raw_ceiling(
+                &mongodb_uri,
+                &ns,
+                b,
+                sc.platform.batch_size,
+                &sc.platform.write_concern,
+            )
+            .await?,
+        ),
         None => None,
     };
     let _ = stop_tx.send(());
@@ -275,7 +286,11 @@ fn rand_u32() -> u32 {
     (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
 }
 
-async fn run_batch(b: &BatchLoad, tenants: &[(String, Client)], deadline: Instant) -> Result<PathStats> {
+async fn run_batch(
+    b: &BatchLoad,
+    tenants: &[(String, Client)],
+    deadline: Instant,
+) -> Result<PathStats> {
     let files = Arc::new(make_files(&b.dataset, b.files, b.records_per_file)?);
     let total = u64::from(b.files) * u64::from(b.records_per_file) * tenants.len() as u64;
     let started = Instant::now();
@@ -304,7 +319,8 @@ async fn run_batch(b: &BatchLoad, tenants: &[(String, Client)], deadline: Instan
             match f["state"].as_str() {
                 Some("done") | Some("failed") => {
                     file_hist.saturating_record(t0.elapsed().as_micros() as u64);
-                    done_records += f["records_ok"].as_u64().unwrap_or(0) + f["records_duplicate"].as_u64().unwrap_or(0);
+                    done_records += f["records_ok"].as_u64().unwrap_or(0)
+                        + f["records_duplicate"].as_u64().unwrap_or(0);
                     failures += f["records_failed"].as_u64().unwrap_or(0);
                 }
                 _ => {
@@ -314,7 +330,12 @@ async fn run_batch(b: &BatchLoad, tenants: &[(String, Client)], deadline: Instan
             }
         }
         pending = still;
-        progress("batch records", done_records + failures + in_flight, total, started);
+        progress(
+            "batch records",
+            done_records + failures + in_flight,
+            total,
+            started,
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let elapsed = started.elapsed();
@@ -326,10 +347,21 @@ async fn run_batch(b: &BatchLoad, tenants: &[(String, Client)], deadline: Instan
             latency.saturating_record(e["latency_us"].as_u64().unwrap_or(0).max(1));
         }
     }
-    Ok(PathStats::new(done_records, failures, elapsed, latency, Some(file_hist), None))
+    Ok(PathStats::new(
+        done_records,
+        failures,
+        elapsed,
+        latency,
+        Some(file_hist),
+        None,
+    ))
 }
 
-async fn run_stream(s: &StreamLoad, tenants: &[(String, Client)], deadline: Instant) -> Result<PathStats> {
+async fn run_stream(
+    s: &StreamLoad,
+    tenants: &[(String, Client)],
+    deadline: Instant,
+) -> Result<PathStats> {
     let started = Instant::now();
     for (t, c) in tenants {
         c.stream_start(t, s.consumers).await?;
@@ -351,10 +383,19 @@ async fn run_stream(s: &StreamLoad, tenants: &[(String, Client)], deadline: Inst
                 tokio::time::sleep_until(t0 + interval * k).await;
                 let mut body = Vec::new();
                 for j in 0..per.min(total - k * per) {
-                    body.extend_from_slice(format!("{{\"seq\":{},\"v\":{},\"pad\":\"{pad}\"}}\n", k * per + j, j % 97).as_bytes());
+                    body.extend_from_slice(
+                        format!(
+                            "{{\"seq\":{},\"v\":{},\"pad\":\"{pad}\"}}\n",
+                            k * per + j,
+                            j % 97
+                        )
+                        .as_bytes(),
+                    );
                 }
                 let (c, t) = (c.clone(), t.clone());
-                inflight.push(tokio::spawn(async move { c.publish(&t, "reading", body).await }));
+                inflight.push(tokio::spawn(
+                    async move { c.publish(&t, "reading", body).await },
+                ));
             }
             for f in inflight {
                 f.await??;
@@ -375,7 +416,8 @@ async fn run_stream(s: &StreamLoad, tenants: &[(String, Client)], deadline: Inst
         for (t, c) in tenants {
             let r = c.stream_report(t).await?;
             for p in r["periods"].as_array().into_iter().flatten() {
-                stored += p["messages"].as_u64().unwrap_or(0) + p["duplicates"].as_u64().unwrap_or(0);
+                stored +=
+                    p["messages"].as_u64().unwrap_or(0) + p["duplicates"].as_u64().unwrap_or(0);
                 failed += p["failures"].as_u64().unwrap_or(0);
             }
         }
@@ -393,18 +435,34 @@ async fn run_stream(s: &StreamLoad, tenants: &[(String, Client)], deadline: Inst
         c.stream_stop(t).await?;
         let logs = c.logs(t, "").await?;
         let entries: Vec<serde_json::Value> = serde_json::from_slice(&logs.body)?;
-        for e in entries.iter().filter(|e| e["source"] == "stream" && e["status"] == "success") {
+        for e in entries
+            .iter()
+            .filter(|e| e["source"] == "stream" && e["status"] == "success")
+        {
             let v = e["latency_us"].as_u64().unwrap_or(0).max(1);
             raw.saturating_record(v);
             let _ = corrected.record_correct(v, expected);
         }
     }
-    Ok(PathStats::new(stored, failed, elapsed, corrected, None, Some(raw)))
+    Ok(PathStats::new(
+        stored,
+        failed,
+        elapsed,
+        corrected,
+        None,
+        Some(raw),
+    ))
 }
 
 /// The driver alone: the same documents (and as many log-sized documents, since the platform
 /// writes one log entry per record) bulk-inserted in batches of the same size.
-async fn raw_ceiling(uri: &str, ns: &str, b: &BatchLoad, batch: usize, wc: &str) -> Result<Ceiling> {
+async fn raw_ceiling(
+    uri: &str,
+    ns: &str,
+    b: &BatchLoad,
+    batch: usize,
+    wc: &str,
+) -> Result<Ceiling> {
     use mongodb::bson::{Document, doc};
     let files = make_files(&b.dataset, b.files.min(2), b.records_per_file)?;
     let mut docs: Vec<Document> = Vec::new();
@@ -433,12 +491,18 @@ async fn raw_ceiling(uri: &str, ns: &str, b: &BatchLoad, batch: usize, wc: &str)
     let n = docs.len();
     let started = Instant::now();
     for chunk in docs.chunks(batch) {
-        data.insert_many(chunk.to_vec()).ordered(false).write_concern(wc.clone()).await?;
+        data.insert_many(chunk.to_vec())
+            .ordered(false)
+            .write_concern(wc.clone())
+            .await?;
         let log: Vec<Document> = chunk
             .iter()
             .map(|_| doc! {"timestamp": mongodb::bson::DateTime::now(), "tenant": "raw", "status": "success", "bytes": 200_i64})
             .collect();
-        logs.insert_many(log).ordered(false).write_concern(wc.clone()).await?;
+        logs.insert_many(log)
+            .ordered(false)
+            .write_concern(wc.clone())
+            .await?;
     }
     let elapsed = started.elapsed();
     let _ = db.drop().await;

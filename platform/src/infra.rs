@@ -132,7 +132,9 @@ pub async fn mongodb_version(uri: &str, timeout: Duration) -> Result<(String, St
                 if let Some(first) = name.get_mut(0..1) {
                     first.make_ascii_uppercase();
                 }
-                Some(format!("{name} {s} (MongoDB-compatible, reports MongoDB {version})"))
+                Some(format!(
+                    "{name} {s} (MongoDB-compatible, reports MongoDB {version})"
+                ))
             }
             _ => None,
         })

@@ -58,6 +58,8 @@ pub struct Platform {
     pub stream: Option<Arc<StreamManager>>,
     pub metrics: Arc<Metrics>,
     pub versions: ServerVersions,
+    /// Where MongoDB is (given or provisioned), for tools that measure the raw server.
+    pub mongodb_uri: String,
     pub component: Component,
     in_flight: tokio::sync::Semaphore,
     shutdown: CancellationToken,
@@ -151,6 +153,7 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
         stream,
         metrics,
         versions: infra.versions.clone(),
+        mongodb_uri: infra.mongodb_uri.clone(),
         component,
         shutdown: shutdown.clone(),
         tasks: std::sync::Mutex::new(Vec::new()),

@@ -7,7 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "mysimbdp workbench: scenarios, latency reports, comparisons")]
+#[command(
+    version,
+    about = "mysimbdp workbench: scenarios, latency reports, comparisons"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -59,7 +62,9 @@ async fn run(cli: Cli) -> Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {

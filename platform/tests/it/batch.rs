@@ -9,7 +9,10 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
     let app = TestApp::spawn().await;
     let (t, c) = app.tenant("water").await;
     let body = std::fs::read(water_quality()).expect("dataset");
-    let staged = c.upload_file(&t, "water-quality-10k.csv", body).await.expect("stage");
+    let staged = c
+        .upload_file(&t, "water-quality-10k.csv", body)
+        .await
+        .expect("stage");
     assert_eq!(staged["state"], "staged");
     assert_eq!(staged["collection"], "water-quality-10k");
     let r = c.ingest(&t, "water-quality-10k.csv").await.expect("ingest");
@@ -18,10 +21,24 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .wait_for_file(&t, "water-quality-10k.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!((f["state"].as_str(), f["records_ok"].as_u64(), f["records_failed"].as_u64()), (Some("done"), Some(9999), Some(0)), "{f}");
+    assert_eq!(
+        (
+            f["state"].as_str(),
+            f["records_ok"].as_u64(),
+            f["records_failed"].as_u64()
+        ),
+        (Some("done"), Some(9999), Some(0)),
+        "{f}"
+    );
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
-    let doc = &c.documents(&t, "water-quality-10k", 1, 0).await.expect("docs")["documents"][0];
-    assert!(doc["sample.samplingPoint.notation"].is_string(), "dotted headers are kept: {doc}");
+    let doc = &c
+        .documents(&t, "water-quality-10k", 1, 0)
+        .await
+        .expect("docs")["documents"][0];
+    assert!(
+        doc["sample.samplingPoint.notation"].is_string(),
+        "dotted headers are kept: {doc}"
+    );
     assert_eq!(app.logs(&c, &t, "status=success").await.len(), 9999);
 
     c.ingest(&t, "water-quality-10k.csv").await.expect("again");
@@ -29,7 +46,11 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .wait_for_file(&t, "water-quality-10k.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!((f["records_ok"].as_u64(), f["records_duplicate"].as_u64()), (Some(0), Some(9999)), "{f}");
+    assert_eq!(
+        (f["records_ok"].as_u64(), f["records_duplicate"].as_u64()),
+        (Some(0), Some(9999)),
+        "{f}"
+    );
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
 }
 
@@ -42,18 +63,47 @@ async fn bad_uploads_get_the_right_status_and_leave_nothing_staged() {
         .await
         .expect("limits");
     let big = vec![b'a'; 5000];
-    let e = c.upload_file(&t, "big.csv", big).await.expect_err("too large");
+    let e = c
+        .upload_file(&t, "big.csv", big)
+        .await
+        .expect_err("too large");
     assert_eq!(e.status(), Some(reqwest::StatusCode::PAYLOAD_TOO_LARGE));
-    let e = c.upload_file(&t, "x.json", "[]").await.expect_err("json not accepted");
-    assert_eq!(e.status(), Some(reqwest::StatusCode::UNSUPPORTED_MEDIA_TYPE));
-    let e = c.upload_file(&t, "x.parquet", "x").await.expect_err("unknown format");
-    assert_eq!(e.status(), Some(reqwest::StatusCode::UNSUPPORTED_MEDIA_TYPE));
-    for hostile in ["..%2F..%2Fetc%2Fpasswd.csv", ".hidden.csv", "a..b.csv", "%2Fetc%2Fx.csv"] {
+    let e = c
+        .upload_file(&t, "x.json", "[]")
+        .await
+        .expect_err("json not accepted");
+    assert_eq!(
+        e.status(),
+        Some(reqwest::StatusCode::UNSUPPORTED_MEDIA_TYPE)
+    );
+    let e = c
+        .upload_file(&t, "x.parquet", "x")
+        .await
+        .expect_err("unknown format");
+    assert_eq!(
+        e.status(),
+        Some(reqwest::StatusCode::UNSUPPORTED_MEDIA_TYPE)
+    );
+    for hostile in [
+        "..%2F..%2Fetc%2Fpasswd.csv",
+        ".hidden.csv",
+        "a..b.csv",
+        "%2Fetc%2Fx.csv",
+    ] {
         let r = c
-            .raw(Method::PUT, &format!("/v1/tenants/{t}/files/{hostile}"), None, "a\n1\n")
+            .raw(
+                Method::PUT,
+                &format!("/v1/tenants/{t}/files/{hostile}"),
+                None,
+                "a\n1\n",
+            )
             .await
             .expect("answer");
-        assert!(r.status == 400 || r.status == 404, "{hostile}: {}", r.status);
+        assert!(
+            r.status == 400 || r.status == 404,
+            "{hostile}: {}",
+            r.status
+        );
     }
     let tenant_dir = app.staging.join(&t);
     let leftovers: Vec<_> = std::fs::read_dir(&tenant_dir)
@@ -62,9 +112,14 @@ async fn bad_uploads_get_the_right_status_and_leave_nothing_staged() {
     assert!(leftovers.is_empty(), "nothing staged: {leftovers:?}");
     c.upload_file(&t, "a.csv", "a\n1\n").await.expect("1st");
     c.upload_file(&t, "b.csv", "a\n1\n").await.expect("2nd");
-    let e = c.upload_file(&t, "c.csv", "a\n1\n").await.expect_err("over the file count");
+    let e = c
+        .upload_file(&t, "c.csv", "a\n1\n")
+        .await
+        .expect_err("over the file count");
     assert_eq!(e.status(), Some(reqwest::StatusCode::TOO_MANY_REQUESTS));
-    c.upload_file(&t, "a.csv", "a\n2\n").await.expect("replacing a staged file is allowed");
+    c.upload_file(&t, "a.csv", "a\n2\n")
+        .await
+        .expect("replacing a staged file is allowed");
     let e = c.ingest(&t, "nothere.csv").await.expect_err("not staged");
     assert_eq!(e.status(), Some(reqwest::StatusCode::NOT_FOUND));
 }
@@ -79,23 +134,45 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
     let csv = bytes;
     c.upload_file(&t, "rows.csv", csv).await.expect("stage");
     c.ingest(&t, "rows.csv").await.expect("ingest");
-    let f = c.wait_for_file(&t, "rows.csv", Duration::from_secs(60)).await.expect("status");
+    let f = c
+        .wait_for_file(&t, "rows.csv", Duration::from_secs(60))
+        .await
+        .expect("status");
     assert_eq!(f["state"], "done");
     let failures = app.logs(&c, &t, "status=failure").await;
-    let reasons: Vec<&str> = failures.iter().filter_map(|e| e["reason"].as_str()).collect();
-    assert!(reasons.iter().any(|r| r.starts_with("line 3: expected 2 fields")), "{reasons:?}");
+    let reasons: Vec<&str> = failures
+        .iter()
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("line 3: expected 2 fields")),
+        "{reasons:?}"
+    );
     assert!(f["records_ok"].as_u64().expect("ok count") >= 1);
     assert_eq!(
         f["records_ok"].as_u64().expect("ok") + f["records_failed"].as_u64().expect("failed"),
         f["next_record"].as_u64().expect("records")
     );
 
-    c.upload_file(&t, "lines.ndjson", "{\"a\":1}\n{\"a\":\n{\"a\":3}\n\"just a string\"\n")
-        .await
-        .expect("stage");
+    c.upload_file(
+        &t,
+        "lines.ndjson",
+        "{\"a\":1}\n{\"a\":\n{\"a\":3}\n\"just a string\"\n",
+    )
+    .await
+    .expect("stage");
     c.ingest(&t, "lines.ndjson").await.expect("ingest");
-    let f = c.wait_for_file(&t, "lines.ndjson", Duration::from_secs(60)).await.expect("status");
-    assert_eq!((f["records_ok"].as_u64(), f["records_failed"].as_u64()), (Some(2), Some(2)), "{f}");
+    let f = c
+        .wait_for_file(&t, "lines.ndjson", Duration::from_secs(60))
+        .await
+        .expect("status");
+    assert_eq!(
+        (f["records_ok"].as_u64(), f["records_failed"].as_u64()),
+        (Some(2), Some(2)),
+        "{f}"
+    );
     assert_eq!(app.count(&t, "lines").await, 2);
 }
 
@@ -118,7 +195,10 @@ async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_docume
     assert!(before < 9999, "killed mid-file, {before} documents stored");
     let app = app.restart().await;
     let c = app.admin.clone();
-    let f = c.wait_for_file(&t, "wq.csv", Duration::from_secs(180)).await.expect("status");
+    let f = c
+        .wait_for_file(&t, "wq.csv", Duration::from_secs(180))
+        .await
+        .expect("status");
     assert_eq!(f["state"], "done", "{f}");
     assert_eq!(app.count(&t, "wq").await, 9999);
 }

@@ -13,13 +13,22 @@ async fn tenants_are_created_read_and_modified_with_clear_errors() {
     let p = alice.tenant(&name).await.expect("own profile");
     assert_eq!(p["database"], format!("{}tenant_alice", app.namespace));
     assert_eq!(p["constraints"]["max_staged_files"], 100);
-    assert!(p.get("token_sha256").is_none(), "the token hash never leaves coredms");
+    assert!(
+        p.get("token_sha256").is_none(),
+        "the token hash never leaves coredms"
+    );
 
     let p = alice
-        .patch_tenant(&name, &json!({"description": "water data", "auto_ingest": true}))
+        .patch_tenant(
+            &name,
+            &json!({"description": "water data", "auto_ingest": true}),
+        )
         .await
         .expect("tenant edits its profile");
-    assert_eq!((p["description"].as_str(), p["auto_ingest"].as_bool()), (Some("water data"), Some(true)));
+    assert_eq!(
+        (p["description"].as_str(), p["auto_ingest"].as_bool()),
+        (Some("water data"), Some(true))
+    );
     let e = alice
         .patch_tenant(&name, &json!({"max_file_bytes": 1}))
         .await
@@ -32,21 +41,42 @@ async fn tenants_are_created_read_and_modified_with_clear_errors() {
         .expect("admin changes limits");
     assert_eq!(p["constraints"]["max_file_bytes"], 1024);
 
-    let e = app.admin.create_tenant("alice", json!({})).await.expect_err("duplicate");
+    let e = app
+        .admin
+        .create_tenant("alice", json!({}))
+        .await
+        .expect_err("duplicate");
     assert_eq!(e.status(), Some(reqwest::StatusCode::CONFLICT));
-    let e = app.admin.create_tenant("Bad/Name", json!({})).await.expect_err("invalid");
+    let e = app
+        .admin
+        .create_tenant("Bad/Name", json!({}))
+        .await
+        .expect_err("invalid");
     assert_eq!(e.status(), Some(reqwest::StatusCode::BAD_REQUEST));
     assert!(e.to_string().contains("[a-z0-9][a-z0-9_-]{0,31}"), "{e}");
-    let e = alice.create_tenant("bob", json!({})).await.expect_err("tenants cannot create tenants");
+    let e = alice
+        .create_tenant("bob", json!({}))
+        .await
+        .expect_err("tenants cannot create tenants");
     assert_eq!(e.status(), Some(reqwest::StatusCode::FORBIDDEN));
 
     let bad = app
         .admin
-        .raw(Method::POST, "/v1/tenants", Some("application/json"), "{not json")
+        .raw(
+            Method::POST,
+            "/v1/tenants",
+            Some("application/json"),
+            "{not json",
+        )
         .await
         .expect("answer");
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["error"].as_str().expect("json error").contains("invalid JSON"));
+    assert!(
+        bad.json()["error"]
+            .as_str()
+            .expect("json error")
+            .contains("invalid JSON")
+    );
     let wrong_type = app
         .admin
         .raw(Method::POST, "/v1/tenants", Some("text/plain"), "{}")
@@ -63,7 +93,9 @@ async fn concurrent_creation_of_one_name_yields_exactly_one_tenant() {
     let created = results.iter().filter(|r| r.is_ok()).count();
     let conflicts = results
         .iter()
-        .filter(|r| r.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::CONFLICT))
+        .filter(|r| {
+            r.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::CONFLICT)
+        })
         .count();
     assert_eq!((created, conflicts), (1, 7));
 }
@@ -72,9 +104,13 @@ async fn concurrent_creation_of_one_name_yields_exactly_one_tenant() {
 async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() {
     let app = TestApp::spawn().await;
     let (name, alice) = app.tenant("bulk").await;
-    let store = MongoStore::connect(&app.settings.mongodb.uri, &app.settings.mongodb, &app.namespace)
-        .await
-        .expect("store");
+    let store = MongoStore::connect(
+        &app.settings.mongodb.uri,
+        &app.settings.mongodb,
+        &app.namespace,
+    )
+    .await
+    .expect("store");
     let tenant = TenantName::parse(&name).expect("valid");
     let write = BulkWrite {
         tenant: tenant.clone(),
@@ -85,7 +121,10 @@ async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() 
             .map(|i| DocWrite {
                 id: doc_id("feed", i, 0),
                 collection: "items".into(),
-                doc: json!({"i": i, "s": format!("item {i}")}).as_object().cloned().expect("object"),
+                doc: json!({"i": i, "s": format!("item {i}")})
+                    .as_object()
+                    .cloned()
+                    .expect("object"),
                 bytes: 20,
                 started_us: now_us(),
                 data_name: None,
@@ -100,9 +139,18 @@ async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() 
     assert_eq!(app.count(&name, "items").await, 10_000);
     let logs = app.logs(&alice, &name, "").await;
     assert_eq!(logs.len(), 20_000);
-    assert_eq!(logs.iter().filter(|e| e["status"] == "success").count(), 10_000);
-    assert_eq!(logs.iter().filter(|e| e["status"] == "duplicate").count(), 10_000);
-    let docs = alice.documents(&name, "items", 5, 0).await.expect("read back");
+    assert_eq!(
+        logs.iter().filter(|e| e["status"] == "success").count(),
+        10_000
+    );
+    assert_eq!(
+        logs.iter().filter(|e| e["status"] == "duplicate").count(),
+        10_000
+    );
+    let docs = alice
+        .documents(&name, "items", 5, 0)
+        .await
+        .expect("read back");
     assert_eq!(docs["total"], 10_000);
     assert_eq!(docs["documents"].as_array().expect("array").len(), 5);
 }
@@ -120,35 +168,60 @@ async fn another_tenant_sees_nothing_and_names_do_not_leak() {
         (Method::GET, format!("/v1/tenants/{a}")),
         (Method::PATCH, format!("/v1/tenants/{a}")),
         (Method::GET, format!("/v1/tenants/{a}/logs")),
-        (Method::GET, format!("/v1/tenants/{a}/collections/x/documents")),
+        (
+            Method::GET,
+            format!("/v1/tenants/{a}/collections/x/documents"),
+        ),
         (Method::GET, format!("/v1/tenants/{a}/files")),
         (Method::GET, format!("/v1/tenants/{a}/files/x.ndjson")),
         (Method::PUT, format!("/v1/tenants/{a}/files/y.ndjson")),
-        (Method::POST, format!("/v1/tenants/{a}/files/x.ndjson/ingest")),
+        (
+            Method::POST,
+            format!("/v1/tenants/{a}/files/x.ndjson/ingest"),
+        ),
         (Method::PUT, format!("/v1/tenants/{a}/apps/batch")),
         (Method::POST, format!("/v1/tenants/{a}/messages")),
         (Method::POST, format!("/v1/tenants/{a}/stream/start")),
         (Method::GET, format!("/v1/tenants/{a}/stream/report")),
     ];
     let nobody = app.admin.with_token(None);
-    let forged = app.admin.with_token(Some("msb_0000000000000000000000000000000000000000000000000000000000000000"));
+    let forged = app.admin.with_token(Some(
+        "msb_0000000000000000000000000000000000000000000000000000000000000000",
+    ));
     for (m, path) in &paths {
-        let r = bob.raw(m.clone(), path, Some("application/json"), "{}").await.expect("answer");
+        let r = bob
+            .raw(m.clone(), path, Some("application/json"), "{}")
+            .await
+            .expect("answer");
         assert_eq!(r.status, 404, "bob on {m} {path}");
         let missing = path.replace(&format!("/{a}"), "/nosuchtenant");
-        let r2 = bob.raw(m.clone(), &missing, Some("application/json"), "{}").await.expect("answer");
+        let r2 = bob
+            .raw(m.clone(), &missing, Some("application/json"), "{}")
+            .await
+            .expect("answer");
         assert_eq!(r2.status, 404, "bob on {m} {missing}");
         assert_eq!(
             r.json()["error"].as_str().map(|s| s.replace(&a, "T")),
-            r2.json()["error"].as_str().map(|s| s.replace("nosuchtenant", "T")),
+            r2.json()["error"]
+                .as_str()
+                .map(|s| s.replace("nosuchtenant", "T")),
             "the answer for an existing tenant is the same as for none"
         );
-        let r = nobody.raw(m.clone(), path, Some("application/json"), "{}").await.expect("answer");
+        let r = nobody
+            .raw(m.clone(), path, Some("application/json"), "{}")
+            .await
+            .expect("answer");
         assert_eq!(r.status, 401, "no token on {m} {path}");
-        let r = forged.raw(m.clone(), path, Some("application/json"), "{}").await.expect("answer");
+        let r = forged
+            .raw(m.clone(), path, Some("application/json"), "{}")
+            .await
+            .expect("answer");
         assert_eq!(r.status, 401, "forged token on {m} {path}");
     }
-    let e = bob.summary("").await.expect_err("analytics are the admin's");
+    let e = bob
+        .summary("")
+        .await
+        .expect_err("analytics are the admin's");
     assert_eq!(e.status(), Some(reqwest::StatusCode::FORBIDDEN));
 }
 
@@ -157,26 +230,45 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
     let app = TestApp::spawn().await;
     let (a, alice) = app.tenant("alice").await;
     let (b, bob) = app.tenant("bob").await;
-    alice.upload_file(&a, "a.ndjson", "{\"v\":1}\n{\"v\":2}\nnot json\n").await.expect("stage");
-    bob.upload_file(&b, "b.ndjson", "{\"v\":1}\n").await.expect("stage");
+    alice
+        .upload_file(&a, "a.ndjson", "{\"v\":1}\n{\"v\":2}\nnot json\n")
+        .await
+        .expect("stage");
+    bob.upload_file(&b, "b.ndjson", "{\"v\":1}\n")
+        .await
+        .expect("stage");
     alice.ingest(&a, "a.ndjson").await.expect("ingest");
     bob.ingest(&b, "b.ndjson").await.expect("ingest");
     for (c, t, f) in [(&alice, &a, "a.ndjson"), (&bob, &b, "b.ndjson")] {
-        let s = c.wait_for_file(t, f, std::time::Duration::from_secs(60)).await.expect("status");
+        let s = c
+            .wait_for_file(t, f, std::time::Duration::from_secs(60))
+            .await
+            .expect("status");
         assert_eq!(s["state"], "done", "{s}");
     }
     let r = alice.logs(&a, "").await.expect("download");
-    let cd = r.headers.get("content-disposition").expect("attachment header");
+    let cd = r
+        .headers
+        .get("content-disposition")
+        .expect("attachment header");
     assert!(cd.to_str().expect("ascii").starts_with("attachment"));
     let entries: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("JSON");
     assert_eq!(entries.len(), 3);
     assert!(entries.iter().all(|e| e["tenant"] == a.as_str()));
     let failures = app.logs(&alice, &a, "status=failure").await;
     assert_eq!(failures.len(), 1);
-    assert!(failures[0]["reason"].as_str().expect("reason").starts_with("line 3: invalid JSON"));
+    assert!(
+        failures[0]["reason"]
+            .as_str()
+            .expect("reason")
+            .starts_with("line 3: invalid JSON")
+    );
     let none = app.logs(&alice, &a, "since=2999-01-01T00:00:00Z").await;
     assert!(none.is_empty());
-    let bad = alice.logs(&a, "since=yesterday").await.expect_err("bad time");
+    let bad = alice
+        .logs(&a, "since=yesterday")
+        .await
+        .expect_err("bad time");
     assert_eq!(bad.status(), Some(reqwest::StatusCode::BAD_REQUEST));
 
     let s = app.admin.summary("bucket_s=3600").await.expect("summary");
@@ -188,5 +280,12 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
             .map(|g| g["count"].as_u64().unwrap_or(0))
             .sum()
     };
-    assert_eq!((count(&a, "success"), count(&a, "failure"), count(&b, "success")), (2, 1, 1));
+    assert_eq!(
+        (
+            count(&a, "success"),
+            count(&a, "failure"),
+            count(&b, "success")
+        ),
+        (2, 1, 1)
+    );
 }

@@ -1,7 +1,9 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions,
+};
 use lapin::types::FieldTable;
 use mongodb::bson::doc;
 
@@ -23,7 +25,11 @@ async fn platform_answers_health_and_metrics_and_knows_server_versions() {
         .expect("metrics");
     assert!(String::from_utf8_lossy(&m.body).contains("# TYPE mysimbdp_ingested_total counter"));
     assert!(!app.versions.mongodb.is_empty() && app.versions.mongodb != "unknown");
-    assert!(app.versions.rabbitmq.contains("RabbitMQ"), "{:?}", app.versions);
+    assert!(
+        app.versions.rabbitmq.contains("RabbitMQ"),
+        "{:?}",
+        app.versions
+    );
     let nf = app
         .admin
         .raw(reqwest::Method::GET, "/nope", None, Vec::new())
@@ -41,16 +47,21 @@ async fn the_mongodb_server_stores_and_returns_a_document() {
         .await
         .database(&format!("{}probe", app.namespace))
         .collection::<mongodb::bson::Document>("probe");
-    coll.insert_one(doc! {"_id": "x", "n": 42}).await.expect("insert");
-    let back = coll.find_one(doc! {"_id": "x"}).await.expect("find").expect("found");
+    coll.insert_one(doc! {"_id": "x", "n": 42})
+        .await
+        .expect("insert");
+    let back = coll
+        .find_one(doc! {"_id": "x"})
+        .await
+        .expect("find")
+        .expect("found");
     assert_eq!(back.get_i32("n").expect("n"), 42);
 }
 
 #[tokio::test]
 async fn rabbitmq_delivers_a_published_message() {
-    let uri = std::env::var("AMQP_URI").unwrap_or_else(|_| {
-        panic!("set AMQP_URI: {}", mysimbdp::infra::HOW_TO_PROVIDE)
-    });
+    let uri = std::env::var("AMQP_URI")
+        .unwrap_or_else(|_| panic!("set AMQP_URI: {}", mysimbdp::infra::HOW_TO_PROVIDE));
     let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
         .await
         .expect("connect");
@@ -66,11 +77,22 @@ async fn rabbitmq_delivers_a_published_message() {
     )
     .await
     .expect("declare");
-    ch.basic_publish("".into(), q.as_str().into(), BasicPublishOptions::default(), b"hello", Default::default())
-        .await
-        .expect("publish");
+    ch.basic_publish(
+        "".into(),
+        q.as_str().into(),
+        BasicPublishOptions::default(),
+        b"hello",
+        Default::default(),
+    )
+    .await
+    .expect("publish");
     let mut c = ch
-        .basic_consume(q.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            q.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume");
     let d = tokio::time::timeout(Duration::from_secs(10), c.next())
@@ -99,8 +121,15 @@ async fn serve_without_infrastructure_fails_fast_and_says_how_to_fix_it() {
         .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MONGODB_URI") && err.contains("Docker"), "{err}");
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+    assert!(
+        err.contains("MONGODB_URI") && err.contains("Docker"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
@@ -112,14 +141,23 @@ fn docker_compose_file_is_valid_and_binds_to_localhost() {
     for name in ["mongodb", "rabbitmq", "platform"] {
         let s = &v["services"][name];
         assert!(s.is_mapping(), "service {name} missing");
-        assert!(s["healthcheck"]["test"].is_sequence(), "{name} has no healthcheck");
+        assert!(
+            s["healthcheck"]["test"].is_sequence(),
+            "{name} has no healthcheck"
+        );
         for p in s["ports"].as_sequence().expect("ports") {
             let p = p.as_str().expect("port string");
-            assert!(p.starts_with("127.0.0.1:"), "{name} port {p} is not bound to localhost");
+            assert!(
+                p.starts_with("127.0.0.1:"),
+                "{name} port {p} is not bound to localhost"
+            );
         }
     }
     assert_eq!(services.len(), 3);
-    assert_eq!(v["services"]["platform"]["build"]["dockerfile"].as_str(), Some("Dockerfile"));
+    assert_eq!(
+        v["services"]["platform"]["build"]["dockerfile"].as_str(),
+        Some("Dockerfile")
+    );
     assert!(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../Dockerfile")

@@ -38,7 +38,12 @@ impl TestApp {
     pub async fn spawn_with(overrides: &[&str]) -> Self {
         let ns = unique("t");
         let staging = std::env::temp_dir().join(format!("mysimbdp-it-{ns}"));
-        Self::start(ns + "_", staging, overrides.iter().map(|s| (*s).to_owned()).collect()).await
+        Self::start(
+            ns + "_",
+            staging,
+            overrides.iter().map(|s| (*s).to_owned()).collect(),
+        )
+        .await
     }
 
     async fn start(namespace: String, staging: PathBuf, overrides: Vec<String>) -> Self {
@@ -155,7 +160,8 @@ impl TestApp {
     /// The tenant's downloaded log, parsed.
     pub async fn logs(&self, client: &Client, tenant: &str, query: &str) -> Vec<serde_json::Value> {
         let r = client.logs(tenant, query).await.expect("log download");
-        serde_json::from_slice::<Vec<serde_json::Value>>(&r.body).expect("the log file is a JSON array")
+        serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
+            .expect("the log file is a JSON array")
     }
 }
 

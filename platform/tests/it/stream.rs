@@ -20,8 +20,15 @@ async fn distinct_seqs(app: &TestApp, tenant: &str) -> (u64, u64) {
         .await
         .database(&format!("{}tenant_{tenant}", app.namespace))
         .collection::<mongodb::bson::Document>("messages");
-    let total = coll.count_documents(mongodb::bson::doc! {}).await.expect("count");
-    let distinct = coll.distinct("seq", mongodb::bson::doc! {}).await.expect("distinct").len() as u64;
+    let total = coll
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .expect("count");
+    let distinct = coll
+        .distinct("seq", mongodb::bson::doc! {})
+        .await
+        .expect("distinct")
+        .len() as u64;
     (total, distinct)
 }
 
@@ -52,7 +59,12 @@ async fn ten_thousand_messages_published_before_any_consumer_are_all_stored_once
         .map(|p| p["messages"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(total, 10_000);
-    assert!(report["periods"][0]["avg_ingestion_ms"].as_f64().unwrap_or(0.0) > 0.0);
+    assert!(
+        report["periods"][0]["avg_ingestion_ms"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0
+    );
     c.stream_stop(&t).await.expect("stop");
 }
 
@@ -98,10 +110,27 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
     assert!(failures);
     let logs = app.logs(&c, &t, "status=failure").await;
     let reasons: Vec<&str> = logs.iter().filter_map(|e| e["reason"].as_str()).collect();
-    assert_eq!(reasons.iter().filter(|r| r.starts_with("invalid JSON message")).count(), 6, "{reasons:?}");
-    assert_eq!(reasons.iter().filter(|r| r.contains("cannot handle throw")).count(), 6, "{reasons:?}");
     assert_eq!(
-        reasons.iter().filter(|r| r.contains("time limit") || r.contains("instruction budget")).count(),
+        reasons
+            .iter()
+            .filter(|r| r.starts_with("invalid JSON message"))
+            .count(),
+        6,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("cannot handle throw"))
+            .count(),
+        6,
+        "{reasons:?}"
+    );
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("time limit") || r.contains("instruction budget"))
+            .count(),
         6,
         "{reasons:?}"
     );
@@ -116,17 +145,26 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
     let ch = conn.create_channel().await.expect("channel");
     let dlq = format!("{}mysimbdp.{t}.dlq", app.namespace);
     let mut consumer = ch
-        .basic_consume(dlq.as_str().into(), "".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            dlq.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("consume dlq");
     let mut dead = 0;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await {
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
         let reason = d
             .properties
             .headers()
             .as_ref()
             .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned());
-        assert!(matches!(reason, Some(AMQPValue::LongString(_))), "dead letter without a reason");
+        assert!(
+            matches!(reason, Some(AMQPValue::LongString(_))),
+            "dead letter without a reason"
+        );
         d.ack(BasicAckOptions::default()).await.expect("ack");
         dead += 1;
     }
@@ -137,7 +175,9 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
 async fn a_consumer_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     let app = TestApp::spawn_with(&["stream.batch_size=100"]).await;
     let (t, c) = app.tenant("crash").await;
-    c.publish(&t, "reading", ndjson(0, 6000)).await.expect("publish");
+    c.publish(&t, "reading", ndjson(0, 6000))
+        .await
+        .expect("publish");
     c.stream_start(&t, 1).await.expect("start");
     let progressed = eventually(Duration::from_secs(60), || async {
         app.count(&t, "messages").await >= 500
@@ -150,7 +190,9 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     assert!(before < 6000, "killed mid-stream with {before} stored");
     let app = app.restart().await;
     let c = app.admin.clone();
-    c.publish(&t, "reading", ndjson(6000, 7000)).await.expect("publish after restart");
+    c.publish(&t, "reading", ndjson(6000, 7000))
+        .await
+        .expect("publish after restart");
     c.stream_start(&t, 2).await.expect("restart consumers");
     let all = eventually(Duration::from_secs(120), || async {
         app.count(&t, "messages").await >= 7000
@@ -167,24 +209,49 @@ async fn publishing_checks_type_size_and_emptiness() {
     let app = TestApp::spawn_with(&["stream.max_message_bytes=100"]).await;
     let (t, c) = app.tenant("pub").await;
     let r = c
-        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("text/csv"), "a,b")
+        .raw(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{t}/messages"),
+            Some("text/csv"),
+            "a,b",
+        )
         .await
         .expect("answer");
     assert_eq!(r.status, 415);
     let r = c
-        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("application/json"), "")
+        .raw(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{t}/messages"),
+            Some("application/json"),
+            "",
+        )
         .await
         .expect("answer");
     assert_eq!(r.status, 400);
     let big = format!("{{\"x\":\"{}\"}}", "y".repeat(200));
     let r = c
-        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages"), Some("application/json"), big)
+        .raw(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{t}/messages"),
+            Some("application/json"),
+            big,
+        )
         .await
         .expect("answer");
     assert_eq!(r.status, 413);
-    assert!(r.json()["error"].as_str().unwrap_or("").contains("100 bytes limit"));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("100 bytes limit")
+    );
     let r = c
-        .raw(reqwest::Method::POST, &format!("/v1/tenants/{t}/messages?data_name=one"), Some("application/json"), "{\"a\":1}")
+        .raw(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{t}/messages?data_name=one"),
+            Some("application/json"),
+            "{\"a\":1}",
+        )
         .await
         .expect("answer");
     assert_eq!(r.status, 202);
