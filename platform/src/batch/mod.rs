@@ -95,15 +95,16 @@ impl Scheduler {
     fn push(&self, job: Job) {
         if let Ok(mut g) = self.inner.lock() {
             let (order, queues) = &mut *g;
-            let q = queues.entry(job.tenant.clone()).or_default();
-            if q.is_empty() && !order.contains(&job.tenant) {
-                order.push_back(job.tenant.clone());
+            let t = job.tenant.clone();
+            queues.entry(t.clone()).or_default().push_back(job);
+            if !order.contains(&t) {
+                order.push_back(t);
             }
-            q.push_back(job);
         }
         self.notify.notify_one();
     }
 
+    /// The next job of the next tenant in turn; a tenant with more jobs goes to the back.
     fn pop(&self) -> Option<Job> {
         let mut g = self.inner.lock().ok()?;
         let (order, queues) = &mut *g;
@@ -113,6 +114,8 @@ impl Scheduler {
             {
                 if q.is_empty() {
                     queues.remove(&t);
+                } else {
+                    order.push_back(t);
                 }
                 return Some(job);
             }
@@ -480,5 +483,66 @@ pub async fn write_with_retry(
             }
             Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(tenant: &str, name: &str) -> Job {
+        Job {
+            record: FileRecord {
+                tenant: tenant.into(),
+                name: name.into(),
+                format: Format::Csv,
+                bytes: 0,
+                sha256: String::new(),
+                state: FileState::Ingesting,
+                collection: "c".into(),
+                records_ok: 0,
+                records_failed: 0,
+                records_duplicate: 0,
+                next_record: 0,
+                error: None,
+                app_version: None,
+                staged_at: String::new(),
+                updated_at: String::new(),
+            },
+            tenant: TenantName::parse(tenant).expect("valid"),
+            source: None,
+            app: None,
+            started: false,
+        }
+    }
+
+    fn order(s: &Scheduler) -> Vec<String> {
+        std::iter::from_fn(|| s.pop())
+            .map(|j| j.record.name)
+            .collect()
+    }
+
+    #[test]
+    fn every_queued_job_of_one_tenant_is_served() {
+        let s = Scheduler::default();
+        for n in ["a1", "a2", "a3"] {
+            s.push(job("a", n));
+        }
+        assert_eq!(order(&s), ["a1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn tenants_take_turns_so_a_busy_one_does_not_starve_the_others() {
+        let s = Scheduler::default();
+        for n in ["a1", "a2", "a3"] {
+            s.push(job("a", n));
+        }
+        s.push(job("b", "b1"));
+        s.push(job("c", "c1"));
+        let first = s.pop().expect("a job");
+        assert_eq!(first.record.name, "a1");
+        // A slice of a1 ran; it goes back in line behind the other tenants.
+        s.push(first);
+        assert_eq!(order(&s), ["b1", "c1", "a2", "a3", "a1"]);
     }
 }

@@ -202,3 +202,67 @@ async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_docume
     assert_eq!(f["state"], "done", "{f}");
     assert_eq!(app.count(&t, "wq").await, 9999);
 }
+
+/// The water-quality file with its rows rotated: the same records, other content, other ids.
+fn rotated(k: usize) -> Vec<u8> {
+    let text = std::fs::read_to_string(water_quality()).expect("dataset");
+    let mut lines: Vec<&str> = text.lines().collect();
+    let header = lines.remove(0);
+    lines.rotate_left(k * 101);
+    let mut out = String::from(header);
+    for l in lines {
+        out.push('\n');
+        out.push_str(l);
+    }
+    out.push('\n');
+    out.into_bytes()
+}
+
+#[tokio::test]
+async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved() {
+    let app = TestApp::spawn_with(&["batch.batch_size=500", "batch.workers=1"]).await;
+    let (a, ca) = app.tenant("busy").await;
+    let (b, cb) = app.tenant("small").await;
+    for k in 0..3 {
+        let name = format!("f{k}.csv");
+        ca.upload_file(&a, &name, rotated(k)).await.expect("stage");
+        ca.ingest(&a, &name).await.expect("ingest");
+    }
+    cb.upload_file(&b, "s.csv", "k\n1\n2\n3\n")
+        .await
+        .expect("stage");
+    cb.ingest(&b, "s.csv").await.expect("ingest");
+    let f = cb
+        .wait_for_file(&b, "s.csv", Duration::from_secs(120))
+        .await
+        .expect("status");
+    assert_eq!(
+        (f["state"].as_str(), f["records_ok"].as_u64()),
+        (Some("done"), Some(3)),
+        "{f}"
+    );
+    let mut busy_done = 0;
+    for k in 0..3 {
+        let f = ca.file(&a, &format!("f{k}.csv")).await.expect("status");
+        busy_done += f["next_record"].as_u64().unwrap_or(0);
+    }
+    assert!(
+        busy_done < 3 * 9999,
+        "the small tenant finished while the busy one was still working"
+    );
+    for k in 0..3 {
+        let f = ca
+            .wait_for_file(&a, &format!("f{k}.csv"), Duration::from_secs(300))
+            .await
+            .expect("status");
+        assert_eq!(
+            (f["state"].as_str(), f["records_ok"].as_u64()),
+            (Some("done"), Some(9999)),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        app.count(&a, "f0").await + app.count(&a, "f1").await + app.count(&a, "f2").await,
+        3 * 9999
+    );
+}
