@@ -101,6 +101,8 @@ pub struct Environment {
     pub rabbitmq: String,
     pub commit: String,
     pub build: String,
+    /// Peak resident memory of the process that ran the platform and the load (VmHWM).
+    pub peak_rss_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,6 +131,19 @@ fn memory_bytes() -> u64 {
                         .nth(1)
                         .and_then(|k| k.parse::<u64>().ok())
                 })
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|m| {
+            m.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
         })
         .map_or(0, |kb| kb * 1024)
 }
@@ -210,7 +225,7 @@ impl Report {
     fn markdown(&self) -> String {
         let e = &self.environment;
         let mut s = format!(
-            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n| peak RSS (platform + load, one process) | {:.0} MiB |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.scenario.name,
             self.run_id,
             self.scenario.description,
@@ -220,7 +235,8 @@ impl Report {
             e.mongodb_version,
             e.rabbitmq,
             e.commit,
-            e.build
+            e.build,
+            e.peak_rss_bytes as f64 / (1u64 << 20) as f64
         );
         for (name, p, orig) in [
             ("batch", &self.batch, ORIGINAL_BATCH_MS),

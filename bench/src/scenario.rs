@@ -463,7 +463,7 @@ async fn raw_ceiling(
     batch: usize,
     wc: &str,
 ) -> Result<Ceiling> {
-    use mongodb::bson::{Document, doc};
+    use mongodb::bson::Document;
     let files = make_files(&b.dataset, b.files.min(2), b.records_per_file)?;
     let mut docs: Vec<Document> = Vec::new();
     for (f, body) in files.iter().enumerate() {
@@ -488,6 +488,14 @@ async fn raw_ceiling(
     let db = client.database(&format!("{ns}ceiling"));
     let data = db.collection::<Document>("data");
     let logs = db.collection::<Document>("logs");
+    // The same indexes as the platform's log collection: both sides pay for them.
+    for keys in [
+        mongodb::bson::doc! {"tenant": 1, "timestamp": 1},
+        mongodb::bson::doc! {"timestamp": 1},
+    ] {
+        logs.create_index(mongodb::IndexModel::builder().keys(keys).build())
+            .await?;
+    }
     let n = docs.len();
     let started = Instant::now();
     for chunk in docs.chunks(batch) {
@@ -495,9 +503,24 @@ async fn raw_ceiling(
             .ordered(false)
             .write_concern(wc.clone())
             .await?;
+        // Log entries of the platform's own shape, so both sides write the same bytes.
         let log: Vec<Document> = chunk
             .iter()
-            .map(|_| doc! {"timestamp": mongodb::bson::DateTime::now(), "tenant": "raw", "status": "success", "bytes": 200_i64})
+            .map(|_| {
+                mysimbdp::logs::LogEntry {
+                    timestamp: mongodb::bson::DateTime::now(),
+                    tenant: "raw".into(),
+                    source: mysimbdp::logs::Source::Batch,
+                    data_name: "f0.csv".into(),
+                    collection: "f0".into(),
+                    status: mysimbdp::logs::Status::Success,
+                    reason: None,
+                    bytes: 360,
+                    latency_us: 1000,
+                    app_version: Some(1),
+                }
+                .to_document()
+            })
             .collect();
         logs.insert_many(log)
             .ordered(false)
@@ -509,6 +532,6 @@ async fn raw_ceiling(
     Ok(Ceiling {
         documents: n as u64,
         records_per_s: n as f64 / elapsed.as_secs_f64(),
-        note: "raw driver: insert_many of the same records plus one log document each, unordered, same batch size and write concern".into(),
+        note: "raw driver: insert_many of the same records plus one log entry of the platform's shape each, unordered, same batch size and write concern".into(),
     })
 }

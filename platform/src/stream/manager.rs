@@ -161,6 +161,7 @@ async fn consume(
         .await?;
     tracing::info!(tenant = %tenant, queue = %topology.queue, "stream consumer started");
     let linger = Duration::from_millis(ctx.settings.linger_ms);
+    let mut active = ActiveApp::default();
     let result = loop {
         let first = tokio::select! {
             d = consumer.next() => d,
@@ -179,7 +180,7 @@ async fn consume(
                 Ok(None) | Err(_) => break,
             }
         }
-        if let Err(e) = process(ctx, tenant, &topology, &dlq_ch, batch, cancel).await {
+        if let Err(e) = process(ctx, tenant, &topology, &dlq_ch, batch, &mut active, cancel).await {
             break Err(e);
         }
     };
@@ -220,6 +221,37 @@ fn header_str(d: &Delivery, key: &str) -> Option<String> {
         })
 }
 
+/// How long a consumer uses the tenant's limits and app before asking coredms again: a new
+/// app version takes effect within this time, without two lookups per batch.
+const APP_REFRESH: Duration = Duration::from_secs(1);
+
+/// The tenant's stream app and limits as a consumer last saw them.
+#[derive(Default)]
+struct ActiveApp {
+    fetched: Option<tokio::time::Instant>,
+    limits: crate::config::AppLimits,
+    app: Option<Arc<crate::apps::AppHandle>>,
+}
+
+impl ActiveApp {
+    async fn refresh(&mut self, ctx: &Ctx, tenant: &TenantName) -> Result<(), BrokerError> {
+        if self.fetched.is_some_and(|t| t.elapsed() < APP_REFRESH) {
+            return Ok(());
+        }
+        let unavailable =
+            |e: crate::coredms::CoreError| BrokerError::Unavailable(format!("coredms: {e}"));
+        let profile = ctx.coredms.tenant(tenant).await.map_err(unavailable)?;
+        self.limits = profile.constraints.app_limits;
+        self.app = ctx
+            .apps
+            .active(&ctx.coredms, tenant, AppKind::Stream, self.limits)
+            .await
+            .map_err(unavailable)?;
+        self.fetched = Some(tokio::time::Instant::now());
+        Ok(())
+    }
+}
+
 /// One batch: app → one bulk write → dead letters → one multiple-ack. Any error before the
 /// ack leaves every message of the batch unacknowledged, for redelivery.
 async fn process(
@@ -228,19 +260,12 @@ async fn process(
     topology: &Topology,
     dlq_ch: &lapin::Channel,
     batch: Vec<Delivery>,
+    active: &mut ActiveApp,
     cancel: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let profile = ctx
-        .coredms
-        .tenant(tenant)
-        .await
-        .map_err(|e| BrokerError::Unavailable(format!("coredms: {e}")))?;
-    let limits = profile.constraints.app_limits;
-    let app = ctx
-        .apps
-        .active(&ctx.coredms, tenant, AppKind::Stream, limits)
-        .await
-        .map_err(|e| BrokerError::Unavailable(format!("coredms: {e}")))?;
+    active.refresh(ctx, tenant).await?;
+    let limits = active.limits;
+    let app = active.app.clone();
     let raw = app.as_ref().is_some_and(|a| !a.shape.has_map);
     let inputs: Vec<Input> = batch
         .iter()
