@@ -195,6 +195,7 @@ impl Report {
                 } else {
                     "release".into()
                 },
+                peak_rss_bytes: peak_rss_bytes(),
             },
             wall_s: wall.as_secs_f64(),
             batch,
