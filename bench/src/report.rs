@@ -120,6 +120,9 @@ pub struct Report {
     pub reference: serde_json::Value,
 }
 
+/// A plotted line: name, colour, (log10 of 1/(1-percentile), milliseconds) points.
+type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
+
 fn memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -282,7 +285,7 @@ impl Report {
         let (w, h, m) = (720.0, 400.0, 60.0);
         let mut paths = String::new();
         let mut max_ms: f64 = 1.0;
-        let series: Vec<(&str, &str, Vec<(f64, f64)>)> = [
+        let series: Vec<Series> = [
             ("batch", "#1f77b4", &self.batch),
             ("stream", "#d62728", &self.stream),
         ]

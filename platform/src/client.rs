@@ -142,11 +142,11 @@ impl Client {
         }
         body["name"] = name.into();
         let v = self.json(Method::POST, "/v1/tenants", &body).await?;
-        Ok(serde_json::from_value(v).map_err(|e| ClientError::Api {
+        serde_json::from_value(v).map_err(|e| ClientError::Api {
             status: StatusCode::OK,
             message: format!("unexpected response: {e}"),
             body: Value::Null,
-        })?)
+        })
     }
 
     pub async fn tenant(&self, name: &str) -> Result<Value, ClientError> {

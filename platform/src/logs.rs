@@ -171,10 +171,13 @@ pub struct SummaryRow {
 }
 
 /// Folds log entries into counts and bytes by (tenant, status, reason, time bucket).
+/// (tenant, status, reason, bucket start in ms)
+type GroupKey = (String, Status, Option<String>, i64);
+
 #[derive(Debug, Default)]
 pub struct Summary {
     bucket_ms: i64,
-    groups: BTreeMap<(String, Status, Option<String>, i64), (u64, u64)>,
+    groups: BTreeMap<GroupKey, (u64, u64)>,
 }
 
 /// Reasons are grouped by their first 80 characters: enough to tell causes apart
@@ -340,12 +343,16 @@ mod tests {
             since: Some("yesterday".into()),
             ..Default::default()
         };
-        assert!(q.parse().unwrap_err().contains("RFC 3339"));
+        assert!(q.parse().expect_err("bad time").contains("RFC 3339"));
         let q = LogQuery {
             status: Some("meh".into()),
             ..Default::default()
         };
-        assert!(q.parse().unwrap_err().contains("unknown status"));
+        assert!(
+            q.parse()
+                .expect_err("bad status")
+                .contains("unknown status")
+        );
     }
 
     #[test]

@@ -75,7 +75,7 @@ fn table(lua: &Lua, t: &Table, depth: usize) -> Result<Json, String> {
         pairs += 1;
         entries.push((k, v));
     }
-    if (len > 0 && pairs == len) || (is_array_mt && pairs == len) {
+    if pairs == len && (len > 0 || is_array_mt) {
         let mut out = Vec::with_capacity(len);
         for i in 1..=len {
             let v: Value = t.raw_get(i).map_err(|e| e.to_string())?;

@@ -266,3 +266,52 @@ fn transform_without_app_stores_objects_and_fails_the_rest() {
     assert_eq!(t.failed_inputs.len(), 2);
     assert_eq!(t.failures[1].reason, "line 3: bad");
 }
+
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::super::{json_to_lua, lua_to_json};
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (-(1i64 << 53) + 1..(1i64 << 53)).prop_map(Value::from),
+            (-1e9f64..1e9)
+                .prop_filter("fractional", |f| f.fract() != 0.0)
+                .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_][a-z0-9_.]{0,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn json_survives_the_trip_through_luau(v in json()) {
+            let lua = mlua::Lua::new();
+            let l = json_to_lua(&lua, &v).expect("to lua");
+            let back = lua_to_json(&lua, &l, 0).expect("from lua");
+            prop_assert_eq!(back, v);
+        }
+
+        #[test]
+        fn any_number_converts_by_the_documented_rules(n in any::<f64>()) {
+            let lua = mlua::Lua::new();
+            let r = lua_to_json(&lua, &mlua::Value::Number(n), 0);
+            if !n.is_finite() {
+                prop_assert!(r.is_err());
+            } else if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                prop_assert_eq!(r.expect("whole").as_i64(), Some(n as i64));
+            } else {
+                prop_assert_eq!(r.expect("double").as_f64(), Some(n));
+            }
+        }
+    }
+}

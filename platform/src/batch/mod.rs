@@ -85,9 +85,12 @@ struct Job {
 
 /// Round-robin over tenants with pending jobs, so one tenant's huge file does not starve
 /// the others: each turn runs a slice of one job, then the next tenant goes.
+/// Tenants in turn order, and each tenant's queued jobs.
+type Queues = (VecDeque<TenantName>, HashMap<TenantName, VecDeque<Job>>);
+
 #[derive(Default)]
 struct Scheduler {
-    inner: Mutex<(VecDeque<TenantName>, HashMap<TenantName, VecDeque<Job>>)>,
+    inner: Mutex<Queues>,
     notify: Notify,
 }
 
@@ -242,7 +245,10 @@ impl BatchManager {
 
     async fn run_slice(&self, mut job: Job, cancel: &CancellationToken) {
         if !job.started {
-            if let Err(e) = self.open(&mut job).await {
+            if let Err(e) = self.open(&mut job, cancel).await {
+                if cancel.is_cancelled() {
+                    return;
+                }
                 self.finish(job, Some(e)).await;
                 return;
             }
@@ -271,22 +277,14 @@ impl BatchManager {
         self.scheduler.push(job);
     }
 
-    async fn open(&self, job: &mut Job) -> Result<(), String> {
-        let profile = self
-            .coredms
-            .tenant(&job.tenant)
-            .await
-            .map_err(|e| e.to_string())?;
-        job.app = self
-            .apps
-            .active(
-                &self.coredms,
-                &job.tenant,
-                AppKind::Batch,
-                profile.constraints.app_limits,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), String> {
+        let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant)).await?;
+        let limits = profile.constraints.app_limits;
+        job.app = with_retry(cancel, || {
+            self.apps
+                .active(&self.coredms, &job.tenant, AppKind::Batch, limits)
+        })
+        .await?;
         job.record.app_version = job.app.as_ref().map(|a| a.version);
         let path = self.staging.path(&job.tenant, &job.record.name);
         let format = job.record.format;
@@ -386,10 +384,8 @@ impl BatchManager {
             bytes,
         }
         .emit(&self.metrics);
-        self.coredms
-            .put_file(&job.record)
-            .await
-            .map_err(|e| e.to_string())?;
+        let record = &job.record;
+        with_retry(cancel, || self.coredms.put_file(record)).await?;
         Ok(more)
     }
 
@@ -461,20 +457,21 @@ impl parse::RecordSource for WholeFile {
     }
 }
 
-/// Writes through coredms; while the database is unavailable, waits with backoff (the data
-/// is on disk and nothing is acknowledged), up to a few minutes.
-pub async fn write_with_retry(
-    coredms: &CoreDms,
-    write: BulkWrite,
-    cancel: &CancellationToken,
-) -> Result<crate::coredms::BulkOutcome, String> {
+/// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
+/// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
+/// few minutes. Other errors return at once.
+pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CoreError>>,
+{
     let mut delay = Duration::from_millis(100);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
-        match coredms.bulk_write(&write).await {
-            Ok(o) => return Ok(o),
+        match call().await {
+            Ok(v) => return Ok(v),
             Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "bulk write failed, retrying");
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => return Err("shutting down".into()),
@@ -484,6 +481,15 @@ pub async fn write_with_retry(
             Err(e) => return Err(e.to_string()),
         }
     }
+}
+
+/// A bulk write through coredms, retried while the database is unavailable.
+pub async fn write_with_retry(
+    coredms: &CoreDms,
+    write: BulkWrite,
+    cancel: &CancellationToken,
+) -> Result<crate::coredms::BulkOutcome, String> {
+    with_retry(cancel, || coredms.bulk_write(&write)).await
 }
 
 #[cfg(test)]

@@ -526,3 +526,76 @@ mod tests {
         assert!(all(Format::Json, "[]").is_empty());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            (-1e12f64..1e12).prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z.]{1,8}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn drain(format: Format, bytes: Vec<u8>) -> Vec<Record> {
+        let mut src = open(format, std::io::Cursor::new(bytes));
+        std::iter::from_fn(|| src.next_record())
+            .map(|r| r.expect("in-memory reads do not fail"))
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_and_records_are_numbered_in_order(
+            bytes in prop::collection::vec(any::<u8>(), 0..4096),
+            format in prop_oneof![Just(Format::Csv), Just(Format::Json), Just(Format::Ndjson)],
+        ) {
+            let recs = drain(format, bytes);
+            for (i, r) in recs.iter().enumerate() {
+                prop_assert_eq!(r.index, i as u64);
+                if let Err(e) = &r.value {
+                    prop_assert!(e.starts_with("line ") || e.starts_with("unreadable") || e.starts_with("header"), "{}", e);
+                }
+            }
+        }
+
+        #[test]
+        fn json_arrays_and_ndjson_yield_exactly_the_values_written(values in prop::collection::vec(json(), 0..12)) {
+            let array = serde_json::to_vec_pretty(&Value::Array(values.clone())).expect("json");
+            let got: Vec<Value> = drain(Format::Json, array).into_iter().map(|r| r.value.expect("valid")).collect();
+            prop_assert_eq!(&got, &values);
+            let lines: Vec<u8> = values.iter().flat_map(|v| { let mut l = serde_json::to_vec(v).expect("json"); l.push(b'\n'); l }).collect();
+            let got: Vec<Value> = drain(Format::Ndjson, lines).into_iter().map(|r| r.value.expect("valid")).collect();
+            prop_assert_eq!(&got, &values);
+        }
+
+        #[test]
+        fn csv_yields_every_row_written(rows in prop::collection::vec(prop::collection::vec("[^\r\n]{0,10}", 3), 0..20)) {
+            let mut w = csv::Writer::from_writer(Vec::new());
+            w.write_record(["a", "b.c", "d"]).expect("header");
+            for r in &rows { w.write_record(r).expect("row"); }
+            let bytes = w.into_inner().expect("flush");
+            let recs = drain(Format::Csv, bytes);
+            let expected: Vec<_> = rows.iter().collect();
+            prop_assert_eq!(recs.len(), expected.len());
+            for (rec, row) in recs.iter().zip(expected) {
+                let v = rec.value.as_ref().expect("valid row");
+                prop_assert_eq!(v["b.c"].as_str(), Some(row[1].as_str()));
+            }
+        }
+    }
+}

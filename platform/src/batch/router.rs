@@ -127,7 +127,7 @@ async fn upload(
         .await
         .map_err(|e| match e {
             UploadError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            UploadError::Body(_) => ApiError::bad_request(e.to_string()),
+            UploadError::Body(_) | UploadError::Empty => ApiError::bad_request(e.to_string()),
             UploadError::Io(io) => BatchError::Io(io).into(),
         })?;
     let now = crate::logs::rfc3339_now();

@@ -33,6 +33,8 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
 pub enum UploadError {
     #[error("file exceeds the {0} bytes limit")]
     TooLarge(u64),
+    #[error("file is empty")]
+    Empty,
     #[error("upload interrupted: {0}")]
     Body(String),
     #[error("cannot write staged file: {0}")]
@@ -114,6 +116,9 @@ impl Staging {
                 }
                 hash.update(&chunk);
                 f.write_all(&chunk).await?;
+            }
+            if total == 0 {
+                return Err(UploadError::Empty);
             }
             f.sync_all().await?;
             Ok(Staged {

@@ -172,10 +172,10 @@ fn log_array_stream(
     cursor: mongodb::Cursor<crate::logs::LogEntry>,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     enum St {
-        Open(mongodb::Cursor<crate::logs::LogEntry>, bool),
+        Open(Box<mongodb::Cursor<crate::logs::LogEntry>>, bool),
         Done,
     }
-    futures::stream::unfold(St::Open(cursor, false), |st| async move {
+    futures::stream::unfold(St::Open(Box::new(cursor), false), |st| async move {
         let St::Open(mut cursor, mut started) = st else {
             return None;
         };

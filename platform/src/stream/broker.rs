@@ -173,7 +173,8 @@ impl Broker {
         }
         let mut conn = self.conn.lock().await;
         if !conn.as_ref().is_some_and(|c| c.status().connected()) {
-            *conn = Some(connect(&self.uri, &self.settings, "mysimbdp-broker").await?);
+            let name = format!("mysimbdp-broker-{}", self.namespace);
+            *conn = Some(connect(&self.uri, &self.settings, &name).await?);
         }
         let ch = conn
             .as_ref()

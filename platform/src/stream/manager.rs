@@ -140,7 +140,9 @@ async fn consume(
     tenant: &TenantName,
     cancel: &CancellationToken,
 ) -> Result<(), BrokerError> {
-    let conn = broker::connect(&ctx.uri, &ctx.amqp, &format!("mysimbdp-consumer-{tenant}")).await?;
+    // Named after the namespace and tenant, so operators (and fault tests) can find it.
+    let name = format!("mysimbdp-consumer-{}{tenant}", ctx.namespace);
+    let conn = broker::connect(&ctx.uri, &ctx.amqp, &name).await?;
     let topology = Topology::new(&ctx.namespace, tenant);
     let ch = conn.create_channel().await?;
     broker::declare(&ch, &topology, &ctx.amqp).await?;

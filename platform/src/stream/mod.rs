@@ -175,11 +175,21 @@ async fn start(
     State(p): State<Arc<Platform>>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // The body is optional: no body starts one consumer.
     let body: Start = if body.iter().all(u8::is_ascii_whitespace) {
         Start::default()
+    } else if !headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().starts_with("application/json"))
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send the body as application/json",
+        ));
     } else {
         serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?

@@ -3,8 +3,10 @@
 //! containers when Docker answers). Each test gets its own namespace, so they run in parallel.
 
 mod apps;
+mod badinput;
 mod batch;
 mod coredms;
+mod faults;
 mod foundation;
 mod harness;
 mod stream;
