@@ -25,6 +25,8 @@ pub struct Scenario {
     pub platform: PlatformCfg,
     pub batch: Option<BatchLoad>,
     pub stream: Option<StreamLoad>,
+    /// Fault injection under load; a scenario with faults runs only them.
+    pub faults: Option<crate::faults::FaultLoad>,
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
 }
@@ -139,6 +141,13 @@ impl Scenario {
                 bail!("batch.files and batch.records_per_file must be at least 1");
             }
         }
+        if let Some(f) = &mut s.faults {
+            let base = path.parent().unwrap_or(Path::new("."));
+            f.dataset = base.join(&f.dataset);
+            if f.kinds.is_empty() || f.messages == 0 {
+                bail!("faults.kinds and faults.messages must not be empty");
+            }
+        }
         if let Some(st) = &s.stream
             && (st.messages == 0 || st.rate == 0 || st.per_request == 0)
         {
@@ -197,6 +206,9 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let run_id = time::OffsetDateTime::now_utc().format(&time::format_description::parse(
         "[year][month][day]T[hour][minute][second]Z",
     )?)?;
+    if let Some(f) = &sc.faults {
+        return crate::faults::run(&sc.name, &sc.description, f, out, &run_id).await;
+    }
     let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
     let admin = format!("scenario-{:x}", rand_u32());

@@ -1,0 +1,436 @@
+//! The `faults` scenario: each fault injected while batch and stream load run, then the
+//! figures that matter: offered, stored, duplicated, lost, and the time to recover.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use mysimbdp::client::Client;
+use mysimbdp::config::Settings;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultLoad {
+    /// `kill-platform`, `broker-cut`, `db-restart`.
+    pub kinds: Vec<String>,
+    /// Stream messages offered per fault.
+    pub messages: u32,
+    /// Offered rate, messages per second.
+    pub rate: u32,
+    /// The CSV file ingested by batch during each fault.
+    pub dataset: PathBuf,
+    /// Seconds of load before the fault.
+    #[serde(default = "two")]
+    pub fault_after_s: u64,
+}
+
+fn two() -> u64 {
+    2
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultFigures {
+    pub fault: String,
+    pub stream_offered: u64,
+    pub stream_stored: u64,
+    pub stream_duplicated: u64,
+    pub stream_lost: u64,
+    pub batch_offered: u64,
+    pub batch_stored: u64,
+    pub batch_lost: u64,
+    /// From the fault to the first document stored after it.
+    pub recovery_ms: u64,
+    pub total_s: f64,
+}
+
+/// A platform on its own runtime, so it can be killed like a crashed process.
+struct Running {
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Running {
+    async fn start(settings: Settings, port: u16) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        runtime.spawn(async move {
+            let r = async {
+                let p = mysimbdp::start(settings, mysimbdp::Component::All).await?;
+                let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+                Ok::<_, anyhow::Error>((p, l))
+            }
+            .await;
+            match r {
+                Ok((p, l)) => {
+                    let _ = tx.send(Ok(()));
+                    let _ = mysimbdp::serve(l, p, std::future::pending()).await;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        rx.await.context("platform start")??;
+        Ok(Self {
+            runtime: Some(runtime),
+        })
+    }
+
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct OwnDb {
+    command: String,
+    port: u16,
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl OwnDb {
+    fn start(&mut self) -> Result<()> {
+        let cmd = self
+            .command
+            .replace("{port}", &self.port.to_string())
+            .replace("{dir}", &self.dir.display().to_string());
+        let mut parts = cmd.split_whitespace();
+        let prog = parts.next().context("empty database command")?;
+        self.child = Some(
+            std::process::Command::new(prog)
+                .args(parts)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("cannot start `{cmd}`"))?,
+        );
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("database did not listen on {} within 60 s", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for OwnDb {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn cut_connections(namespace: &str) -> Result<usize> {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "pid",
+            "client_properties",
+        ])
+        .output()
+        .context("broker-cut needs rabbitmqctl")?;
+    let mut cut = 0;
+    for line in String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(namespace))
+    {
+        if let Some(pid) = line.split_whitespace().next() {
+            let ok = std::process::Command::new("rabbitmqctl")
+                .args(["close_connection", pid, "faults scenario"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            cut += usize::from(ok);
+        }
+    }
+    Ok(cut)
+}
+
+async fn counts(uri: &str, db: &str) -> (u64, u64, u64) {
+    let Ok(c) = mongodb::Client::with_uri_str(uri).await else {
+        return (0, 0, 0);
+    };
+    let d = c.database(db);
+    let msgs = d.collection::<mongodb::bson::Document>("messages");
+    let total = msgs
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap_or(0);
+    let distinct = msgs
+        .distinct("seq", mongodb::bson::doc! {})
+        .await
+        .map_or(0, |v| v.len() as u64);
+    let batch = d
+        .collection::<mongodb::bson::Document>("data")
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap_or(0);
+    (total, distinct, batch)
+}
+
+/// Retries an API call while the platform restarts or reconnects.
+async fn retry<T, F, Fut>(mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, mysimbdp::client::ClientError>>,
+{
+    let mut last = None;
+    for _ in 0..600 {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.status().is_none_or(|s| s.as_u16() == 503) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("gave up"), Into::into))
+}
+
+async fn one_fault(
+    kind: &str,
+    load: &FaultLoad,
+    base_settings: &Settings,
+    dataset: &[u8],
+) -> Result<FaultFigures> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    let ns = format!("f{:06x}_", nanos & 0xffffff);
+    let staging = std::env::temp_dir().join(format!("mysimbdp-faults-{ns}"));
+    let mut db = None;
+    let mut settings = base_settings.clone();
+    if kind == "db-restart" {
+        let command = std::env::var("MYSIMBDP_TEST_MONGOD")
+            .context("db-restart needs MYSIMBDP_TEST_MONGOD: a command starting a MongoDB server on {port} with data in {dir}")?;
+        let mut d = OwnDb {
+            command,
+            port: free_port()?,
+            dir: std::env::temp_dir().join(format!("mysimbdp-faults-db-{ns}")),
+            child: None,
+        };
+        d.start()?;
+        settings.mongodb.uri = format!("mongodb://127.0.0.1:{}", d.port);
+        db = Some(d);
+    }
+    settings.platform.namespace = ns.clone();
+    settings.staging.dir = staging.clone();
+    let uri = settings.mongodb.uri.clone();
+    let port = free_port()?;
+    let mut platform = Running::start(settings.clone(), port).await?;
+    let admin = Client::new(
+        &format!("http://127.0.0.1:{port}"),
+        Some(&settings.auth.admin_token),
+    );
+    let t = admin.create_tenant("faulty", serde_json::json!({})).await?;
+    let c = admin.with_token(Some(&t.token));
+    let tdb = format!("{ns}tenant_faulty");
+    c.upload_file(&t.name, "data.csv", dataset.to_vec()).await?;
+    c.ingest(&t.name, "data.csv").await?;
+    c.stream_start(&t.name, 1).await?;
+    let batch_offered = dataset.iter().filter(|b| **b == b'\n').count() as u64 - 1;
+
+    // Offered load: requests of 20 messages at the fixed rate, retried through the fault.
+    let (rate, total) = (load.rate.max(1), load.messages);
+    let pc = c.clone();
+    let tn = t.name.clone();
+    let publisher = tokio::spawn(async move {
+        let per = 20u32;
+        let interval = Duration::from_secs_f64(f64::from(per) / f64::from(rate));
+        let t0 = tokio::time::Instant::now();
+        let mut k = 0u32;
+        while k * per < total {
+            tokio::time::sleep_until(t0 + interval * k).await;
+            let body: Vec<u8> = (k * per..((k + 1) * per).min(total))
+                .flat_map(|i| format!("{{\"seq\":{i}}}\n").into_bytes())
+                .collect();
+            retry(|| pc.publish(&tn, "reading", body.clone())).await?;
+            k += 1;
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+
+    tokio::time::sleep(Duration::from_secs(load.fault_after_s)).await;
+    let started = Instant::now();
+    let (_, before, _) = counts(&uri, &tdb).await;
+    let fault_at = Instant::now();
+    match kind {
+        "kill-platform" => {
+            platform.kill();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            platform = Running::start(settings.clone(), port).await?;
+            retry(|| c.stream_start(&t.name, 1)).await?;
+        }
+        "broker-cut" => {
+            let n = cut_connections(&ns)?;
+            if n == 0 {
+                bail!("broker-cut found no connection of this platform to close");
+            }
+        }
+        "db-restart" => {
+            let d = db.as_mut().context("own database")?;
+            d.stop();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            d.start()?;
+        }
+        other => bail!("unknown fault `{other}`: use kill-platform, broker-cut or db-restart"),
+    }
+    let mut recovery = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (total_docs, distinct, batch) = counts(&uri, &tdb).await;
+        if recovery.is_none() && distinct > before {
+            recovery = Some(fault_at.elapsed());
+        }
+        let file_done = c
+            .file(&t.name, "data.csv")
+            .await
+            .is_ok_and(|f| matches!(f["state"].as_str(), Some("done" | "failed")));
+        if (distinct >= u64::from(total) && file_done && publisher.is_finished())
+            || Instant::now() > deadline
+        {
+            let _ = total_docs;
+            let _ = batch;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publisher.await??;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (total_docs, distinct, batch) = counts(&uri, &tdb).await;
+    let _ = c.stream_stop(&t.name).await;
+    drop(platform);
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(FaultFigures {
+        fault: kind.to_owned(),
+        stream_offered: u64::from(total),
+        stream_stored: distinct,
+        stream_duplicated: total_docs.saturating_sub(distinct),
+        stream_lost: u64::from(total).saturating_sub(distinct),
+        batch_offered,
+        batch_stored: batch,
+        batch_lost: batch_offered.saturating_sub(batch),
+        recovery_ms: recovery.map_or(u64::MAX, |d| d.as_millis() as u64),
+        total_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Runs every fault of the scenario and writes `reports/<name>/<run>/report.{json,md}`.
+pub async fn run(
+    name: &str,
+    description: &str,
+    load: &FaultLoad,
+    out: &Path,
+    run_id: &str,
+) -> Result<PathBuf> {
+    let admin = format!("faults-{}", std::process::id());
+    let settings = Settings::load(
+        None,
+        &[
+            format!("auth.admin_token={admin}"),
+            "stream.batch_size=100".into(),
+            "batch.batch_size=250".into(),
+            "batch.workers=1".into(),
+            "mongodb.max_pool_size=4".into(),
+        ],
+    )?;
+    if settings.mongodb.uri.is_empty() || settings.amqp.uri.is_empty() {
+        bail!(
+            "the faults scenario needs MONGODB_URI and AMQP_URI: {}",
+            mysimbdp::infra::HOW_TO_PROVIDE
+        );
+    }
+    let versions = mysimbdp::infra::Infra::provision(&settings)
+        .await?
+        .versions
+        .clone();
+    let dataset = std::fs::read(&load.dataset)
+        .with_context(|| format!("cannot read {}", load.dataset.display()))?;
+    let mut figures = Vec::new();
+    for kind in &load.kinds {
+        eprintln!("fault {kind}: running");
+        let f = one_fault(kind, load, &settings, &dataset).await?;
+        eprintln!(
+            "fault {kind}: stream {}/{} stored, {} duplicated, {} lost; batch {}/{}; recovered in {} ms",
+            f.stream_stored,
+            f.stream_offered,
+            f.stream_duplicated,
+            f.stream_lost,
+            f.batch_stored,
+            f.batch_offered,
+            f.recovery_ms
+        );
+        figures.push(f);
+    }
+    let dir = out.join(name).join(run_id);
+    std::fs::create_dir_all(&dir)?;
+    let json = serde_json::json!({
+        "schema_version": crate::report::SCHEMA_VERSION,
+        "scenario": name,
+        "run_id": run_id,
+        "environment": {
+            "mongodb_version": versions.mongodb,
+            "mongodb_server": versions.mongodb_server,
+            "rabbitmq": versions.rabbitmq,
+            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        },
+        "load": load,
+        "faults": figures,
+    });
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
+    let mut md = format!(
+        "# Scenario `{name}` — run {run_id}\n\n{description}\n\nServer: {}; broker: {}.\n\n| fault | stream offered | stored | duplicated | lost | batch offered | stored | lost | recovery ms |\n|---|---|---|---|---|---|---|---|---|\n",
+        versions.mongodb_server, versions.rabbitmq
+    );
+    for f in &figures {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            f.fault,
+            f.stream_offered,
+            f.stream_stored,
+            f.stream_duplicated,
+            f.stream_lost,
+            f.batch_offered,
+            f.batch_stored,
+            f.batch_lost,
+            f.recovery_ms
+        ));
+    }
+    md.push_str("\nRecovery: from the fault to the first new stream document stored after it. Duplicated: documents beyond one per message.\n");
+    std::fs::write(dir.join("report.md"), md)?;
+    Ok(dir)
+}
