@@ -262,7 +262,7 @@ impl Report {
                 u.p50_ms, u.p99_ms
             ));
         }
-        s.push_str(".\n");
+        s.push_str(".\n\n\"ms per ingestion\" is wall time divided by ingestions, as the original measured it: it is the platform's capacity only when the offered load exceeds it (the seed scenarios); at a sustainable fixed rate it reflects the rate.\n");
         if let Some(f) = self.batch.as_ref().and_then(|p| p.per_file.as_ref()) {
             s.push_str(&format!(
                 "\nPer file (ingest request → done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",

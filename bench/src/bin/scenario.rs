@@ -23,6 +23,10 @@ enum Cmd {
         scenario: PathBuf,
         #[arg(long, default_value = "reports")]
         out: PathBuf,
+        /// Exit non-zero if any ingestion failed, or any record or message was lost or
+        /// stored twice (CI runs scenarios this way).
+        #[arg(long)]
+        strict: bool,
     },
     /// List the scenarios in a folder.
     List {
@@ -35,10 +39,17 @@ enum Cmd {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Run { scenario, out } => {
+        Cmd::Run {
+            scenario,
+            out,
+            strict,
+        } => {
             let dir = mysimbdp_bench::run(&scenario, &out).await?;
             let md = std::fs::read_to_string(dir.join("report.md")).unwrap_or_default();
             println!("{md}\nreport written to {}", dir.display());
+            if strict {
+                mysimbdp_bench::check(&dir.join("report.json"))?;
+            }
         }
         Cmd::List { dir } => {
             let mut entries: Vec<_> = std::fs::read_dir(&dir)

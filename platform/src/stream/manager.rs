@@ -190,37 +190,31 @@ async fn consume(
     result
 }
 
-fn header_i64(d: &Delivery, key: &str) -> Option<i64> {
+fn header<'a>(d: &'a Delivery, key: &str) -> Option<&'a AMQPValue> {
     d.properties
         .headers()
         .as_ref()?
         .inner()
         .iter()
-        .find_map(|(k, v)| {
-            (k.as_str() == key).then(|| match v {
-                AMQPValue::LongLongInt(i) => Some(*i),
-                AMQPValue::LongInt(i) => Some(i64::from(*i)),
-                AMQPValue::Timestamp(t) => i64::try_from(*t).ok(),
-                _ => None,
-            })?
-        })
+        .find(|(k, _)| k.as_str() == key)
+        .map(|(_, v)| v)
+}
+
+fn header_i64(d: &Delivery, key: &str) -> Option<i64> {
+    match header(d, key)? {
+        AMQPValue::LongLongInt(i) => Some(*i),
+        AMQPValue::LongInt(i) => Some(i64::from(*i)),
+        AMQPValue::Timestamp(t) => i64::try_from(*t).ok(),
+        _ => None,
+    }
 }
 
 fn header_str(d: &Delivery, key: &str) -> Option<String> {
-    d.properties
-        .headers()
-        .as_ref()?
-        .inner()
-        .iter()
-        .find_map(|(k, v)| {
-            (k.as_str() == key).then(|| match v {
-                AMQPValue::LongString(s) => {
-                    Some(String::from_utf8_lossy(s.as_bytes()).into_owned())
-                }
-                AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
-                _ => None,
-            })?
-        })
+    match header(d, key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 /// How long a consumer uses the tenant's limits and app before asking coredms again: a new
