@@ -278,7 +278,9 @@ async fn one_fault(
             let body: Vec<u8> = (k * per..((k + 1) * per).min(total))
                 .flat_map(|i| format!("{{\"seq\":{i}}}\n").into_bytes())
                 .collect();
-            retry(|| pc.publish(&tn, "reading", body.clone())).await?;
+            // One key per request: a retry after a lost confirm republishes the same ids.
+            let key = format!("req-{k}");
+            retry(|| pc.publish_idempotent(&tn, "reading", &key, body.clone())).await?;
             k += 1;
         }
         Ok::<_, anyhow::Error>(())

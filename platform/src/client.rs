@@ -237,6 +237,41 @@ impl Client {
         .await
     }
 
+    /// Publishes NDJSON with an idempotency key: retrying with the same key and body never
+    /// stores a message twice.
+    pub async fn publish_idempotent(
+        &self,
+        tenant: &str,
+        data_name: &str,
+        key: &str,
+        ndjson: impl Into<reqwest::Body>,
+    ) -> Result<Value, ClientError> {
+        let mut req = self
+            .http
+            .post(format!(
+                "{}/v1/tenants/{tenant}/messages?data_name={data_name}",
+                self.base
+            ))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
+            .header("idempotency-key", key)
+            .body(ndjson);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let v: Value = serde_json::from_slice(&resp.bytes().await?).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(ClientError::Api {
+                status,
+                message: v["error"].as_str().unwrap_or("no error message").to_owned(),
+                body: v,
+            })
+        }
+    }
+
     pub async fn stream_start(&self, tenant: &str, consumers: u32) -> Result<Value, ClientError> {
         self.json(
             Method::POST,

@@ -130,7 +130,22 @@ pub async fn declare(
     Ok(())
 }
 
-/// A message id: random, 128 bits, hex. It becomes the prefix of the message's document ids.
+/// The id of message `index` of a publish request. With an idempotency key it is derived
+/// from (tenant, key, index), so a client that retries a request whose confirms it never saw
+/// republishes the same ids, and the documents are recognised as duplicates. Without one it
+/// is random. It becomes the prefix of the message's document ids.
+pub fn message_id(tenant: &TenantName, key: Option<&str>, index: usize) -> String {
+    match key {
+        Some(k) => {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{tenant}\0{k}\0{index}").as_bytes());
+            hex::encode(&h[..16])
+        }
+        None => new_message_id(),
+    }
+}
+
+/// A random message id: 128 bits, hex.
 pub fn new_message_id() -> String {
     let mut b = [0u8; 16];
     rand::rng().fill_bytes(&mut b);
@@ -206,9 +221,12 @@ impl Broker {
         tenant: &TenantName,
         data_name: &str,
         payloads: &[&[u8]],
+        idempotency_key: Option<&str>,
     ) -> Result<Vec<String>, BrokerError> {
         let (i, ch) = self.channel().await?;
-        let r = self.publish_on(&ch, tenant, data_name, payloads).await;
+        let r = self
+            .publish_on(&ch, tenant, data_name, payloads, idempotency_key)
+            .await;
         if matches!(r, Err(BrokerError::Unavailable(_))) {
             self.forget(i).await;
         }
@@ -221,12 +239,13 @@ impl Broker {
         tenant: &TenantName,
         data_name: &str,
         payloads: &[&[u8]],
+        idempotency_key: Option<&str>,
     ) -> Result<Vec<String>, BrokerError> {
         let queue = self.topology(tenant).queue;
         let mut ids = Vec::with_capacity(payloads.len());
         let mut confirms = Vec::with_capacity(payloads.len());
-        for p in payloads {
-            let id = new_message_id();
+        for (n, p) in payloads.iter().enumerate() {
+            let id = message_id(tenant, idempotency_key, n);
             let now_us = crate::coredms::now_us();
             let mut headers = FieldTable::default();
             headers.insert(HEADER_PUBLISHED_US.into(), AMQPValue::LongLongInt(now_us));

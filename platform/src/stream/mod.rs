@@ -55,6 +55,8 @@ struct PublishQuery {
 }
 
 /// One JSON message (`application/json`), or one message per line (`application/x-ndjson`).
+/// With an `Idempotency-Key` header, retrying the same request (after a 503 or a timeout)
+/// publishes the same message ids, so nothing is stored twice.
 /// Payloads reach the tenant's app as they were sent: a payload that is not valid JSON fails
 /// at ingestion and is dead-lettered with the reason, like any other poison message.
 async fn publish(
@@ -143,7 +145,17 @@ async fn publish(
             ),
         ));
     }
-    let ids = broker.publish(&t, &data_name, &messages).await?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::trim))
+        .transpose()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be ASCII"))?;
+    if key.is_some_and(|k| k.is_empty() || k.len() > 128) {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key must be 1-128 characters",
+        ));
+    }
+    let ids = broker.publish(&t, &data_name, &messages, key).await?;
     Published {
         tenant: t.as_str(),
         messages: ids.len() as u64,

@@ -176,8 +176,12 @@ fn cut_connections(namespace: &str) -> usize {
 
 /// Publishes, retrying on 503 as a client should while the platform reconnects.
 async fn publish_retrying(c: &Client, tenant: &str, body: Vec<u8>) {
+    let key = unique("retry-");
     for attempt in 0..20 {
-        match c.publish(tenant, "reading", body.clone()).await {
+        match c
+            .publish_idempotent(tenant, "reading", &key, body.clone())
+            .await
+        {
             Ok(_) => return,
             Err(e)
                 if e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE) && attempt < 19 =>

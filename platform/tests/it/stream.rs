@@ -257,3 +257,51 @@ async fn publishing_checks_type_size_and_emptiness() {
     assert_eq!(r.status, 202);
     assert_eq!(r.json()["published"], 1);
 }
+
+#[tokio::test]
+async fn a_publish_retried_with_the_same_idempotency_key_is_stored_once() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("retry").await;
+    let first = c
+        .publish_idempotent(&t, "reading", "batch-1", ndjson(0, 50))
+        .await
+        .expect("publish");
+    // The client did not see the answer (a timeout, a 503 after the broker had the
+    // messages) and sends the same request again.
+    let again = c
+        .publish_idempotent(&t, "reading", "batch-1", ndjson(0, 50))
+        .await
+        .expect("retry");
+    assert_eq!(
+        first["ids"], again["ids"],
+        "the same key gives the same message ids"
+    );
+    c.publish_idempotent(&t, "reading", "batch-2", ndjson(50, 60))
+        .await
+        .expect("another request");
+    c.stream_start(&t, 1).await.expect("start");
+    let done = eventually(Duration::from_secs(60), || async {
+        let logs = app.logs(&c, &t, "").await;
+        logs.len() >= 110
+    })
+    .await;
+    assert!(done, "every delivery was logged");
+    assert_eq!(distinct_seqs(&app, &t).await, (60, 60));
+    let dup = app.logs(&c, &t, "status=duplicate").await;
+    assert_eq!(
+        dup.len(),
+        50,
+        "the retried messages are logged as duplicates"
+    );
+    let r = c
+        .raw(
+            reqwest::Method::POST,
+            &format!("/v1/tenants/{t}/messages"),
+            Some("application/json"),
+            "{}",
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 202, "the key is optional");
+    c.stream_stop(&t).await.expect("stop");
+}
