@@ -87,12 +87,23 @@ impl Client {
         content_type: Option<&str>,
         body: impl Into<reqwest::Body>,
     ) -> Result<Raw, ClientError> {
+        let ct = content_type.map(|ct| ("content-type", ct));
+        self.request(method, path, ct.as_slice(), body).await
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Raw, ClientError> {
         let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
-        if let Some(ct) = content_type {
-            req = req.header(reqwest::header::CONTENT_TYPE, ct);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let resp = req.body(body).send().await?;
         Ok(Raw {
@@ -102,14 +113,15 @@ impl Client {
         })
     }
 
-    async fn call(
+    /// A request whose non-2xx answers become [`ClientError::Api`].
+    async fn call_with(
         &self,
         method: Method,
         path: &str,
-        content_type: Option<&str>,
+        headers: &[(&str, &str)],
         body: impl Into<reqwest::Body>,
     ) -> Result<Value, ClientError> {
-        let r = self.raw(method, path, content_type, body).await?;
+        let r = self.request(method, path, headers, body).await?;
         let v = r.json();
         if r.status.is_success() {
             Ok(v)
@@ -120,6 +132,17 @@ impl Client {
                 body: v,
             })
         }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<Value, ClientError> {
+        let ct = content_type.map(|ct| ("content-type", ct));
+        self.call_with(method, path, ct.as_slice(), body).await
     }
 
     async fn json(&self, method: Method, path: &str, body: &Value) -> Result<Value, ClientError> {
@@ -246,30 +269,16 @@ impl Client {
         key: &str,
         ndjson: impl Into<reqwest::Body>,
     ) -> Result<Value, ClientError> {
-        let mut req = self
-            .http
-            .post(format!(
-                "{}/v1/tenants/{tenant}/messages?data_name={data_name}",
-                self.base
-            ))
-            .header(reqwest::header::CONTENT_TYPE, "application/x-ndjson")
-            .header("idempotency-key", key)
-            .body(ndjson);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let v: Value = serde_json::from_slice(&resp.bytes().await?).unwrap_or(Value::Null);
-        if status.is_success() {
-            Ok(v)
-        } else {
-            Err(ClientError::Api {
-                status,
-                message: v["error"].as_str().unwrap_or("no error message").to_owned(),
-                body: v,
-            })
-        }
+        self.call_with(
+            Method::POST,
+            &format!("/v1/tenants/{tenant}/messages?data_name={data_name}"),
+            &[
+                ("content-type", "application/x-ndjson"),
+                ("idempotency-key", key),
+            ],
+            ndjson,
+        )
+        .await
     }
 
     pub async fn stream_start(&self, tenant: &str, consumers: u32) -> Result<Value, ClientError> {

@@ -71,6 +71,37 @@ pub struct FileRecord {
     pub updated_at: String,
 }
 
+impl FileRecord {
+    /// A freshly staged file: nothing ingested yet.
+    pub fn staged(
+        tenant: &TenantName,
+        name: &str,
+        format: Format,
+        bytes: u64,
+        sha256: String,
+        collection: String,
+    ) -> Self {
+        let now = crate::logs::rfc3339_now();
+        Self {
+            tenant: tenant.to_string(),
+            name: name.to_owned(),
+            format,
+            bytes,
+            sha256,
+            state: FileState::Staged,
+            collection,
+            records_ok: 0,
+            records_failed: 0,
+            records_duplicate: 0,
+            next_record: 0,
+            error: None,
+            app_version: None,
+            staged_at: now.clone(),
+            updated_at: now,
+        }
+    }
+}
+
 /// Bulk writes a job runs before yielding its worker to another tenant.
 const SLICE_BATCHES: usize = 4;
 
@@ -497,25 +528,10 @@ mod tests {
     use super::*;
 
     fn job(tenant: &str, name: &str) -> Job {
+        let t = TenantName::parse(tenant).expect("valid");
         Job {
-            record: FileRecord {
-                tenant: tenant.into(),
-                name: name.into(),
-                format: Format::Csv,
-                bytes: 0,
-                sha256: String::new(),
-                state: FileState::Ingesting,
-                collection: "c".into(),
-                records_ok: 0,
-                records_failed: 0,
-                records_duplicate: 0,
-                next_record: 0,
-                error: None,
-                app_version: None,
-                staged_at: String::new(),
-                updated_at: String::new(),
-            },
-            tenant: TenantName::parse(tenant).expect("valid"),
+            record: FileRecord::staged(&t, name, Format::Csv, 0, String::new(), "c".into()),
+            tenant: t,
             source: None,
             app: None,
             started: false,

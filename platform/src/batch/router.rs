@@ -130,24 +130,7 @@ async fn upload(
             UploadError::Body(_) | UploadError::Empty => ApiError::bad_request(e.to_string()),
             UploadError::Io(io) => BatchError::Io(io).into(),
         })?;
-    let now = crate::logs::rfc3339_now();
-    let rec = FileRecord {
-        tenant: t.to_string(),
-        name: name.clone(),
-        format,
-        bytes: staged.bytes,
-        sha256: staged.sha256,
-        state: FileState::Staged,
-        collection,
-        records_ok: 0,
-        records_failed: 0,
-        records_duplicate: 0,
-        next_record: 0,
-        error: None,
-        app_version: None,
-        staged_at: now.clone(),
-        updated_at: now,
-    };
+    let rec = FileRecord::staged(&t, &name, format, staged.bytes, staged.sha256, collection);
     p.coredms.put_file(&rec).await?;
     let rec = if profile.auto_ingest {
         m.start(&t, &name).await?
