@@ -12,31 +12,12 @@ use std::time::Duration;
 
 use mysimbdp::client::Client;
 
-use crate::harness::{ADMIN_TOKEN, TestApp, eventually, unique, water_quality};
+use crate::harness::{ADMIN_TOKEN, TestApp, eventually, messages_stored, unique, water_quality};
 
 fn ndjson(from: usize, to: usize) -> Vec<u8> {
     (from..to)
         .flat_map(|i| format!("{{\"seq\":{i}}}\n").into_bytes())
         .collect()
-}
-
-/// (documents, distinct `seq` values) in a tenant's `messages` collection.
-async fn stored(mongodb_uri: &str, db: &str) -> (u64, u64) {
-    let c = mongodb::Client::with_uri_str(mongodb_uri)
-        .await
-        .expect("driver");
-    let coll = c
-        .database(db)
-        .collection::<mongodb::bson::Document>("messages");
-    let total = coll
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .unwrap_or(0);
-    let distinct = coll
-        .distinct("seq", mongodb::bson::doc! {})
-        .await
-        .map_or(0, |d| d.len() as u64);
-    (total, distinct)
 }
 
 /// Says why a fault test cannot run here; fails in CI, where it must run.
@@ -116,12 +97,12 @@ async fn the_platform_process_sigkilled_under_load_loses_and_duplicates_nothing(
     c.stream_start(&t.name, 1).await.expect("start");
     let db = format!("{ns}tenant_victim");
     let progressed = eventually(Duration::from_secs(60), || async {
-        stored(&mongodb_uri, &db).await.0 >= 500
+        messages_stored(&mongodb_uri, &db).await.0 >= 500
     })
     .await;
     assert!(progressed, "the stream made progress before the kill");
     p.child.kill().await.expect("SIGKILL");
-    let (at_kill, _) = stored(&mongodb_uri, &db).await;
+    let (at_kill, _) = messages_stored(&mongodb_uri, &db).await;
     assert!(at_kill < 5000, "killed mid-stream ({at_kill} stored)");
 
     let p = spawn_serve(&ns, &staging).await;
@@ -131,12 +112,12 @@ async fn the_platform_process_sigkilled_under_load_loses_and_duplicates_nothing(
         .expect("publish after restart");
     c.stream_start(&t.name, 2).await.expect("restart consumers");
     let all = eventually(Duration::from_secs(180), || async {
-        stored(&mongodb_uri, &db).await.0 >= 6000
+        messages_stored(&mongodb_uri, &db).await.0 >= 6000
     })
     .await;
-    assert!(all, "stored {:?}", stored(&mongodb_uri, &db).await);
+    assert!(all, "stored {:?}", messages_stored(&mongodb_uri, &db).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored(&mongodb_uri, &db).await, (6000, 6000));
+    assert_eq!(messages_stored(&mongodb_uri, &db).await, (6000, 6000));
     let f = c
         .wait_for_file(&t.name, "wq.csv", Duration::from_secs(180))
         .await
@@ -211,7 +192,7 @@ async fn broker_connections_cut_mid_stream_are_recovered_without_loss() {
     let db = format!("{}tenant_{t}", app.namespace);
     let uri = app.settings.mongodb.uri.clone();
     let progressed = eventually(Duration::from_secs(60), || async {
-        stored(&uri, &db).await.0 >= 500
+        messages_stored(&uri, &db).await.0 >= 500
     })
     .await;
     assert!(progressed);
@@ -222,12 +203,12 @@ async fn broker_connections_cut_mid_stream_are_recovered_without_loss() {
     );
     publish_retrying(&c, &t, ndjson(5000, 6000)).await;
     let all = eventually(Duration::from_secs(120), || async {
-        stored(&uri, &db).await.0 >= 6000
+        messages_stored(&uri, &db).await.0 >= 6000
     })
     .await;
-    assert!(all, "stored {:?}", stored(&uri, &db).await);
+    assert!(all, "stored {:?}", messages_stored(&uri, &db).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored(&uri, &db).await, (6000, 6000));
+    assert_eq!(messages_stored(&uri, &db).await, (6000, 6000));
 }
 
 /// A MongoDB server this test owns, so it can stop and restart it.
@@ -321,7 +302,7 @@ async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
     c.stream_start(&t, 1).await.expect("start");
     let mdb = format!("{}tenant_{t}", app.namespace);
     let progressed = eventually(Duration::from_secs(60), || async {
-        stored(&uri, &mdb).await.0 >= 300
+        messages_stored(&uri, &mdb).await.0 >= 300
     })
     .await;
     assert!(progressed);
@@ -335,12 +316,12 @@ async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
     db.start();
 
     let all = eventually(Duration::from_secs(180), || async {
-        stored(&uri, &mdb).await.0 >= 4000
+        messages_stored(&uri, &mdb).await.0 >= 4000
     })
     .await;
-    assert!(all, "stored {:?}", stored(&uri, &mdb).await);
+    assert!(all, "stored {:?}", messages_stored(&uri, &mdb).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(stored(&uri, &mdb).await, (4000, 4000));
+    assert_eq!(messages_stored(&uri, &mdb).await, (4000, 4000));
     let f = c
         .wait_for_file(&t, "wq.csv", Duration::from_secs(180))
         .await

@@ -197,3 +197,23 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// (documents, distinct `seq` values) in a tenant database's `messages` collection; zeros
+/// while the database cannot be reached (the outage test polls through one).
+pub async fn messages_stored(mongodb_uri: &str, db: &str) -> (u64, u64) {
+    let c = mongodb::Client::with_uri_str(mongodb_uri)
+        .await
+        .expect("driver");
+    let coll = c
+        .database(db)
+        .collection::<mongodb::bson::Document>("messages");
+    let total = coll
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .unwrap_or(0);
+    let distinct = coll
+        .distinct("seq", mongodb::bson::doc! {})
+        .await
+        .map_or(0, |d| d.len() as u64);
+    (total, distinct)
+}

@@ -4,7 +4,7 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
-use crate::harness::{TestApp, eventually};
+use crate::harness::{TestApp, eventually, messages_stored};
 
 fn ndjson(from: usize, to: usize) -> Vec<u8> {
     let mut out = Vec::new();
@@ -15,21 +15,8 @@ fn ndjson(from: usize, to: usize) -> Vec<u8> {
 }
 
 async fn distinct_seqs(app: &TestApp, tenant: &str) -> (u64, u64) {
-    let coll = app
-        .mongo()
-        .await
-        .database(&format!("{}tenant_{tenant}", app.namespace))
-        .collection::<mongodb::bson::Document>("messages");
-    let total = coll
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .expect("count");
-    let distinct = coll
-        .distinct("seq", mongodb::bson::doc! {})
-        .await
-        .expect("distinct")
-        .len() as u64;
-    (total, distinct)
+    let db = format!("{}tenant_{tenant}", app.namespace);
+    messages_stored(&app.settings.mongodb.uri, &db).await
 }
 
 #[tokio::test]
