@@ -51,8 +51,34 @@ impl Raw {
 #[derive(Clone)]
 pub struct Client {
     base: String,
+    /// Where the batch and stream components answer when they run as separate services;
+    /// `None` when one address serves everything.
+    split: Option<std::sync::Arc<Split>>,
     token: Option<String>,
     http: reqwest::Client,
+}
+
+/// The addresses of a split deployment (`serve coredms`, `serve batch`, `serve stream`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    pub batch: String,
+    pub stream: String,
+}
+
+/// Which component answers `path` in a split deployment: `files` and batch apps go to the
+/// batch ingest manager, `messages`, `stream[/start|/stop]` and stream apps to the stream
+/// ingest manager, everything else (tenants, logs, the stream report drawn from the logs,
+/// documents) to coredms.
+fn component_of(path: &str) -> Option<&'static str> {
+    let rest = path.strip_prefix("/v1/tenants/")?;
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let mut segs = rest.split('/').skip(1);
+    match (segs.next(), segs.next()) {
+        (Some("files"), _) | (Some("apps"), Some("batch")) => Some("batch"),
+        (Some("stream"), Some("report")) => None,
+        (Some("messages" | "stream"), _) | (Some("apps"), Some("stream")) => Some("stream"),
+        _ => None,
+    }
 }
 
 impl Client {
@@ -63,9 +89,32 @@ impl Client {
             .unwrap_or_default();
         Self {
             base: base.trim_end_matches('/').to_owned(),
+            split: None,
             token: token.map(str::to_owned),
             http,
         }
+    }
+
+    /// A client of a split deployment: `base` is coredms, `split` the other two components.
+    pub fn split(base: &str, split: Split, token: Option<&str>) -> Self {
+        let split = Split {
+            batch: split.batch.trim_end_matches('/').to_owned(),
+            stream: split.stream.trim_end_matches('/').to_owned(),
+        };
+        Self {
+            split: Some(std::sync::Arc::new(split)),
+            ..Self::new(base, token)
+        }
+    }
+
+    /// The address that answers `path`.
+    pub fn url(&self, path: &str) -> String {
+        let base = match (&self.split, component_of(path)) {
+            (Some(s), Some("batch")) => &s.batch,
+            (Some(s), Some("stream")) => &s.stream,
+            _ => &self.base,
+        };
+        format!("{base}{path}")
     }
 
     /// The same platform, as another caller.
@@ -98,7 +147,7 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<reqwest::Body>,
     ) -> Result<Raw, ClientError> {
-        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -281,6 +330,11 @@ impl Client {
         .await
     }
 
+    /// Consumers running and what they ingested since the stream component started.
+    pub async fn stream_status(&self, tenant: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/tenants/{tenant}/stream")).await
+    }
+
     pub async fn stream_start(&self, tenant: &str, consumers: u32) -> Result<Value, ClientError> {
         self.json(
             Method::POST,
@@ -342,5 +396,45 @@ impl Client {
 
     pub async fn summary(&self, query: &str) -> Result<Value, ClientError> {
         self.get(&format!("/v1/logs/summary?{query}")).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_split_client_sends_each_path_to_its_component() {
+        let c = Client::split(
+            "http://core/",
+            Split {
+                batch: "http://batch".into(),
+                stream: "http://stream/".into(),
+            },
+            None,
+        );
+        let cases = [
+            ("/v1/tenants", "http://core"),
+            ("/v1/tenants/acme", "http://core"),
+            ("/v1/tenants/acme/logs?status=failure", "http://core"),
+            ("/v1/tenants/acme/collections/c/documents", "http://core"),
+            ("/v1/logs/summary", "http://core"),
+            ("/v1/tenants/acme/files", "http://batch"),
+            ("/v1/tenants/acme/files/a.csv/ingest", "http://batch"),
+            ("/v1/tenants/acme/apps/batch", "http://batch"),
+            ("/v1/tenants/acme/apps/stream", "http://stream"),
+            ("/v1/tenants/acme/messages?data_name=x", "http://stream"),
+            ("/v1/tenants/acme/stream", "http://stream"),
+            ("/v1/tenants/acme/stream/start", "http://stream"),
+            ("/v1/tenants/acme/stream/report", "http://core"),
+        ];
+        for (path, base) in cases {
+            assert_eq!(c.url(path), format!("{base}{path}"), "{path}");
+        }
+        let one = Client::new("http://all", None);
+        assert_eq!(
+            one.url("/v1/tenants/a/files"),
+            "http://all/v1/tenants/a/files"
+        );
     }
 }

@@ -224,3 +224,37 @@ pub async fn serve(
     platform.stop().await;
     Ok(())
 }
+
+/// What `mysimbdp serve [component]` does: start `component`, listen on `http.listen`, serve
+/// until SIGINT or SIGTERM, then drain. The workbench runs split topologies through this too.
+pub async fn serve_component(settings: Settings, component: Component) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listen = settings.http.listen.clone();
+    let platform = start(settings, component).await?;
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, component = ?component, "serving");
+    serve(listener, platform, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: draining in-flight work");
+}

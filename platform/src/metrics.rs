@@ -50,6 +50,16 @@ impl Metrics {
         }
     }
 
+    /// The value of one counter; 0 if it was never bumped.
+    pub fn get(&self, name: &str, tenant: &str, source: &str, status: &str) -> u64 {
+        let Ok(c) = self.counters.lock() else {
+            return 0;
+        };
+        c.iter()
+            .find(|((n, t, so, st), _)| *n == name && t == tenant && *so == source && *st == status)
+            .map_or(0, |(_, v)| *v)
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let Ok(c) = self.counters.lock() else {

@@ -149,25 +149,6 @@ fn print(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down: draining in-flight work");
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.url, cli.token.as_deref());
     match cli.command {
@@ -177,13 +158,7 @@ async fn run(cli: Cli) -> Result<()> {
             set,
         } => {
             let settings = Settings::load(config.as_deref(), &set)?;
-            let listen = settings.http.listen.clone();
-            let platform = mysimbdp::start(settings, component).await?;
-            let listener = tokio::net::TcpListener::bind(&listen)
-                .await
-                .with_context(|| format!("cannot listen on {listen}"))?;
-            tracing::info!(address = %listener.local_addr()?, component = ?component, "serving");
-            mysimbdp::serve(listener, platform, shutdown_signal()).await?;
+            mysimbdp::serve_component(settings, component).await?;
         }
         Cmd::Tenant { cmd } => match cmd {
             TenantCmd::Create {

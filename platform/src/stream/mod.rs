@@ -237,5 +237,17 @@ async fn stream_status(
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     let running = manager(&p)?.running(&t).await;
-    Ok(Json(json!({ "consumers": running })).into_response())
+    let count = |name, status| p.metrics.get(name, t.as_str(), "stream", status);
+    Ok(Json(json!({
+        "consumers": running,
+        // What this process's consumers did since it started: a cheap live view. The log
+        // (`/stream/report`, `/logs`) is the record.
+        "since_start": {
+            "stored": count("mysimbdp_ingested_total", "success"),
+            "duplicates": count("mysimbdp_ingested_total", "duplicate"),
+            "failed": count("mysimbdp_ingested_total", "failure"),
+            "dead_lettered": count("mysimbdp_dead_lettered_total", "failure"),
+        }
+    }))
+    .into_response())
 }

@@ -9,4 +9,5 @@ mod coredms;
 mod faults;
 mod foundation;
 mod harness;
+mod split;
 mod stream;
