@@ -1,7 +1,9 @@
 //! The mysimbdp workbench: runs scenarios against the real platform through its public HTTP
 //! API and writes latency reports; the raw driver ceiling is measured in the same run.
 
+pub mod deploy;
 pub mod faults;
+pub mod progress;
 pub mod report;
 pub mod scenario;
 

@@ -101,8 +101,12 @@ pub struct Environment {
     pub rabbitmq: String,
     pub commit: String,
     pub build: String,
-    /// Peak resident memory of the process that ran the platform and the load (VmHWM).
+    /// Peak resident memory (VmHWM) summed over the processes below.
     pub peak_rss_bytes: u64,
+    /// Each process of the run and its peak resident memory: the runner alone (platform
+    /// and load) in-process, or the runner and each component when they run apart.
+    #[serde(default)]
+    pub processes: Vec<(String, u64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,8 +142,13 @@ fn memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident memory (VmHWM) of a process (`None`: this one); 0 where unknown.
+pub fn peak_rss(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|m| {
             m.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
@@ -198,7 +207,8 @@ impl Report {
                 } else {
                     "release".into()
                 },
-                peak_rss_bytes: peak_rss_bytes(),
+                peak_rss_bytes: peak_rss(None),
+                processes: vec![("runner".into(), peak_rss(None))],
             },
             wall_s: wall.as_secs_f64(),
             batch,
@@ -207,6 +217,13 @@ impl Report {
             batch_fraction_of_ceiling: fraction,
             reference,
         }
+    }
+
+    /// The processes the platform and the load ran in, with their peak resident memory.
+    pub fn with_processes(mut self, processes: Vec<(String, u64)>) -> Self {
+        self.environment.peak_rss_bytes = processes.iter().map(|(_, b)| b).sum();
+        self.environment.processes = processes;
+        self
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
@@ -229,7 +246,7 @@ impl Report {
     fn markdown(&self) -> String {
         let e = &self.environment;
         let mut s = format!(
-            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n| peak RSS (platform + load, one process) | {:.0} MiB |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n| platform topology | {} |\n| peak RSS | {:.0} MiB ({}) |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.scenario.name,
             self.run_id,
             self.scenario.description,
@@ -240,7 +257,17 @@ impl Report {
             e.rabbitmq,
             e.commit,
             e.build,
-            e.peak_rss_bytes as f64 / (1u64 << 20) as f64
+            match self.scenario.platform.topology {
+                crate::deploy::Topology::InProcess => "in-process (one process: platform + load)",
+                crate::deploy::Topology::Separate =>
+                    "separate processes (coredms, batch, stream; the load in the runner)",
+            },
+            e.peak_rss_bytes as f64 / (1u64 << 20) as f64,
+            e.processes
+                .iter()
+                .map(|(n, b)| format!("{n} {:.0} MiB", *b as f64 / (1u64 << 20) as f64))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         for (name, p, orig) in [
             ("batch", &self.batch, ORIGINAL_BATCH_MS),
@@ -255,7 +282,13 @@ impl Report {
                 ));
             }
         }
-        s.push_str("\nBatch latency: record read → stored. Stream latency: publish → stored, corrected for coordinated omission at the offered rate");
+        match self.scenario.stream.as_ref() {
+            Some(st) if st.concurrency > 0 => s.push_str(&format!(
+                "\nBatch latency: record read → stored. Stream latency: publish → stored, closed loop with {} publishers per tenant (not corrected: a closed loop has no intended schedule)",
+                st.concurrency
+            )),
+            _ => s.push_str("\nBatch latency: record read → stored. Stream latency: publish → stored, corrected for coordinated omission at the offered rate"),
+        }
         if let Some(u) = self.stream.as_ref().and_then(|p| p.uncorrected.as_ref()) {
             s.push_str(&format!(
                 " (uncorrected p50 {:.2} ms, p99 {:.2} ms)",

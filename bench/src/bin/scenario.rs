@@ -35,6 +35,15 @@ enum Cmd {
     },
     /// Ratios between two report.json files (B/A).
     Compare { a: PathBuf, b: PathBuf },
+    /// Run one platform component exactly as `mysimbdp serve` does: the runner starts the
+    /// `separate` topology this way, so it needs no second binary.
+    #[command(hide = true)]
+    Serve {
+        #[arg(value_enum)]
+        component: mysimbdp::Component,
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -66,6 +75,10 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Compare { a, b } => print!("{}", mysimbdp_bench::compare(&a, &b)?),
+        Cmd::Serve { component, set } => {
+            let settings = mysimbdp::config::Settings::load(None, &set)?;
+            mysimbdp::serve_component(settings, component).await?;
+        }
     }
     Ok(())
 }
