@@ -17,11 +17,29 @@ pub struct Track {
     name: &'static str,
     done: AtomicU64,
     total: AtomicU64,
+    /// Milliseconds from the start to when `done` reached `total`; 0 while running.
+    finished_ms: AtomicU64,
+    started: Instant,
 }
 
 impl Track {
     pub fn set(&self, done: u64) {
         self.done.store(done, Ordering::Relaxed);
+        if done >= self.total.load(Ordering::Relaxed) {
+            let ms = (self.started.elapsed().as_millis() as u64).max(1);
+            let _ = self
+                .finished_ms
+                .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds the track has run: up to now, or up to when it finished.
+    fn secs(&self) -> f64 {
+        match self.finished_ms.load(Ordering::Relaxed) {
+            0 => self.started.elapsed().as_secs_f64(),
+            ms => ms as f64 / 1000.0,
+        }
+        .max(1e-3)
     }
 }
 
@@ -30,6 +48,7 @@ const BAR: usize = 24;
 impl Progress {
     /// One track per name, each with its total.
     pub fn new(tracks: &[(&'static str, u64)]) -> Arc<Self> {
+        let started = Instant::now();
         Arc::new(Self {
             tracks: tracks
                 .iter()
@@ -37,9 +56,11 @@ impl Progress {
                     name,
                     done: AtomicU64::new(0),
                     total: AtomicU64::new(total),
+                    finished_ms: AtomicU64::new(0),
+                    started,
                 })
                 .collect(),
-            started: Instant::now(),
+            started,
             stop: AtomicBool::new(false),
         })
     }
@@ -53,7 +74,8 @@ impl Progress {
             .unwrap_or_else(|| panic!("no progress track `{name}`"))
     }
 
-    /// The current line: per track a bar, count, rate since the start and time left.
+    /// The current line: per track a bar, count, rate (since the start, frozen once the
+    /// track is done) and time left.
     pub fn line(&self) -> String {
         let secs = self.started.elapsed().as_secs_f64().max(1e-3);
         let parts: Vec<String> = self
@@ -64,9 +86,9 @@ impl Progress {
                 let total = t.total.load(Ordering::Relaxed).max(1);
                 let frac = (done as f64 / total as f64).min(1.0);
                 let filled = (frac * BAR as f64).round() as usize;
-                let rate = done as f64 / secs;
+                let rate = done as f64 / t.secs();
                 let eta = if done >= total {
-                    "done".to_owned()
+                    format!("done in {}", clock(t.secs()))
                 } else if rate > 0.0 {
                     format!("ETA {}", clock((total - done) as f64 / rate))
                 } else {
