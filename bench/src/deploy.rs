@@ -2,15 +2,12 @@
 //! processes (`serve coredms`, `serve batch`, `serve stream`) talking over HTTP, the way a
 //! split deployment runs.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use mysimbdp::Component;
-use mysimbdp::client::{Client, Split};
+use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
+use mysimbdp::processes::SplitProcesses;
 use serde::{Deserialize, Serialize};
 
 /// How the platform runs during a scenario.
@@ -49,15 +46,9 @@ enum Running {
         server: tokio::task::JoinHandle<std::io::Result<()>>,
     },
     Separate {
-        children: Vec<Child>,
+        processes: SplitProcesses,
         _infra: Infra,
     },
-}
-
-struct Child {
-    component: &'static str,
-    process: tokio::process::Child,
-    log: PathBuf,
 }
 
 impl Deployment {
@@ -95,64 +86,13 @@ impl Deployment {
         let infra = Infra::provision(&settings).await?;
         let exe = std::env::current_exe().context("cannot find the scenario executable")?;
         let logs = settings.staging.dir.with_extension("logs");
-        std::fs::create_dir_all(&logs)
-            .with_context(|| format!("cannot create {}", logs.display()))?;
-        let mut addrs = Vec::new();
-        let mut children = Vec::new();
-        for component in ["coredms", "batch", "stream"] {
-            let addr = free_port()?;
-            let mut args = vec!["serve".to_owned(), component.to_owned()];
-            for o in overrides
-                .iter()
-                .cloned()
-                .chain([format!("http.listen=\"{addr}\"")])
-                .chain(
-                    (component != "coredms")
-                        .then(|| format!("http.coredms_url=\"http://{}\"", addrs[0])),
-                )
-            {
-                args.push("--set".into());
-                args.push(o);
-            }
-            let log = logs.join(format!("{component}.log"));
-            let out = std::fs::File::create(&log)?;
-            let process = tokio::process::Command::new(&exe)
-                .args(&args)
-                .env("MONGODB_URI", &infra.mongodb_uri)
-                .env("AMQP_URI", &infra.amqp_uri)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out)
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("cannot start `{} serve {component}`", exe.display()))?;
-            children.push(Child {
-                component,
-                process,
-                log,
-            });
-            // coredms first: the others check it at start.
-            wait_healthy(&addr, children.last_mut().expect("just pushed")).await?;
-            addrs.push(addr);
-        }
-        let admin = Client::split(
-            &format!("http://{}", addrs[0]),
-            Split {
-                batch: format!("http://{}", addrs[1]),
-                stream: format!("http://{}", addrs[2]),
-            },
-            Some(admin),
-        );
+        let processes = SplitProcesses::start(&exe, &overrides, &infra, &logs).await?;
         Ok(Self {
-            admin,
+            admin: processes.client(Some(admin)),
             versions: infra.versions.clone(),
             mongodb_uri: infra.mongodb_uri.clone(),
             running: Running::Separate {
-                children,
+                processes,
                 _infra: infra,
             },
         })
@@ -169,13 +109,12 @@ impl Deployment {
                     crate::report::peak_rss(None),
                 ));
             }
-            Running::Separate { children, .. } => {
+            Running::Separate { processes, .. } => {
                 out.push(("runner (load)".into(), crate::report::peak_rss(None)));
-                for c in children {
-                    out.push((
-                        c.component.to_owned(),
-                        crate::report::peak_rss(c.process.id()),
-                    ));
+                for (component, pid) in processes.pids() {
+                    // A reaped component has no /proc entry left: unknown, 0.
+                    let rss = pid.map_or(0, |p| crate::report::peak_rss(Some(p)));
+                    out.push((component.to_owned(), rss));
                 }
             }
         }
@@ -190,76 +129,8 @@ impl Deployment {
                 let _ = stop.send(());
                 server.await??;
             }
-            Running::Separate { mut children, .. } => {
-                let mut failed = Vec::new();
-                for c in children.iter_mut().rev() {
-                    if let Ok(Some(status)) = c.process.try_wait() {
-                        failed.push(format!(
-                            "{} had exited ({status}) before the end; see {}",
-                            c.component,
-                            c.log.display()
-                        ));
-                        continue;
-                    }
-                    if let Some(pid) = c.process.id() {
-                        let _ = std::process::Command::new("kill")
-                            .args(["-TERM", &pid.to_string()])
-                            .status();
-                    }
-                    match tokio::time::timeout(Duration::from_secs(30), c.process.wait()).await {
-                        Ok(Ok(s)) if s.success() => {}
-                        Ok(Ok(s)) => failed.push(format!(
-                            "{} exited with {s}; see {}",
-                            c.component,
-                            c.log.display()
-                        )),
-                        _ => {
-                            let _ = c.process.kill().await;
-                            failed.push(format!("{} did not drain within 30 s", c.component));
-                        }
-                    }
-                }
-                if !failed.is_empty() {
-                    bail!("platform components: {}", failed.join("; "));
-                }
-            }
+            Running::Separate { processes, .. } => processes.stop().await?,
         }
         Ok(())
-    }
-}
-
-fn free_port() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.to_string())
-}
-
-/// Waits until a component answers `/healthz`, or fails with the tail of its log if it exits
-/// or takes too long.
-async fn wait_healthy(addr: &str, child: &mut Child) -> Result<()> {
-    let http = reqwest::Client::new();
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = http.get(format!("http://{addr}/healthz")).send().await
-            && r.status().is_success()
-        {
-            return Ok(());
-        }
-        let exited = child.process.try_wait()?;
-        if exited.is_some() || started.elapsed() > Duration::from_secs(60) {
-            let log = std::fs::read_to_string(&child.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!(
-                "`serve {}` {} on {addr}; its log ({}):\n{}",
-                child.component,
-                match exited {
-                    Some(s) => format!("exited ({s})"),
-                    None => "did not become healthy within 60 s".into(),
-                },
-                child.log.display(),
-                tail.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -190,6 +190,7 @@ impl Report {
             "batch_speedup": batch.as_ref().map(|b| ORIGINAL_BATCH_MS / b.ms_per_ingestion),
             "stream_speedup": stream.as_ref().map(|s| ORIGINAL_STREAM_MS / s.ms_per_ingestion),
         });
+        let rss = peak_rss(None);
         Self {
             schema_version: SCHEMA_VERSION,
             scenario: sc.clone(),
@@ -207,8 +208,8 @@ impl Report {
                 } else {
                     "release".into()
                 },
-                peak_rss_bytes: peak_rss(None),
-                processes: vec![("runner".into(), peak_rss(None))],
+                peak_rss_bytes: rss,
+                processes: vec![("runner".into(), rss)],
             },
             wall_s: wall.as_secs_f64(),
             batch,

@@ -15,6 +15,7 @@ pub mod http;
 pub mod infra;
 pub mod logs;
 pub mod metrics;
+pub mod processes;
 pub mod stream;
 pub mod tenants;
 
@@ -224,6 +225,10 @@ pub async fn serve(
     platform.stop().await;
     Ok(())
 }
+
+/// The log filter a platform process uses when `RUST_LOG` is not set: the platform at info,
+/// the chatty drivers at warn.
+pub const DEFAULT_LOG_FILTER: &str = "info,lapin=warn,mongodb=warn";
 
 /// What `mysimbdp serve [component]` does: start `component`, listen on `http.listen`, serve
 /// until SIGINT or SIGTERM, then drain. The workbench runs split topologies through this too.

@@ -51,13 +51,18 @@ impl Metrics {
     }
 
     /// The value of one counter; 0 if it was never bumped.
-    pub fn get(&self, name: &str, tenant: &str, source: &str, status: &str) -> u64 {
-        let Ok(c) = self.counters.lock() else {
-            return 0;
-        };
-        c.iter()
-            .find(|((n, t, so, st), _)| *n == name && t == tenant && *so == source && *st == status)
-            .map_or(0, |(_, v)| *v)
+    pub fn get(
+        &self,
+        name: &'static str,
+        tenant: &str,
+        source: &'static str,
+        status: &'static str,
+    ) -> u64 {
+        self.counters.lock().map_or(0, |c| {
+            c.get(&(name, tenant.to_owned(), source, status))
+                .copied()
+                .unwrap_or(0)
+        })
     }
 
     pub fn render(&self) -> String {
