@@ -100,6 +100,15 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         "300 messages stored once each, got {:?}",
         messages_stored(&infra.mongodb_uri, &db).await
     );
+    // The documents become visible before their log entries are written and before the
+    // stream process hears back from coredms and counts them: wait for the count, after
+    // which the log is complete too.
+    eventually(Duration::from_secs(30), || async {
+        c.stream_status(&t.name)
+            .await
+            .is_ok_and(|s| s["since_start"]["stored"] == 300)
+    })
+    .await;
     let status = c.stream_status(&t.name).await.expect("stream status");
     assert_eq!(status["consumers"], 1, "{status}");
     assert_eq!(status["since_start"]["stored"], 300, "{status}");
