@@ -232,6 +232,9 @@ pub struct StreamSettings {
     pub max_consumers: u32,
     /// Width of the buckets in the stream report.
     pub report_period_s: u64,
+    /// Deliveries of a message that ended without it being stored or dead-lettered (its
+    /// batch failed) before it is dead-lettered with the last error, instead of looping.
+    pub max_deliveries: u32,
 }
 
 impl Default for StreamSettings {
@@ -244,6 +247,7 @@ impl Default for StreamSettings {
             max_request_bytes: 16 * 1024 * 1024,
             max_consumers: 16,
             report_period_s: 60,
+            max_deliveries: 5,
         }
     }
 }

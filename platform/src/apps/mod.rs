@@ -838,6 +838,8 @@ pub struct Transformed {
     pub failures: Vec<crate::coredms::Failure>,
     /// (index into the inputs, reason)
     pub failed_inputs: Vec<(usize, String)>,
+    /// For each of `docs`, the index of the input it came from.
+    pub doc_inputs: Vec<usize>,
 }
 
 struct CountingWriter(usize);
@@ -938,6 +940,7 @@ pub fn transform(
         }
         let per_doc_bytes = input.bytes / (docs.len().max(1) as u64);
         for (k, (coll, doc)) in docs.into_iter().enumerate() {
+            out.doc_inputs.push(n);
             out.docs.push(crate::coredms::DocWrite {
                 id: crate::coredms::doc_id(&input.origin, input.index, k as u32),
                 collection: coll.unwrap_or_else(|| collection.to_owned()),

@@ -10,7 +10,7 @@ mod router;
 
 use std::sync::Arc;
 
-use ::mongodb::bson::{self, Bson, DateTime, Document};
+use ::mongodb::bson::{self, Bson, DateTime, Document, RawDocumentBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::mongodb::MongoStore;
@@ -123,38 +123,115 @@ pub fn now_us() -> i64 {
 
 /// The documents of a bulk write as BSON, grouped by collection, ready to insert.
 pub struct Prepared {
-    /// (collection, indexes into `BulkWrite::docs`, documents)
-    pub collections: Vec<(String, Vec<usize>, Vec<Document>)>,
-    /// Documents that could not be encoded: (index, reason).
+    /// (collection, indexes into `BulkWrite::docs`, encoded documents)
+    pub collections: Vec<(String, Vec<usize>, Vec<RawDocumentBuf>)>,
+    /// Documents the database would refuse, found before the write: (index, reason).
     pub invalid: Vec<(usize, String)>,
 }
 
-/// Encodes a bulk write's documents as BSON with their ids: the CPU-bound part of a write.
+/// Largest document MongoDB stores (its `maxBsonObjectSize`).
+pub const MAX_BSON_BYTES: usize = 16 * 1024 * 1024;
+/// Deepest nesting MongoDB accepts in a stored document (the top level counts as one).
+pub const MAX_BSON_DEPTH: usize = 100;
+
+/// A document as it is stored: `_id` first, then its fields without any `_id` of its own.
+struct WithId<'a> {
+    id: &'a str,
+    doc: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+impl Serialize for WithId<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("_id", self.id)?;
+        for (k, v) in self.doc {
+            if k != "_id" {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
+
+/// Why the database would refuse a document's keys or nesting, found without asking it: a
+/// key holding a NUL byte or starting with `$`, or nesting deeper than [`MAX_BSON_DEPTH`].
+pub fn check_document(doc: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
+    fn key(k: &str) -> Result<(), String> {
+        let shown = || k.replace('\0', "\\0").chars().take(80).collect::<String>();
+        if k.contains('\0') {
+            return Err(format!(
+                "key `{}` holds a NUL byte, which the database cannot store",
+                shown()
+            ));
+        }
+        if k.starts_with('$') {
+            return Err(format!(
+                "key `{}` starts with `$`, which the database reserves",
+                shown()
+            ));
+        }
+        Ok(())
+    }
+    fn walk(v: &serde_json::Value, depth: usize) -> Result<(), String> {
+        let nested = matches!(
+            v,
+            serde_json::Value::Object(_) | serde_json::Value::Array(_)
+        );
+        if nested && depth > MAX_BSON_DEPTH {
+            return Err(format!(
+                "document nests deeper than {MAX_BSON_DEPTH} levels, the database's limit"
+            ));
+        }
+        match v {
+            serde_json::Value::Object(m) => m.iter().try_for_each(|(k, v)| {
+                key(k)?;
+                walk(v, depth + 1)
+            }),
+            serde_json::Value::Array(items) => items.iter().try_for_each(|i| walk(i, depth + 1)),
+            _ => Ok(()),
+        }
+    }
+    doc.iter()
+        .filter(|(k, _)| *k != "_id")
+        .try_for_each(|(k, v)| {
+            key(k)?;
+            walk(v, 2)
+        })
+}
+
+/// One document encoded as stored BSON, or why the database would refuse it: bad keys, too
+/// deep, a number BSON cannot hold, or over [`MAX_BSON_BYTES`].
+pub fn encode(
+    id: &str,
+    doc: &serde_json::Map<String, serde_json::Value>,
+) -> Result<RawDocumentBuf, String> {
+    check_document(doc)?;
+    let bytes =
+        bson::to_vec(&WithId { id, doc }).map_err(|e| format!("document cannot be stored: {e}"))?;
+    if bytes.len() > MAX_BSON_BYTES {
+        return Err(format!(
+            "document is {} bytes as BSON, over the database's {MAX_BSON_BYTES} bytes limit",
+            bytes.len()
+        ));
+    }
+    RawDocumentBuf::from_bytes(bytes).map_err(|e| format!("document cannot be stored: {e}"))
+}
+
+/// Encodes a bulk write's documents as BSON with their ids, and sets aside each document the
+/// database would refuse, so that one poison document fails alone: the CPU-bound part of a
+/// write.
 pub fn prepare(w: &BulkWrite) -> Prepared {
-    let mut collections: Vec<(String, Vec<usize>, Vec<Document>)> = Vec::new();
+    let mut collections: Vec<(String, Vec<usize>, Vec<RawDocumentBuf>)> = Vec::new();
     let mut invalid = Vec::new();
     for (i, d) in w.docs.iter().enumerate() {
-        let mut doc = Document::new();
-        doc.insert("_id", d.id.as_str());
-        let mut bad = None;
-        for (k, v) in &d.doc {
-            if k == "_id" {
+        let doc = match encode(&d.id, &d.doc) {
+            Ok(doc) => doc,
+            Err(reason) => {
+                invalid.push((i, reason));
                 continue;
             }
-            match Bson::try_from(v.clone()) {
-                Ok(b) => {
-                    doc.insert(k.as_str(), b);
-                }
-                Err(e) => {
-                    bad = Some(format!("field `{k}` cannot be stored: {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(reason) = bad {
-            invalid.push((i, reason));
-            continue;
-        }
+        };
         match collections.iter_mut().find(|(c, _, _)| *c == d.collection) {
             Some((_, idx, docs)) => {
                 idx.push(i);
@@ -381,11 +458,63 @@ mod tests {
         let (c, idx, docs) = &p.collections[0];
         assert_eq!((c.as_str(), idx.as_slice()), ("a", &[0usize, 2][..]));
         assert_eq!(docs[1].get_str("_id").expect("id"), "abc:2");
+        assert_eq!(
+            docs[1].iter().count(),
+            2,
+            "the document's own `_id` is replaced"
+        );
         assert!(
-            matches!(docs[0].get("x"), Some(Bson::Int32(1) | Bson::Int64(1))),
+            matches!(
+                docs[0].get("x").expect("readable"),
+                Some(bson::RawBsonRef::Int32(1) | bson::RawBsonRef::Int64(1))
+            ),
             "integers stay integers: {:?}",
             docs[0]
         );
+    }
+
+    #[test]
+    fn documents_the_database_would_refuse_fail_alone_with_their_reason() {
+        let mut deep = json!(1);
+        for _ in 0..=MAX_BSON_DEPTH {
+            deep = json!({ "d": deep });
+        }
+        let w = write(vec![
+            json!({"ok": 1}),
+            json!({"a\u{0}b": 1}),
+            json!({"nested": {"$set": 1}}),
+            deep,
+            json!({"big": "x".repeat(MAX_BSON_BYTES)}),
+            json!({"n": u64::MAX}),
+            json!({"ok": [1, {"k": "v"}]}),
+        ]);
+        let p = prepare(&w);
+        let stored: Vec<usize> = p
+            .collections
+            .iter()
+            .flat_map(|(_, idx, _)| idx.clone())
+            .collect();
+        assert_eq!(stored, vec![0, 6]);
+        let reasons: Vec<(usize, &str)> = p.invalid.iter().map(|(i, r)| (*i, r.as_str())).collect();
+        assert_eq!(reasons.len(), 5, "{reasons:?}");
+        assert!(reasons[0].1.contains("NUL"), "{reasons:?}");
+        assert!(
+            reasons[1].1.contains("`$set` starts with `$`"),
+            "{reasons:?}"
+        );
+        assert!(reasons[2].1.contains("deeper than 100"), "{reasons:?}");
+        assert!(reasons[3].1.contains("bytes limit"), "{reasons:?}");
+        assert!(reasons[4].1.contains("cannot be stored"), "{reasons:?}");
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted() {
+        let mut deep = json!(1);
+        for _ in 0..MAX_BSON_DEPTH {
+            deep = json!({ "d": deep });
+        }
+        let doc = deep.as_object().cloned().unwrap_or_default();
+        assert!(encode("x", &doc).is_ok());
     }
 
     #[test]

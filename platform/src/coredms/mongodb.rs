@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, Document, doc};
+use mongodb::bson::{self, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
@@ -239,52 +239,39 @@ impl MongoStore {
     }
 
     /// Unordered bulk inserts per collection, then the log entries in bulk. A duplicate id is
-    /// an earlier attempt's document: counted, logged as `duplicate`, never an error.
+    /// an earlier attempt's document: counted, logged as `duplicate`, never an error. A
+    /// document the database would refuse fails alone: it is set aside before the write
+    /// ([`prepare`]), or, when the server still rejects a whole insert, the insert is split
+    /// until the document that causes it is isolated.
     pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
         let prepared = prepare(w);
         let mut status = vec![Status::Success; w.docs.len()];
         let mut reasons: Vec<Option<String>> = vec![None; w.docs.len()];
         let mut outcome = BulkOutcome::default();
-        for (i, reason) in prepared.invalid {
+        let mut rejected = prepared.invalid;
+        for (collection, idx, docs) in prepared.collections {
+            let coll = self
+                .tenant_collection(&w.tenant, &collection)
+                .clone_with_type::<RawDocumentBuf>();
+            let results = self.insert_isolating(&coll, &docs).await?;
+            for (k, r) in results.into_iter().enumerate() {
+                let i = idx[k];
+                match r {
+                    Inserted::Yes => outcome.inserted += 1,
+                    Inserted::Duplicate => {
+                        status[i] = Status::Duplicate;
+                        outcome.duplicates += 1;
+                    }
+                    Inserted::Rejected(reason) => {
+                        rejected.push((i, format!("rejected by the database: {reason}")));
+                    }
+                }
+            }
+        }
+        for (i, reason) in rejected {
             status[i] = Status::Failure;
             reasons[i] = Some(reason.clone());
             outcome.failed.push((i, reason));
-        }
-        let opts = mongodb::options::InsertManyOptions::builder()
-            .ordered(false)
-            .write_concern(self.write_concern.clone())
-            .build();
-        for (collection, idx, docs) in prepared.collections {
-            let n = docs.len() as u64;
-            let coll = self.tenant_collection(&w.tenant, &collection);
-            match coll.insert_many(docs).with_options(opts.clone()).await {
-                Ok(_) => outcome.inserted += n,
-                Err(e) => {
-                    let ErrorKind::InsertMany(ime) = e.kind.as_ref() else {
-                        return Err(e.into());
-                    };
-                    if ime.write_concern_error.is_some() {
-                        return Err(CoreError::Unavailable(e.to_string()));
-                    }
-                    let errors = ime.write_errors.clone().unwrap_or_default();
-                    let mut bad = 0;
-                    for we in errors {
-                        let Some(&i) = idx.get(we.index) else {
-                            continue;
-                        };
-                        bad += 1;
-                        if we.code == DUPLICATE_KEY {
-                            status[i] = Status::Duplicate;
-                            outcome.duplicates += 1;
-                        } else {
-                            status[i] = Status::Failure;
-                            reasons[i] = Some(format!("rejected by the database: {}", we.message));
-                            outcome.failed.push((i, we.message.clone()));
-                        }
-                    }
-                    outcome.inserted += n - bad;
-                }
-            }
         }
         let logs = log_entries(w, &status, &reasons);
         if !logs.is_empty() {
@@ -299,6 +286,58 @@ impl MongoStore {
                 .await?;
         }
         Ok(outcome)
+    }
+
+    /// Inserts `docs` unordered and says what became of each. A rejection of the whole insert
+    /// that is not the database being unavailable is narrowed down by halves, so it costs
+    /// only the documents that cause it (log2(n) extra round trips per such document).
+    fn insert_isolating<'a>(
+        &'a self,
+        coll: &'a Collection<RawDocumentBuf>,
+        docs: &'a [RawDocumentBuf],
+    ) -> futures::future::BoxFuture<'a, Result<Vec<Inserted>, CoreError>> {
+        Box::pin(async move {
+            let opts = mongodb::options::InsertManyOptions::builder()
+                .ordered(false)
+                .write_concern(self.write_concern.clone())
+                .build();
+            let e = match coll.insert_many(docs).with_options(opts).await {
+                Ok(_) => return Ok(docs.iter().map(|_| Inserted::Yes).collect()),
+                Err(e) => e,
+            };
+            if let ErrorKind::InsertMany(ime) = e.kind.as_ref() {
+                if ime.write_concern_error.is_some() {
+                    return Err(CoreError::Unavailable(e.to_string()));
+                }
+                if let Some(errors) = &ime.write_errors {
+                    let mut out: Vec<Inserted> = docs.iter().map(|_| Inserted::Yes).collect();
+                    for we in errors {
+                        if let Some(slot) = out.get_mut(we.index) {
+                            *slot = if we.code == DUPLICATE_KEY {
+                                Inserted::Duplicate
+                            } else {
+                                Inserted::Rejected(we.message.clone())
+                            };
+                        }
+                    }
+                    return Ok(out);
+                }
+            }
+            let err = CoreError::from(e);
+            if err.is_retryable() {
+                return Err(err);
+            }
+            if docs.len() == 1 {
+                tracing::warn!(collection = %coll.name(), error = %err, "the database rejected a document");
+                return Ok(vec![Inserted::Rejected(err.to_string())]);
+            }
+            tracing::warn!(collection = %coll.name(), documents = docs.len(), error = %err,
+                "the database rejected a whole insert; narrowing it down");
+            let (left, right) = docs.split_at(docs.len() / 2);
+            let mut out = self.insert_isolating(coll, left).await?;
+            out.extend(self.insert_isolating(coll, right).await?);
+            Ok(out)
+        })
     }
 
     pub async fn save_app(
@@ -467,6 +506,14 @@ impl MongoStore {
             .count_documents(doc! {})
             .await?)
     }
+}
+
+/// What became of one document of an insert.
+enum Inserted {
+    Yes,
+    /// An earlier attempt stored it.
+    Duplicate,
+    Rejected(String),
 }
 
 fn is_duplicate(e: &mongodb::error::Error) -> bool {

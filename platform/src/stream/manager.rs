@@ -42,7 +42,21 @@ struct Ctx {
     coredms: CoreDms,
     apps: Arc<AppCache>,
     metrics: Arc<Metrics>,
+    /// Messages whose batch failed before it was acknowledged, by `<tenant>/<message id>`:
+    /// how often, and the last error. Such a message is retried alone, and dead-lettered
+    /// after `max_deliveries`, so one message can never make its queue loop forever.
+    attempts: std::sync::Mutex<HashMap<String, Attempt>>,
 }
+
+#[derive(Clone)]
+struct Attempt {
+    failures: u32,
+    last_error: String,
+}
+
+/// Most messages whose failed attempts are remembered; past it the memory is dropped (and
+/// counting starts again), so a long outage cannot grow it without bound.
+const MAX_REMEMBERED_ATTEMPTS: usize = 100_000;
 
 impl StreamManager {
     #[expect(
@@ -68,6 +82,7 @@ impl StreamManager {
                 coredms,
                 apps,
                 metrics,
+                attempts: std::sync::Mutex::new(HashMap::new()),
             }),
             consumers: Mutex::new(HashMap::new()),
             shutdown,
@@ -121,9 +136,14 @@ impl StreamManager {
 async fn consume_forever(ctx: Arc<Ctx>, tenant: TenantName, cancel: CancellationToken) {
     let mut delay = Duration::from_millis(200);
     while !cancel.is_cancelled() {
+        let began = tokio::time::Instant::now();
         match consume(&ctx, &tenant, &cancel).await {
             Ok(()) => return,
             Err(e) => {
+                // A session that ran a while was healthy: the backoff starts over.
+                if began.elapsed() > Duration::from_secs(30) {
+                    delay = Duration::from_millis(200);
+                }
                 tracing::warn!(tenant = %tenant, error = %e, retry_in_ms = delay.as_millis() as u64, "stream consumer failed, reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -182,7 +202,38 @@ async fn consume(
                 Ok(None) | Err(_) => break,
             }
         }
-        if let Err(e) = process(ctx, tenant, &topology, &dlq_ch, batch, &mut active, cancel).await {
+        // Messages whose earlier batch failed go alone, each acknowledged by itself, so a
+        // message that keeps failing fails only itself; the rest go as one batch.
+        let (suspects, rest): (Vec<Delivery>, Vec<Delivery>) = if ctx.has_attempts() {
+            batch
+                .into_iter()
+                .partition(|d| ctx.attempt(tenant, &message_id(d)).is_some())
+        } else {
+            (Vec::new(), batch)
+        };
+        let mut failed = None;
+        for d in suspects {
+            if let Err(e) = run_batch(
+                ctx,
+                tenant,
+                &topology,
+                &dlq_ch,
+                vec![d],
+                &mut active,
+                cancel,
+            )
+            .await
+            {
+                failed = Some(e);
+                break;
+            }
+        }
+        if failed.is_none() && !rest.is_empty() {
+            failed = run_batch(ctx, tenant, &topology, &dlq_ch, rest, &mut active, cancel)
+                .await
+                .err();
+        }
+        if let Some(e) = failed {
             break Err(e);
         }
     };
@@ -227,6 +278,9 @@ struct ActiveApp {
     fetched: Option<tokio::time::Instant>,
     limits: crate::config::AppLimits,
     app: Option<Arc<crate::apps::AppHandle>>,
+    /// The stored app no longer compiles or loads: every message fails with this reason
+    /// (and is dead-lettered) until the tenant uploads a working version.
+    broken: Option<String>,
 }
 
 impl ActiveApp {
@@ -238,19 +292,87 @@ impl ActiveApp {
             |e: crate::coredms::CoreError| BrokerError::Unavailable(format!("coredms: {e}"));
         let profile = ctx.coredms.tenant(tenant).await.map_err(unavailable)?;
         self.limits = profile.constraints.app_limits;
-        self.app = ctx
+        match ctx
             .apps
             .active(&ctx.coredms, tenant, AppKind::Stream, self.limits)
             .await
-            .map_err(unavailable)?;
+        {
+            Ok(app) => {
+                self.app = app;
+                self.broken = None;
+            }
+            Err(crate::coredms::CoreError::Invalid(reason)) => {
+                tracing::warn!(tenant = %tenant, reason = %reason, "the stored stream app cannot run; its messages are dead-lettered");
+                self.app = None;
+                self.broken = Some(reason);
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
         self.fetched = Some(tokio::time::Instant::now());
         Ok(())
     }
 }
 
-/// One batch: app → one bulk write → dead letters → one multiple-ack. Any error before the
-/// ack leaves every message of the batch unacknowledged, for redelivery.
-async fn process(
+/// A message's identity: the id the broker stamped, or for a message published around the
+/// broker API (no id) a hash of its content.
+fn message_id(d: &Delivery) -> String {
+    d.properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(&d.data)[..16])
+        })
+}
+
+impl Ctx {
+    fn has_attempts(&self) -> bool {
+        self.attempts.lock().map(|m| !m.is_empty()).unwrap_or(false)
+    }
+
+    fn attempt(&self, tenant: &TenantName, id: &str) -> Option<Attempt> {
+        let m = self.attempts.lock().ok()?;
+        m.get(&format!("{tenant}/{id}")).cloned()
+    }
+
+    fn note_failure(&self, tenant: &TenantName, batch: &[Delivery], error: &str) {
+        let Ok(mut m) = self.attempts.lock() else {
+            return;
+        };
+        if m.len() + batch.len() > MAX_REMEMBERED_ATTEMPTS {
+            tracing::warn!(
+                remembered = m.len(),
+                "too many failing messages remembered; forgetting their attempts"
+            );
+            m.clear();
+        }
+        for d in batch {
+            let a = m
+                .entry(format!("{tenant}/{}", message_id(d)))
+                .or_insert(Attempt {
+                    failures: 0,
+                    last_error: String::new(),
+                });
+            a.failures += 1;
+            a.last_error = error.to_owned();
+        }
+    }
+
+    fn forget(&self, tenant: &TenantName, batch: &[Delivery]) {
+        if let Ok(mut m) = self.attempts.lock()
+            && !m.is_empty()
+        {
+            for d in batch {
+                m.remove(&format!("{tenant}/{}", message_id(d)));
+            }
+        }
+    }
+}
+
+/// [`process`], remembering a failure against the batch's messages unless it was the
+/// broker's or the platform is shutting down.
+async fn run_batch(
     ctx: &Ctx,
     tenant: &TenantName,
     topology: &Topology,
@@ -259,24 +381,76 @@ async fn process(
     active: &mut ActiveApp,
     cancel: &CancellationToken,
 ) -> Result<(), BrokerError> {
+    match process(ctx, tenant, topology, dlq_ch, &batch, active, cancel).await {
+        Ok(()) => {
+            ctx.forget(tenant, &batch);
+            Ok(())
+        }
+        Err(Failed::NotStored(e)) => {
+            if !cancel.is_cancelled() {
+                ctx.note_failure(tenant, &batch, &e);
+            }
+            Err(BrokerError::Unavailable(format!("not stored: {e}")))
+        }
+        Err(Failed::Broker(e)) => Err(e),
+    }
+}
+
+/// Why a batch was left unacknowledged.
+enum Failed {
+    /// coredms did not store it (and it is not just unavailable for a moment).
+    NotStored(String),
+    Broker(BrokerError),
+}
+
+impl From<BrokerError> for Failed {
+    fn from(e: BrokerError) -> Self {
+        Self::Broker(e)
+    }
+}
+
+impl From<lapin::Error> for Failed {
+    fn from(e: lapin::Error) -> Self {
+        Self::Broker(e.into())
+    }
+}
+
+/// One batch: app → one bulk write → dead letters → acknowledgement (one multiple-ack).
+/// Any error before the ack leaves every message of the batch unacknowledged, for
+/// redelivery. A message whose input, app run or documents fail is dead-lettered with the
+/// reason (and logged); one that failed `max_deliveries` times already fails here with its
+/// last error.
+async fn process(
+    ctx: &Ctx,
+    tenant: &TenantName,
+    topology: &Topology,
+    dlq_ch: &lapin::Channel,
+    batch: &[Delivery],
+    active: &mut ActiveApp,
+    cancel: &CancellationToken,
+) -> Result<(), Failed> {
     active.refresh(ctx, tenant).await?;
     let limits = active.limits;
     let app = active.app.clone();
     let raw = app.as_ref().is_some_and(|a| !a.shape.has_map);
+    let max_deliveries = ctx.settings.max_deliveries.max(1);
+    let mut exhausted = 0usize;
     let inputs: Vec<Input> = batch
         .iter()
         .map(|d| {
-            let origin = d
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|m| m.as_str().to_owned())
-                // A message published around the broker API has no id: its content is its id.
-                .unwrap_or_else(|| {
-                    use sha2::Digest;
-                    hex::encode(&sha2::Sha256::digest(&d.data)[..16])
-                });
-            let value = if raw {
+            let origin = message_id(d);
+            let value = if let Some(a) = ctx
+                .attempt(tenant, &origin)
+                .filter(|a| a.failures >= max_deliveries)
+            {
+                exhausted += 1;
+                Err(format!(
+                    "not stored after {} deliveries: {}",
+                    a.failures, a.last_error
+                ))
+            } else if let Some(reason) = &active.broken {
+                Err(reason.clone())
+            } else if raw {
                 std::str::from_utf8(&d.data)
                     .map(|s| serde_json::Value::String(s.to_owned()))
                     .map_err(|_| "message is not valid UTF-8".to_owned())
@@ -300,7 +474,7 @@ async fn process(
         (inputs, t)
     })
     .await
-    .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+    .map_err(|e| Failed::NotStored(format!("the app's task failed: {e}")))?;
     let write = BulkWrite {
         tenant: tenant.clone(),
         source: Source::Stream,
@@ -313,10 +487,32 @@ async fn process(
     };
     let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
     let failed = write.failures.len() as u64;
-    let outcome = write_with_retry(&ctx.coredms, write, cancel)
-        .await
-        .map_err(|e| BrokerError::Unavailable(format!("not stored: {e}")))?;
-    for (i, reason) in &t.failed_inputs {
+    let outcome = match write_with_retry(&ctx.coredms, write, cancel).await {
+        Ok(o) => o,
+        // The batch is only messages that failed too often: they leave the queue for the
+        // dead-letter queue, which keeps them, even though their failure entry could not
+        // be written either.
+        Err(e) if exhausted == batch.len() && !cancel.is_cancelled() => {
+            tracing::error!(tenant = %tenant, error = %e, "cannot log the failure of messages past their delivery limit; dead-lettering them anyway");
+            crate::coredms::BulkOutcome::default()
+        }
+        Err(e) => return Err(Failed::NotStored(e)),
+    };
+    // Every message with a failed input or a document the database refused goes to the
+    // dead-letter queue once, with the first reason.
+    let mut dead: Vec<(usize, &str)> = t
+        .failed_inputs
+        .iter()
+        .map(|(i, r)| (*i, r.as_str()))
+        .collect();
+    for (doc, reason) in &outcome.failed {
+        if let Some(&i) = t.doc_inputs.get(*doc)
+            && !dead.iter().any(|(j, _)| *j == i)
+        {
+            dead.push((i, reason.as_str()));
+        }
+    }
+    for (i, reason) in &dead {
         broker::dead_letter(dlq_ch, topology, &batch[*i], reason).await?;
         DeadLettered {
             tenant: tenant.as_str(),
@@ -333,8 +529,14 @@ async fn process(
         bytes,
     }
     .emit(&ctx.metrics);
+    // A message retried alone is acknowledged alone: a multiple-ack would also take the
+    // batch collected with it, not yet processed.
     if let Some(last) = batch.last() {
-        last.acker.ack(BasicAckOptions { multiple: true }).await?;
+        last.acker
+            .ack(BasicAckOptions {
+                multiple: batch.len() > 1,
+            })
+            .await?;
     }
     Ok(())
 }
