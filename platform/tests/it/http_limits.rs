@@ -242,22 +242,42 @@ async fn slow_uploads_of_one_tenant_hold_neither_other_tenants_nor_healthz_and_a
 
 #[tokio::test]
 async fn a_handler_slower_than_the_request_timeout_gets_503_with_retry_after() {
-    // No database round trip (a tenant lookup) takes under a millisecond.
-    let app = TestApp::spawn_with(&["http.request_timeout_ms=1"]).await;
-    let r = app
+    // With the body check off, a trickling upload keeps its handler waiting: the request
+    // timeout is what ends it.
+    let app =
+        TestApp::spawn_with(&["http.request_timeout_ms=1500", "http.body_timeout_ms=0"]).await;
+    let addr = app.admin.base().trim_start_matches("http://").to_owned();
+    let t = app
         .admin
-        .raw(Method::GET, "/v1/tenants/nosuchtenant", None, Vec::new())
+        .create_tenant(&unique("stuck"), serde_json::json!({}))
         .await
-        .expect("answer");
-    assert_eq!(r.status, 503, "{:?}", r.body);
-    assert_eq!(r.headers["retry-after"], "1");
+        .expect("tenant");
+    let r = slow_upload(
+        &addr,
+        &t.name,
+        &t.token,
+        "stuck.csv",
+        Duration::from_millis(100),
+    )
+    .await;
+    eprintln!("stuck request answered {} after {:?}", r.status, r.after);
+    assert_eq!(r.status, 503, "{}", r.body);
     assert!(
-        r.json()["error"]
-            .as_str()
-            .is_some_and(|m| m.contains("not answered within 1 ms")),
+        r.after >= Duration::from_millis(1500) && r.after < Duration::from_secs(6),
         "{:?}",
-        r.body
+        r.after
     );
+    assert!(
+        r.head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        r.head
+    );
+    assert!(r.body.contains("not answered within 1500 ms"), "{}", r.body);
+    // The dropped upload left no partial file behind.
+    let left: Vec<_> = std::fs::read_dir(app.staging.join(&t.name))
+        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
     let h = app
         .admin
         .raw(Method::GET, "/healthz", None, Vec::new())
