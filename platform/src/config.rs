@@ -109,10 +109,28 @@ pub struct HttpSettings {
     pub listen: String,
     /// Base URL of a separate coredms service; empty in the one-process topology.
     pub coredms_url: String,
-    /// Requests served at once per process; more wait.
+    /// Requests served at once per process, all tenants together. `/healthz`, `/metrics` and
+    /// the internal RPC are outside this limit.
     pub max_in_flight: usize,
+    /// Requests one tenant may have in flight at once per process; more get 429.
+    pub max_in_flight_per_tenant: usize,
+    /// How long a request may wait for one of the `max_in_flight` slots before it gets 503.
+    pub queue_timeout_ms: u64,
+    /// How long a handler may take to answer, on top of the time its body took to arrive
+    /// (see `body_min_rate`); past it the request is abandoned with 503.
+    pub request_timeout_ms: u64,
+    /// Time allowed to receive a request body, extended by one second per `body_min_rate`
+    /// bytes received: a body that arrives slower is cut off with 408. 0 disables the check.
+    pub body_timeout_ms: u64,
+    /// Bytes per second a request body must average to keep its deadline moving.
+    pub body_min_rate: u64,
     /// Largest JSON body accepted on API endpoints other than file uploads and messages.
     pub max_json_bytes: usize,
+    /// Largest body the internal coredms RPC accepts (it carries bulk writes).
+    pub max_rpc_bytes: usize,
+    /// Bulk writes sent over the internal RPC are split into chunks of at most this many
+    /// serialized bytes (a single larger document travels alone).
+    pub rpc_chunk_bytes: usize,
 }
 
 impl Default for HttpSettings {
@@ -121,15 +139,26 @@ impl Default for HttpSettings {
             listen: "127.0.0.1:8800".into(),
             coredms_url: String::new(),
             max_in_flight: 1024,
+            max_in_flight_per_tenant: 64,
+            queue_timeout_ms: 5_000,
+            request_timeout_ms: 120_000,
+            body_timeout_ms: 30_000,
+            body_min_rate: 16 * 1024,
             max_json_bytes: 1 << 20,
+            max_rpc_bytes: 64 << 20,
+            rpc_chunk_bytes: 8 << 20,
         }
     }
 }
 
+/// Shortest admin or internal token accepted at start.
+pub const MIN_TOKEN_CHARS: usize = 16;
+
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
-    /// The operator's token. Empty: admin endpoints answer 401.
+    /// The operator's token, at least [`MIN_TOKEN_CHARS`] characters. Empty: the admin API
+    /// is off (admin endpoints say so).
     pub admin_token: String,
     /// Token components use to call coredms over HTTP. Empty: the admin token.
     pub internal_token: String,
@@ -142,6 +171,40 @@ impl AuthSettings {
         } else {
             &self.internal_token
         }
+    }
+
+    pub fn admin_api_on(&self) -> bool {
+        !self.admin_token.is_empty()
+    }
+
+    /// Refuses tokens too short to resist guessing, saying which one and why.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, env, token) in [
+            (
+                "auth.admin_token",
+                "MYSIMBDP_ADMIN_TOKEN",
+                &self.admin_token,
+            ),
+            (
+                "auth.internal_token",
+                "MYSIMBDP_INTERNAL_TOKEN",
+                &self.internal_token,
+            ),
+        ] {
+            let n = token.chars().count();
+            if n > 0 && n < MIN_TOKEN_CHARS {
+                return Err(format!(
+                    "{name} ({env}) is {n} characters long: use at least {MIN_TOKEN_CHARS} \
+                     (e.g. `openssl rand -hex 16`), or leave it empty to turn the admin API off"
+                ));
+            }
+            if token.trim() != token.as_str() || token.chars().any(char::is_control) {
+                return Err(format!(
+                    "{name} ({env}) has spaces at its ends or control characters"
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -311,11 +374,22 @@ impl Settings {
             ("stream.batch_size", self.stream.batch_size),
             ("stream.prefetch", usize::from(self.stream.prefetch)),
             ("http.max_in_flight", self.http.max_in_flight),
+            (
+                "http.max_in_flight_per_tenant",
+                self.http.max_in_flight_per_tenant,
+            ),
+            ("http.rpc_chunk_bytes", self.http.rpc_chunk_bytes),
         ];
         for (name, v) in positive {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        if self.http.rpc_chunk_bytes > self.http.max_rpc_bytes / 2 {
+            return Err(ConfigError::Invalid(format!(
+                "http.rpc_chunk_bytes ({}) must be at most half of http.max_rpc_bytes ({})",
+                self.http.rpc_chunk_bytes, self.http.max_rpc_bytes
+            )));
         }
         if self.mongodb.write_concern != "majority"
             && self.mongodb.write_concern.parse::<u32>().is_err()
@@ -433,5 +507,41 @@ mod tests {
         std::fs::write(&path, "[stream]\nlinger_ms = 7\n").expect("write");
         let s = Settings::load_from(Some(&path), &[], &[]).expect("loads");
         assert_eq!(s.stream.linger_ms, 7);
+    }
+
+    #[test]
+    fn short_tokens_are_refused_with_the_reason_and_none_turns_the_admin_api_off() {
+        let mut a = AuthSettings::default();
+        assert!(a.check().is_ok() && !a.admin_api_on());
+        a.admin_token = "change-me".into();
+        let e = a.check().expect_err("9 characters");
+        assert!(
+            e.contains("auth.admin_token") && e.contains("9 characters") && e.contains("16"),
+            "{e}"
+        );
+        a.admin_token = "0123456789abcdef".into();
+        assert!(a.check().is_ok() && a.admin_api_on());
+        a.internal_token = "short".into();
+        assert!(
+            a.check()
+                .expect_err("short")
+                .contains("auth.internal_token")
+        );
+        a.internal_token = " 0123456789abcdef".into();
+        assert!(a.check().expect_err("padded").contains("spaces"));
+    }
+
+    #[test]
+    fn the_rpc_chunk_must_fit_the_rpc_body_limit() {
+        let err = Settings::load_from(
+            None,
+            &[],
+            &[
+                "http.max_rpc_bytes=1000".into(),
+                "http.rpc_chunk_bytes=600".into(),
+            ],
+        )
+        .expect_err("chunk over half the limit");
+        assert!(err.to_string().contains("rpc_chunk_bytes"), "{err}");
     }
 }

@@ -1,7 +1,12 @@
 //! HTTP plumbing shared by every component: the one error-to-status mapping, bearer-token
-//! authentication, JSON extractors with JSON errors, and the composition of routers.
+//! authentication, JSON extractors with JSON errors, the composition of routers, and the
+//! limits that keep one client from holding the server: in-flight requests (global and per
+//! tenant), request and body-read timeouts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
@@ -11,9 +16,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use futures::StreamExt;
 use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::Platform;
+use crate::config::HttpSettings;
 use crate::coredms::CoreError;
 use crate::tenants::{InvalidTenantName, TenantName};
 
@@ -149,6 +158,9 @@ impl Caller {
     }
 }
 
+/// What a caller presenting an admin token hears when no admin token is configured.
+pub const ADMIN_API_OFF: &str = "the admin API is off: this platform was started without an admin token (set auth.admin_token or MYSIMBDP_ADMIN_TOKEN, at least 16 characters)";
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -160,6 +172,10 @@ impl FromRequestParts<Arc<Platform>> for Caller {
         parts: &mut Parts,
         platform: &Arc<Platform>,
     ) -> Result<Self, ApiError> {
+        // Resolved once per request by `limit_in_flight`, which keys the tenant's share on it.
+        if let Some(c) = parts.extensions.get::<Caller>() {
+            return Ok(c.clone());
+        }
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
         let token = parts
             .headers
@@ -179,6 +195,10 @@ impl FromRequestParts<Arc<Platform>> for Caller {
         if !internal.is_empty() && constant_time_eq(token.as_bytes(), internal.as_bytes()) {
             return Ok(Self::Internal);
         }
+        if !token.starts_with("msb_") && !auth.admin_api_on() {
+            // Not a tenant token, so meant for the admin: say why it cannot work.
+            return Err(ApiError::new(StatusCode::FORBIDDEN, ADMIN_API_OFF));
+        }
         if token.len() > 128 || !token.starts_with("msb_") {
             return Err(unauthorized("invalid token"));
         }
@@ -189,26 +209,292 @@ impl FromRequestParts<Arc<Platform>> for Caller {
     }
 }
 
-/// Bounds the requests served at once; the rest wait their turn.
+/// The in-flight limits of one process: a global pool of request slots, and a cap per
+/// tenant so one tenant's slow requests cannot take every slot.
+pub struct InFlight {
+    global: Arc<Semaphore>,
+    per_tenant: Mutex<HashMap<TenantName, usize>>,
+    per_tenant_max: usize,
+    queue_timeout: Duration,
+}
+
+impl InFlight {
+    pub fn new(s: &HttpSettings) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(s.max_in_flight)),
+            per_tenant: Mutex::new(HashMap::new()),
+            per_tenant_max: s.max_in_flight_per_tenant,
+            queue_timeout: Duration::from_millis(s.queue_timeout_ms),
+        }
+    }
+
+    /// Refuses new requests (they get 503); those running finish.
+    pub fn close(&self) {
+        self.global.close();
+    }
+
+    /// Requests `tenant` has in flight now.
+    pub fn of(&self, tenant: &TenantName) -> usize {
+        self.per_tenant
+            .lock()
+            .map_or(0, |m| m.get(tenant).copied().unwrap_or(0))
+    }
+
+    /// A slot of `tenant`'s share, or `None` when it already has `per_tenant_max`.
+    fn enter(self: &Arc<Self>, tenant: &TenantName) -> Option<TenantSlot> {
+        let mut m = self.per_tenant.lock().ok()?;
+        let n = m.entry(tenant.clone()).or_default();
+        if *n >= self.per_tenant_max {
+            return None;
+        }
+        *n += 1;
+        Some(TenantSlot {
+            limits: self.clone(),
+            tenant: tenant.clone(),
+        })
+    }
+}
+
+/// One request of a tenant's share; given back when dropped. The map only holds tenants with
+/// requests in flight, so it stays as small as the traffic.
+struct TenantSlot {
+    limits: Arc<InFlight>,
+    tenant: TenantName,
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.limits.per_tenant.lock()
+            && let Some(n) = m.get_mut(&self.tenant)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Seconds a client told to come back (429, 503) should wait.
+const RETRY_AFTER_S: &str = "1";
+
+fn retry_later(status: StatusCode, message: String) -> Response {
+    let mut r = ApiError::new(status, message).into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+    r
+}
+
+/// Bounds the requests served at once: a request waits at most `queue_timeout_ms` for a
+/// global slot (then 503), and a tenant over its share gets 429 at once. Both answers carry
+/// `Retry-After`. The caller is resolved here, once, under the global slot, so token lookups
+/// are bounded too; the handler's `Caller` extractor reuses it.
 async fn limit_in_flight(State(p): State<Arc<Platform>>, req: Request, next: Next) -> Response {
-    let Ok(_permit) = p.in_flight.acquire().await else {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response();
+    let limits = &p.in_flight;
+    let _global: OwnedSemaphorePermit =
+        match tokio::time::timeout(limits.queue_timeout, limits.global.clone().acquire_owned())
+            .await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => {
+                return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                    .into_response();
+            }
+            Err(_) => {
+                p.metrics
+                    .add("mysimbdp_http_rejected_total", "", "http", "busy", 1);
+                return retry_later(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "server busy: no request slot freed within {} ms; retry later",
+                        limits.queue_timeout.as_millis()
+                    ),
+                );
+            }
+        };
+    let (mut parts, body) = req.into_parts();
+    let mut _slot = None;
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        // An error is left for the handler's extractor to report, in its place.
+        if let Ok(caller) = Caller::from_request_parts(&mut parts, &p).await {
+            if let Caller::Tenant(t) = &caller {
+                match limits.enter(t) {
+                    Some(slot) => _slot = Some(slot),
+                    None => {
+                        p.metrics.add(
+                            "mysimbdp_http_rejected_total",
+                            t.as_str(),
+                            "http",
+                            "tenant_limit",
+                            1,
+                        );
+                        return retry_later(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            format!(
+                                "tenant `{t}` already has {} requests in flight, its limit; retry when one has finished",
+                                limits.per_tenant_max
+                            ),
+                        );
+                    }
+                }
+            }
+            parts.extensions.insert(caller);
+        }
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// How far a body's deadline has moved for the bytes received: one second per `min_rate`.
+fn earned(received: u64, min_rate: u64) -> Duration {
+    if min_rate == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs(received / min_rate)
+        + Duration::from_nanos((received % min_rate) * 1_000_000_000 / min_rate)
+}
+
+/// What the body of one request has done so far.
+#[derive(Default)]
+struct BodyProgress {
+    received: AtomicU64,
+    timed_out: AtomicBool,
+}
+
+/// The request body, cut off with an error when it falls behind its deadline:
+/// `start + body_timeout + received / min_rate` (so a slow trickle cannot hold a handler, and
+/// a large upload at a decent rate is never cut).
+fn guarded_body(
+    body: axum::body::Body,
+    start: Instant,
+    timeout: Duration,
+    min_rate: u64,
+    progress: Arc<BodyProgress>,
+) -> axum::body::Body {
+    let stream = futures::stream::unfold(Some(body.into_data_stream()), move |state| {
+        let progress = progress.clone();
+        async move {
+            let mut stream = state?;
+            let deadline =
+                start + timeout + earned(progress.received.load(Ordering::Relaxed), min_rate);
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    progress
+                        .received
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    Some((Ok(chunk), Some(stream)))
+                }
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                Ok(None) => None,
+                Err(_) => {
+                    progress.timed_out.store(true, Ordering::Relaxed);
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "request body timed out",
+                        )),
+                        None,
+                    ))
+                }
+            }
+        }
+    });
+    axum::body::Body::from_stream(stream)
+}
+
+/// Request and body-read timeouts. A body that falls behind its deadline (see
+/// [`guarded_body`]) makes the request end with 408, whatever the handler made of the
+/// error, and the connection is closed. A handler that has not answered
+/// `request_timeout_ms` (plus the time its body earned) after the request arrived is
+/// dropped, and the client gets 503.
+async fn timeouts(State(p): State<Arc<Platform>>, req: Request, next: Next) -> Response {
+    let s = &p.settings.http;
+    let start = Instant::now();
+    let progress = Arc::new(BodyProgress::default());
+    let req = if s.body_timeout_ms > 0 {
+        req.map(|b| {
+            guarded_body(
+                b,
+                start,
+                Duration::from_millis(s.body_timeout_ms),
+                s.body_min_rate,
+                progress.clone(),
+            )
+        })
+    } else {
+        req
     };
-    next.run(req).await
+    let request_timeout = Duration::from_millis(s.request_timeout_ms);
+    let deadline = || {
+        start + request_timeout + earned(progress.received.load(Ordering::Relaxed), s.body_min_rate)
+    };
+    let path = req.uri().path().to_owned();
+    let handler = next.run(req);
+    tokio::pin!(handler);
+    let response = loop {
+        tokio::select! {
+            r = &mut handler => break r,
+            () = tokio::time::sleep_until(deadline()) => {
+                // The deadline may have moved while this timer slept.
+                if Instant::now() < deadline() {
+                    continue;
+                }
+                p.metrics.add("mysimbdp_http_rejected_total", "", "http", "request_timeout", 1);
+                tracing::warn!(%path, timeout_ms = s.request_timeout_ms, "request timed out");
+                return retry_later(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the request was not answered within {} ms; retry later", s.request_timeout_ms),
+                );
+            }
+        }
+    };
+    if progress.timed_out.load(Ordering::Relaxed) {
+        let received = progress.received.load(Ordering::Relaxed);
+        p.metrics.add(
+            "mysimbdp_http_rejected_total",
+            "",
+            "http",
+            "body_timeout",
+            1,
+        );
+        tracing::warn!(%path, received, "request body too slow: cut off");
+        let mut r = ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body arrived too slowly: {received} bytes in {:.1} s (allowed: {} ms, plus one second per {} bytes received)",
+                start.elapsed().as_secs_f64(),
+                s.body_timeout_ms,
+                s.body_min_rate
+            ),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    response
 }
 
 async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn metrics(State(p): State<Arc<Platform>>) -> impl IntoResponse {
+/// Anyone gets the counters summed over tenants; the admin token adds the tenant label.
+async fn metrics(State(p): State<Arc<Platform>>, headers: axum::http::HeaderMap) -> Response {
+    let admin = &p.settings.auth.admin_token;
+    let is_admin = !admin.is_empty()
+        && headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), admin.as_bytes()));
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4"),
         )],
-        p.metrics.render(),
+        p.metrics.render(is_admin),
     )
+        .into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -216,17 +502,63 @@ async fn not_found() -> ApiError {
 }
 
 /// The routers of the given components with health, metrics and the shared middleware.
-pub fn compose(platform: Arc<Platform>, components: Vec<Router<Arc<Platform>>>) -> Router {
-    let mut app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics));
-    for c in components {
+/// `public` routes are under the in-flight limits; `internal` ones (the coredms RPC, whose
+/// callers are other components, each bounded by its own limits) and `/healthz` and
+/// `/metrics` are not, so they never wait behind tenant traffic. Every route has the
+/// request and body-read timeouts.
+pub fn compose(
+    platform: Arc<Platform>,
+    public: Vec<Router<Arc<Platform>>>,
+    internal: Vec<Router<Arc<Platform>>>,
+) -> Router {
+    let mut app = Router::new();
+    for c in public {
         app = app.merge(c);
     }
-    app.fallback(not_found)
+    let mut app = app
+        .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             platform.clone(),
             limit_in_flight,
         ))
-        .with_state(platform)
+        // Added after the limit layer, so outside it.
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics));
+    for c in internal {
+        app = app.merge(c);
+    }
+    app.layer(axum::middleware::from_fn_with_state(
+        platform.clone(),
+        timeouts,
+    ))
+    .with_state(platform)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_earns_one_second_per_min_rate_bytes() {
+        assert_eq!(earned(0, 1000), Duration::ZERO);
+        assert_eq!(earned(2500, 1000), Duration::from_millis(2500));
+        assert_eq!(earned(u64::MAX, 0), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_tenant_gets_at_most_its_share_and_slots_come_back() {
+        let limits = Arc::new(InFlight::new(&HttpSettings {
+            max_in_flight_per_tenant: 2,
+            ..Default::default()
+        }));
+        let a = TenantName::parse("a").expect("name");
+        let b = TenantName::parse("b").expect("name");
+        let s1 = limits.enter(&a).expect("first");
+        let _s2 = limits.enter(&a).expect("second");
+        assert!(limits.enter(&a).is_none(), "a third is over the share");
+        assert!(limits.enter(&b).is_some(), "another tenant is not affected");
+        drop(s1);
+        assert_eq!(limits.of(&a), 1);
+        assert!(limits.enter(&a).is_some());
+    }
 }

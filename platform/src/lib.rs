@@ -62,7 +62,8 @@ pub struct Platform {
     /// Where MongoDB is (given or provisioned), for tools that measure the raw server.
     pub mongodb_uri: String,
     pub component: Component,
-    in_flight: tokio::sync::Semaphore,
+    /// Requests in flight, globally and per tenant (see [`http::InFlight`]).
+    pub in_flight: Arc<http::InFlight>,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _infra: Option<Infra>,
@@ -79,6 +80,12 @@ pub enum StartError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("refusing to start: {0}")]
+    Auth(String),
+    #[error(
+        "`serve {0:?}` needs auth.internal_token or auth.admin_token (MYSIMBDP_INTERNAL_TOKEN): the components of a split deployment authenticate to each other with it"
+    )]
+    NoInternalToken(Component),
     #[error(
         "`serve {0:?}` needs http.coredms_url (MYSIMBDP_HTTP__COREDMS_URL): the address of the coredms service"
     )]
@@ -86,7 +93,20 @@ pub enum StartError {
 }
 
 /// Provisions or connects to the infrastructure and builds the components of `component`.
+/// Refuses a short admin or internal token before anything else happens, and announces
+/// an admin API that is off.
 pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platform>, StartError> {
+    settings.auth.check().map_err(StartError::Auth)?;
+    if component != Component::All && settings.auth.internal().is_empty() {
+        return Err(StartError::NoInternalToken(component));
+    }
+    if settings.auth.admin_api_on() {
+        tracing::info!("admin API on");
+    } else {
+        tracing::warn!(
+            "admin API off: no admin token is set (auth.admin_token / MYSIMBDP_ADMIN_TOKEN); admin endpoints answer 403 saying so"
+        );
+    }
     let infra = Infra::provision(&settings).await?;
     tracing::info!(
         mongodb = %infra::redact(&infra.mongodb_uri),
@@ -108,6 +128,7 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
             CoreDms::Remote(Arc::new(Remote::new(
                 &settings.http.coredms_url,
                 settings.auth.internal(),
+                &settings.http,
             )?))
         }
     };
@@ -145,7 +166,7 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
         ))
     });
     let platform = Arc::new(Platform {
-        in_flight: tokio::sync::Semaphore::new(settings.http.max_in_flight),
+        in_flight: Arc::new(http::InFlight::new(&settings.http)),
         settings,
         coredms,
         apps,
@@ -173,9 +194,10 @@ impl Platform {
     /// The HTTP application of this process's components.
     pub fn router(self: &Arc<Self>) -> axum::Router {
         let mut parts = Vec::new();
+        let mut internal = Vec::new();
         if matches!(self.component, Component::All | Component::Coredms) {
             parts.push(coredms::router());
-            parts.push(coredms::rpc_router());
+            internal.push(coredms::rpc_router(self.settings.http.max_rpc_bytes));
         }
         if matches!(
             self.component,
@@ -189,7 +211,7 @@ impl Platform {
         if matches!(self.component, Component::All | Component::Stream) {
             parts.push(stream::router());
         }
-        http::compose(self.clone(), parts)
+        http::compose(self.clone(), parts, internal)
     }
 
     /// Stops background work: batch workers stop after their current bulk write (the file

@@ -41,6 +41,17 @@ pub enum UploadError {
     Io(#[from] std::io::Error),
 }
 
+/// A partial upload, removed when dropped unless disarmed (set to `None`) once in place.
+struct PartFile(Option<PathBuf>);
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 pub struct Staged {
     pub bytes: u64,
     pub sha256: String,
@@ -104,6 +115,9 @@ impl Staging {
         let dir = self.dir(tenant);
         tokio::fs::create_dir_all(&dir).await?;
         let tmp = dir.join(format!(".{name}.{}.part", rand::random::<u64>()));
+        // Removes the partial file however the upload ends early, including the request
+        // being dropped mid-read (a request timeout), where no code after an await runs.
+        let mut part = PartFile(Some(tmp.clone()));
         let result = async {
             let mut f = tokio::fs::File::create(&tmp).await?;
             let mut hash = Sha256::new();
@@ -130,6 +144,7 @@ impl Staging {
         match result {
             Ok(s) => {
                 tokio::fs::rename(&tmp, self.path(tenant, name)).await?;
+                part.0 = None;
                 Ok(s)
             }
             Err(e) => {

@@ -30,8 +30,13 @@ pub fn router() -> Router<Arc<Platform>> {
         .route("/v1/logs/summary", get(summary))
 }
 
-pub fn rpc_router() -> Router<Arc<Platform>> {
-    Router::new().route("/internal/v1/rpc", post(rpc))
+/// The internal RPC, accepting bodies up to `max_bytes` (`http.max_rpc_bytes`): bulk writes
+/// arrive in chunks well under it (`http.rpc_chunk_bytes`).
+pub fn rpc_router(max_bytes: usize) -> Router<Arc<Platform>> {
+    Router::new().route(
+        "/internal/v1/rpc",
+        post(rpc).layer(axum::extract::DefaultBodyLimit::max(max_bytes)),
+    )
 }
 
 fn local(p: &Platform) -> Result<&MongoStore, ApiError> {
@@ -281,17 +286,32 @@ async fn documents(
     Ok(Json(json!({ "total": total, "documents": docs })).into_response())
 }
 
+/// Bodies above this are decoded off the async threads.
+const RPC_INLINE_DECODE: usize = 256 * 1024;
+
 async fn rpc(
     State(p): State<Arc<Platform>>,
     caller: Caller,
-    JsonBody(call): JsonBody<Call>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
+    // The caller is checked before the body is read (`Bytes` is the last extractor).
     if !matches!(caller, Caller::Internal | Caller::Admin) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "internal token required",
         ));
     }
+    let decode = |b: &[u8]| {
+        serde_json::from_slice::<Call>(b)
+            .map_err(|e| ApiError::bad_request(format!("invalid RPC call: {e}")))
+    };
+    let call = if body.len() <= RPC_INLINE_DECODE {
+        decode(&body)?
+    } else {
+        tokio::task::spawn_blocking(move || decode(&body))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+    };
     let db: &CoreDms = &p.coredms;
     fn out<T: serde::Serialize>(r: Result<T, CoreError>) -> Response {
         Json(r).into_response()

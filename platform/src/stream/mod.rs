@@ -54,11 +54,114 @@ struct PublishQuery {
     data_name: Option<String>,
 }
 
-/// One JSON message (`application/json`), or one message per line (`application/x-ndjson`).
+/// How a publish request's body is cut into messages, from its content type.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    /// `application/json`: one message, valid UTF-8 JSON.
+    Json,
+    /// `application/x-ndjson` (or `application/ndjson`, `application/jsonl`): one message per
+    /// non-blank line, each valid UTF-8 JSON.
+    Ndjson,
+    /// `text/plain`: one message, UTF-8 text, published unchanged.
+    Text,
+    /// `application/octet-stream`: one message, bytes published unchanged.
+    Bytes,
+}
+
+impl Framing {
+    fn of(content_type: &str) -> Result<Self, ApiError> {
+        let mut parts = content_type.split(';');
+        let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let charset = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
+            .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase());
+        let framing = match mime.as_str() {
+            "application/json" => Self::Json,
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Self::Ndjson,
+            "text/plain" => Self::Text,
+            "application/octet-stream" => Self::Bytes,
+            other => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    format!(
+                        "content type `{other}` is not accepted: send application/json (one message), application/x-ndjson (one per line), or, for stream apps that define `ingest`, text/plain or application/octet-stream (one message, published as sent)"
+                    ),
+                ));
+            }
+        };
+        if framing != Self::Bytes
+            && let Some(c) = charset
+            && c != "utf-8"
+            && c != "utf8"
+        {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("charset `{c}` is not accepted: send UTF-8"),
+            ));
+        }
+        Ok(framing)
+    }
+}
+
+/// The messages of a body, each with its line number (1 for single-message bodies); blank
+/// NDJSON lines are skipped but counted.
+fn split_messages(body: &[u8], framing: Framing) -> Vec<(usize, &[u8])> {
+    match framing {
+        Framing::Ndjson => body
+            .split(|b| *b == b'\n')
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+            .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+            .collect(),
+        _ if body.iter().all(u8::is_ascii_whitespace) => Vec::new(),
+        _ => vec![(1, body)],
+    }
+}
+
+/// Checks that each message is what its content type declares, before anything is
+/// published: UTF-8 JSON for the JSON types (the error names the NDJSON line), UTF-8 for
+/// `text/plain`. Bytes are not checked.
+fn check_messages(messages: &[(usize, &[u8])], framing: Framing) -> Result<(), String> {
+    let at = |line: usize| match framing {
+        Framing::Ndjson => format!("line {line}: "),
+        _ => String::new(),
+    };
+    for &(line, m) in messages {
+        let text = match framing {
+            Framing::Bytes => continue,
+            _ => std::str::from_utf8(m).map_err(|e| {
+                format!(
+                    "{}invalid UTF-8 at byte {} of the message",
+                    at(line),
+                    e.valid_up_to()
+                )
+            })?,
+        };
+        if matches!(framing, Framing::Json | Framing::Ndjson) {
+            // Parsed as the consumer will parse it (a lone surrogate escape, which a
+            // validating skip lets through, fails there), then dropped.
+            serde_json::from_str::<serde_json::Value>(text)
+                .map_err(|e| format!("{}invalid JSON: {e}", at(line)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Bodies up to this size are checked on the async thread; larger ones off it.
+const INLINE_CHECK_BYTES: usize = 64 * 1024;
+
+/// Publishes one message or many, by content type:
+/// - `application/json`: one JSON message; `application/x-ndjson`: one per line. Each must be
+///   valid UTF-8 JSON, or the request gets 400 naming the line (`line 7: invalid JSON: …`)
+///   and nothing of it is published.
+/// - `text/plain` (UTF-8) or `application/octet-stream`: one message, published byte for
+///   byte, for stream apps that define `ingest` (they receive the payload as text). A map app,
+///   or no app, fails such a message at ingestion if it is not JSON, and it is dead-lettered
+///   with the reason.
+///
 /// With an `Idempotency-Key` header, retrying the same request (after a 503 or a timeout)
 /// publishes the same message ids, so nothing is stored twice.
-/// Payloads reach the tenant's app as they were sent: a payload that is not valid JSON fails
-/// at ingestion and is dead-lettered with the reason, like any other poison message.
 async fn publish(
     State(p): State<Arc<Platform>>,
     caller: Caller,
@@ -86,65 +189,62 @@ async fn publish(
     if data_name.is_empty() || data_name.len() > 128 {
         return Err(ApiError::bad_request("data name must be 1-128 bytes"));
     }
-    let ctype = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    let ndjson = match ctype.as_str() {
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => true,
-        "application/json" => false,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!(
-                    "content type `{other}` is not accepted: send application/json (one message) or application/x-ndjson (one per line)"
-                ),
-            ));
-        }
-    };
+    let framing = Framing::of(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+    )?;
     let limits = &p.settings.stream;
     let body = axum::body::to_bytes(body, limits.max_request_bytes)
         .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request exceeds the {} bytes limit",
-                    limits.max_request_bytes
-                ),
-            )
+        .map_err(|e| {
+            if e.to_string().contains("length limit") {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request exceeds the {} bytes limit",
+                        limits.max_request_bytes
+                    ),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
         })?;
-    let messages: Vec<&[u8]> = if ndjson {
-        body.split(|b| *b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-            .collect()
-    } else {
-        vec![&body[..]]
-    };
-    if messages.is_empty() || messages[0].is_empty() {
+    let messages = split_messages(&body, framing);
+    if messages.is_empty() {
         return Err(ApiError::bad_request("no message in the request body"));
     }
-    if let Some((i, m)) = messages
+    if let Some((i, (line, m))) = messages
         .iter()
         .enumerate()
-        .find(|(_, m)| m.len() > limits.max_message_bytes)
+        .find(|(_, (_, m))| m.len() > limits.max_message_bytes)
     {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
-                "message {} is {} bytes, over the {} bytes limit",
+                "message {} (line {line}) is {} bytes, over the {} bytes limit",
                 i + 1,
                 m.len(),
                 limits.max_message_bytes
             ),
         ));
     }
+    let checked = if body.len() <= INLINE_CHECK_BYTES {
+        check_messages(&messages, framing)
+    } else {
+        let body = body.clone();
+        tokio::task::spawn_blocking(move || {
+            check_messages(&split_messages(&body, framing), framing)
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    checked.map_err(|reason| {
+        ApiError::bad_request(format!("{reason} (nothing of this request was published)"))
+            .with_details(json!({ "published": 0 }))
+    })?;
+    let messages: Vec<&[u8]> = messages.into_iter().map(|(_, m)| m).collect();
     let key = headers
         .get("idempotency-key")
         .map(|v| v.to_str().map(str::trim))
@@ -250,4 +350,47 @@ async fn stream_status(
         }
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(body: &[u8], ct: &str) -> Result<usize, String> {
+        let f = Framing::of(ct).map_err(|e| e.message)?;
+        let m = split_messages(body, f);
+        check_messages(&m, f).map(|()| m.len())
+    }
+
+    #[test]
+    fn json_types_are_checked_line_by_line_and_name_the_line() {
+        assert_eq!(
+            check(b"{\"a\":1}\n\n[2]\r\n\"s\"\n", "application/x-ndjson"),
+            Ok(3)
+        );
+        let e = check(b"{\"a\":1}\n\n{\"a\":2}\n{nope\n", "application/x-ndjson").expect_err("bad");
+        assert!(e.starts_with("line 4: invalid JSON: "), "{e}");
+        let e = check(b"{\"a\":1}\n{\"s\":\"\xff\"}\n", "application/x-ndjson").expect_err("bad");
+        assert!(e.starts_with("line 2: invalid UTF-8"), "{e}");
+        let e = check(b"{\"a\":1} trailing", "application/json; charset=utf-8").expect_err("bad");
+        assert!(e.starts_with("invalid JSON: trailing characters"), "{e}");
+        assert!(
+            check(b"{\"a\":\"\\ud800\"}", "application/json").is_err(),
+            "lone surrogate"
+        );
+    }
+
+    #[test]
+    fn raw_types_pass_what_they_declare() {
+        assert_eq!(check(b"a,b\nc,d\n", "text/plain"), Ok(1));
+        assert!(
+            check(b"caf\xe9", "text/plain")
+                .expect_err("latin-1")
+                .contains("UTF-8")
+        );
+        assert_eq!(check(b"\x00\xff\xfe", "application/octet-stream"), Ok(1));
+        assert!(check(b"x", "text/plain; charset=latin1").is_err());
+        assert!(check(b"x", "text/csv").is_err());
+        assert_eq!(check(b" \n ", "text/plain"), Ok(0));
+    }
 }

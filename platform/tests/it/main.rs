@@ -9,6 +9,7 @@ mod coredms;
 mod faults;
 mod foundation;
 mod harness;
+mod http_limits;
 mod poison;
 mod split;
 mod stream;

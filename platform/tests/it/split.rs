@@ -132,3 +132,139 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         .expect("every component drains and exits 0");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Bulks of several megabytes cross the internal RPC: a batch file of 3,000 records of
+/// 4 KiB written in one 12 MB bulk, and 60 stream messages of 200 KiB consumed as one 12 MB
+/// batch, are split into chunks under the RPC's limit and every document is stored once.
+#[tokio::test]
+async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
+    let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    let settings = Settings::load_from(None, &env, &[]).expect("settings");
+    let infra = Infra::provision(&settings).await.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nIntegration tests need MongoDB and RabbitMQ: {}",
+            mysimbdp::infra::HOW_TO_PROVIDE
+        )
+    });
+    let ns = unique("s") + "_";
+    let dir = std::env::temp_dir().join(format!("mysimbdp-it-split-{ns}"));
+    let overrides = [
+        format!("platform.namespace={ns}"),
+        format!("staging.dir={}", dir.join("staging").display()),
+        format!("auth.admin_token={ADMIN_TOKEN}"),
+        "mongodb.max_pool_size=4".to_owned(),
+        // One bulk for the whole file, and room for the file itself.
+        "batch.batch_size=3000".to_owned(),
+        "limits.max_file_bytes=64000000".to_owned(),
+    ];
+    let components = SplitProcesses::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_mysimbdp")),
+        &overrides,
+        &infra,
+        &dir,
+    )
+    .await
+    .expect("every `mysimbdp serve <component>` becomes healthy");
+    let admin = components.client(Some(ADMIN_TOKEN));
+    let t = admin
+        .create_tenant("bulky", serde_json::json!({}))
+        .await
+        .expect("coredms creates the tenant");
+    let c = admin.with_token(Some(&t.token));
+
+    let pad = "p".repeat(4096);
+    let mut csv = String::from("id,pad\n");
+    for i in 0..3000 {
+        csv.push_str(&format!("{i},{pad}\n"));
+    }
+    assert!(csv.len() > 12_000_000);
+    c.upload_file(&t.name, "big.csv", csv).await.expect("stage");
+    c.ingest(&t.name, "big.csv").await.expect("ingest");
+
+    let pad = "m".repeat(200 * 1024);
+    for part in 0..3 {
+        let mut body = String::new();
+        for seq in part * 20..(part + 1) * 20 {
+            body.push_str(&format!("{{\"seq\":{seq},\"pad\":\"{pad}\"}}\n"));
+        }
+        c.publish_idempotent(&t.name, "messages", &format!("bulky-{part}"), body)
+            .await
+            .expect("publish");
+    }
+    c.stream_start(&t.name, 1).await.expect("start consumers");
+
+    let f = c
+        .wait_for_file(&t.name, "big.csv", Duration::from_secs(180))
+        .await
+        .expect("file status");
+    assert_eq!(
+        (
+            f["state"].as_str(),
+            f["records_ok"].as_u64(),
+            f["records_failed"].as_u64()
+        ),
+        (Some("done"), Some(3000), Some(0)),
+        "{f}"
+    );
+    let mongo = mongodb::Client::with_uri_str(&infra.mongodb_uri)
+        .await
+        .expect("driver");
+    let big = mongo
+        .database(&t.database)
+        .collection::<mongodb::bson::Document>("big");
+    let ids = big
+        .distinct("id", mongodb::bson::doc! {})
+        .await
+        .expect("distinct")
+        .len();
+    let docs = big
+        .count_documents(mongodb::bson::doc! {})
+        .await
+        .expect("count");
+    assert_eq!((docs, ids), (3000, 3000), "every record stored once");
+
+    let db = t.database.clone();
+    let stored = eventually(Duration::from_secs(120), || {
+        let (uri, db) = (infra.mongodb_uri.clone(), db.clone());
+        async move { messages_stored(&uri, &db).await == (60, 60) }
+    })
+    .await;
+    assert!(
+        stored,
+        "60 messages stored once each, got {:?}",
+        messages_stored(&infra.mongodb_uri, &db).await
+    );
+    eventually(Duration::from_secs(30), || async {
+        c.stream_status(&t.name)
+            .await
+            .is_ok_and(|s| s["since_start"]["stored"] == 60)
+    })
+    .await;
+    let logs = c.logs(&t.name, "").await.expect("logs");
+    let logs: Vec<serde_json::Value> = serde_json::from_slice(&logs.body).expect("JSON");
+    let count = |source: &str, status: &str| {
+        logs.iter()
+            .filter(|e| e["source"] == source && e["status"] == status)
+            .count()
+    };
+    assert_eq!(
+        (count("batch", "success"), count("stream", "success")),
+        (3000, 60)
+    );
+    assert_eq!(
+        logs.len(),
+        3060,
+        "no failures or duplicates: {:?}",
+        logs.iter().find(|e| e["status"] != "success")
+    );
+
+    c.stream_stop(&t.name).await.expect("stop consumers");
+    components
+        .stop()
+        .await
+        .expect("every component drains and exits 0");
+    let _ = std::fs::remove_dir_all(&dir);
+}

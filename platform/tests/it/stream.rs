@@ -74,7 +74,21 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
     let mut body = Vec::new();
     for i in 0..300 {
         let line = match i % 50 {
-            7 => "{not json".to_owned(),
+            // The broker refuses invalid JSON declared as JSON; sent as bytes, it reaches
+            // the map app's consumer, which dead-letters it.
+            7 => {
+                let r = c
+                    .raw(
+                        reqwest::Method::POST,
+                        &format!("/v1/tenants/{t}/messages?data_name=mixed"),
+                        Some("application/octet-stream"),
+                        "{not json",
+                    )
+                    .await
+                    .expect("answer");
+                assert_eq!(r.status, 202, "{:?}", r.body);
+                continue;
+            }
             8 => format!("{{\"seq\":{i},\"kind\":\"throw\"}}"),
             9 => format!("{{\"seq\":{i},\"kind\":\"loop\"}}"),
             _ => format!("{{\"seq\":{i}}}"),
