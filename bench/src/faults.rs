@@ -359,7 +359,7 @@ pub async fn run(
     out: &Path,
     run_id: &str,
 ) -> Result<PathBuf> {
-    let admin = format!("faults-{}", std::process::id());
+    let admin = format!("faults-admin-{:010}", std::process::id());
     let settings = Settings::load(
         None,
         &[

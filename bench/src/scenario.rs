@@ -263,7 +263,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     }
     let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
-    let admin = format!("scenario-{:x}", rand_u32());
+    let admin = format!("scenario-admin-{:08x}", rand_u32());
     let overrides = vec![
         format!("platform.namespace={ns}"),
         format!("staging.dir={}", staging.display()),
