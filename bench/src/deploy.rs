@@ -2,6 +2,9 @@
 //! processes (`serve coredms`, `serve batch`, `serve stream`) talking over HTTP, the way a
 //! split deployment runs.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use anyhow::{Context, Result};
 use mysimbdp::Component;
 use mysimbdp::client::Client;
@@ -9,6 +12,9 @@ use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
 use mysimbdp::processes::SplitProcesses;
 use serde::{Deserialize, Serialize};
+
+/// How long an in-process platform may take to drain when the run ends.
+const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How the platform runs during a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -48,6 +54,10 @@ enum Running {
     Separate {
         processes: SplitProcesses,
         _infra: Infra,
+        /// Each component's peak resident memory, sampled while it runs: a component that
+        /// dies keeps the peak it reached.
+        peaks: Arc<Mutex<HashMap<&'static str, u64>>>,
+        sampler: tokio::task::JoinHandle<()>,
     },
 }
 
@@ -87,6 +97,24 @@ impl Deployment {
         let exe = std::env::current_exe().context("cannot find the scenario executable")?;
         let logs = settings.staging.dir.with_extension("logs");
         let processes = SplitProcesses::start(&exe, &overrides, &infra, &logs).await?;
+        let peaks = Arc::new(Mutex::new(HashMap::new()));
+        let pids: Vec<(&'static str, u32)> = processes
+            .pids()
+            .filter_map(|(c, p)| Some((c, p?)))
+            .collect();
+        let sampled = peaks.clone();
+        let sampler = tokio::spawn(async move {
+            loop {
+                for (c, pid) in &pids {
+                    let rss = crate::report::peak_rss(Some(*pid));
+                    if let Ok(mut m) = sampled.lock() {
+                        let e = m.entry(*c).or_insert(0);
+                        *e = (*e).max(rss);
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        });
         Ok(Self {
             admin: processes.client(Some(admin)),
             versions: infra.versions.clone(),
@@ -94,6 +122,8 @@ impl Deployment {
             running: Running::Separate {
                 processes,
                 _infra: infra,
+                peaks,
+                sampler,
             },
         })
     }
@@ -109,11 +139,15 @@ impl Deployment {
                     crate::report::peak_rss(None),
                 ));
             }
-            Running::Separate { processes, .. } => {
+            Running::Separate {
+                processes, peaks, ..
+            } => {
                 out.push(("runner (load)".into(), crate::report::peak_rss(None)));
+                let sampled = peaks.lock().map(|m| m.clone()).unwrap_or_default();
                 for (component, pid) in processes.pids() {
-                    // A reaped component has no /proc entry left: unknown, 0.
-                    let rss = pid.map_or(0, |p| crate::report::peak_rss(Some(p)));
+                    // A dead component has no memory figures left: its sampled peak.
+                    let now = pid.map_or(0, |p| crate::report::peak_rss(Some(p)));
+                    let rss = now.max(sampled.get(component).copied().unwrap_or(0));
                     out.push((component.to_owned(), rss));
                 }
             }
@@ -121,15 +155,51 @@ impl Deployment {
         out
     }
 
+    /// Caps each component's address space (`prlimit --as`), so a component that tenant
+    /// code makes grow fails alone (an allocation fails, the process aborts) instead of
+    /// exhausting the machine. Separate processes only.
+    pub fn limit_memory(&self, bytes: u64) -> Result<()> {
+        let Running::Separate { processes, .. } = &self.running else {
+            anyhow::bail!("a memory limit needs the platform in processes of its own");
+        };
+        for (component, pid) in processes.pids() {
+            let pid = pid.with_context(|| format!("{component} is not running"))?;
+            let out = std::process::Command::new("prlimit")
+                .arg(format!("--pid={pid}"))
+                .arg(format!("--as={bytes}"))
+                .output()
+                .context("a memory limit needs `prlimit` (util-linux)")?;
+            if !out.status.success() {
+                anyhow::bail!(
+                    "prlimit on {component}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Stops the platform gracefully (SIGTERM to each component, coredms last) and reports a
-    /// component that had already died or failed to drain.
+    /// component that had already died or failed to drain. Bounded: a platform whose
+    /// workers never return (tenant code that was not stopped) is reported, not waited for.
     pub async fn stop(self) -> Result<()> {
         match self.running {
             Running::InProcess { stop, server } => {
                 let _ = stop.send(());
-                server.await??;
+                match tokio::time::timeout(STOP_TIMEOUT, server).await {
+                    Ok(r) => r??,
+                    Err(_) => anyhow::bail!(
+                        "the platform did not stop within {} s: a worker is still busy (tenant code that never returned?)",
+                        STOP_TIMEOUT.as_secs()
+                    ),
+                }
             }
-            Running::Separate { processes, .. } => processes.stop().await?,
+            Running::Separate {
+                processes, sampler, ..
+            } => {
+                sampler.abort();
+                processes.stop().await?;
+            }
         }
         Ok(())
     }

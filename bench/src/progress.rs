@@ -33,6 +33,14 @@ impl Track {
         }
     }
 
+    /// Adds `n` to the count (several drivers, one per tenant, feed one track).
+    pub fn add(&self, n: u64) {
+        if n > 0 {
+            let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+            self.set(done);
+        }
+    }
+
     /// Seconds the track has run: up to now, or up to when it finished.
     fn secs(&self) -> f64 {
         match self.finished_ms.load(Ordering::Relaxed) {

@@ -9,10 +9,14 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::scenario::Scenario;
+use crate::accounting::{Counts, TenantAccount};
+use crate::scenario::{Expect, Scenario};
 
-/// Bumped whenever a field changes meaning.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Bumped whenever a field changes meaning. 2: `accounting` (offered, stored, failed, lost
+/// per tenant and path, from the database and the log), `phases`, `baseline`,
+/// `platform_errors`, `problems`; `count` is the inputs stored (distinct, found in the
+/// database) and `failures` the failure entries in the log.
+pub const SCHEMA_VERSION: u32 = 2;
 /// The original Python platform's figures (shared/seed/platform-description.txt).
 pub const ORIGINAL_BATCH_MS: f64 = 38.7;
 pub const ORIGINAL_STREAM_MS: f64 = 114.4;
@@ -56,6 +60,9 @@ pub struct PathStats {
     pub per_file: Option<Latency>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uncorrected: Option<Latency>,
+    /// Offered, stored, failed, lost (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<Counts>,
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
 }
@@ -79,9 +86,147 @@ impl PathStats {
             latency: Latency::of(&latency),
             per_file: per_file.as_ref().map(Latency::of),
             uncorrected: uncorrected.as_ref().map(Latency::of),
+            accounting: None,
             histogram: Some(latency),
         }
     }
+}
+
+/// A path's figures before they are summarised, so groups and tenants can be added up.
+#[derive(Debug, Clone)]
+pub struct PathParts {
+    pub counts: Counts,
+    pub elapsed: Duration,
+    pub latency: Histogram<u64>,
+    pub per_file: Option<Histogram<u64>>,
+    pub uncorrected: Option<Histogram<u64>>,
+}
+
+fn merge(a: &mut Option<Histogram<u64>>, b: &Option<Histogram<u64>>) {
+    match (a.as_mut(), b) {
+        (Some(x), Some(y)) => {
+            let _ = x.add(y);
+        }
+        (None, Some(y)) => *a = Some(y.clone()),
+        _ => {}
+    }
+}
+
+impl PathParts {
+    pub fn add(&mut self, o: &PathParts) {
+        self.counts.add(&o.counts);
+        self.elapsed = self.elapsed.max(o.elapsed);
+        let _ = self.latency.add(&o.latency);
+        merge(&mut self.per_file, &o.per_file);
+        merge(&mut self.uncorrected, &o.uncorrected);
+    }
+
+    /// Count: inputs stored; failures: failure entries; throughput: stored per second.
+    pub fn stats(&self) -> PathStats {
+        let mut s = PathStats::new(
+            self.counts.stored,
+            self.counts.failed,
+            self.elapsed,
+            self.latency.clone(),
+            self.per_file.clone(),
+            self.uncorrected.clone(),
+        );
+        s.accounting = Some(self.counts.clone());
+        s
+    }
+}
+
+/// One group's figures in one phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub group: String,
+    pub expect: Expect,
+    pub tenants: u32,
+    pub batch: Option<PathStats>,
+    pub stream: Option<PathStats>,
+}
+
+/// A phase: `main` (a one-phase scenario), or `baseline` then `mixed`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseReport {
+    pub name: String,
+    pub elapsed_s: f64,
+    pub groups: Vec<GroupReport>,
+}
+
+/// A well-behaved group's path in one phase, for the side-by-side comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Side {
+    pub stored: u64,
+    pub offered: u64,
+    pub throughput_per_s: f64,
+    pub p99_ms: f64,
+    /// Every tenant of the group finished this path before the deadline.
+    pub finished: bool,
+}
+
+/// A well-behaved group alone (phase `baseline`) and beside the others (phase `mixed`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineRow {
+    pub group: String,
+    pub path: String,
+    pub alone: Side,
+    pub mixed: Side,
+    /// Mixed over alone.
+    pub throughput_ratio: f64,
+    pub p99_ratio: f64,
+}
+
+/// What a run measured, for [`Report::new`].
+#[derive(Default)]
+pub struct Results {
+    /// The headline paths: the groups that expect success, in the last phase.
+    pub batch: Option<PathParts>,
+    pub stream: Option<PathParts>,
+    pub accounting: Vec<TenantAccount>,
+    pub phases: Vec<PhaseReport>,
+}
+
+/// The side-by-side rows of the groups that expect success, when there are both phases.
+fn baseline_rows(phases: &[PhaseReport], accounting: &[TenantAccount]) -> Vec<BaselineRow> {
+    let (Some(alone), Some(mixed)) = (
+        phases.iter().find(|p| p.name == "baseline"),
+        phases.iter().find(|p| p.name == "mixed"),
+    ) else {
+        return Vec::new();
+    };
+    let side = |phase: &str, g: &GroupReport, path: &str, st: &PathStats| Side {
+        stored: st.count,
+        offered: st.accounting.as_ref().map_or(0, |c| c.offered),
+        throughput_per_s: st.throughput_per_s,
+        p99_ms: st.latency.p99_ms,
+        finished: !accounting.iter().any(|a| {
+            a.phase == phase && a.group == g.group && a.path == path && a.unfinished.is_some()
+        }),
+    };
+    let mut rows = Vec::new();
+    for g in alone.groups.iter().filter(|g| g.expect == Expect::Success) {
+        let Some(m) = mixed.groups.iter().find(|m| m.group == g.group) else {
+            continue;
+        };
+        for (path, a, b) in [
+            ("batch", &g.batch, &m.batch),
+            ("stream", &g.stream, &m.stream),
+        ] {
+            if let (Some(a), Some(b)) = (a, b) {
+                let (a, b) = (side("baseline", g, path, a), side("mixed", m, path, b));
+                rows.push(BaselineRow {
+                    group: g.group.clone(),
+                    path: path.into(),
+                    throughput_ratio: b.throughput_per_s / a.throughput_per_s.max(1e-9),
+                    p99_ratio: b.p99_ms / a.p99_ms.max(1e-9),
+                    alone: a,
+                    mixed: b,
+                });
+            }
+        }
+    }
+    rows
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +267,20 @@ pub struct Report {
     /// Batch throughput as a fraction of the raw driver ceiling.
     pub batch_fraction_of_ceiling: Option<f64>,
     pub reference: serde_json::Value,
+    /// Every tenant's path in every phase: offered, stored, failed, lost.
+    #[serde(default)]
+    pub accounting: Vec<TenantAccount>,
+    #[serde(default)]
+    pub phases: Vec<PhaseReport>,
+    /// The groups that expect success, alone and beside the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<BaselineRow>,
+    /// A component that died, or a platform that did not stop.
+    #[serde(default)]
+    pub platform_errors: Vec<String>,
+    /// What `--strict` refuses, one line per tenant and path (`accounting::problems`).
+    #[serde(default)]
+    pub problems: Vec<String>,
 }
 
 /// A plotted line: name, colour, (log10 of 1/(1-percentile), milliseconds) points.
@@ -175,11 +334,13 @@ impl Report {
         sc: &Scenario,
         run_id: &str,
         versions: mysimbdp::infra::ServerVersions,
-        batch: Option<PathStats>,
-        stream: Option<PathStats>,
+        results: Results,
         ceiling: Option<Ceiling>,
         wall: Duration,
     ) -> Self {
+        let batch = results.batch.as_ref().map(PathParts::stats);
+        let stream = results.stream.as_ref().map(PathParts::stats);
+        let baseline = baseline_rows(&results.phases, &results.accounting);
         let fraction = match (&batch, &ceiling) {
             (Some(b), Some(c)) => Some(b.throughput_per_s / c.records_per_s),
             _ => None,
@@ -217,7 +378,22 @@ impl Report {
             ceiling,
             batch_fraction_of_ceiling: fraction,
             reference,
+            accounting: results.accounting,
+            phases: results.phases,
+            baseline,
+            platform_errors: Vec::new(),
+            problems: Vec::new(),
         }
+    }
+
+    /// Errors of the platform itself (a component that died, a stop that hung), then the
+    /// problems `--strict` would refuse.
+    pub fn with_platform_errors(mut self, errors: Vec<String>) -> Self {
+        self.platform_errors = errors;
+        self.problems = serde_json::to_value(&self)
+            .map(|v| crate::accounting::problems(&v))
+            .unwrap_or_default();
+        self
     }
 
     /// The processes the platform and the load ran in, with their peak resident memory.
@@ -247,7 +423,7 @@ impl Report {
     fn markdown(&self) -> String {
         let e = &self.environment;
         let mut s = format!(
-            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n| platform topology | {} |\n| peak RSS | {:.0} MiB ({}) |\n\n## Results\n\n| path | ingestions | failures | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "# Scenario `{}` — run {}\n\n{}\n\n## Environment\n\n| | |\n|---|---|\n| cores | {} |\n| memory | {:.1} GiB |\n| MongoDB server | {} (buildInfo version {}) |\n| RabbitMQ | {} |\n| commit | {} ({} build) |\n| platform topology | {} |\n| peak RSS | {:.0} MiB ({}) |\n\n## Results\n\n| path | offered | stored | failed | lost | throughput /s | ms per ingestion | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | original ms | speed-up |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
             self.scenario.name,
             self.run_id,
             self.scenario.description,
@@ -276,8 +452,11 @@ impl Report {
         ] {
             if let Some(p) = p {
                 let l = &p.latency;
+                let (offered, lost) = p.accounting.as_ref().map_or(("?".into(), "?".into()), |c| {
+                    (c.offered.to_string(), c.lost.to_string())
+                });
                 s.push_str(&format!(
-                    "| {name} | {} | {} | {:.0} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {orig} | {:.0}× |\n",
+                    "| {name} | {offered} | {} | {} | {lost} | {:.0} | {:.4} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {orig} | {:.0}× |\n",
                     p.count, p.failures, p.throughput_per_s, p.ms_per_ingestion, l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms,
                     orig / p.ms_per_ingestion
                 ));
@@ -310,6 +489,103 @@ impl Report {
                 c.note,
                 f * 100.0
             ));
+        }
+        s.push_str(&self.accounting_md());
+        s
+    }
+
+    /// The groups (with both phases, side by side), every tenant's accounting, the problems.
+    fn accounting_md(&self) -> String {
+        let mut s = String::new();
+        let grouped = self.phases.len() > 1 || self.phases.iter().any(|p| p.groups.len() > 1);
+        if !self.baseline.is_empty() {
+            s.push_str("\n## Well-behaved tenants alone and beside the others\n\nThe groups that expect success, first alone (phase `baseline`), then with every other group running at the same time (phase `mixed`), in the same run.\n\n| group | path | alone stored/s | alone p99 ms | mixed stored/s | mixed p99 ms | throughput mixed/alone | p99 mixed/alone |\n|---|---|---|---|---|---|---|---|\n");
+            let fin = |x: &Side| if x.finished { "" } else { " (unfinished)" };
+            for r in &self.baseline {
+                s.push_str(&format!(
+                    "| {} | {} | {:.0}{} | {:.2} | {:.0}{} | {:.2} | {:.2} | {:.2} |\n",
+                    r.group,
+                    r.path,
+                    r.alone.throughput_per_s,
+                    fin(&r.alone),
+                    r.alone.p99_ms,
+                    r.mixed.throughput_per_s,
+                    fin(&r.mixed),
+                    r.mixed.p99_ms,
+                    r.throughput_ratio,
+                    r.p99_ratio
+                ));
+            }
+        }
+        if grouped {
+            s.push_str("\n## Groups\n\n| phase | group | expect | tenants | path | offered | stored | failed | lost | stored/s | p50 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            for p in &self.phases {
+                for g in &p.groups {
+                    for (path, st) in [("batch", &g.batch), ("stream", &g.stream)] {
+                        let Some(st) = st else { continue };
+                        let c = st.accounting.clone().unwrap_or_default();
+                        s.push_str(&format!(
+                            "| {} | {} | {} | {} | {path} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} |\n",
+                            p.name,
+                            g.group,
+                            g.expect.as_str(),
+                            g.tenants,
+                            c.offered,
+                            c.stored,
+                            c.failed,
+                            c.lost,
+                            st.throughput_per_s,
+                            st.latency.p50_ms,
+                            st.latency.p99_ms
+                        ));
+                    }
+                }
+            }
+        }
+        if !self.accounting.is_empty() {
+            s.push_str("\n## Accounting\n\nPer tenant and path: offered (accepted by the platform: rows of the files whose ingestion it started, messages whose publish it confirmed), refused (turned away at the door), stored (inputs with a document in the tenant's database), failed (failure entries in its log), lost = offered − stored − failed (negative: counted twice), documents found and success/duplicate log entries.\n\n| phase | tenant | expect | path | offered | refused | stored | failed | lost | documents | logged stored | notes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+            for a in &self.accounting {
+                let c = &a.counts;
+                let mut notes: Vec<String> = Vec::new();
+                if let Some(u) = &a.unfinished {
+                    notes.push(format!("unfinished: {u}"));
+                }
+                notes.extend(a.files_failed.iter().map(|f| format!("file {f}")));
+                notes.extend(a.errors.iter().cloned());
+                notes.extend(a.refusals.iter().cloned());
+                if let Some((r, n)) = a.reasons.first() {
+                    notes.push(format!("top failure ({n}×): {r}"));
+                }
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                    a.phase,
+                    a.tenant,
+                    a.expect.as_str(),
+                    a.path,
+                    c.offered,
+                    c.refused,
+                    c.stored,
+                    c.failed,
+                    c.lost,
+                    c.documents,
+                    c.logged_stored,
+                    notes.join("; ").replace('|', "\\|").replace('\n', " ")
+                ));
+            }
+        }
+        if !self.platform_errors.is_empty() {
+            s.push_str("\n## Platform errors\n\n");
+            for e in &self.platform_errors {
+                s.push_str(&format!("```\n{e}\n```\n"));
+            }
+        }
+        s.push_str("\n## Strict check\n\n");
+        if self.problems.is_empty() {
+            s.push_str("Pass: every offered input was stored or, for groups that expect failures, logged as failed.\n");
+        } else {
+            for p in &self.problems {
+                s.push_str(&format!("- {}\n", p.replace('\n', " ")));
+            }
         }
         s
     }
@@ -407,6 +683,27 @@ pub fn compare(a: &Path, b: &Path) -> Result<String> {
                     "{:<34} {x:>14.4} {y:>14.4} {:>9.3}\n",
                     format!("{path} {label}"),
                     y / x
+                ));
+            }
+        }
+        for (field, label) in [
+            ("offered", "offered"),
+            ("stored", "stored"),
+            ("failed", "failed"),
+            ("lost", "lost"),
+        ] {
+            if let (Some(x), Some(y)) = (
+                ra[path]["accounting"][field].as_i64(),
+                rb[path]["accounting"][field].as_i64(),
+            ) {
+                let ratio = if x == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.3}", y as f64 / x as f64)
+                };
+                out.push_str(&format!(
+                    "{:<34} {x:>14} {y:>14} {ratio:>9}\n",
+                    format!("{path} {label}")
                 ));
             }
         }

@@ -1,17 +1,19 @@
-//! Scenario files and the runner.
+//! Scenario files and the runner: the load of each group of tenants, in one phase or two
+//! (the well-behaved groups alone, then beside the others), then the accounting of every
+//! offered input from what the platform stored and logged (`accounting`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use hdrhistogram::Histogram;
-use mysimbdp::client::Client;
 use serde::{Deserialize, Serialize};
 
+use crate::accounting::{self, Counts, TenantAccount};
 use crate::deploy::{Deployment, Topology};
-use crate::progress::{Progress, Track};
-use crate::report::{Ceiling, PathStats, Report};
+use crate::load::{GroupFiles, PathRun, TenantCtx};
+use crate::progress::Progress;
+use crate::report::{Ceiling, GroupReport, PathParts, PhaseReport, Report, Results};
 
 /// A scenario file. Unknown keys are rejected.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,8 +30,14 @@ pub struct Scenario {
     pub stream: Option<StreamLoad>,
     /// Fault injection under load; a scenario with faults runs only them.
     pub faults: Option<crate::faults::FaultLoad>,
+    /// Bounds each phase's load: what has not finished by then is reported as unfinished.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
+    /// Two phases in one run: first the groups that expect success alone (`baseline`), then
+    /// every group at once (`mixed`); the report sets the well-behaved groups' figures side
+    /// by side. Each phase has its own tenants.
+    #[serde(default)]
+    pub baseline: bool,
 }
 
 fn default_timeout() -> u64 {
@@ -43,6 +51,11 @@ pub struct Tenants {
     pub prefix: String,
     /// `none` (store records as parsed) or `map` (a small transform app).
     pub app: String,
+    /// Groups of tenants, each with its own app, load and expectation (`[[tenants.group]]`).
+    /// Without any, the scenario has one group: `count` tenants `<prefix><i>` running `app`
+    /// on the scenario's `[batch]` and `[stream]` load.
+    #[serde(rename = "group", skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<Group>,
 }
 
 impl Default for Tenants {
@@ -51,8 +64,73 @@ impl Default for Tenants {
             count: 1,
             prefix: "tenant".into(),
             app: "map".into(),
+            groups: Vec::new(),
         }
     }
+}
+
+/// What a group's inputs are expected to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Expect {
+    /// Every input is stored: any failure is a problem (`--strict`).
+    #[default]
+    Success,
+    /// Inputs are meant to fail (hostile apps, poison data); each must still be stored or
+    /// logged as failed, never lost.
+    Failures,
+}
+
+impl Expect {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failures => "failures",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PathKind {
+    Batch,
+    Stream,
+}
+
+impl PathKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Batch => "batch",
+            Self::Stream => "stream",
+        }
+    }
+}
+
+/// `[[tenants.group]]`: `count` tenants `<name>-<i>` with one app, one load, one expectation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub name: String,
+    #[serde(default = "one")]
+    pub count: u32,
+    /// `map` (the workbench's transform app) or `none`; the default when no `app_source`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// A Luau file, relative to the scenario file, uploaded as the group's batch and stream
+    /// app (e.g. `apps/pcall_loop.luau`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_source: Option<PathBuf>,
+    /// The paths the group drives; default: every path it has a load for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<PathKind>>,
+    /// The group's own batch load; default: the scenario's `[batch]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchLoad>,
+    /// The group's own stream load; default: the scenario's `[stream]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamLoad>,
+    #[serde(default)]
+    pub expect: Expect,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -68,6 +146,10 @@ pub struct PlatformCfg {
     pub stream_linger_ms: u64,
     pub prefetch: u16,
     pub write_concern: String,
+    /// `separate` only: caps each component's address space (MiB, `prlimit --as`), so a
+    /// component that tenant code makes grow fails alone instead of exhausting the machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mb: Option<u64>,
 }
 
 impl Default for PlatformCfg {
@@ -80,6 +162,7 @@ impl Default for PlatformCfg {
             stream_linger_ms: 10,
             prefetch: 1000,
             write_concern: "1".into(),
+            memory_limit_mb: None,
         }
     }
 }
@@ -98,6 +181,10 @@ pub struct BatchLoad {
     /// come from a deterministic generator (id, site, time, value).
     #[serde(default)]
     pub dataset: Option<PathBuf>,
+    /// Poison: every n-th row is broken, alternately a row with too few fields (fails to
+    /// parse) and a row whose number is `n/a` (breaks an app that needs numbers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poison_every: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -121,6 +208,10 @@ pub struct StreamLoad {
     /// Approximate message size in bytes.
     #[serde(default = "default_msg")]
     pub message_bytes: usize,
+    /// Poison: every n-th message is broken, alternately invalid JSON and a reading whose
+    /// number is `n/a`; each is published in a request of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poison_every: Option<u32>,
 }
 
 fn one() -> u32 {
@@ -141,40 +232,129 @@ function map(r)
 end
 "#;
 
+/// The app a group's tenants run.
+#[derive(Debug, Clone)]
+pub enum AppChoice {
+    None,
+    Map,
+    /// Source text and the file it came from.
+    Source(String, PathBuf),
+}
+
+impl AppChoice {
+    fn source(&self) -> Option<&str> {
+        match self {
+            Self::None => None,
+            Self::Map => Some(MAP_APP),
+            Self::Source(s, _) => Some(s),
+        }
+    }
+}
+
+/// A group as the runner drives it: its app read, its loads resolved.
+#[derive(Debug, Clone)]
+pub struct GroupPlan {
+    pub name: String,
+    pub count: u32,
+    pub app: AppChoice,
+    pub batch: Option<BatchLoad>,
+    pub stream: Option<StreamLoad>,
+    pub expect: Expect,
+    /// Tenants are `<name><i>` (a scenario without groups) or `<name>-<i>`.
+    pub separator: &'static str,
+}
+
+fn check_batch(b: &mut BatchLoad, base: &Path) -> Result<()> {
+    if let Some(d) = &mut b.dataset {
+        *d = base.join(&*d);
+        if !d.exists() {
+            bail!("dataset {} does not exist", d.display());
+        }
+    }
+    if b.files == 0 || b.records_per_file == 0 {
+        bail!("batch.files and batch.records_per_file must be at least 1");
+    }
+    if b.poison_every == Some(0) {
+        bail!("batch.poison_every must be at least 1");
+    }
+    Ok(())
+}
+
+fn check_stream(st: &StreamLoad) -> Result<()> {
+    if st.messages == 0 || st.per_request == 0 {
+        bail!("stream.messages and stream.per_request must be at least 1");
+    }
+    if (st.rate == 0) == (st.concurrency == 0) {
+        bail!(
+            "give exactly one of stream.rate (fixed offered rate) and stream.concurrency (closed loop)"
+        );
+    }
+    if st.poison_every == Some(0) {
+        bail!("stream.poison_every must be at least 1");
+    }
+    Ok(())
+}
+
+fn check_group(g: &mut Group, base: &Path) -> Result<()> {
+    let name_ok = g.name.len() <= 20
+        && g.name
+            .starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && g.name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !name_ok {
+        bail!(
+            "group name `{}`: 1-20 characters, a-z 0-9 - _, starting with a letter or digit",
+            g.name
+        );
+    }
+    if g.count == 0 || g.count > 9999 {
+        bail!("group `{}`: count must be 1-9999", g.name);
+    }
+    match (&g.app, &mut g.app_source) {
+        (Some(_), Some(_)) => bail!("group `{}`: give app or app_source, not both", g.name),
+        (Some(a), None) if !["none", "map"].contains(&a.as_str()) => {
+            bail!("group `{}`: app must be `none` or `map`", g.name)
+        }
+        (_, Some(src)) => {
+            *src = base.join(&*src);
+            if !src.exists() {
+                bail!(
+                    "group `{}`: app_source {} does not exist",
+                    g.name,
+                    src.display()
+                );
+            }
+        }
+        _ => {}
+    }
+    if let Some(b) = &mut g.batch {
+        check_batch(b, base).with_context(|| format!("group `{}`", g.name))?;
+    }
+    if let Some(st) = &g.stream {
+        check_stream(st).with_context(|| format!("group `{}`", g.name))?;
+    }
+    Ok(())
+}
+
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         let mut s: Scenario = toml::from_str(&text)
             .with_context(|| format!("invalid scenario {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_owned();
         if let Some(b) = &mut s.batch {
-            let base = path.parent().unwrap_or(Path::new("."));
-            if let Some(d) = &mut b.dataset {
-                *d = base.join(&*d);
-                if !d.exists() {
-                    bail!("dataset {} does not exist", d.display());
-                }
-            }
-            if b.files == 0 || b.records_per_file == 0 {
-                bail!("batch.files and batch.records_per_file must be at least 1");
-            }
+            check_batch(b, &base)?;
         }
         if let Some(f) = &mut s.faults {
-            let base = path.parent().unwrap_or(Path::new("."));
             f.dataset = base.join(&f.dataset);
             if f.kinds.is_empty() || f.messages == 0 {
                 bail!("faults.kinds and faults.messages must not be empty");
             }
         }
         if let Some(st) = &s.stream {
-            if st.messages == 0 || st.per_request == 0 {
-                bail!("stream.messages and stream.per_request must be at least 1");
-            }
-            if (st.rate == 0) == (st.concurrency == 0) {
-                bail!(
-                    "give exactly one of stream.rate (fixed offered rate) and stream.concurrency (closed loop)"
-                );
-            }
+            check_stream(st)?;
         }
         if !["none", "map"].contains(&s.tenants.app.as_str()) {
             bail!("tenants.app must be `none` or `map`");
@@ -182,14 +362,114 @@ impl Scenario {
         if s.tenants.count == 0 {
             bail!("tenants.count must be at least 1");
         }
+        let mut groups = std::mem::take(&mut s.tenants.groups);
+        if !groups.is_empty() {
+            let d = Tenants::default();
+            if s.tenants.count != d.count || s.tenants.prefix != d.prefix || s.tenants.app != d.app
+            {
+                bail!(
+                    "with [[tenants.group]], give each group its count and app; tenants.count, prefix and app are for scenarios without groups"
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for g in &mut groups {
+            check_group(g, &base)?;
+            if !names.insert(g.name.clone()) {
+                bail!("two groups are named `{}`", g.name);
+            }
+        }
+        s.tenants.groups = groups;
+        if s.platform.memory_limit_mb.is_some() && s.platform.topology != Topology::Separate {
+            bail!(
+                "platform.memory_limit_mb needs topology = \"separate\": in-process, the limit would fall on the runner"
+            );
+        }
+        let plans = s.plans_unread();
+        if let Some(p) = plans
+            .iter()
+            .find(|p| p.batch.is_none() && p.stream.is_none())
+            .filter(|_| s.faults.is_none())
+        {
+            bail!(
+                "group `{}` has no load: give [batch] or [stream] (the scenario's or its own)",
+                p.name
+            );
+        }
+        if s.baseline
+            && !(plans.iter().any(|p| p.expect == Expect::Success)
+                && plans.iter().any(|p| p.expect == Expect::Failures))
+        {
+            bail!(
+                "baseline = true compares the groups that expect success alone and beside the others: it needs groups of both kinds"
+            );
+        }
         Ok(s)
+    }
+
+    /// The groups as the runner drives them, app sources read.
+    pub fn plans(&self) -> Result<Vec<GroupPlan>> {
+        let mut plans = self.plans_unread();
+        for p in &mut plans {
+            if let AppChoice::Source(text, path) = &mut p.app {
+                *text = std::fs::read_to_string(&*path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+            }
+        }
+        Ok(plans)
+    }
+
+    fn plans_unread(&self) -> Vec<GroupPlan> {
+        if self.tenants.groups.is_empty() {
+            return vec![GroupPlan {
+                name: self.tenants.prefix.clone(),
+                count: self.tenants.count,
+                app: if self.tenants.app == "map" {
+                    AppChoice::Map
+                } else {
+                    AppChoice::None
+                },
+                batch: self.batch.clone(),
+                stream: self.stream.clone(),
+                expect: Expect::Success,
+                separator: "",
+            }];
+        }
+        self.tenants
+            .groups
+            .iter()
+            .map(|g| {
+                let drives = |k: PathKind| g.paths.as_ref().is_none_or(|p| p.contains(&k));
+                GroupPlan {
+                    name: g.name.clone(),
+                    count: g.count,
+                    app: match (&g.app_source, g.app.as_deref()) {
+                        (Some(p), _) => AppChoice::Source(String::new(), p.clone()),
+                        (None, Some("none")) => AppChoice::None,
+                        _ => AppChoice::Map,
+                    },
+                    batch: g
+                        .batch
+                        .clone()
+                        .or_else(|| self.batch.clone())
+                        .filter(|_| drives(PathKind::Batch)),
+                    stream: g
+                        .stream
+                        .clone()
+                        .or_else(|| self.stream.clone())
+                        .filter(|_| drives(PathKind::Stream)),
+                    expect: g.expect,
+                    separator: "-",
+                }
+            })
+            .collect()
     }
 }
 
 /// Files of `n` records each from the dataset, each starting at a different offset so every
 /// file has its own content (and so its own document ids), or from the generator; rows are
-/// padded to `record_bytes` when given.
-fn make_files(b: &BatchLoad, files: u32) -> Result<Vec<Vec<u8>>> {
+/// padded to `record_bytes` when given, and every `poison_every`-th row broken.
+pub(crate) fn make_files(b: &BatchLoad, files: u32) -> Result<Vec<Vec<u8>>> {
     let (header, rows) = match &b.dataset {
         Some(path) => {
             let text = std::fs::read(path)?;
@@ -204,9 +484,17 @@ fn make_files(b: &BatchLoad, files: u32) -> Result<Vec<Vec<u8>>> {
     if rows.is_empty() {
         bail!("dataset has no rows");
     }
+    // The number a poison row breaks: `result` (the water-quality data), `value`, else the last.
+    let number = header
+        .iter()
+        .position(|h| h == b"result" || h == b"value")
+        .unwrap_or(header.len().saturating_sub(1));
     let mut out = Vec::new();
     for f in 0..files as usize {
-        let mut w = csv::Writer::from_writer(Vec::new());
+        // Flexible: a poison row has fewer fields than the header.
+        let mut w = csv::WriterBuilder::new()
+            .flexible(true)
+            .from_writer(Vec::new());
         let mut h = header.clone();
         if b.record_bytes.is_some() {
             h.push_field(b"pad");
@@ -214,6 +502,19 @@ fn make_files(b: &BatchLoad, files: u32) -> Result<Vec<Vec<u8>>> {
         w.write_byte_record(&h)?;
         for i in 0..b.records_per_file as usize {
             let mut r = rows[(f * 7919 + i) % rows.len()].clone();
+            match b.poison_every.map(|n| n as usize) {
+                Some(n) if (i + 1) % n == 0 && (i + 1) / n % 2 == 1 => {
+                    r = csv::ByteRecord::from(vec![&r[0]]);
+                }
+                Some(n) if (i + 1) % n == 0 => {
+                    r = r
+                        .iter()
+                        .enumerate()
+                        .map(|(k, v)| if k == number { &b"n/a"[..] } else { v })
+                        .collect();
+                }
+                _ => {}
+            }
             if let Some(want) = b.record_bytes {
                 // Fields plus their commas and the newline; the pad brings it to `want`.
                 let len = r.as_slice().len() + r.len() + 1;
@@ -248,8 +549,11 @@ fn generated(n: usize) -> (csv::ByteRecord, Vec<csv::ByteRecord>) {
     (header, rows)
 }
 
-fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+/// A phase: its name, the prefix of its tenants' names, the groups it runs.
+struct PhaseSpec {
+    name: &'static str,
+    prefix: &'static str,
+    groups: Vec<usize>,
 }
 
 /// Runs a scenario and writes its report under `out/<name>/<run-id>/`.
@@ -261,6 +565,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     if let Some(f) = &sc.faults {
         return crate::faults::run(&sc.name, &sc.description, f, out, &run_id).await;
     }
+    let plans = sc.plans()?;
     let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
     let admin = format!("scenario-admin-{:08x}", rand_u32());
@@ -285,74 +590,380 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let versions = deployment.versions.clone();
     let mongodb_uri = deployment.mongodb_uri.clone();
     let admin = deployment.admin.clone();
-    let mut tenants = Vec::new();
-    for i in 0..sc.tenants.count {
-        let t = admin
-            .create_tenant(&format!("{}{i}", sc.tenants.prefix), serde_json::json!({}))
-            .await?;
-        let c = admin.with_token(Some(&t.token));
-        if sc.tenants.app == "map" {
-            c.upload_app(&t.name, "batch", MAP_APP).await?;
-            c.upload_app(&t.name, "stream", MAP_APP).await?;
+    let phases = if sc.baseline {
+        vec![
+            PhaseSpec {
+                name: "baseline",
+                prefix: "b-",
+                groups: (0..plans.len())
+                    .filter(|&i| plans[i].expect == Expect::Success)
+                    .collect(),
+            },
+            PhaseSpec {
+                name: "mixed",
+                prefix: "m-",
+                groups: (0..plans.len()).collect(),
+            },
+        ]
+    } else {
+        vec![PhaseSpec {
+            name: "main",
+            prefix: "",
+            groups: (0..plans.len()).collect(),
+        }]
+    };
+    let started = Instant::now();
+    let measured = async {
+        if let Some(mb) = sc.platform.memory_limit_mb {
+            deployment.limit_memory(mb.saturating_mul(1 << 20))?;
         }
-        tenants.push((t.name, c));
+        let db = mongodb::Client::with_uri_str(&mongodb_uri).await?;
+        let mut results = Results::default();
+        for ph in &phases {
+            let o = run_phase(&sc, &plans, ph, &admin, &db).await?;
+            results.accounting.extend(o.accounts);
+            results.phases.push(o.report);
+            (results.batch, results.stream) = (o.batch, o.stream);
+        }
+        let wall = started.elapsed();
+        // The ceiling: the same documents straight into the same server with the raw driver.
+        let ceiling = match &sc.batch {
+            Some(b) => Some(
+                raw_ceiling(
+                    &mongodb_uri,
+                    &ns,
+                    b,
+                    sc.platform.batch_size,
+                    &sc.platform.write_concern,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((results, ceiling, wall))
     }
-    let deadline = Instant::now() + Duration::from_secs(sc.timeout_s);
-    let n = u64::from(sc.tenants.count);
+    .await;
+    let processes = deployment.peak_rss();
+    let stopped = deployment.stop().await;
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(staging.with_extension("logs"));
+    let (results, ceiling, wall) = match (measured, &stopped) {
+        (Ok(m), _) => m,
+        (Err(e), Ok(())) => return Err(e),
+        (Err(e), Err(s)) => return Err(e.context(format!("and the platform: {s:#}"))),
+    };
+    let report = Report::new(&sc, &run_id, versions, results, ceiling, wall)
+        .with_processes(processes)
+        .with_platform_errors(
+            stopped
+                .err()
+                .map(|e| accounting::strip_ansi(&format!("{e:#}")))
+                .into_iter()
+                .collect(),
+        );
+    let dir = out.join(&sc.name).join(&run_id);
+    report.write(&dir)?;
+    Ok(dir)
+}
+
+/// One phase's figures.
+struct PhaseOutcome {
+    report: PhaseReport,
+    accounts: Vec<TenantAccount>,
+    /// The groups that expect success, added up.
+    batch: Option<PathParts>,
+    stream: Option<PathParts>,
+}
+
+/// How long the accounting waits for inputs still on their way (e.g. a stream app that
+/// stores several documents per message makes the log look complete early).
+const SETTLE: Duration = Duration::from_secs(10);
+
+async fn run_phase(
+    sc: &Scenario,
+    plans: &[GroupPlan],
+    ph: &PhaseSpec,
+    admin: &mysimbdp::client::Client,
+    db: &mongodb::Client,
+) -> Result<PhaseOutcome> {
+    // Tenants, with their apps.
+    let mut tenants: Vec<(usize, TenantCtx)> = Vec::new();
+    for &gi in &ph.groups {
+        let g = &plans[gi];
+        for i in 0..g.count {
+            let name = format!("{}{}{}{i}", ph.prefix, g.name, g.separator);
+            let t = crate::load::bounded(
+                Duration::from_secs(60),
+                admin.create_tenant(&name, serde_json::json!({})),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot create tenant {name}: {e}"))?;
+            let client = admin.with_token(Some(&t.token));
+            let mut whole_file = false;
+            if let Some(src) = g.app.source() {
+                for kind in ["batch", "stream"] {
+                    let v = crate::load::bounded(
+                        Duration::from_secs(60),
+                        client.upload_app(&t.name, kind, src),
+                    )
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!("group `{}`: the {kind} app was not accepted: {e}", g.name)
+                    })?;
+                    if kind == "batch" {
+                        whole_file = v["functions"]["map"] == false;
+                    }
+                }
+            }
+            tenants.push((
+                gi,
+                TenantCtx {
+                    name: t.name,
+                    database: t.database,
+                    client,
+                    whole_file,
+                },
+            ));
+        }
+    }
+    let mut files = std::collections::HashMap::new();
+    for &gi in &ph.groups {
+        if let Some(b) = &plans[gi].batch {
+            files.insert(gi, Arc::new(GroupFiles::new(make_files(b, b.files)?)));
+        }
+    }
+    let (mut batch_total, mut stream_total) = (0u64, 0u64);
+    for (gi, t) in &tenants {
+        if let Some(f) = files.get(gi) {
+            batch_total += if t.whole_file {
+                f.records.len() as u64
+            } else {
+                f.records.iter().sum()
+            };
+        }
+        if let Some(s) = &plans[*gi].stream {
+            stream_total += u64::from(s.messages);
+        }
+    }
     let mut tracks = Vec::new();
-    if let Some(b) = &sc.batch {
-        tracks.push((
-            "batch",
-            n * u64::from(b.files) * u64::from(b.records_per_file),
-        ));
+    if files.values().next().is_some() {
+        tracks.push(("batch", batch_total));
     }
-    if let Some(s) = &sc.stream {
-        tracks.push(("stream", n * u64::from(s.messages)));
+    if ph.groups.iter().any(|&gi| plans[gi].stream.is_some()) {
+        tracks.push(("stream", stream_total));
+    }
+    if ph.name != "main" {
+        eprintln!(
+            "phase {}: {} tenants ({})",
+            ph.name,
+            tenants.len(),
+            ph.groups
+                .iter()
+                .map(|&gi| format!("{} {}", plans[gi].count, plans[gi].name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     let progress = Progress::new(&tracks);
     let drawing = progress.spawn();
     let started = Instant::now();
-    let (batch, stream) = tokio::join!(
-        async {
-            match &sc.batch {
-                Some(b) => Some(run_batch(b, &tenants, deadline, progress.track("batch")).await),
-                None => None,
-            }
-        },
-        async {
-            match &sc.stream {
-                Some(s) => Some(run_stream(s, &tenants, deadline, progress.track("stream")).await),
-                None => None,
-            }
+    let deadline = started + Duration::from_secs(sc.timeout_s);
+    let mut drivers = Vec::new();
+    for (ti, (gi, t)) in tenants.iter().enumerate() {
+        if let Some(f) = files.get(gi) {
+            let fut =
+                crate::load::drive_batch(t.clone(), f.clone(), started, deadline, progress.clone());
+            drivers.push((ti, PathKind::Batch, tokio::spawn(fut)));
         }
-    );
-    let wall = started.elapsed();
+        if let Some(s) = &plans[*gi].stream {
+            let fut = crate::load::drive_stream(
+                t.clone(),
+                s.clone(),
+                started,
+                deadline,
+                progress.clone(),
+            );
+            drivers.push((ti, PathKind::Stream, tokio::spawn(fut)));
+        }
+    }
+    let mut runs: Vec<(usize, PathKind, PathRun)> = Vec::new();
+    for (ti, kind, d) in drivers {
+        let run = d.await.unwrap_or_else(|e| PathRun {
+            errors: vec![format!("the load driver failed: {e}")],
+            unfinished: Some("the load driver failed".into()),
+            ..PathRun::default()
+        });
+        runs.push((ti, kind, run));
+    }
     progress.finish(drawing).await;
-    let batch = batch.transpose()?;
-    let stream = stream.transpose()?;
-    // The ceiling: the same documents straight into the same server with the raw driver.
-    let ceiling = match &sc.batch {
-        Some(b) => Some(
-            raw_ceiling(
-                &mongodb_uri,
-                &ns,
-                b,
-                sc.platform.batch_size,
-                &sc.platform.write_concern,
+    let load_elapsed = started.elapsed();
+
+    // The accounting, from the database and the log; while inputs seem lost, they may still
+    // be on their way: look again for a few seconds (not after a timeout).
+    let unfinished = runs.iter().any(|(_, _, r)| r.unfinished.is_some());
+    let settle_until = Instant::now() + if unfinished { Duration::ZERO } else { SETTLE };
+    let looked = loop {
+        let mut looked = Vec::new();
+        for (ti, (gi, t)) in tenants.iter().enumerate() {
+            let mut m_files = Vec::new();
+            let mut ids = std::collections::HashSet::new();
+            for (_, _, r) in runs.iter().filter(|(i, _, _)| *i == ti) {
+                m_files.extend(r.files.iter().cloned());
+                ids.extend(r.ids.iter().cloned());
+            }
+            let interval = plans[*gi]
+                .stream
+                .as_ref()
+                .filter(|s| s.rate > 0)
+                .map(|s| (1_000_000 / u64::from(s.rate)).max(1));
+            let found = tokio::time::timeout(
+                Duration::from_secs(300),
+                accounting::scan(
+                    &db.database(&t.database),
+                    accounting::Matcher::new(&m_files, &ids),
+                ),
             )
-            .await?,
-        ),
-        None => None,
+            .await
+            .map_err(|_| "no answer within 300 s".to_owned())
+            .and_then(|r| r.map_err(|e| format!("{e:#}")));
+            let log = accounting::read_log(&t.client, &t.name, interval)
+                .await
+                .map_err(|e| format!("{e:#}"));
+            looked.push((found, log));
+        }
+        let lost = runs.iter().any(|(ti, kind, r)| {
+            let (found, log) = &looked[*ti];
+            let (Ok(f), Ok(l)) = (found, log) else {
+                return false;
+            };
+            let (stored, failed) = match kind {
+                PathKind::Batch => (f.batch_stored, l.batch.failure),
+                PathKind::Stream => (f.stream_stored, l.stream.failure),
+            };
+            stored + failed < r.offered
+        });
+        if !lost || Instant::now() >= settle_until {
+            break looked;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    let processes = deployment.peak_rss();
-    deployment.stop().await?;
-    let _ = std::fs::remove_dir_all(&staging);
-    let _ = std::fs::remove_dir_all(staging.with_extension("logs"));
-    let report =
-        Report::new(&sc, &run_id, versions, batch, stream, ceiling, wall).with_processes(processes);
-    let dir = out.join(&sc.name).join(&run_id);
-    report.write(&dir)?;
-    Ok(dir)
+
+    let mut accounts = Vec::new();
+    let mut parts: Vec<(usize, PathKind, PathParts)> = Vec::new();
+    for (ti, kind, r) in runs {
+        let (gi, t) = &tenants[ti];
+        let g = &plans[*gi];
+        let (found, log) = &looked[ti];
+        let mut errors = r.errors.clone();
+        let empty = accounting::Tally::default();
+        let tally = match (log, kind) {
+            (Ok(l), PathKind::Batch) => &l.batch,
+            (Ok(l), PathKind::Stream) => &l.stream,
+            (Err(e), _) => {
+                errors.push(format!("cannot read its log: {e}"));
+                &empty
+            }
+        };
+        let (stored, documents) = match (found, kind) {
+            (Ok(f), PathKind::Batch) => (f.batch_stored, f.batch_documents),
+            (Ok(f), PathKind::Stream) => (f.stream_stored, f.stream_documents),
+            (Err(e), _) => {
+                errors.push(format!("cannot read its database: {e}"));
+                (0, 0)
+            }
+        };
+        let counts = Counts {
+            offered: r.offered,
+            refused: r.refused,
+            stored,
+            failed: tally.failure,
+            lost: 0,
+            documents,
+            logged_stored: tally.success + tally.duplicate,
+        }
+        .settle();
+        let a = TenantAccount {
+            phase: ph.name.into(),
+            group: g.name.clone(),
+            tenant: t.name.clone(),
+            path: kind.as_str().into(),
+            expect: g.expect,
+            counts: counts.clone(),
+            files_failed: r
+                .files
+                .iter()
+                .filter(|f| f.state == "failed")
+                .map(|f| {
+                    format!(
+                        "{} ended `failed`: {}",
+                        f.name,
+                        f.error.as_deref().unwrap_or("no error given")
+                    )
+                })
+                .collect(),
+            unfinished: r.unfinished.clone(),
+            errors,
+            refusals: r.refusals.clone(),
+            reasons: tally.top_reasons(3),
+            elapsed_s: r.elapsed.as_secs_f64(),
+        };
+        if let Some(u) = &a.unfinished {
+            eprintln!("  {} {}: unfinished: {u}", a.tenant, a.path);
+        }
+        accounts.push(a);
+        let p = PathParts {
+            counts,
+            elapsed: r.elapsed,
+            latency: tally.latency.clone(),
+            per_file: r.file_hist,
+            uncorrected: (kind == PathKind::Stream).then(|| tally.uncorrected.clone()),
+        };
+        match parts.iter_mut().find(|(x, k, _)| *x == *gi && *k == kind) {
+            Some((_, _, q)) => q.add(&p),
+            None => parts.push((*gi, kind, p)),
+        }
+    }
+    let mut headline: [Option<PathParts>; 2] = [None, None];
+    for (gi, kind, p) in &parts {
+        if plans[*gi].expect != Expect::Success {
+            continue;
+        }
+        let slot = &mut headline[usize::from(*kind == PathKind::Stream)];
+        match slot {
+            Some(h) => h.add(p),
+            None => *slot = Some(p.clone()),
+        }
+    }
+    let groups = ph
+        .groups
+        .iter()
+        .map(|&gi| {
+            let stats = |k: PathKind| {
+                parts
+                    .iter()
+                    .find(|(x, kind, _)| *x == gi && *kind == k)
+                    .map(|(_, _, p)| p.stats())
+            };
+            GroupReport {
+                group: plans[gi].name.clone(),
+                expect: plans[gi].expect,
+                tenants: plans[gi].count,
+                batch: stats(PathKind::Batch),
+                stream: stats(PathKind::Stream),
+            }
+        })
+        .collect();
+    let [batch, stream] = headline;
+    Ok(PhaseOutcome {
+        report: PhaseReport {
+            name: ph.name.into(),
+            elapsed_s: load_elapsed.as_secs_f64(),
+            groups,
+        },
+        accounts,
+        batch,
+        stream,
+    })
 }
 
 fn rand_u32() -> u32 {
@@ -360,225 +971,6 @@ fn rand_u32() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
-}
-
-async fn run_batch(
-    b: &BatchLoad,
-    tenants: &[(String, Client)],
-    deadline: Instant,
-    progress: &Track,
-) -> Result<PathStats> {
-    let files = Arc::new(make_files(b, b.files)?);
-    let total = u64::from(b.files) * u64::from(b.records_per_file) * tenants.len() as u64;
-    let started = Instant::now();
-    let mut file_hist = hist();
-    let mut jobs = Vec::new();
-    for (t, c) in tenants {
-        for (i, body) in files.iter().enumerate() {
-            let name = format!("f{i}.csv");
-            c.upload_file(t, &name, body.clone()).await?;
-            let t0 = Instant::now();
-            c.ingest(t, &name).await?;
-            jobs.push((t.clone(), c.clone(), name, t0));
-        }
-    }
-    let mut pending = jobs;
-    let mut done_records = 0u64;
-    let mut failures = 0u64;
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            bail!("batch load did not finish before the scenario timeout");
-        }
-        let mut still = Vec::new();
-        let mut in_flight = 0u64;
-        for (t, c, name, t0) in pending {
-            let f = c.file(&t, &name).await?;
-            match f["state"].as_str() {
-                Some("done") | Some("failed") => {
-                    file_hist.saturating_record(t0.elapsed().as_micros() as u64);
-                    done_records += f["records_ok"].as_u64().unwrap_or(0)
-                        + f["records_duplicate"].as_u64().unwrap_or(0);
-                    failures += f["records_failed"].as_u64().unwrap_or(0);
-                }
-                _ => {
-                    in_flight += f["next_record"].as_u64().unwrap_or(0);
-                    still.push((t, c, name, t0));
-                }
-            }
-        }
-        pending = still;
-        progress.set((done_records + failures + in_flight).min(total));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let elapsed = started.elapsed();
-    let mut latency = hist();
-    for (t, c) in tenants {
-        let logs = c.logs(t, "").await?;
-        let entries: Vec<serde_json::Value> = serde_json::from_slice(&logs.body)?;
-        for e in entries.iter().filter(|e| e["source"] == "batch") {
-            latency.saturating_record(e["latency_us"].as_u64().unwrap_or(0).max(1));
-        }
-    }
-    Ok(PathStats::new(
-        done_records,
-        failures,
-        elapsed,
-        latency,
-        Some(file_hist),
-        None,
-    ))
-}
-
-async fn run_stream(
-    s: &StreamLoad,
-    tenants: &[(String, Client)],
-    deadline: Instant,
-    progress: &Track,
-) -> Result<PathStats> {
-    let started = Instant::now();
-    for (t, c) in tenants {
-        c.stream_start(t, s.consumers).await?;
-    }
-    let pad = "x".repeat(s.message_bytes.saturating_sub(40));
-    let requests = s.messages.div_ceil(s.per_request);
-    let (per, total) = (s.per_request, s.messages);
-    // Request k of a tenant: messages k·per .. min((k+1)·per, total), numbered by `seq`.
-    let body = move |k: u32, pad: &str| {
-        let mut body = Vec::new();
-        for j in 0..per.min(total - k * per) {
-            body.extend_from_slice(
-                format!(
-                    "{{\"seq\":{},\"v\":{},\"pad\":\"{pad}\"}}\n",
-                    k * per + j,
-                    j % 97
-                )
-                .as_bytes(),
-            );
-        }
-        body
-    };
-    let mut sends = Vec::new();
-    for (t, c) in tenants {
-        let (t, c, pad) = (t.clone(), c.clone(), pad.clone());
-        if s.concurrency > 0 {
-            // Closed loop: each publisher sends its next request once the last is confirmed.
-            let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
-            for _ in 0..s.concurrency {
-                let (t, c, pad, next) = (t.clone(), c.clone(), pad.clone(), next.clone());
-                sends.push(tokio::spawn(async move {
-                    loop {
-                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if k >= requests {
-                            return Ok::<_, anyhow::Error>(());
-                        }
-                        c.publish(&t, "reading", body(k, &pad)).await?;
-                    }
-                }));
-            }
-            continue;
-        }
-        // Fixed offered rate: request k is sent at t0 + k·per_request/rate, whatever happened
-        // before; lateness is then corrected for in the histogram (coordinated omission).
-        let interval = Duration::from_secs_f64(f64::from(s.per_request) / f64::from(s.rate));
-        sends.push(tokio::spawn(async move {
-            let t0 = tokio::time::Instant::now();
-            let mut inflight = Vec::new();
-            for k in 0..requests {
-                tokio::time::sleep_until(t0 + interval * k).await;
-                let (c, t, b) = (c.clone(), t.clone(), body(k, &pad));
-                inflight.push(tokio::spawn(
-                    async move { c.publish(&t, "reading", b).await },
-                ));
-            }
-            for f in inflight {
-                f.await??;
-            }
-            Ok::<_, anyhow::Error>(())
-        }));
-    }
-    // Progress from the consumers' live counters while the load runs (cheap); the end
-    // from the log (`stream/report`), which is the record.
-    let total = u64::from(s.messages) * tenants.len() as u64;
-    let mut sends = futures::future::try_join_all(sends);
-    let mut sending = true;
-    let mut last_report = Instant::now();
-    let (stored, failed) = loop {
-        if Instant::now() > deadline {
-            bail!("stream load did not finish before the scenario timeout");
-        }
-        if sending {
-            tokio::select! {
-                r = &mut sends => {
-                    for r in r? {
-                        r?;
-                    }
-                    sending = false;
-                }
-                () = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-        } else {
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let mut live = 0u64;
-        for (t, c) in tenants {
-            let st = c.stream_status(t).await?;
-            let n = &st["since_start"];
-            live += ["stored", "duplicates", "failed"]
-                .iter()
-                .map(|k| n[k].as_u64().unwrap_or(0))
-                .sum::<u64>();
-        }
-        progress.set(live.min(total));
-        // Live counters count documents, the log counts messages: they agree for the
-        // workbench's 1:1 apps, and the log is asked every few seconds anyway.
-        if sending || (live < total && last_report.elapsed() < Duration::from_secs(5)) {
-            continue;
-        }
-        last_report = Instant::now();
-        let mut stored = 0u64;
-        let mut failed = 0u64;
-        for (t, c) in tenants {
-            let r = c.stream_report(t).await?;
-            for p in r["periods"].as_array().into_iter().flatten() {
-                stored +=
-                    p["messages"].as_u64().unwrap_or(0) + p["duplicates"].as_u64().unwrap_or(0);
-                failed += p["failures"].as_u64().unwrap_or(0);
-            }
-        }
-        if stored + failed >= total {
-            break (stored, failed);
-        }
-    };
-    let elapsed = started.elapsed();
-    let mut raw = hist();
-    let mut corrected = hist();
-    let expected = (1_000_000 / u64::from(s.rate).max(1)).max(1);
-    for (t, c) in tenants {
-        c.stream_stop(t).await?;
-        let logs = c.logs(t, "").await?;
-        let entries: Vec<serde_json::Value> = serde_json::from_slice(&logs.body)?;
-        for e in entries
-            .iter()
-            .filter(|e| e["source"] == "stream" && e["status"] == "success")
-        {
-            let v = e["latency_us"].as_u64().unwrap_or(0).max(1);
-            raw.saturating_record(v);
-            if s.rate > 0 {
-                let _ = corrected.record_correct(v, expected);
-            } else {
-                // A closed loop has no intended schedule to correct against.
-                corrected.saturating_record(v);
-            }
-        }
-    }
-    Ok(PathStats::new(
-        stored,
-        failed,
-        elapsed,
-        corrected,
-        None,
-        Some(raw),
-    ))
 }
 
 /// The driver alone: the same documents (and as many log-sized documents, since the platform
@@ -666,20 +1058,179 @@ async fn raw_ceiling(
 mod tests {
     use super::*;
 
-    /// Every committed scenario loads, and the topology names parse.
+    /// Every committed scenario loads, its apps compile with the platform's own compiler,
+    /// and the topology names parse.
     #[test]
     fn the_committed_scenarios_are_valid() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
         let mut topologies = Vec::new();
+        let mut names = Vec::new();
         for e in std::fs::read_dir(&dir).expect("scenarios/") {
             let p = e.expect("entry").path();
             if p.extension().is_some_and(|x| x == "toml") {
                 let s = Scenario::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                for g in s
+                    .plans()
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", p.display()))
+                {
+                    if let Some(src) = g.app.source() {
+                        let limits = mysimbdp::config::AppLimits::default();
+                        if let Err(e) = mysimbdp::apps::compile(src, &limits) {
+                            panic!("{} group {}: {e:?}", p.display(), g.name);
+                        }
+                    }
+                }
                 topologies.push(s.platform.topology);
+                names.push(s.name);
             }
         }
         assert!(topologies.contains(&Topology::InProcess));
         assert!(topologies.contains(&Topology::Separate));
+        assert!(names.contains(&"hostile".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn the_hostile_scenario_sets_attackers_beside_well_behaved_tenants() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios/hostile.toml");
+        let s = Scenario::load(&p).expect("hostile.toml");
+        assert!(s.baseline);
+        let plans = s.plans().expect("plans");
+        let good: Vec<&GroupPlan> = plans
+            .iter()
+            .filter(|g| g.expect == Expect::Success)
+            .collect();
+        assert!(!good.is_empty());
+        assert!(
+            good.iter().all(|g| g.batch.is_some() && g.stream.is_some()),
+            "the well-behaved drive both paths"
+        );
+        let attackers: Vec<&GroupPlan> = plans
+            .iter()
+            .filter(|g| g.expect == Expect::Failures)
+            .collect();
+        assert!(attackers.len() >= 5, "{attackers:?}");
+        assert!(
+            attackers
+                .iter()
+                .all(|g| matches!(g.app, AppChoice::Source(..)) || g.name == "poison")
+        );
+        assert!(
+            attackers
+                .iter()
+                .any(|g| g.stream.as_ref().is_some_and(|s| s.poison_every.is_some())),
+            "a tenant sends poison messages"
+        );
+    }
+
+    fn scenario_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mysimbdp-sc-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("apps")).expect("dir");
+        std::fs::write(dir.join("apps/a.luau"), "function map(r) return r end").expect("app");
+        dir
+    }
+
+    #[test]
+    fn groups_take_the_scenario_load_unless_they_bring_their_own() {
+        let dir = scenario_dir("groups");
+        let p = dir.join("g.toml");
+        std::fs::write(
+            &p,
+            r#"
+name = "g"
+baseline = true
+[batch]
+files = 2
+records_per_file = 10
+[stream]
+messages = 10
+rate = 5
+[[tenants.group]]
+name = "good"
+count = 3
+[[tenants.group]]
+name = "bad"
+app_source = "apps/a.luau"
+paths = ["stream"]
+expect = "failures"
+[tenants.group.stream]
+messages = 4
+rate = 2
+poison_every = 2
+"#,
+        )
+        .expect("write");
+        let s = Scenario::load(&p).expect("valid");
+        let plans = s.plans().expect("plans");
+        assert_eq!(plans.len(), 2);
+        let (good, bad) = (&plans[0], &plans[1]);
+        assert_eq!((good.count, good.separator), (3, "-"));
+        assert!(matches!(good.app, AppChoice::Map));
+        assert_eq!(good.batch.as_ref().map(|b| b.files), Some(2));
+        assert_eq!(good.stream.as_ref().map(|s| s.messages), Some(10));
+        assert!(bad.batch.is_none(), "paths = [stream]");
+        assert_eq!(bad.stream.as_ref().map(|s| s.messages), Some(4));
+        assert!(matches!(&bad.app, AppChoice::Source(src, _) if src.contains("function map")));
+        // Without groups: one group named by the prefix, tenants `<prefix><i>`, as before.
+        let q = dir.join("q.toml");
+        std::fs::write(&q, "name = \"q\"\n[tenants]\ncount = 2\nprefix = \"p\"\n[stream]\nmessages = 1\nrate = 1\n")
+            .expect("write");
+        let plans = Scenario::load(&q).expect("valid").plans().expect("plans");
+        assert_eq!(
+            (plans[0].name.as_str(), plans[0].count, plans[0].separator),
+            ("p", 2, "")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn bad_groups_are_rejected_with_the_reason() {
+        let dir = scenario_dir("badgroups");
+        let p = dir.join("x.toml");
+        let load = "[stream]\nmessages = 1\nrate = 1\n";
+        for (text, expect) in [
+            (
+                "[[tenants.group]]\nname = \"a\"\nspeed = 1\n",
+                "unknown field `speed`",
+            ),
+            ("[[tenants.group]]\nname = \"A!\"\n", "group name `A!`"),
+            (
+                "[[tenants.group]]\nname = \"a\"\napp = \"map\"\napp_source = \"apps/a.luau\"\n",
+                "give app or app_source, not both",
+            ),
+            (
+                "[[tenants.group]]\nname = \"a\"\napp_source = \"apps/none.luau\"\n",
+                "does not exist",
+            ),
+            (
+                "[[tenants.group]]\nname = \"a\"\n[[tenants.group]]\nname = \"a\"\n",
+                "two groups are named `a`",
+            ),
+            (
+                "[tenants]\ncount = 4\n[[tenants.group]]\nname = \"a\"\n",
+                "give each group its count and app",
+            ),
+            (
+                "baseline = true\n[[tenants.group]]\nname = \"a\"\n",
+                "needs groups of both kinds",
+            ),
+            (
+                "[[tenants.group]]\nname = \"a\"\npaths = [\"batch\"]\n",
+                "group `a` has no load",
+            ),
+            (
+                "[platform]\nmemory_limit_mb = 100\n",
+                "needs topology = \"separate\"",
+            ),
+            (
+                "[[tenants.group]]\nname = \"a\"\n[tenants.group.stream]\nmessages = 1\nrate = 1\npoison_every = 0\n",
+                "poison_every must be at least 1",
+            ),
+        ] {
+            std::fs::write(&p, format!("name = \"x\"\n{text}{load}")).expect("write");
+            let e = format!("{:#}", Scenario::load(&p).expect_err(text));
+            assert!(e.contains(expect), "{text}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -689,6 +1240,7 @@ mod tests {
             records_per_file: 50,
             record_bytes: Some(1000),
             dataset: None,
+            poison_every: None,
         };
         let a = make_files(&b, 2).expect("files");
         assert_eq!(
@@ -709,6 +1261,29 @@ mod tests {
             let len = r.as_slice().len() + (r.len() - 1) + 1;
             assert_eq!(len, 1000, "{r:?}");
         }
+    }
+
+    #[test]
+    fn poison_rows_alternate_between_unparseable_and_not_a_number() {
+        let b = BatchLoad {
+            files: 1,
+            records_per_file: 20,
+            record_bytes: None,
+            dataset: None,
+            poison_every: Some(5),
+        };
+        let f = make_files(&b, 1).expect("files");
+        let mut rdr = csv::ReaderBuilder::new()
+            .flexible(true)
+            .from_reader(&f[0][..]);
+        let rows: Vec<csv::StringRecord> = rdr.records().map(|r| r.expect("row")).collect();
+        assert_eq!(rows.len(), 20, "poison rows are rows offered too");
+        let short: Vec<usize> = (0..20).filter(|&i| rows[i].len() < 4).collect();
+        let nan: Vec<usize> = (0..20)
+            .filter(|&i| rows[i].get(3).unwrap_or("") == "n/a")
+            .collect();
+        assert_eq!(short, [4, 14]);
+        assert_eq!(nan, [9, 19]);
     }
 
     #[test]

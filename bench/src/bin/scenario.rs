@@ -56,9 +56,11 @@ async fn run(cli: Cli) -> Result<()> {
             let dir = mysimbdp_bench::run(&scenario, &out).await?;
             let md = std::fs::read_to_string(dir.join("report.md")).unwrap_or_default();
             println!("{md}\nreport written to {}", dir.display());
+            let report = dir.join("report.json");
             if strict {
-                mysimbdp_bench::check(&dir.join("report.json"))?;
+                mysimbdp_bench::check(&report)?;
             }
+            mysimbdp_bench::completed(&report)?;
         }
         Cmd::List { dir } => {
             let mut entries: Vec<_> = std::fs::read_dir(&dir)
@@ -98,11 +100,20 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+    let serving = matches!(cli.command, Cmd::Serve { .. });
+    let code = match run(cli).await {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            1
         }
+    };
+    if serving {
+        return ExitCode::from(code);
     }
+    // The report is written: exit now rather than wait, as dropping the runtime would, for
+    // an in-process platform's worker still running tenant code that was never stopped.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(i32::from(code))
 }

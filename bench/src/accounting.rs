@@ -1,0 +1,618 @@
+//! Accounting for every offered input, from what the platform stored and logged rather than
+//! from what the runner assumes: per tenant and path, offered (accepted by the platform),
+//! stored (inputs with a document in the tenant's database, found by their derived ids),
+//! failed (failure entries in the tenant's log) and lost = offered − stored − failed. A
+//! negative `lost` means something was counted twice. [`problems`] is what `--strict` checks.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use anyhow::Result;
+use futures::TryStreamExt;
+use hdrhistogram::Histogram;
+use mysimbdp::client::Client;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::load::{FileOutcome, hist};
+use crate::scenario::Expect;
+
+/// The figures of one tenant's path, or of several added up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counts {
+    /// Inputs the platform accepted: records of the files whose ingestion it started (one
+    /// per file for an app without `map`), messages whose publish it confirmed.
+    pub offered: u64,
+    /// Inputs it refused at the door (upload, ingest or publish failed): not offered.
+    pub refused: u64,
+    /// Offered inputs with at least one document in the tenant's database.
+    pub stored: u64,
+    /// Failure entries in the tenant's log.
+    pub failed: u64,
+    /// offered − stored − failed: inputs neither stored nor logged as failed. Negative:
+    /// something was counted twice.
+    pub lost: i64,
+    /// Documents found for the offered inputs (an input may store several).
+    pub documents: u64,
+    /// Success and duplicate entries in the log: one per document written.
+    pub logged_stored: u64,
+}
+
+impl Counts {
+    pub fn settle(mut self) -> Self {
+        self.lost = self.offered as i64 - self.stored as i64 - self.failed as i64;
+        self
+    }
+
+    pub fn add(&mut self, o: &Counts) {
+        self.offered += o.offered;
+        self.refused += o.refused;
+        self.stored += o.stored;
+        self.failed += o.failed;
+        self.lost += o.lost;
+        self.documents += o.documents;
+        self.logged_stored += o.logged_stored;
+    }
+}
+
+/// One tenant's path in one phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TenantAccount {
+    pub phase: String,
+    pub group: String,
+    pub tenant: String,
+    pub path: String,
+    pub expect: Expect,
+    #[serde(flatten)]
+    pub counts: Counts,
+    /// Files whose state ended `failed`, with the platform's error.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files_failed: Vec<String>,
+    /// Why the load had not finished by the phase's deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unfinished: Option<String>,
+    /// Timeouts, 5xx answers, a component that stopped answering, an unreadable log.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
+    /// 4xx answers to uploads, ingest requests or publishes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refusals: Vec<String>,
+    /// The most frequent failure reasons in the log, with their counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<(String, u64)>,
+    pub elapsed_s: f64,
+}
+
+/// Where a document id comes from: `<origin>:<index>[:<k>]` (coredms::doc_id), the origin
+/// being a batch file's content hash prefix or a stream message's id.
+pub fn split_id(id: &str) -> Option<(&str, u64)> {
+    let mut parts = id.split(':');
+    let origin = parts.next()?;
+    let index = parts.next()?.parse().ok()?;
+    match parts.next() {
+        None => Some((origin, index)),
+        Some(k) if k.parse::<u32>().is_ok() && parts.next().is_none() => Some((origin, index)),
+        Some(_) => None,
+    }
+}
+
+/// What a tenant's database holds for the inputs it was offered.
+#[derive(Debug, Default, PartialEq)]
+pub struct Found {
+    pub batch_stored: u64,
+    pub batch_documents: u64,
+    pub stream_stored: u64,
+    pub stream_documents: u64,
+    /// Documents whose id matches no offered input.
+    pub stray: u64,
+}
+
+/// Matches document ids to the offered inputs: files (origin, inputs) and message ids.
+#[derive(Debug)]
+pub struct Matcher {
+    files: HashMap<String, Vec<bool>>,
+    messages: HashMap<String, bool>,
+    found: Found,
+}
+
+impl Matcher {
+    pub fn new(files: &[FileOutcome], ids: &HashSet<String>) -> Self {
+        Self {
+            files: files
+                .iter()
+                .map(|f| (f.origin.clone(), vec![false; f.inputs as usize]))
+                .collect(),
+            messages: ids.iter().map(|i| (i.clone(), false)).collect(),
+            found: Found::default(),
+        }
+    }
+
+    pub fn see(&mut self, id: &str) {
+        let Some((origin, index)) = split_id(id) else {
+            self.found.stray += 1;
+            return;
+        };
+        if let Some(seen) = self.files.get_mut(origin) {
+            match seen.get_mut(index as usize) {
+                Some(s) => {
+                    self.found.batch_documents += 1;
+                    if !*s {
+                        *s = true;
+                        self.found.batch_stored += 1;
+                    }
+                }
+                None => self.found.stray += 1,
+            }
+        } else if let Some(s) = self.messages.get_mut(origin).filter(|_| index == 0) {
+            self.found.stream_documents += 1;
+            if !*s {
+                *s = true;
+                self.found.stream_stored += 1;
+            }
+        } else {
+            self.found.stray += 1;
+        }
+    }
+
+    pub fn found(self) -> Found {
+        self.found
+    }
+}
+
+/// Reads every document id of the tenant's database (ids only) and matches them.
+pub async fn scan(db: &mongodb::Database, mut m: Matcher) -> Result<Found> {
+    use mongodb::bson::{Bson, Document, doc};
+    for name in db.list_collection_names().await? {
+        let mut cursor = db
+            .collection::<Document>(&name)
+            .find(doc! {})
+            .projection(doc! {"_id": 1})
+            .await?;
+        while let Some(d) = cursor.try_next().await? {
+            match d.get("_id") {
+                Some(Bson::String(id)) => m.see(id),
+                _ => m.found.stray += 1,
+            }
+        }
+    }
+    Ok(m.found())
+}
+
+/// One path's entries in a tenant's log.
+#[derive(Debug)]
+pub struct Tally {
+    pub success: u64,
+    pub duplicate: u64,
+    pub failure: u64,
+    pub reasons: BTreeMap<String, u64>,
+    /// Batch: every entry's latency. Stream: successes, corrected for coordinated omission
+    /// at the offered rate when one is given.
+    pub latency: Histogram<u64>,
+    /// Stream: successes as measured.
+    pub uncorrected: Histogram<u64>,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            success: 0,
+            duplicate: 0,
+            failure: 0,
+            reasons: BTreeMap::new(),
+            latency: hist(),
+            uncorrected: hist(),
+        }
+    }
+}
+
+impl Tally {
+    /// The most frequent reasons first.
+    pub fn top_reasons(&self, n: usize) -> Vec<(String, u64)> {
+        let mut r: Vec<(String, u64)> = self.reasons.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        r.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        r.truncate(n);
+        r
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct LogTally {
+    pub batch: Tally,
+    pub stream: Tally,
+}
+
+#[derive(Deserialize)]
+struct Line<'a> {
+    #[serde(borrow)]
+    source: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default)]
+    latency_us: u64,
+    #[serde(default, borrow)]
+    reason: Option<Cow<'a, str>>,
+}
+
+/// Distinct reasons kept per path; the rest are counted under one key.
+const REASONS: usize = 50;
+const REASON_CHARS: usize = 160;
+
+/// Folds a log download (a JSON array of entries). `stream_interval_us`: the interval
+/// between messages at the offered rate, for the coordinated-omission correction.
+pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
+    let lines: Vec<Line> = serde_json::from_slice(body)?;
+    let mut t = LogTally::default();
+    for l in lines {
+        let (p, stream) = match &*l.source {
+            "batch" => (&mut t.batch, false),
+            "stream" => (&mut t.stream, true),
+            _ => continue,
+        };
+        let v = l.latency_us.max(1);
+        match &*l.status {
+            "success" => p.success += 1,
+            "duplicate" => p.duplicate += 1,
+            "failure" => {
+                p.failure += 1;
+                let mut r: String = l
+                    .reason
+                    .as_deref()
+                    .unwrap_or("(no reason)")
+                    .chars()
+                    .take(REASON_CHARS)
+                    .collect();
+                if p.reasons.len() >= REASONS && !p.reasons.contains_key(&r) {
+                    r = "(other reasons)".into();
+                }
+                *p.reasons.entry(r).or_default() += 1;
+            }
+            _ => {}
+        }
+        if !stream {
+            p.latency.saturating_record(v);
+        } else if l.status == "success" {
+            p.uncorrected.saturating_record(v);
+            match stream_interval_us {
+                Some(i) => {
+                    let _ = p.latency.record_correct(v, i);
+                }
+                None => p.latency.saturating_record(v),
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// Downloads and folds a tenant's whole log.
+pub async fn read_log(
+    c: &Client,
+    tenant: &str,
+    stream_interval_us: Option<u64>,
+) -> Result<LogTally> {
+    let r = tokio::time::timeout(std::time::Duration::from_secs(300), c.logs(tenant, ""))
+        .await
+        .map_err(|_| anyhow::anyhow!("the log download did not finish within 300 s"))??;
+    tally(&r.body, stream_interval_us)
+}
+
+/// One line per tenant and path that `--strict` refuses, and one per platform error.
+pub fn problems(report: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match report["accounting"].as_array() {
+        Some(accounts) => {
+            for a in accounts {
+                if let Some(p) = account_problem(a) {
+                    out.push(p);
+                }
+            }
+        }
+        None => {
+            // A schema 1 report: only logged failures were counted.
+            for path in ["batch", "stream"] {
+                if let Some(f) = report[path]["failures"].as_u64().filter(|f| *f > 0) {
+                    out.push(format!("{path}: {f} failed ingestions"));
+                }
+            }
+        }
+    }
+    for e in report["platform_errors"].as_array().into_iter().flatten() {
+        out.push(format!("platform: {}", condense(e.as_str().unwrap_or("?"))));
+    }
+    for f in report["faults"].as_array().into_iter().flatten() {
+        for key in ["stream_lost", "stream_duplicated", "batch_lost"] {
+            if let Some(n) = f[key].as_u64().filter(|n| *n > 0) {
+                out.push(format!(
+                    "{}: {key} = {n}",
+                    f["fault"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Terminal colour codes out of a component's log.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-letter
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A platform error on one line: its own lines, without the log lines quoted under it
+/// (those start with a timestamp) that the report keeps in full.
+pub fn condense(e: &str) -> String {
+    let log_line = |l: &str| {
+        let b = l.trim_start().as_bytes();
+        b.len() > 5 && b[..4].iter().all(u8::is_ascii_digit) && b[4] == b'-'
+    };
+    e.lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !log_line(l) && !l.starts_with("note: ") && *l != "stack backtrace:"
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn account_problem(a: &Value) -> Option<String> {
+    let n = |k: &str| a[k].as_u64().unwrap_or(0);
+    let (offered, stored, failed, refused) = (n("offered"), n("stored"), n("failed"), n("refused"));
+    let lost = a["lost"].as_i64().unwrap_or(0);
+    let strs = |k: &str| -> Vec<&str> {
+        a[k].as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect()
+    };
+    let mut issues = Vec::new();
+    if lost > 0 {
+        issues.push(format!(
+            "{lost} of {offered} offered inputs neither stored nor logged as failed"
+        ));
+    }
+    if lost < 0 {
+        issues.push(format!(
+            "stored {stored} + failed {failed} exceed offered {offered} by {}: counted twice",
+            -lost
+        ));
+    }
+    let unlogged = n("documents").saturating_sub(n("logged_stored"));
+    if unlogged > 0 {
+        issues.push(format!("{unlogged} stored documents have no log entry"));
+    }
+    if let Some(u) = a["unfinished"].as_str() {
+        issues.push(format!("did not finish: {u}"));
+    }
+    for e in strs("errors") {
+        issues.push(e.to_owned());
+    }
+    if a["expect"] != "failures" {
+        if failed > 0 {
+            let first = a["reasons"][0][0].as_str().unwrap_or("?");
+            issues.push(format!("{failed} failed (e.g. {first})"));
+        }
+        if refused > 0 {
+            let first = strs("refusals").first().copied().unwrap_or("?");
+            issues.push(format!("{refused} inputs refused ({first})"));
+        }
+        for f in strs("files_failed") {
+            issues.push(format!("file {f}"));
+        }
+    }
+    if issues.is_empty() {
+        return None;
+    }
+    let phase = a["phase"].as_str().unwrap_or("");
+    let who = format!(
+        "{}{} ({}) {}",
+        if phase.is_empty() || phase == "main" {
+            String::new()
+        } else {
+            format!("{phase} ")
+        },
+        a["tenant"].as_str().unwrap_or("?"),
+        a["group"].as_str().unwrap_or("?"),
+        a["path"].as_str().unwrap_or("?"),
+    );
+    Some(format!("{who}: {}", issues.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(expect: Expect, c: Counts) -> TenantAccount {
+        TenantAccount {
+            phase: "main".into(),
+            group: "g".into(),
+            tenant: "g-0".into(),
+            path: "batch".into(),
+            expect,
+            counts: c.settle(),
+            files_failed: vec![],
+            unfinished: None,
+            errors: vec![],
+            refusals: vec![],
+            reasons: vec![],
+            elapsed_s: 1.0,
+        }
+    }
+
+    fn counts(offered: u64, stored: u64, failed: u64) -> Counts {
+        Counts {
+            offered,
+            stored,
+            failed,
+            documents: stored,
+            logged_stored: stored,
+            ..Counts::default()
+        }
+    }
+
+    fn report(accounts: &[TenantAccount]) -> Value {
+        serde_json::json!({ "schema_version": 2, "accounting": accounts })
+    }
+
+    #[test]
+    fn document_ids_name_their_input() {
+        assert_eq!(
+            split_id("0123456789abcdef:41"),
+            Some(("0123456789abcdef", 41))
+        );
+        assert_eq!(
+            split_id("0123456789abcdef:41:3"),
+            Some(("0123456789abcdef", 41))
+        );
+        assert_eq!(split_id("abc"), None);
+        assert_eq!(split_id("abc:x"), None);
+        assert_eq!(split_id("abc:1:2:3"), None);
+    }
+
+    #[test]
+    fn the_matcher_counts_inputs_once_and_documents_each_time() {
+        let files = vec![FileOutcome {
+            name: "f0.csv".into(),
+            origin: "aaaa".into(),
+            inputs: 3,
+            state: "done".into(),
+            error: None,
+        }];
+        let ids: HashSet<String> = ["m1".to_owned(), "m2".to_owned()].into();
+        let mut m = Matcher::new(&files, &ids);
+        for id in [
+            "aaaa:0", "aaaa:0:1", "aaaa:2", "aaaa:3", "m1:0", "m1:0:1", "m3:0", "junk",
+        ] {
+            m.see(id);
+        }
+        assert_eq!(
+            m.found(),
+            Found {
+                batch_stored: 2,
+                batch_documents: 3,
+                stream_stored: 1,
+                stream_documents: 2,
+                // aaaa:3 (past the file's rows), m3 (never offered), junk.
+                stray: 3,
+            }
+        );
+    }
+
+    #[test]
+    fn lost_is_what_is_neither_stored_nor_failed_and_negative_when_counted_twice() {
+        assert_eq!(counts(10, 7, 2).settle().lost, 1);
+        assert_eq!(counts(10, 9, 2).settle().lost, -1);
+        assert_eq!(counts(10, 10, 0).settle().lost, 0);
+    }
+
+    #[test]
+    fn a_file_that_failed_whole_is_lost_and_strict_says_so() {
+        // 1,000 records offered; the platform logged one failure for the file and stored
+        // nothing, and the file ended `failed`.
+        let mut a = account(Expect::Success, counts(1000, 0, 1));
+        a.files_failed = vec!["f0.csv ended `failed`: cannot read staged file".into()];
+        a.reasons = vec![("cannot read staged file".into(), 1)];
+        assert_eq!(a.counts.lost, 999);
+        let p = problems(&report(&[a]));
+        assert_eq!(p.len(), 1, "one line per tenant and path: {p:?}");
+        assert!(
+            p[0].starts_with(
+                "g-0 (g) batch: 999 of 1000 offered inputs neither stored nor logged as failed"
+            ),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[0].contains("1 failed (e.g. cannot read staged file)"),
+            "{}",
+            p[0]
+        );
+        assert!(p[0].contains("file f0.csv ended `failed`"), "{}", p[0]);
+    }
+
+    #[test]
+    fn attackers_may_fail_but_not_lose_inputs() {
+        let mut fine = account(Expect::Failures, counts(10, 0, 10));
+        fine.tenant = "m-pcall-0".into();
+        fine.files_failed = vec!["f0.csv ended `failed`: x".into()];
+        let mut lossy = account(Expect::Failures, counts(10, 2, 3));
+        lossy.tenant = "m-bomb-0".into();
+        lossy.phase = "mixed".into();
+        let p = problems(&report(&[fine, lossy]));
+        assert_eq!(
+            p,
+            [
+                "mixed m-bomb-0 (g) batch: 5 of 10 offered inputs neither stored nor logged as failed"
+            ]
+        );
+    }
+
+    #[test]
+    fn twice_counted_unfinished_unlogged_and_refused_are_problems() {
+        let twice = account(Expect::Success, counts(5, 5, 1));
+        let mut late = account(Expect::Failures, counts(5, 5, 0));
+        late.unfinished = Some("f0.csv still `ingesting`".into());
+        late.errors = vec!["stream/stop: no answer within 15 s".into()];
+        let mut unlogged = account(Expect::Success, counts(5, 5, 0));
+        unlogged.counts.logged_stored = 3;
+        let mut refused = account(Expect::Success, counts(5, 5, 0));
+        refused.counts.refused = 2;
+        refused.refusals = vec!["publish: 400 Bad Request: invalid JSON".into()];
+        let p = problems(&report(&[twice, late, unlogged, refused]));
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[0].contains("stored 5 + failed 1 exceed offered 5 by 1: counted twice"));
+        assert!(p[1].contains("did not finish: f0.csv still `ingesting`; stream/stop: no answer"));
+        assert!(p[2].contains("2 stored documents have no log entry"));
+        assert!(p[3].contains("2 inputs refused (publish: 400 Bad Request"));
+    }
+
+    #[test]
+    fn a_clean_run_has_no_problem_and_old_reports_are_still_checked() {
+        assert!(problems(&report(&[account(Expect::Success, counts(9, 9, 0))])).is_empty());
+        let old = serde_json::json!({"schema_version": 1, "batch": {"failures": 3}, "stream": {"failures": 0}});
+        assert_eq!(problems(&old), ["batch: 3 failed ingestions"]);
+        let dead = serde_json::json!({"accounting": [], "platform_errors": [
+            "platform components: batch had exited (signal: 6) before the end; its log (x):\n2026-11-28T16:19:48Z INFO ingestion done\nmemory allocation of 1048576 bytes failed\nstack backtrace:\nnote: Some details are omitted"
+        ]});
+        assert_eq!(
+            problems(&dead),
+            [
+                "platform: platform components: batch had exited (signal: 6) before the end; its log (x): / memory allocation of 1048576 bytes failed"
+            ]
+        );
+        assert_eq!(
+            strip_ansi("\u{1b}[2m2026\u{1b}[0m INFO \u{1b}[3mtenant\u{1b}[0m=a"),
+            "2026 INFO tenant=a"
+        );
+    }
+
+    #[test]
+    fn the_log_is_folded_per_path_with_reasons() {
+        let body = serde_json::json!([
+            {"source": "batch", "status": "success", "latency_us": 10},
+            {"source": "batch", "status": "failure", "latency_us": 10, "reason": "app error: x"},
+            {"source": "batch", "status": "failure", "latency_us": 10, "reason": "app error: x"},
+            {"source": "stream", "status": "duplicate", "latency_us": 10},
+            {"source": "stream", "status": "success", "latency_us": 1000},
+        ])
+        .to_string();
+        let t = tally(body.as_bytes(), Some(100)).expect("tally");
+        assert_eq!((t.batch.success, t.batch.failure), (1, 2));
+        assert_eq!(t.batch.top_reasons(3), [("app error: x".to_owned(), 2)]);
+        assert_eq!((t.stream.success, t.stream.duplicate), (1, 1));
+        assert_eq!(t.stream.uncorrected.len(), 1);
+        assert!(t.stream.latency.len() > 1, "corrected for the missed sends");
+    }
+}
