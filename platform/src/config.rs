@@ -298,6 +298,8 @@ pub struct StreamSettings {
     /// Deliveries of a message that ended without it being stored or dead-lettered (its
     /// batch failed) before it is dead-lettered with the last error, instead of looping.
     pub max_deliveries: u32,
+    /// Message bytes a consumer's batch holds at most (it may pass this by one message).
+    pub max_batch_bytes: usize,
 }
 
 impl Default for StreamSettings {
@@ -311,6 +313,7 @@ impl Default for StreamSettings {
             max_consumers: 16,
             report_period_s: 60,
             max_deliveries: 5,
+            max_batch_bytes: 4 * 1024 * 1024,
         }
     }
 }

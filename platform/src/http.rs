@@ -165,6 +165,42 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A caller holding the internal (or admin) token: another component of the platform.
+/// Checked against the configured tokens only, never the database, so a flood of random
+/// tokens on the internal route costs no lookups.
+pub struct InternalCaller;
+
+impl FromRequestParts<Arc<Platform>> for InternalCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        platform: &Arc<Platform>,
+    ) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .unwrap_or("");
+        let auth = &platform.settings.auth;
+        let known = [auth.internal(), auth.admin_token.as_str()];
+        if !token.is_empty()
+            && known
+                .iter()
+                .any(|k| !k.is_empty() && constant_time_eq(token.as_bytes(), k.as_bytes()))
+        {
+            Ok(Self)
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "internal token required",
+            ))
+        }
+    }
+}
+
 impl FromRequestParts<Arc<Platform>> for Caller {
     type Rejection = ApiError;
 

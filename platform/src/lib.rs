@@ -64,6 +64,8 @@ pub struct Platform {
     pub component: Component,
     /// Requests in flight, globally and per tenant (see [`http::InFlight`]).
     pub in_flight: Arc<http::InFlight>,
+    /// Internal RPC calls served at once (see `coredms::RPC_SLOTS`).
+    pub rpc_slots: tokio::sync::Semaphore,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _infra: Option<Infra>,
@@ -167,6 +169,7 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
     });
     let platform = Arc::new(Platform {
         in_flight: Arc::new(http::InFlight::new(&settings.http)),
+        rpc_slots: tokio::sync::Semaphore::new(coredms::RPC_SLOTS),
         settings,
         coredms,
         apps,

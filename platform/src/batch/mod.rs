@@ -309,13 +309,16 @@ impl BatchManager {
     }
 
     async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), String> {
-        let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant)).await?;
+        let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant))
+            .await
+            .map_err(|e| e.to_string())?;
         let limits = profile.constraints.app_limits;
         job.app = with_retry(cancel, || {
             self.apps
                 .active(&self.coredms, &job.tenant, AppKind::Batch, limits)
         })
-        .await?;
+        .await
+        .map_err(|e| e.to_string())?;
         job.record.app_version = job.app.as_ref().map(|a| a.version);
         let path = self.staging.path(&job.tenant, &job.record.name);
         let format = job.record.format;
@@ -399,7 +402,9 @@ impl BatchManager {
         };
         let failures = write.failures.len() as u64;
         let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
-        let outcome = write_with_retry(&self.coredms, write, cancel).await?;
+        let outcome = write_with_retry(&self.coredms, write, cancel)
+            .await
+            .map_err(|e| e.to_string())?;
         let failed = failures + outcome.failed.len() as u64;
         job.record.records_ok += outcome.inserted;
         job.record.records_duplicate += outcome.duplicates;
@@ -416,7 +421,9 @@ impl BatchManager {
         }
         .emit(&self.metrics);
         let record = &job.record;
-        with_retry(cancel, || self.coredms.put_file(record)).await?;
+        with_retry(cancel, || self.coredms.put_file(record))
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(more)
     }
 
@@ -491,7 +498,7 @@ impl parse::RecordSource for WholeFile {
 /// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
 /// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
 /// few minutes. Other errors return at once.
-pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, String>
+pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, CoreError>>,
@@ -505,11 +512,11 @@ where
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err("shutting down".into()),
+                    _ = cancel.cancelled() => return Err(CoreError::Unavailable("shutting down".into())),
                 }
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }
@@ -519,7 +526,7 @@ pub async fn write_with_retry(
     coredms: &CoreDms,
     write: BulkWrite,
     cancel: &CancellationToken,
-) -> Result<crate::coredms::BulkOutcome, String> {
+) -> Result<crate::coredms::BulkOutcome, CoreError> {
     with_retry(cancel, || coredms.bulk_write(&write)).await
 }
 

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mongodb::MongoStore;
 pub use remote::Remote;
-pub use router::{router, rpc_router};
+pub use router::{RPC_SLOTS, router, rpc_router};
 
 use crate::apps::{AppKind, StoredApp};
 use crate::batch::{FileRecord, FileState};
@@ -57,9 +57,48 @@ impl From<::mongodb::error::Error> for CoreError {
             {
                 Self::Unavailable(e.to_string())
             }
+            ErrorKind::Command(c) if transient_code(c.code) => Self::Unavailable(e.to_string()),
+            ErrorKind::Write(::mongodb::error::WriteFailure::WriteError(w))
+                if transient_code(w.code) =>
+            {
+                Self::Unavailable(e.to_string())
+            }
             _ => Self::Database(e.to_string()),
         }
     }
+}
+
+/// Server error codes that say the database cannot take writes now (shutting down, stepping
+/// down, out of disk, over a time limit, busy, credentials): worth retrying, never a fault
+/// of the documents written.
+pub fn transient_code(code: i32) -> bool {
+    matches!(
+        code,
+        6 | 7
+            | 13
+            | 18
+            | 24
+            | 46
+            | 50
+            | 63
+            | 89
+            | 91
+            | 112
+            | 133
+            | 150
+            | 189
+            | 262
+            | 9001
+            | 10107
+            | 11600
+            | 11602
+            | 12586
+            | 12587
+            | 13388
+            | 13435
+            | 13436
+            | 14031
+    )
 }
 
 /// A batch of documents for one tenant, written in bulk with its log entries.
@@ -154,61 +193,98 @@ impl Serialize for WithId<'_> {
     }
 }
 
-/// Why the database would refuse a document's keys or nesting, found without asking it: a
-/// key holding a NUL byte or starting with `$`, or nesting deeper than [`MAX_BSON_DEPTH`].
-pub fn check_document(doc: &serde_json::Map<String, serde_json::Value>) -> Result<(), String> {
-    fn key(k: &str) -> Result<(), String> {
-        let shown = || k.replace('\0', "\\0").chars().take(80).collect::<String>();
+/// Why a document cannot be stored, found without asking the database: a key holding a NUL
+/// byte, nesting deeper than [`MAX_BSON_DEPTH`]. `Ok(true)` when it has `$`-prefixed keys,
+/// which are stored only as MongoDB Extended JSON (`{"$date": …}`, `{"$oid": …}`, …).
+pub fn check_document(doc: &serde_json::Map<String, serde_json::Value>) -> Result<bool, String> {
+    fn key(k: &str, dollar: &mut bool) -> Result<(), String> {
         if k.contains('\0') {
             return Err(format!(
                 "key `{}` holds a NUL byte, which the database cannot store",
-                shown()
+                k.replace('\0', "\\0").chars().take(80).collect::<String>()
             ));
         }
-        if k.starts_with('$') {
-            return Err(format!(
-                "key `{}` starts with `$`, which the database reserves",
-                shown()
-            ));
-        }
+        *dollar |= k.starts_with('$');
         Ok(())
     }
-    fn walk(v: &serde_json::Value, depth: usize) -> Result<(), String> {
+    fn walk(v: &serde_json::Value, depth: usize, dollar: &mut bool) -> Result<(), String> {
         let nested = matches!(
             v,
             serde_json::Value::Object(_) | serde_json::Value::Array(_)
         );
         if nested && depth > MAX_BSON_DEPTH {
             return Err(format!(
-                "document nests deeper than {MAX_BSON_DEPTH} levels, the database's limit"
+                "document nests deeper than {MAX_BSON_DEPTH} levels, MongoDB's documented limit"
             ));
         }
         match v {
             serde_json::Value::Object(m) => m.iter().try_for_each(|(k, v)| {
-                key(k)?;
-                walk(v, depth + 1)
+                key(k, dollar)?;
+                walk(v, depth + 1, dollar)
             }),
-            serde_json::Value::Array(items) => items.iter().try_for_each(|i| walk(i, depth + 1)),
+            serde_json::Value::Array(items) => {
+                items.iter().try_for_each(|i| walk(i, depth + 1, dollar))
+            }
             _ => Ok(()),
         }
     }
+    let mut dollar = false;
     doc.iter()
         .filter(|(k, _)| *k != "_id")
         .try_for_each(|(k, v)| {
-            key(k)?;
-            walk(v, 2)
-        })
+            key(k, &mut dollar)?;
+            walk(v, 2, &mut dollar)
+        })?;
+    Ok(dollar)
 }
 
-/// One document encoded as stored BSON, or why the database would refuse it: bad keys, too
-/// deep, a number BSON cannot hold, or over [`MAX_BSON_BYTES`].
+/// A `$`-prefixed key left once Extended JSON was read: not a BSON type, so not stored.
+fn first_dollar_key(doc: &Document) -> Option<String> {
+    fn walk(b: &Bson) -> Option<String> {
+        match b {
+            Bson::Document(d) => first_dollar_key(d),
+            Bson::Array(a) => a.iter().find_map(walk),
+            _ => None,
+        }
+    }
+    doc.iter().find_map(|(k, v)| {
+        if k.starts_with('$') {
+            Some(k.clone())
+        } else {
+            walk(v)
+        }
+    })
+}
+
+/// One document encoded as stored BSON, or why it cannot be stored: a NUL in a key, too
+/// deep, a number BSON cannot hold, a `$` key that is not Extended JSON, or over
+/// [`MAX_BSON_BYTES`].
 pub fn encode(
     id: &str,
     doc: &serde_json::Map<String, serde_json::Value>,
 ) -> Result<RawDocumentBuf, String> {
-    check_document(doc)?;
-    let bytes =
-        bson::to_vec(&WithId { id, doc }).map_err(|e| format!("document cannot be stored: {e}"))?;
+    let bytes = if check_document(doc)? {
+        // Extended JSON: `{"$date": "…"}` becomes a date, as the driver reads it.
+        let mut d = Document::new();
+        d.insert("_id", id);
+        for (k, v) in doc {
+            if k == "_id" {
+                continue;
+            }
+            let b = Bson::try_from(v.clone())
+                .map_err(|e| format!("field `{k}` cannot be stored: {e}"))?;
+            d.insert(k.as_str(), b);
+        }
+        if let Some(k) = first_dollar_key(&d) {
+            return Err(format!(
+                "key `{}` starts with `$`: only MongoDB Extended JSON ($date, $oid, $numberLong, …) may",
+                k.chars().take(80).collect::<String>()
+            ));
+        }
+        bson::to_vec(&d).map_err(|e| format!("document cannot be stored: {e}"))?
+    } else {
+        bson::to_vec(&WithId { id, doc }).map_err(|e| format!("document cannot be stored: {e}"))?
+    };
     if bytes.len() > MAX_BSON_BYTES {
         return Err(format!(
             "document is {} bytes as BSON, over the database's {MAX_BSON_BYTES} bytes limit",
@@ -483,6 +559,7 @@ mod tests {
             json!({"ok": 1}),
             json!({"a\u{0}b": 1}),
             json!({"nested": {"$set": 1}}),
+            json!({"when": {"$date": "2026-11-28T16:00:00Z"}}),
             deep,
             json!({"big": "x".repeat(MAX_BSON_BYTES)}),
             json!({"n": u64::MAX}),
@@ -494,7 +571,7 @@ mod tests {
             .iter()
             .flat_map(|(_, idx, _)| idx.clone())
             .collect();
-        assert_eq!(stored, vec![0, 6]);
+        assert_eq!(stored, vec![0, 3, 7], "Extended JSON is stored");
         let reasons: Vec<(usize, &str)> = p.invalid.iter().map(|(i, r)| (*i, r.as_str())).collect();
         assert_eq!(reasons.len(), 5, "{reasons:?}");
         assert!(reasons[0].1.contains("NUL"), "{reasons:?}");
@@ -505,6 +582,15 @@ mod tests {
         assert!(reasons[2].1.contains("deeper than 100"), "{reasons:?}");
         assert!(reasons[3].1.contains("bytes limit"), "{reasons:?}");
         assert!(reasons[4].1.contains("cannot be stored"), "{reasons:?}");
+        let when = p
+            .collections
+            .iter()
+            .find_map(|(_, idx, docs)| idx.iter().position(|&i| i == 3).map(|k| &docs[k]))
+            .expect("stored");
+        assert!(
+            when.get_datetime("when").is_ok(),
+            "Extended JSON dates become dates: {when:?}"
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@ const DUPLICATE_KEY: i32 = 11000;
 /// How long a verified token is trusted without asking the database again.
 const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
 const AUTH_CACHE_MAX: usize = 10_000;
+/// BSON bytes one page of documents holds at most (a response is about twice this as JSON).
+pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
 
 pub struct MongoStore {
     client: Client,
@@ -310,6 +312,9 @@ impl MongoStore {
                     return Err(CoreError::Unavailable(e.to_string()));
                 }
                 if let Some(errors) = &ime.write_errors {
+                    if errors.iter().any(|we| super::transient_code(we.code)) {
+                        return Err(CoreError::Unavailable(e.to_string()));
+                    }
                     let mut out: Vec<Inserted> = docs.iter().map(|_| Inserted::Yes).collect();
                     for we in errors {
                         if let Some(slot) = out.get_mut(we.index) {
@@ -478,6 +483,9 @@ impl MongoStore {
         Ok(cursor)
     }
 
+    /// A page of a tenant's documents, in id order: at most `limit`, and no more than
+    /// [`MAX_PAGE_BYTES`] of BSON (at least one document), so a page of large documents
+    /// cannot take the process's memory.
     pub async fn documents(
         &self,
         tenant: &TenantName,
@@ -485,15 +493,27 @@ impl MongoStore {
         limit: i64,
         skip: u64,
     ) -> Result<Vec<Document>, CoreError> {
-        Ok(self
+        let mut cursor = self
             .tenant_collection(tenant, collection)
+            .clone_with_type::<RawDocumentBuf>()
             .find(doc! {})
             .sort(doc! {"_id": 1})
             .skip(skip)
             .limit(limit)
-            .await?
-            .try_collect()
-            .await?)
+            .await?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        while let Some(raw) = cursor.try_next().await? {
+            bytes += raw.as_bytes().len();
+            if bytes > MAX_PAGE_BYTES && !out.is_empty() {
+                break;
+            }
+            out.push(
+                raw.to_document()
+                    .map_err(|e| CoreError::Database(e.to_string()))?,
+            );
+        }
+        Ok(out)
     }
 
     pub async fn count_documents(

@@ -95,7 +95,8 @@ impl Remote {
         settings: &HttpSettings,
     ) -> Result<Self, CoreError> {
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+            // Above coredms's own request timeout, so a slow chunk is answered, not cut.
+            .timeout(Duration::from_secs(180))
             .pool_max_idle_per_host(16)
             .build()
             .map_err(|e| CoreError::Invalid(format!("cannot build HTTP client: {e}")))?;
@@ -185,19 +186,47 @@ impl Remote {
     /// An error in any chunk is the bulk's error; the caller's retry rewrites the chunks
     /// already stored as duplicates (deterministic ids).
     pub async fn bulk_write(&self, write: &BulkWrite) -> Result<BulkOutcome, CoreError> {
-        let body = serde_json::to_vec(&CallRef::BulkWrite { write })
-            .map_err(|e| CoreError::Invalid(format!("cannot encode the bulk write: {e}")))?;
-        if body.len() <= self.chunk_bytes {
-            return self.send_body(body).await;
+        // A document that cannot be stored fails here, alone: sent, one nested near the JSON
+        // parser's depth limit would make coredms refuse the whole call.
+        let unstorable: Vec<(usize, String)> = write
+            .docs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| super::check_document(&d.doc).err().map(|r| (i, r)))
+            .collect();
+        if unstorable.is_empty() {
+            let body = serde_json::to_vec(&CallRef::BulkWrite { write })
+                .map_err(|e| CoreError::Invalid(format!("cannot encode the bulk write: {e}")))?;
+            if body.len() <= self.chunk_bytes {
+                return self.send_body(body).await;
+            }
         }
-        drop(body);
-        let plan = plan_chunks(
+        let mut plan = plan_chunks(
             &write.docs,
             self.chunk_bytes,
             self.max_rpc_bytes.saturating_sub(ENVELOPE_BYTES),
         );
+        if !unstorable.is_empty() {
+            for chunk in &mut plan.chunks {
+                chunk.retain(|i| !unstorable.iter().any(|(j, _)| j == i));
+            }
+            plan.chunks.retain(|c| !c.is_empty());
+            plan.oversize
+                .retain(|(i, _)| !unstorable.iter().any(|(j, _)| j == i));
+        }
         let mut outcome = BulkOutcome::default();
         let mut oversize: Vec<Failure> = Vec::new();
+        for (i, reason) in unstorable {
+            let d = &write.docs[i];
+            oversize.push(Failure {
+                collection: d.collection.clone(),
+                reason: reason.clone(),
+                bytes: d.bytes,
+                started_us: d.started_us,
+                data_name: d.data_name.clone(),
+            });
+            outcome.failed.push((i, reason));
+        }
         for (i, size) in &plan.oversize {
             let d = &write.docs[*i];
             let reason = format!(

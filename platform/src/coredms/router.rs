@@ -16,7 +16,7 @@ use serde_json::json;
 use super::remote::Call;
 use super::{CoreDms, CoreError, MongoStore, to_json};
 use crate::Platform;
-use crate::http::{ApiError, Caller, JsonBody, PathArgs, QueryArgs};
+use crate::http::{ApiError, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs};
 use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary};
 use crate::tenants::{AdminPatch, Constraints, ProfilePatch, TenantName};
 
@@ -289,18 +289,28 @@ async fn documents(
 /// Bodies above this are decoded off the async threads.
 const RPC_INLINE_DECODE: usize = 256 * 1024;
 
+/// RPC calls served at once: each holds its decoded body (many times its bytes), and the
+/// route is outside the tenants' in-flight limits.
+pub const RPC_SLOTS: usize = 16;
+
 async fn rpc(
     State(p): State<Arc<Platform>>,
-    caller: Caller,
-    body: Bytes,
+    _caller: InternalCaller,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    // The caller is checked before the body is read (`Bytes` is the last extractor).
-    if !matches!(caller, Caller::Internal | Caller::Admin) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "internal token required",
-        ));
-    }
+    // The caller is checked, and a slot taken, before the body is read.
+    let _slot = p
+        .rpc_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))?;
+    let limit = p.settings.http.max_rpc_bytes;
+    let body: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("RPC body over {limit} bytes (http.max_rpc_bytes)"),
+        )
+    })?;
     let decode = |b: &[u8]| {
         serde_json::from_slice::<Call>(b)
             .map_err(|e| ApiError::bad_request(format!("invalid RPC call: {e}")))

@@ -45,7 +45,7 @@ struct Ctx {
     /// Messages whose batch failed before it was acknowledged, by `<tenant>/<message id>`:
     /// how often, and the last error. Such a message is retried alone, and dead-lettered
     /// after `max_deliveries`, so one message can never make its queue loop forever.
-    attempts: std::sync::Mutex<HashMap<String, Attempt>>,
+    attempts: std::sync::Mutex<HashMap<TenantName, HashMap<String, Attempt>>>,
 }
 
 #[derive(Clone)]
@@ -54,9 +54,24 @@ struct Attempt {
     last_error: String,
 }
 
-/// Most messages whose failed attempts are remembered; past it the memory is dropped (and
-/// counting starts again), so a long outage cannot grow it without bound.
-const MAX_REMEMBERED_ATTEMPTS: usize = 100_000;
+/// Most messages of one tenant whose failed attempts are remembered; past it that tenant's
+/// memory is dropped (and counting starts again), so it cannot grow without bound and one
+/// tenant cannot reset another's counts.
+const MAX_REMEMBERED_ATTEMPTS: usize = 10_000;
+
+/// How long a stopped consumer may take to finish its batch before it is aborted (its
+/// unacknowledged messages then go back to the queue).
+const CONSUMER_STOP: Duration = Duration::from_secs(30);
+
+async fn stop_within(mut task: tokio::task::JoinHandle<()>, limit: Duration) {
+    if tokio::time::timeout(limit, &mut task).await.is_err() {
+        tracing::warn!(
+            after_s = limit.as_secs(),
+            "a stream consumer did not stop in time; aborting it"
+        );
+        task.abort();
+    }
+}
 
 impl StreamManager {
     #[expect(
@@ -92,24 +107,28 @@ impl StreamManager {
     /// Sets the number of consumers of a tenant's queue, starting or stopping some.
     pub async fn scale(&self, tenant: &TenantName, n: u32) -> u32 {
         let n = n.min(self.ctx.settings.max_consumers) as usize;
-        let mut all = self.consumers.lock().await;
-        let list = all.entry(tenant.clone()).or_default();
-        list.retain(|c| !c.task.is_finished());
-        while list.len() > n {
-            if let Some(c) = list.pop() {
-                c.cancel.cancel();
-                let _ = c.task.await;
+        let (stopping, running) = {
+            let mut all = self.consumers.lock().await;
+            let list = all.entry(tenant.clone()).or_default();
+            list.retain(|c| !c.task.is_finished());
+            let stopping = list.split_off(n.min(list.len()));
+            while list.len() < n {
+                let cancel = self.shutdown.child_token();
+                let ctx = self.ctx.clone();
+                let t = tenant.clone();
+                let c = cancel.clone();
+                let task = tokio::spawn(async move { consume_forever(ctx, t, c).await });
+                list.push(Consumer { cancel, task });
             }
+            (stopping, list.len() as u32)
+        };
+        // Outside the lock: a consumer finishing its batch never holds up another tenant's
+        // start, stop or status.
+        for c in stopping {
+            c.cancel.cancel();
+            stop_within(c.task, CONSUMER_STOP).await;
         }
-        while list.len() < n {
-            let cancel = self.shutdown.child_token();
-            let ctx = self.ctx.clone();
-            let t = tenant.clone();
-            let c = cancel.clone();
-            let task = tokio::spawn(async move { consume_forever(ctx, t, c).await });
-            list.push(Consumer { cancel, task });
-        }
-        list.len() as u32
+        running
     }
 
     pub async fn running(&self, tenant: &TenantName) -> u32 {
@@ -121,12 +140,15 @@ impl StreamManager {
 
     /// Stops every consumer and waits for in-flight batches to finish.
     pub async fn stop_all(&self) {
-        let mut all = self.consumers.lock().await;
-        for (_, list) in all.drain() {
-            for c in list {
-                c.cancel.cancel();
-                let _ = c.task.await;
-            }
+        let all: Vec<Consumer> = {
+            let mut all = self.consumers.lock().await;
+            all.drain().flat_map(|(_, list)| list).collect()
+        };
+        for c in &all {
+            c.cancel.cancel();
+        }
+        for c in all {
+            stop_within(c.task, CONSUMER_STOP).await;
         }
     }
 }
@@ -194,17 +216,25 @@ async fn consume(
                 "consumer cancelled by the broker".into(),
             ));
         };
-        let mut batch = vec![first?];
+        let first = first?;
+        // A batch ends at its count, its linger time, or its bytes: parsed JSON takes many
+        // times its text, so a batch of large messages must stay small.
+        let mut bytes = first.data.len();
+        let mut batch = vec![first];
         let until = tokio::time::Instant::now() + linger;
-        while batch.len() < ctx.settings.batch_size {
+        while batch.len() < ctx.settings.batch_size && bytes < ctx.settings.max_batch_bytes {
             match tokio::time::timeout_at(until, consumer.next()).await {
-                Ok(Some(d)) => batch.push(d?),
+                Ok(Some(d)) => {
+                    let d = d?;
+                    bytes += d.data.len();
+                    batch.push(d);
+                }
                 Ok(None) | Err(_) => break,
             }
         }
         // Messages whose earlier batch failed go alone, each acknowledged by itself, so a
         // message that keeps failing fails only itself; the rest go as one batch.
-        let (suspects, rest): (Vec<Delivery>, Vec<Delivery>) = if ctx.has_attempts() {
+        let (suspects, rest): (Vec<Delivery>, Vec<Delivery>) = if ctx.has_attempts(tenant) {
             batch
                 .into_iter()
                 .partition(|d| ctx.attempt(tenant, &message_id(d)).is_some())
@@ -301,12 +331,16 @@ impl ActiveApp {
                 self.app = app;
                 self.broken = None;
             }
-            Err(crate::coredms::CoreError::Invalid(reason)) => {
+            Err(e) if e.is_retryable() => return Err(unavailable(e)),
+            Err(e) => {
+                let reason = match e {
+                    crate::coredms::CoreError::Invalid(r) => r,
+                    other => format!("the stored stream app cannot be loaded: {other}"),
+                };
                 tracing::warn!(tenant = %tenant, reason = %reason, "the stored stream app cannot run; its messages are dead-lettered");
                 self.app = None;
                 self.broken = Some(reason);
             }
-            Err(e) => return Err(unavailable(e)),
         }
         self.fetched = Some(tokio::time::Instant::now());
         Ok(())
@@ -327,33 +361,32 @@ fn message_id(d: &Delivery) -> String {
 }
 
 impl Ctx {
-    fn has_attempts(&self) -> bool {
-        self.attempts.lock().map(|m| !m.is_empty()).unwrap_or(false)
+    fn has_attempts(&self, tenant: &TenantName) -> bool {
+        self.attempts
+            .lock()
+            .map(|m| m.get(tenant).is_some_and(|t| !t.is_empty()))
+            .unwrap_or(false)
     }
 
     fn attempt(&self, tenant: &TenantName, id: &str) -> Option<Attempt> {
         let m = self.attempts.lock().ok()?;
-        m.get(&format!("{tenant}/{id}")).cloned()
+        m.get(tenant)?.get(id).cloned()
     }
 
     fn note_failure(&self, tenant: &TenantName, batch: &[Delivery], error: &str) {
         let Ok(mut m) = self.attempts.lock() else {
             return;
         };
-        if m.len() + batch.len() > MAX_REMEMBERED_ATTEMPTS {
-            tracing::warn!(
-                remembered = m.len(),
-                "too many failing messages remembered; forgetting their attempts"
-            );
-            m.clear();
+        let mine = m.entry(tenant.clone()).or_default();
+        if mine.len() + batch.len() > MAX_REMEMBERED_ATTEMPTS {
+            tracing::warn!(tenant = %tenant, remembered = mine.len(), "too many failing messages remembered; forgetting their attempts");
+            mine.clear();
         }
         for d in batch {
-            let a = m
-                .entry(format!("{tenant}/{}", message_id(d)))
-                .or_insert(Attempt {
-                    failures: 0,
-                    last_error: String::new(),
-                });
+            let a = mine.entry(message_id(d)).or_insert(Attempt {
+                failures: 0,
+                last_error: String::new(),
+            });
             a.failures += 1;
             a.last_error = error.to_owned();
         }
@@ -361,10 +394,13 @@ impl Ctx {
 
     fn forget(&self, tenant: &TenantName, batch: &[Delivery]) {
         if let Ok(mut m) = self.attempts.lock()
-            && !m.is_empty()
+            && let Some(mine) = m.get_mut(tenant)
         {
             for d in batch {
-                m.remove(&format!("{tenant}/{}", message_id(d)));
+                mine.remove(&message_id(d));
+            }
+            if mine.is_empty() {
+                m.remove(tenant);
             }
         }
     }
@@ -387,8 +423,9 @@ async fn run_batch(
             Ok(())
         }
         Err(Failed::NotStored(e)) => {
-            if !cancel.is_cancelled() {
-                ctx.note_failure(tenant, &batch, &e);
+            // An outage is nobody's message's fault: only other errors count.
+            if !cancel.is_cancelled() && !e.is_retryable() {
+                ctx.note_failure(tenant, &batch, &e.to_string());
             }
             Err(BrokerError::Unavailable(format!("not stored: {e}")))
         }
@@ -398,8 +435,8 @@ async fn run_batch(
 
 /// Why a batch was left unacknowledged.
 enum Failed {
-    /// coredms did not store it (and it is not just unavailable for a moment).
-    NotStored(String),
+    /// coredms did not store it.
+    NotStored(crate::coredms::CoreError),
     Broker(BrokerError),
 }
 
@@ -474,7 +511,11 @@ async fn process(
         (inputs, t)
     })
     .await
-    .map_err(|e| Failed::NotStored(format!("the app's task failed: {e}")))?;
+    .map_err(|e| {
+        Failed::NotStored(crate::coredms::CoreError::Database(format!(
+            "the app's task failed: {e}"
+        )))
+    })?;
     let write = BulkWrite {
         tenant: tenant.clone(),
         source: Source::Stream,
