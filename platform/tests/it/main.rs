@@ -9,5 +9,6 @@ mod coredms;
 mod faults;
 mod foundation;
 mod harness;
+mod sandbox;
 mod split;
 mod stream;
