@@ -1,5 +1,13 @@
 //! Values across the sandbox boundary: JSON into Luau tables and back, by the rules in the
 //! module documentation of [`super`].
+//!
+//! Converting an app's output is host work done on the tenant's behalf, so it is metered
+//! (invariant 6): every value reached is counted, a string or table reached twice counts
+//! twice, and each document's size is counted exactly as its compact JSON text, before the
+//! host allocates anything for it. A few kilobytes of shared references inside the VM cannot
+//! become gigabytes outside it.
+
+use std::fmt::Write as _;
 
 use mlua::{Lua, LuaSerdeExt, Table, Value};
 use serde_json::{Map, Number, Value as Json};
@@ -7,6 +15,104 @@ use serde_json::{Map, Number, Value as Json};
 /// Deepest nesting accepted from an app.
 pub const MAX_DEPTH: usize = 64;
 const MAX_SAFE_INT: f64 = 9_007_199_254_740_992.0; // 2^53
+
+/// Which output budget a conversion ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exceeded {
+    /// One document's JSON text would pass the document-size limit.
+    Document,
+    /// The documents of one call together would pass the output byte budget.
+    Bytes,
+    /// The documents of one call together would hold more values than the value budget.
+    Values,
+}
+
+/// Why a value could not be converted.
+#[derive(Debug)]
+pub enum ConvertError {
+    /// The value has no document form (NaN, a function, a `$` key, ...).
+    Invalid(String),
+    /// A budget would be passed: nothing past it was allocated.
+    Limit(Exceeded),
+    /// The VM failed while being read (out of memory, for one).
+    Lua(mlua::Error),
+}
+
+impl std::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(m) => f.write_str(m),
+            Self::Limit(e) => write!(f, "output budget exceeded: {e:?}"),
+            Self::Lua(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+fn invalid(m: impl Into<String>) -> ConvertError {
+    ConvertError::Invalid(m.into())
+}
+
+/// What one call may still produce. `doc_limit` applies to each document (reset with
+/// [`Meter::start_document`]); bytes and values are shared by all documents of the call.
+#[derive(Debug, Clone)]
+pub struct Meter {
+    doc_limit: usize,
+    doc_used: usize,
+    bytes_left: usize,
+    values_left: usize,
+}
+
+impl Meter {
+    pub fn new(doc_limit: usize, bytes: usize, values: usize) -> Self {
+        Self {
+            doc_limit,
+            doc_used: 0,
+            bytes_left: bytes,
+            values_left: values,
+        }
+    }
+
+    /// No budget: for values the host made itself.
+    pub fn unlimited() -> Self {
+        Self::new(usize::MAX, usize::MAX, usize::MAX)
+    }
+
+    /// The next bytes charged belong to a new document.
+    pub fn start_document(&mut self) {
+        self.doc_used = 0;
+    }
+
+    /// JSON bytes of the document being converted so far.
+    pub fn document_bytes(&self) -> usize {
+        self.doc_used
+    }
+
+    /// Fails unless `n` more bytes fit, without charging them.
+    fn fits(&self, n: usize) -> Result<(), ConvertError> {
+        if n > self.doc_limit - self.doc_used {
+            return Err(ConvertError::Limit(Exceeded::Document));
+        }
+        if n > self.bytes_left {
+            return Err(ConvertError::Limit(Exceeded::Bytes));
+        }
+        Ok(())
+    }
+
+    fn charge(&mut self, n: usize) -> Result<(), ConvertError> {
+        self.fits(n)?;
+        self.doc_used += n;
+        self.bytes_left -= n;
+        Ok(())
+    }
+
+    fn value(&mut self) -> Result<(), ConvertError> {
+        if self.values_left == 0 {
+            return Err(ConvertError::Limit(Exceeded::Values));
+        }
+        self.values_left -= 1;
+        Ok(())
+    }
+}
 
 pub fn json_to_lua(lua: &Lua, v: &Json) -> mlua::Result<Value> {
     Ok(match v {
@@ -32,74 +138,330 @@ pub fn json_to_lua(lua: &Lua, v: &Json) -> mlua::Result<Value> {
     })
 }
 
-pub fn lua_to_json(lua: &Lua, v: &Value, depth: usize) -> Result<Json, String> {
+/// Converts an app's value to JSON, charging `meter` for every value and byte as it goes.
+pub fn lua_to_json(
+    lua: &Lua,
+    v: &Value,
+    depth: usize,
+    meter: &mut Meter,
+) -> Result<Json, ConvertError> {
     if depth > MAX_DEPTH {
-        return Err(format!("nesting deeper than {MAX_DEPTH} levels"));
+        return Err(invalid(format!("nesting deeper than {MAX_DEPTH} levels")));
     }
+    meter.value()?;
     Ok(match v {
-        Value::Nil => Json::Null,
-        Value::LightUserData(p) if p.0.is_null() => Json::Null, // the `null` sentinel
-        Value::Boolean(b) => Json::Bool(*b),
-        Value::Integer(i) => Json::Number((*i).into()),
-        Value::Number(n) => number(*n)?,
-        Value::String(s) => Json::String(
-            s.to_str()
-                .map_err(|_| "a string is not valid UTF-8".to_owned())?
-                .to_owned(),
-        ),
-        Value::Table(t) => table(lua, t, depth)?,
-        Value::Buffer(b) => Json::String(String::from_utf8_lossy(&b.to_vec()).into_owned()),
-        other => return Err(format!("a {} cannot be stored", other.type_name())),
+        Value::Nil => {
+            meter.charge(4)?;
+            Json::Null
+        }
+        Value::LightUserData(p) if p.0.is_null() => {
+            // the `null` sentinel
+            meter.charge(4)?;
+            Json::Null
+        }
+        Value::Boolean(b) => {
+            meter.charge(if *b { 4 } else { 5 })?;
+            Json::Bool(*b)
+        }
+        Value::Integer(i) => {
+            meter.charge(int_len(*i))?;
+            Json::Number((*i).into())
+        }
+        Value::Number(n) => {
+            let n = number(*n)?;
+            meter.charge(number_len(&n))?;
+            Json::Number(n)
+        }
+        Value::String(s) => {
+            let b = s.as_bytes();
+            meter.charge(escaped_len(&b))?;
+            let s = std::str::from_utf8(&b).map_err(|_| invalid("a string is not valid UTF-8"))?;
+            Json::String(s.to_owned())
+        }
+        Value::Table(t) => table(lua, t, depth, meter)?,
+        Value::Buffer(b) => {
+            // The lossy text is never shorter than the buffer: check before copying it out.
+            meter.fits(b.len() + 2)?;
+            let text = String::from_utf8_lossy(&b.to_vec()).into_owned();
+            meter.charge(escaped_len(text.as_bytes()))?;
+            Json::String(text)
+        }
+        other => return Err(invalid(format!("a {} cannot be stored", other.type_name()))),
     })
 }
 
-fn number(n: f64) -> Result<Json, String> {
-    if !n.is_finite() {
-        return Err(format!("{n} is not a JSON number"));
+/// `Some(n)` when the table converts to a JSON array of `n` items: its keys are exactly
+/// 1..n, and n > 0 or it carries the array metatable (an empty array made by `parse_json`).
+pub fn array_len(lua: &Lua, t: &Table) -> mlua::Result<Option<usize>> {
+    let len = t.raw_len();
+    let array_mt = t.has_metatable() && t.metatable().is_some_and(|m| m == lua.array_metatable());
+    if len == 0 && !array_mt {
+        return Ok(None);
     }
-    if n.fract() == 0.0 && n.abs() < MAX_SAFE_INT {
-        return Ok(Json::Number((n as i64).into()));
-    }
-    Number::from_f64(n)
-        .map(Json::Number)
-        .ok_or_else(|| format!("{n} is not a JSON number"))
+    // Count the pairs without taking references to keys or values.
+    let mut pairs = 0usize;
+    t.for_each::<bool, bool>(|_, _| {
+        pairs += 1;
+        Ok(())
+    })?;
+    Ok((pairs == len).then_some(len))
 }
 
-fn table(lua: &Lua, t: &Table, depth: usize) -> Result<Json, String> {
-    let len = t.raw_len();
-    let is_array_mt = t.metatable().is_some_and(|m| m == lua.array_metatable());
-    let mut pairs = 0usize;
-    let mut entries: Vec<(Value, Value)> = Vec::new();
-    for pair in t.pairs::<Value, Value>() {
-        let (k, v) = pair.map_err(|e| e.to_string())?;
-        pairs += 1;
-        entries.push((k, v));
-    }
-    if pairs == len && (len > 0 || is_array_mt) {
+fn table(lua: &Lua, t: &Table, depth: usize, meter: &mut Meter) -> Result<Json, ConvertError> {
+    if let Some(len) = array_len(lua, t).map_err(ConvertError::Lua)? {
+        // Brackets and commas, then at least one byte per item: known before allocating.
+        meter.charge(2 + len.saturating_sub(1))?;
+        meter.fits(len)?;
         let mut out = Vec::with_capacity(len);
         for i in 1..=len {
-            let v: Value = t.raw_get(i).map_err(|e| e.to_string())?;
-            out.push(lua_to_json(lua, &v, depth + 1)?);
+            let v: Value = t.raw_get(i).map_err(ConvertError::Lua)?;
+            out.push(lua_to_json(lua, &v, depth + 1, meter)?);
         }
         return Ok(Json::Array(out));
     }
-    let mut m = Map::with_capacity(pairs);
-    for (k, v) in entries {
-        let key = match &k {
-            Value::String(s) => s
-                .to_str()
-                .map_err(|_| "a key is not valid UTF-8".to_owned())?
-                .to_owned(),
-            Value::Integer(i) => i.to_string(),
-            Value::Number(n) if n.fract() == 0.0 => (*n as i64).to_string(),
-            other => return Err(format!("a {} cannot be a document key", other.type_name())),
-        };
-        if key.starts_with('$') || key.contains('\0') {
-            return Err(format!(
-                "key `{key}` is not allowed (starts with `$` or holds NUL)"
-            ));
+    meter.charge(2)?;
+    let mut m = Map::new();
+    let mut failed: Option<ConvertError> = None;
+    let walked = t.for_each::<Value, Value>(|k, v| {
+        match entry(lua, &k, &v, depth, meter, m.is_empty()) {
+            Ok((key, value)) => {
+                m.insert(key, value);
+                Ok(())
+            }
+            Err(e) => {
+                failed = Some(e);
+                // Stops the walk; the reason is in `failed`.
+                Err(mlua::Error::runtime("conversion stopped"))
+            }
         }
-        m.insert(key, lua_to_json(lua, &v, depth + 1)?);
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    walked.map_err(ConvertError::Lua)?;
     Ok(Json::Object(m))
+}
+
+/// One object member: its key (charged with the quotes, colon and separating comma) and value.
+fn entry(
+    lua: &Lua,
+    k: &Value,
+    v: &Value,
+    depth: usize,
+    meter: &mut Meter,
+    first: bool,
+) -> Result<(String, Json), ConvertError> {
+    let key = match k {
+        Value::String(s) => {
+            let b = s.as_bytes();
+            meter.charge(escaped_len(&b) + 1 + usize::from(!first))?;
+            std::str::from_utf8(&b)
+                .map_err(|_| invalid("a key is not valid UTF-8"))?
+                .to_owned()
+        }
+        Value::Integer(i) => {
+            meter.charge(int_len(*i) + 3 + usize::from(!first))?;
+            i.to_string()
+        }
+        Value::Number(n) if n.fract() == 0.0 => {
+            let i = *n as i64;
+            meter.charge(int_len(i) + 3 + usize::from(!first))?;
+            i.to_string()
+        }
+        other => {
+            return Err(invalid(format!(
+                "a {} cannot be a document key",
+                other.type_name()
+            )));
+        }
+    };
+    if key.starts_with('$') || key.contains('\0') {
+        return Err(invalid(format!(
+            "key `{}` is not allowed (starts with `$` or holds NUL)",
+            key.chars().take(64).collect::<String>()
+        )));
+    }
+    let value = lua_to_json(lua, v, depth + 1, meter)?;
+    Ok((key, value))
+}
+
+fn number(n: f64) -> Result<Number, ConvertError> {
+    if !n.is_finite() {
+        return Err(invalid(format!("{n} is not a JSON number")));
+    }
+    if n.fract() == 0.0 && n.abs() < MAX_SAFE_INT {
+        return Ok((n as i64).into());
+    }
+    Number::from_f64(n).ok_or_else(|| invalid(format!("{n} is not a JSON number")))
+}
+
+/// Length of `i` written in decimal.
+fn int_len(i: i64) -> usize {
+    let mut n = i.unsigned_abs();
+    let mut len = usize::from(i < 0) + 1;
+    while n >= 10 {
+        n /= 10;
+        len += 1;
+    }
+    len
+}
+
+struct Count(usize);
+
+impl std::fmt::Write for Count {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0 += s.len();
+        Ok(())
+    }
+}
+
+/// Length of a number as serde_json writes it.
+fn number_len(n: &Number) -> usize {
+    if let Some(i) = n.as_i64() {
+        return int_len(i);
+    }
+    let mut c = Count(0);
+    let _ = write!(c, "{n}");
+    c.0
+}
+
+/// Length of `b` as a JSON string, quotes included, escaped as serde_json escapes it.
+pub fn escaped_len(b: &[u8]) -> usize {
+    let extra: usize = b
+        .iter()
+        .map(|&c| match c {
+            b'"' | b'\\' | 0x08 | 0x09 | 0x0a | 0x0c | 0x0d => 1,
+            0..=0x1f => 5,
+            _ => 0,
+        })
+        .sum();
+    b.len() + 2 + extra
+}
+
+/// Parses JSON text straight into Luau values, without building it on the host first: what
+/// the text makes is allocated inside the VM, under its memory limit, as it is read.
+/// `check` is called every few thousand values (the host's look at the time limit).
+pub fn json_text_to_lua(
+    lua: &Lua,
+    text: &[u8],
+    check: &dyn Fn() -> mlua::Result<()>,
+) -> mlua::Result<Value> {
+    let state = ParseState {
+        lua,
+        check,
+        failed: std::cell::RefCell::new(None),
+        values: std::cell::Cell::new(0),
+    };
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let parsed = serde::de::DeserializeSeed::deserialize(LuaSeed(&state), &mut de)
+        .and_then(|v| de.end().map(|()| v));
+    match parsed {
+        Ok(v) => Ok(v),
+        Err(e) => Err(state
+            .failed
+            .borrow_mut()
+            .take()
+            .unwrap_or_else(|| mlua::Error::runtime(format!("parse_json: {e}")))),
+    }
+}
+
+const VALUES_PER_CHECK: usize = 4096;
+
+struct ParseState<'a> {
+    lua: &'a Lua,
+    check: &'a dyn Fn() -> mlua::Result<()>,
+    /// The VM's own error (out of memory, a limit), returned as it is rather than as text.
+    failed: std::cell::RefCell<Option<mlua::Error>>,
+    values: std::cell::Cell<usize>,
+}
+
+impl ParseState<'_> {
+    fn vm<T, E: serde::de::Error>(&self, r: mlua::Result<T>) -> Result<T, E> {
+        r.map_err(|e| {
+            let msg = e.to_string();
+            *self.failed.borrow_mut() = Some(e);
+            E::custom(msg)
+        })
+    }
+
+    fn count<E: serde::de::Error>(&self) -> Result<(), E> {
+        let n = self.values.get() + 1;
+        self.values.set(n);
+        if n % VALUES_PER_CHECK == 0 {
+            self.vm((self.check)())?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct LuaSeed<'s, 'a>(&'s ParseState<'a>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for LuaSeed<'_, '_> {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for LuaSeed<'_, '_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Value, E> {
+        self.0.count()?;
+        Ok(Value::Boolean(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Value, E> {
+        self.0.count()?;
+        Ok(Value::Number(v as f64))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Value, E> {
+        self.0.count()?;
+        Ok(Value::Number(v as f64))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Value, E> {
+        self.0.count()?;
+        Ok(Value::Number(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Value, E> {
+        self.0.count()?;
+        self.0.vm(self.0.lua.create_string(v).map(Value::String))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        self.0.count()?;
+        Ok(self.0.lua.null())
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        self.0.count()?;
+        let lua = self.0.lua;
+        let t = self.0.vm(lua.create_table())?;
+        let mut i = 0usize;
+        while let Some(v) = seq.next_element_seed(self)? {
+            i += 1;
+            self.0.vm(t.raw_set(i, v))?;
+        }
+        self.0.vm(t.set_metatable(Some(lua.array_metatable())))?;
+        Ok(Value::Table(t))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        self.0.count()?;
+        let t = self.0.vm(self.0.lua.create_table())?;
+        while let Some(k) = map.next_key_seed(self)? {
+            let v = map.next_value_seed(self)?;
+            self.0.vm(t.raw_set(k, v))?;
+        }
+        Ok(Value::Table(t))
+    }
 }

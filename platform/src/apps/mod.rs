@@ -14,7 +14,17 @@
 //! infinities are rejected; a table with keys exactly 1..n (or made by `parse_json` from an
 //! array) is an array, any other table an object with string keys; an empty table is `{}`;
 //! `nil` fields are absent and JSON `null` arrives as the sentinel `null`.
+//!
+//! Limits (invariant 6): memory, time and instructions inside the VM; emitted documents,
+//! document size (counted as compact JSON, while the output is converted, before the host
+//! allocates it) and the whole output of one call (at most `memory_bytes` of JSON and
+//! `memory_bytes / 16` values, a value shared many times counting each time) outside it. A
+//! limit, once hit, stays hit until the call returns: every later interrupt and host call
+//! fails, `pcall`/`xpcall` re-raise it (a memory error they catch counts as the memory limit,
+//! as does an app's own `error("not enough memory")`), and the call fails with the limit's
+//! reason even if the app's code returns normally. A VM that hit a limit is discarded.
 
+mod builtins;
 mod convert;
 mod router;
 
@@ -26,7 +36,8 @@ use std::time::Instant;
 use mlua::{Function, Lua, LuaOptions, StdLib, Value, VmState};
 use serde::{Deserialize, Serialize};
 
-pub use convert::{json_to_lua, lua_to_json};
+pub use builtins::find_bytes;
+pub use convert::{ConvertError, Exceeded, Meter, json_to_lua, lua_to_json};
 pub use router::router;
 
 use crate::config::AppLimits;
@@ -197,9 +208,51 @@ enum Limit {
     Time = 1,
     Instructions = 2,
     Emits = 3,
+    Memory = 4,
+    Document = 5,
+    OutputBytes = 6,
+    OutputValues = 7,
 }
 
-/// Per-call budget shared with the interrupt callback.
+impl Limit {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Time,
+            2 => Self::Instructions,
+            3 => Self::Emits,
+            4 => Self::Memory,
+            5 => Self::Document,
+            6 => Self::OutputBytes,
+            7 => Self::OutputValues,
+            _ => Self::None,
+        }
+    }
+
+    fn of(e: Exceeded) -> Self {
+        match e {
+            Exceeded::Document => Self::Document,
+            Exceeded::Bytes => Self::OutputBytes,
+            Exceeded::Values => Self::OutputValues,
+        }
+    }
+}
+
+/// Values one call may output: a Luau value takes at least 16 bytes of VM memory.
+fn output_values(limits: &AppLimits) -> usize {
+    limits.memory_bytes / 16
+}
+
+/// The output budget of one call.
+fn meter(limits: &AppLimits) -> Meter {
+    Meter::new(
+        limits.max_doc_bytes,
+        limits.memory_bytes,
+        output_values(limits),
+    )
+}
+
+/// Per-call budget shared with the interrupt callback and the host functions. Once `hit` is
+/// set it stays set until the next call is armed: the limit cannot be caught.
 struct Budget {
     deadline_ns: AtomicU64,
     ticks_left: AtomicU64,
@@ -208,32 +261,83 @@ struct Budget {
 }
 
 impl Budget {
+    fn new(limits: &AppLimits) -> Self {
+        let b = Self {
+            deadline_ns: AtomicU64::new(0),
+            ticks_left: AtomicU64::new(0),
+            hit: AtomicU8::new(0),
+            epoch: Instant::now(),
+        };
+        b.arm(limits);
+        b
+    }
+
     fn arm(&self, limits: &AppLimits) {
         let now = self.epoch.elapsed().as_nanos() as u64;
-        self.deadline_ns
-            .store(now + limits.time_ms * 1_000_000, Ordering::Relaxed);
+        self.deadline_ns.store(
+            now.saturating_add(limits.time_ms.saturating_mul(1_000_000)),
+            Ordering::Relaxed,
+        );
         self.ticks_left
             .store(limits.instructions, Ordering::Relaxed);
         self.hit.store(Limit::None as u8, Ordering::Relaxed);
     }
 
     fn hit(&self) -> Limit {
-        match self.hit.load(Ordering::Relaxed) {
-            1 => Limit::Time,
-            2 => Limit::Instructions,
-            3 => Limit::Emits,
-            _ => Limit::None,
+        Limit::from_u8(self.hit.load(Ordering::Relaxed))
+    }
+
+    /// Records that `l` was hit; the first limit hit is the one reported.
+    fn trip(&self, l: Limit) {
+        let _ = self.hit.compare_exchange(
+            Limit::None as u8,
+            l as u8,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Fails once any limit was hit during this call.
+    fn check_hit(&self) -> mlua::Result<()> {
+        match self.hit() {
+            Limit::None => Ok(()),
+            l => Err(mlua::Error::runtime(format!("{l:?} limit exceeded"))),
         }
+    }
+
+    /// For host loops that run without interrupts: a limit already hit, or the time limit.
+    fn check(&self) -> mlua::Result<()> {
+        self.check_hit()?;
+        if self.epoch.elapsed().as_nanos() as u64 > self.deadline_ns.load(Ordering::Relaxed) {
+            self.trip(Limit::Time);
+            return self.check_hit();
+        }
+        Ok(())
+    }
+
+    /// The interrupt: every function call and loop iteration, and every step of a pattern
+    /// match. The clock is read every time: one step of a C built-in can take milliseconds.
+    fn interrupt(&self) -> mlua::Result<VmState> {
+        self.check_hit()?;
+        let left = self.ticks_left.load(Ordering::Relaxed);
+        if left == 0 {
+            self.trip(Limit::Instructions);
+            return self.check_hit().map(|()| VmState::Continue);
+        }
+        self.ticks_left.store(left - 1, Ordering::Relaxed);
+        self.check().map(|()| VmState::Continue)
     }
 }
 
 /// Documents an `ingest` call emitted, and its `log()` output.
-#[derive(Default)]
 struct CallState {
     emits: Vec<(Option<String>, serde_json::Map<String, serde_json::Value>)>,
+    /// The reason of the last invalid `emit`, reported as it is when it ends the call.
     emit_error: Option<String>,
     log: String,
     limits: AppLimits,
+    /// What this call's emitted documents may still take.
+    meter: Meter,
 }
 
 /// A failure of one record or payload, with a reason for the ingestion log.
@@ -283,35 +387,19 @@ impl Vm {
             LuaOptions::default(),
         )
         .map_err(err)?;
-        let budget = Arc::new(Budget {
-            deadline_ns: AtomicU64::new(0),
-            ticks_left: AtomicU64::new(limits.instructions),
-            hit: AtomicU8::new(0),
-            epoch: Instant::now(),
-        });
+        let budget = Arc::new(Budget::new(limits));
         let b = budget.clone();
-        lua.set_interrupt(move |_| {
-            let left = b.ticks_left.fetch_sub(1, Ordering::Relaxed);
-            if left == 0 {
-                b.ticks_left.store(0, Ordering::Relaxed);
-                b.hit.store(Limit::Instructions as u8, Ordering::Relaxed);
-                return Err(mlua::Error::runtime("instruction budget exhausted"));
-            }
-            // The clock is read every 256 checks: cheap, and still within microseconds.
-            if left % 256 == 0
-                && b.epoch.elapsed().as_nanos() as u64 > b.deadline_ns.load(Ordering::Relaxed)
-            {
-                b.hit.store(Limit::Time as u8, Ordering::Relaxed);
-                return Err(mlua::Error::runtime("time limit exceeded"));
-            }
-            Ok(VmState::Continue)
-        });
-        install_host_api(&lua).map_err(err)?;
+        lua.set_interrupt(move |_| b.interrupt());
+        install_host_api(&lua, &budget).map_err(err)?;
+        builtins::install(&lua, &budget, limits.memory_bytes).map_err(err)?;
         lua.sandbox(true).map_err(err)?;
         lua.set_memory_limit(limits.memory_bytes).map_err(err)?;
         lua.set_app_data(CallState {
+            emits: Vec::new(),
+            emit_error: None,
+            log: String::new(),
             limits: *limits,
-            ..Default::default()
+            meter: meter(limits),
         });
         budget.arm(limits);
         let run = lua
@@ -319,9 +407,15 @@ impl Vm {
             .set_name(CHUNK_NAME)
             .set_mode(mlua::chunk::ChunkMode::Binary)
             .exec();
+        let hit = budget.hit();
         if let Err(e) = run {
             return Err(VmError {
-                reason: describe(&e, budget.hit(), limits),
+                reason: describe(&e, hit, limits),
+            });
+        }
+        if hit != Limit::None {
+            return Err(VmError {
+                reason: limit_reason(hit, limits),
             });
         }
         let globals = lua.globals();
@@ -357,6 +451,7 @@ impl Vm {
             st.emits.clear();
             st.emit_error = None;
             st.log.clear();
+            st.meter = meter(limits);
         }
     }
 
@@ -365,57 +460,133 @@ impl Vm {
         (!st.log.is_empty()).then(|| std::mem::take(&mut st.log))
     }
 
+    /// A limit hit during a call that returned normally anyway (the app caught the error):
+    /// the call still fails, with the limit's reason.
+    fn caught_limit(&self, limits: &AppLimits) -> Option<AppFailure> {
+        match self.budget.hit() {
+            Limit::None => None,
+            hit => Some(AppFailure {
+                reason: limit_reason(hit, limits),
+                limit: true,
+            }),
+        }
+    }
+
     fn failure(&self, e: &mlua::Error, limits: &AppLimits) -> AppFailure {
+        if is_memory(e) {
+            self.budget.trip(Limit::Memory);
+        }
         let hit = self.budget.hit();
         let emit_error = self
             .lua
             .app_data_mut::<CallState>()
-            .and_then(|mut s| s.emit_error.take());
-        let memory = matches!(e, mlua::Error::MemoryError(_))
-            || matches!(e, mlua::Error::CallbackError { cause, .. } if matches!(**cause, mlua::Error::MemoryError(_)));
+            .and_then(|mut s| s.emit_error.take())
+            .filter(|m| root_message(e) == Some(m.as_str()));
         AppFailure {
-            reason: emit_error.unwrap_or_else(|| describe(e, hit, limits)),
-            limit: hit != Limit::None || memory,
+            reason: match (hit, emit_error) {
+                (Limit::None, Some(m)) => m,
+                _ => describe(e, hit, limits),
+            },
+            limit: hit != Limit::None,
         }
     }
 }
 
-/// A reason that names the limit, or the app's own error with its line.
-fn describe(e: &mlua::Error, hit: Limit, limits: &AppLimits) -> String {
-    match hit {
-        Limit::Time => return format!("app exceeded {} ms time limit", limits.time_ms),
-        Limit::Instructions => {
-            return format!("app exceeded {} instruction budget", limits.instructions);
-        }
-        Limit::Emits => {
-            return format!("app exceeded {} emitted documents limit", limits.max_emits);
-        }
-        Limit::None => {}
-    }
+fn root(e: &mlua::Error) -> &mlua::Error {
     let mut root = e;
     while let mlua::Error::CallbackError { cause, .. } = root {
         root = cause;
     }
-    match root {
-        mlua::Error::MemoryError(_) => {
-            format!("app exceeded {} bytes memory limit", limits.memory_bytes)
-        }
-        mlua::Error::RuntimeError(m) => {
-            let first = m.lines().next().unwrap_or(m);
-            if first.contains("stack overflow") {
-                "app exceeded the call depth limit (stack overflow)".into()
-            } else {
-                format!("app error: {}", first.trim())
-            }
-        }
-        other => format!(
-            "app error: {}",
-            other.to_string().lines().next().unwrap_or("")
-        ),
+    root
+}
+
+fn root_message(e: &mlua::Error) -> Option<&str> {
+    match root(e) {
+        mlua::Error::RuntimeError(m) => Some(m),
+        _ => None,
     }
 }
 
-fn install_host_api(lua: &Lua) -> mlua::Result<()> {
+fn is_memory(e: &mlua::Error) -> bool {
+    matches!(root(e), mlua::Error::MemoryError(_))
+}
+
+/// The reason for the ingestion log when `hit` stopped a call.
+fn limit_reason(hit: Limit, limits: &AppLimits) -> String {
+    match hit {
+        Limit::Time => format!("app exceeded {} ms time limit", limits.time_ms),
+        Limit::Instructions => format!("app exceeded {} instruction budget", limits.instructions),
+        Limit::Emits => format!("app exceeded {} emitted documents limit", limits.max_emits),
+        Limit::Memory => format!("app exceeded {} bytes memory limit", limits.memory_bytes),
+        Limit::Document => format!(
+            "app output exceeds {} bytes document limit",
+            limits.max_doc_bytes
+        ),
+        Limit::OutputBytes => format!(
+            "app output exceeds {} bytes memory limit (the JSON of all documents of one call)",
+            limits.memory_bytes
+        ),
+        Limit::OutputValues => format!(
+            "app output exceeds {} bytes memory limit (more than {} values in one call)",
+            limits.memory_bytes,
+            output_values(limits)
+        ),
+        Limit::None => "app stopped".into(),
+    }
+}
+
+/// Longest app error message kept in a reason.
+const MAX_REASON_CHARS: usize = 300;
+
+/// A reason that names the limit, or the app's own error with its line.
+fn describe(e: &mlua::Error, hit: Limit, limits: &AppLimits) -> String {
+    if hit != Limit::None {
+        return limit_reason(hit, limits);
+    }
+    let first_line = |m: &str| -> String {
+        m.lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .chars()
+            .take(MAX_REASON_CHARS)
+            .collect()
+    };
+    match root(e) {
+        mlua::Error::MemoryError(_) => limit_reason(Limit::Memory, limits),
+        mlua::Error::RuntimeError(m) => {
+            let first = first_line(m);
+            if first.contains("stack overflow") {
+                "app exceeded the call depth limit (stack overflow)".into()
+            } else {
+                format!("app error: {first}")
+            }
+        }
+        other => format!("app error: {}", first_line(&other.to_string())),
+    }
+}
+
+/// What a host function tells the app when a conversion fails; a limit is also recorded.
+fn convert_failure(budget: &Budget, what: &str, e: ConvertError) -> mlua::Error {
+    match e {
+        ConvertError::Invalid(m) => mlua::Error::runtime(format!("{what}: {m}")),
+        ConvertError::Limit(x) => {
+            budget.trip(Limit::of(x));
+            budget
+                .check_hit()
+                .err()
+                .unwrap_or_else(|| mlua::Error::runtime("limit exceeded"))
+        }
+        ConvertError::Lua(e) => {
+            if is_memory(&e) {
+                budget.trip(Limit::Memory);
+            }
+            e
+        }
+    }
+}
+
+fn install_host_api(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<()> {
     let g = lua.globals();
     // Nothing that loads code, reaches the environment or writes outside the VM.
     for name in [
@@ -434,12 +605,15 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
         "io",
         "debug",
         "package",
+        "coroutine",
     ] {
         g.raw_set(name, Value::Nil)?;
     }
+    let b = budget.clone();
     g.set(
         "emit",
-        lua.create_function(|lua, args: mlua::MultiValue| {
+        lua.create_function(move |lua, args: mlua::MultiValue| {
+            b.check_hit()?;
             let (collection, doc) = match args.len() {
                 1 => (None, args.into_iter().next().unwrap_or(Value::Nil)),
                 2 => {
@@ -447,7 +621,11 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
                     let c = it.next().unwrap_or(Value::Nil);
                     let d = it.next().unwrap_or(Value::Nil);
                     let c = match c {
-                        Value::String(s) => s.to_str()?.to_owned(),
+                        // Longer than any valid name: refused below without copying it all.
+                        Value::String(s) => {
+                            let b = s.as_bytes();
+                            String::from_utf8_lossy(&b[..b.len().min(65)]).into_owned()
+                        }
                         _ => {
                             return Err(mlua::Error::runtime(
                                 "emit(collection, doc): collection must be a string",
@@ -466,12 +644,11 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
                 .app_data_mut::<CallState>()
                 .ok_or_else(|| mlua::Error::runtime("emit called outside an ingestion"))?;
             if st.emits.len() >= st.limits.max_emits {
-                let reason = format!(
-                    "app exceeded {} emitted documents limit",
-                    st.limits.max_emits
-                );
-                st.emit_error = Some(reason.clone());
-                return Err(mlua::Error::runtime(reason));
+                b.trip(Limit::Emits);
+                return Err(b
+                    .check_hit()
+                    .err()
+                    .unwrap_or_else(|| mlua::Error::runtime("emitted documents limit exceeded")));
             }
             if let Some(c) = &collection
                 && let Err(e) = check_collection(c)
@@ -479,14 +656,15 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
                 st.emit_error = Some(e.clone());
                 return Err(mlua::Error::runtime(e));
             }
-            let doc = match lua_to_json(lua, &doc, 0) {
+            st.meter.start_document();
+            let doc = match lua_to_json(lua, &doc, 0, &mut st.meter) {
                 Ok(serde_json::Value::Object(m)) => m,
                 Ok(_) => {
                     return Err(mlua::Error::runtime(
                         "emit: a document must be a table with string keys",
                     ));
                 }
-                Err(e) => return Err(mlua::Error::runtime(format!("emit: {e}"))),
+                Err(e) => return Err(convert_failure(&b, "emit", e)),
             };
             st.emits.push((collection, doc));
             Ok(())
@@ -497,11 +675,14 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
         lua.create_function(|lua, msg: mlua::LuaString| {
             if let Some(mut st) = lua.app_data_mut::<CallState>() {
                 let room = MAX_LOG_BYTES.saturating_sub(st.log.len());
-                if room > 0 {
-                    let m = msg.to_string_lossy();
+                if room > 2 {
+                    // Only what is kept is copied out of the VM.
+                    let bytes = msg.as_bytes();
+                    let m = String::from_utf8_lossy(&bytes[..bytes.len().min(room)]);
                     if !st.log.is_empty() {
                         st.log.push_str("; ");
                     }
+                    let room = MAX_LOG_BYTES.saturating_sub(st.log.len());
                     let mut end = m.len().min(room);
                     while !m.is_char_boundary(end) {
                         end -= 1;
@@ -512,36 +693,65 @@ fn install_host_api(lua: &Lua) -> mlua::Result<()> {
             Ok(())
         })?,
     )?;
+    let b = budget.clone();
     g.set(
         "parse_json",
-        lua.create_function(|lua, text: mlua::LuaString| {
-            let v: serde_json::Value = serde_json::from_slice(&text.as_bytes())
-                .map_err(|e| mlua::Error::runtime(format!("parse_json: {e}")))?;
-            json_to_lua(lua, &v)
+        lua.create_function(move |lua, text: mlua::LuaString| {
+            b.check_hit()?;
+            let r = convert::json_text_to_lua(lua, &text.as_bytes(), &|| b.check());
+            if let Err(e) = &r
+                && is_memory(e)
+            {
+                b.trip(Limit::Memory);
+            }
+            r
         })?,
     )?;
+    let b = budget.clone();
     g.set(
         "parse_csv",
-        lua.create_function(|lua, text: mlua::LuaString| {
-            let bytes = text.as_bytes();
-            let out = lua.create_table()?;
-            let mut rdr = csv::ReaderBuilder::new().from_reader(&bytes[..]);
-            let headers = rdr
-                .headers()
-                .map_err(|e| mlua::Error::runtime(format!("parse_csv: {e}")))?
-                .clone();
-            for (i, row) in rdr.records().enumerate() {
-                let row = row.map_err(|e| mlua::Error::runtime(format!("parse_csv: {e}")))?;
-                let t = lua.create_table_with_capacity(0, headers.len())?;
-                for (h, v) in headers.iter().zip(row.iter()) {
-                    t.raw_set(h, v)?;
-                }
-                out.raw_set(i + 1, t)?;
+        lua.create_function(move |lua, text: mlua::LuaString| {
+            b.check_hit()?;
+            let r = parse_csv(lua, &text.as_bytes(), &b);
+            if let Err(e) = &r
+                && is_memory(e)
+            {
+                b.trip(Limit::Memory);
             }
-            Ok(out)
+            r
         })?,
     )?;
     Ok(())
+}
+
+/// Rows of CSV text (the first row names the fields) as a list of tables, built in the VM.
+fn parse_csv(lua: &Lua, bytes: &[u8], budget: &Budget) -> mlua::Result<mlua::Table> {
+    const ROWS_PER_CHECK: usize = 1024;
+    let out = lua.create_table()?;
+    let mut rdr = csv::ReaderBuilder::new().from_reader(bytes);
+    let headers = rdr
+        .headers()
+        .map_err(|e| mlua::Error::runtime(format!("parse_csv: {e}")))?
+        .iter()
+        .map(|h| lua.create_string(h))
+        .collect::<mlua::Result<Vec<_>>>()?;
+    let mut row = csv::StringRecord::new();
+    let mut i = 0usize;
+    while rdr
+        .read_record(&mut row)
+        .map_err(|e| mlua::Error::runtime(format!("parse_csv: {e}")))?
+    {
+        let t = lua.create_table_with_capacity(0, headers.len())?;
+        for (h, v) in headers.iter().zip(row.iter()) {
+            t.raw_set(h, lua.create_string(v)?)?;
+        }
+        i += 1;
+        out.raw_set(i, t)?;
+        if i % ROWS_PER_CHECK == 0 {
+            budget.check()?;
+        }
+    }
+    Ok(out)
 }
 
 /// An app version ready to run, with its pool of VMs (one per worker thread that used it).
@@ -666,7 +876,18 @@ impl AppHandle {
         vm.begin(&self.limits);
         let result = json_to_lua(&vm.lua, record).and_then(|arg| map.call::<Value>(arg));
         let result = match result {
-            Ok(v) => self.documents_of(&vm.lua, v),
+            Ok(v) => match vm.caught_limit(&self.limits) {
+                Some(f) => Err(f),
+                None => {
+                    // `emit` means nothing to `map`: what it took is dropped, and what is
+                    // left of the call's budget is what the returned documents may use.
+                    let left = vm.lua.app_data_mut::<CallState>().map(|mut st| {
+                        st.emits = Vec::new();
+                        st.meter.clone()
+                    });
+                    self.documents_of(&vm.lua, v, left.unwrap_or_else(|| meter(&self.limits)))
+                }
+            },
             Err(e) => Err(vm.failure(&e, &self.limits)),
         };
         let log = vm.take_log();
@@ -677,36 +898,62 @@ impl AppHandle {
         (Outcome { result, log }, keep)
     }
 
-    /// A `map` return value as documents: a table, a list of tables, or nil.
-    fn documents_of(&self, lua: &Lua, v: Value) -> Result<Emitted, AppFailure> {
-        let fail = |reason: String| AppFailure {
-            reason,
-            limit: false,
-        };
-        match lua_to_json(lua, &v, 0)
-            .map_err(|e| fail(format!("app returned an invalid document: {e}")))?
-        {
-            serde_json::Value::Null => Ok(Vec::new()),
-            serde_json::Value::Object(m) => Ok(vec![(None, m)]),
-            serde_json::Value::Array(items) => {
-                if items.len() > self.limits.max_emits {
-                    return Err(fail(format!(
-                        "app exceeded {} emitted documents limit",
-                        self.limits.max_emits
-                    )));
-                }
-                items
-                    .into_iter()
-                    .map(|i| match i {
-                        serde_json::Value::Object(m) => Ok((None, m)),
-                        _ => Err(fail("app returned a list holding a non-table".into())),
-                    })
-                    .collect()
+    /// A `map` return value as documents: a table, a list of tables, or nil. Converted under
+    /// the call's output budget; a list longer than the emitted-documents limit is refused
+    /// before any of it is converted.
+    fn documents_of(&self, lua: &Lua, v: Value, mut meter: Meter) -> Result<Emitted, AppFailure> {
+        let fail = |reason: String, limit: bool| AppFailure { reason, limit };
+        let converted = |e: ConvertError| match e {
+            ConvertError::Invalid(m) => {
+                fail(format!("app returned an invalid document: {m}"), false)
             }
-            _ => Err(fail(
-                "map must return a table, a list of tables, or nil".into(),
-            )),
+            ConvertError::Limit(x) => fail(limit_reason(Limit::of(x), &self.limits), false),
+            ConvertError::Lua(e) => fail(describe(&e, Limit::None, &self.limits), is_memory(&e)),
+        };
+        let t = match v {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Table(t) => t,
+            _ => {
+                return Err(fail(
+                    "map must return a table, a list of tables, or nil".into(),
+                    false,
+                ));
+            }
+        };
+        let Some(len) = convert::array_len(lua, &t).map_err(|e| converted(ConvertError::Lua(e)))?
+        else {
+            return match lua_to_json(lua, &Value::Table(t), 0, &mut meter).map_err(converted)? {
+                serde_json::Value::Object(m) => Ok(vec![(None, m)]),
+                _ => Err(fail(
+                    "map must return a table, a list of tables, or nil".into(),
+                    false,
+                )),
+            };
+        };
+        if len > self.limits.max_emits {
+            return Err(fail(limit_reason(Limit::Emits, &self.limits), false));
         }
+        let mut docs = Vec::with_capacity(len);
+        for i in 1..=len {
+            let item: Value = t.raw_get(i).map_err(|e| converted(ConvertError::Lua(e)))?;
+            if !matches!(item, Value::Table(_)) {
+                return Err(fail(
+                    "app returned a list holding a non-table".into(),
+                    false,
+                ));
+            }
+            meter.start_document();
+            match lua_to_json(lua, &item, 1, &mut meter).map_err(converted)? {
+                serde_json::Value::Object(m) => docs.push((None, m)),
+                _ => {
+                    return Err(fail(
+                        "app returned a list holding a non-table".into(),
+                        false,
+                    ));
+                }
+            }
+        }
+        Ok(docs)
     }
 
     /// Runs `ingest(tenant, name, data)` on a whole payload. Blocking.
@@ -740,6 +987,14 @@ impl AppHandle {
         vm.begin(&self.limits);
         let r = ingest.call::<()>((self.tenant.as_str(), data_name, data));
         let log = vm.take_log();
+        if r.is_ok()
+            && let Some(f) = vm.caught_limit(&self.limits)
+        {
+            return Outcome {
+                result: Err(f),
+                log,
+            };
+        }
         match r {
             Ok(()) => {
                 let emits = vm
@@ -930,8 +1185,9 @@ pub fn transform(
                 continue;
             }
         };
-        if let Some((_, big)) = docs.iter().find(|(_, d)| json_size(d) > max_doc_bytes) {
-            let _ = big;
+        // An app's documents were measured while they were converted; records stored as
+        // parsed are measured here.
+        if app.is_none() && docs.iter().any(|(_, d)| json_size(d) > max_doc_bytes) {
             fail(
                 &mut out,
                 format!("document exceeds {max_doc_bytes} bytes limit"),

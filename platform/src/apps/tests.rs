@@ -13,13 +13,17 @@ fn limits() -> AppLimits {
 }
 
 fn app(src: &str) -> AppHandle {
-    let c = compile(src, &limits()).expect("app compiles");
+    app_with(src, limits())
+}
+
+fn app_with(src: &str, limits: AppLimits) -> AppHandle {
+    let c = compile(src, &limits).expect("app compiles");
     AppHandle::new(
         TenantName::parse("alice").expect("valid"),
         AppKind::Batch,
         1,
         c,
-        limits(),
+        limits,
     )
 }
 
@@ -187,6 +191,7 @@ fn only_pure_globals_remain_after_sandboxing() {
         "load",
         "dofile",
         "collectgarbage",
+        "coroutine",
     ] {
         assert!(
             !names.iter().any(|n| n == banned),
@@ -267,6 +272,443 @@ fn transform_without_app_stores_objects_and_fails_the_rest() {
     assert_eq!(t.failures[1].reason, "line 3: bad");
 }
 
+/// Runs `f` on its own thread and waits at most `secs` for it: an attack that is not stopped
+/// fails the test instead of hanging it. Prints how long the attack held the thread.
+fn within<T: Send + 'static>(what: &str, secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let out = rx
+        .recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("{what}: not stopped within {secs} s"));
+    eprintln!("{what}: stopped after {:?}", started.elapsed());
+    out
+}
+
+/// `src`'s `map` on one record, on its own thread, bounded by 20 s.
+fn attack_map(what: &str, src: &'static str, record: serde_json::Value) -> Outcome {
+    within(what, 20, move || map_one(&app(src), record))
+}
+
+fn assert_limit(what: &str, out: &Outcome, reason: &str) {
+    let f = out.result.as_ref().expect_err(what);
+    assert!(
+        f.reason.contains(reason),
+        "{what}: reason was `{}`",
+        f.reason
+    );
+}
+
+#[test]
+fn shared_references_cannot_make_output_past_the_document_limit() {
+    // 1000 references to one 1 MB string: 1 GB of JSON outside the VM.
+    let out = attack_map(
+        "shared string",
+        r#"local s = string.rep("x", 1e6)
+           function map(r) local t = {} for i = 1, 1000 do t[i] = s end return {a = t} end"#,
+        json!({}),
+    );
+    assert_limit("shared string", &out, "65536 bytes document limit");
+    // A few KB in the VM, 2^40 nodes once converted.
+    let out = attack_map(
+        "shared table",
+        r#"function map(r) local t = {1} for i = 1, 40 do t = {t, t} end return {x = t} end"#,
+        json!({}),
+    );
+    assert_limit("shared table", &out, "65536 bytes document limit");
+    // The same as a list of documents.
+    let out = attack_map(
+        "shared docs",
+        r#"function map(r) local s = string.rep("x", 60000) local d = {s = s} local l = {}
+           for i = 1, 1000 do l[i] = d end return l end"#,
+        json!({}),
+    );
+    assert_limit(
+        "shared docs",
+        &out,
+        "bytes memory limit (the JSON of all documents",
+    );
+    let out = attack_map(
+        "long list",
+        "function map(r) local d = {} local l = {} for i = 1, 1001 do l[i] = d end return l end",
+        json!({}),
+    );
+    assert_limit("long list", &out, "1000 emitted documents limit");
+}
+
+#[test]
+fn shared_references_cannot_be_emitted_past_the_limits_even_under_pcall() {
+    for (what, src, reason) in [
+        (
+            "emit shared string",
+            r#"function ingest(t, n, d) local s = string.rep("x", 1e6) local l = {}
+               for i = 1, 1000 do l[i] = s end emit({a = l}) end"#,
+            "65536 bytes document limit",
+        ),
+        (
+            "emit shared table",
+            r#"function ingest(t, n, d) local x = {1} for i = 1, 40 do x = {x, x} end emit("c", {x = x}) end"#,
+            "65536 bytes document limit",
+        ),
+        (
+            "caught emit of a bomb",
+            r#"function ingest(t, n, d) local x = {1} for i = 1, 40 do x = {x, x} end
+               pcall(emit, {x = x}) emit({ok = true}) end"#,
+            "65536 bytes document limit",
+        ),
+        (
+            "caught, then returns",
+            r#"function ingest(t, n, d) local x = {1} for i = 1, 40 do x = {x, x} end
+               pcall(emit, {x = x}) end"#,
+            "65536 bytes document limit",
+        ),
+        (
+            "many emits of one big string",
+            r#"function ingest(t, n, d) local s = string.rep("x", 60000)
+               for i = 1, 100000 do emit({s = s}) end end"#,
+            "bytes memory limit (the JSON of all documents",
+        ),
+    ] {
+        let out = within(what, 20, move || app(src).ingest("x", ""));
+        assert_limit(what, &out, reason);
+        assert!(
+            out.result.expect_err(what).limit,
+            "{what}: the VM is discarded"
+        );
+    }
+}
+
+#[test]
+fn document_size_is_counted_as_its_json_and_the_limit_is_exact() {
+    // {"s":"…"} is 8 bytes around the string.
+    let a = app("function map(r) return {s = string.rep('x', r.n)} end");
+    assert!(map_one(&a, json!({"n": 65536 - 8})).result.is_ok());
+    assert_limit(
+        "one byte over",
+        &map_one(&a, json!({"n": 65536 - 7})),
+        "65536 bytes document limit",
+    );
+    // Escapes count as written: a newline is two bytes, a control character six.
+    let a = app("function map(r) return {s = string.rep(r.c, r.n)} end");
+    assert!(
+        map_one(&a, json!({"c": "\n", "n": (65536 - 8) / 2}))
+            .result
+            .is_ok()
+    );
+    assert!(
+        map_one(&a, json!({"c": "\n", "n": (65536 - 8) / 2 + 1}))
+            .result
+            .is_err()
+    );
+    assert!(
+        map_one(&a, json!({"c": "\u{1}", "n": (65536 - 8) / 6}))
+            .result
+            .is_ok()
+    );
+    assert!(
+        map_one(&a, json!({"c": "\u{1}", "n": (65536 - 8) / 6 + 1}))
+            .result
+            .is_err()
+    );
+}
+
+#[test]
+fn cycles_are_rejected() {
+    let a = app("function map(r) local t = {} t.self = t return t end");
+    let f = map_one(&a, json!({})).result.expect_err("cycle");
+    assert!(f.reason.contains("nesting deeper than 64"), "{}", f.reason);
+    let a = app("function ingest(t, n, d) local x = {} x[1] = x x[2] = x emit({x = x}) end");
+    let f = a.ingest("x", "").result.expect_err("cycle");
+    assert!(
+        f.reason.contains("nesting deeper than 64") || f.reason.contains("document limit"),
+        "{}",
+        f.reason
+    );
+}
+
+#[test]
+fn pcall_cannot_catch_the_time_limit() {
+    for (what, src) in [
+        (
+            "pcall in a loop",
+            "function map(r) while true do pcall(function() while true do end end) end end",
+        ),
+        (
+            "pcall, then return",
+            "function map(r) pcall(function() while true do end end) return {ok = true} end",
+        ),
+        (
+            "nested pcalls",
+            "function map(r) pcall(function() while true do pcall(function() while true do end end) end end) return {} end",
+        ),
+        (
+            "xpcall with a looping handler",
+            "function map(r) while true do xpcall(function() while true do end end, function(e) while true do end end) end end",
+        ),
+        (
+            "xpcall whose handler swallows",
+            "function map(r) xpcall(function() while true do end end, function(e) return 'fine' end) return {} end",
+        ),
+        (
+            "error object whose __tostring loops",
+            "function map(r) error(setmetatable({}, {__tostring = function() while true do end end})) end",
+        ),
+        (
+            "caught error object, tostring loops",
+            "function map(r) local ok, e = pcall(error, setmetatable({}, {__tostring = function() while true do end end})) return {e = tostring(e)} end",
+        ),
+        (
+            "recursive pcall",
+            "local function f() while true do pcall(f) end end function map(r) pcall(f) return {} end",
+        ),
+    ] {
+        let out = attack_map(what, src, json!({}));
+        // (mlua calls `__tostring` to describe an error object: still inside the budget.)
+        let f = out.result.expect_err(what);
+        assert!(
+            f.reason.contains("200 ms time limit") || f.reason.contains("instruction budget"),
+            "{what}: reason was `{}`",
+            f.reason
+        );
+        assert!(f.limit, "{what}");
+    }
+}
+
+#[test]
+fn pcall_cannot_catch_the_memory_limit() {
+    for (what, src) in [
+        (
+            "caught memory error",
+            "function map(r) pcall(function() local t = {} for i = 1, 1e9 do t[i] = {i} end end) return {ok = true} end",
+        ),
+        (
+            "caught string growth",
+            "function map(r) local ok = pcall(function() local s = 'x' while true do s = s .. s end end) return {ok = ok} end",
+        ),
+        (
+            "caught string.rep",
+            "function map(r) pcall(string.rep, 'x', 2^29) return {} end",
+        ),
+        (
+            "caught parse_json",
+            "function map(r) pcall(parse_json, '[' .. string.rep('0,', 1e6) .. '0]') return {} end",
+        ),
+        (
+            "caught table.move",
+            "function map(r) pcall(table.move, {}, 1, 2^30, 2^30 + 1) return {} end",
+        ),
+    ] {
+        let out = attack_map(what, src, json!({}));
+        assert_limit(what, &out, "8388608 bytes memory limit");
+        assert!(out.result.expect_err(what).limit);
+    }
+}
+
+#[test]
+fn a_vm_that_hit_a_limit_is_discarded() {
+    let a = app(r#"
+        local calls = 0
+        function map(r)
+            calls = calls + 1
+            if r.loop then pcall(function() while true do end end) end
+            return {calls = calls}
+        end"#);
+    let calls = |o: Outcome| o.result.expect("ok")[0].1["calls"].as_i64();
+    assert_eq!(calls(map_one(&a, json!({}))), Some(1));
+    assert_eq!(calls(map_one(&a, json!({}))), Some(2), "the VM is reused");
+    assert_eq!(a.pool.lock().expect("pool").len(), 1);
+    assert_limit("loop", &map_one(&a, json!({"loop": true})), "time limit");
+    assert_eq!(
+        a.pool.lock().expect("pool").len(),
+        0,
+        "not returned to the pool"
+    );
+    assert_eq!(calls(map_one(&a, json!({}))), Some(1), "a fresh VM");
+}
+
+#[test]
+fn backtracking_patterns_are_stopped_by_the_time_limit() {
+    for (what, src) in [
+        (
+            "string.find",
+            r#"function map(r) return {i = string.find(string.rep("a", 5000), ".-.-.-.-.-.-.-.-b")} end"#,
+        ),
+        (
+            ":match",
+            r#"function map(r) local s = string.rep("a", 5000) return {m = s:match(".-.-.-.-.-.-.-.-b")} end"#,
+        ),
+        (
+            "gmatch",
+            r#"function map(r) for m in string.gmatch(string.rep("a", 5000), ".-.-.-.-.-.-.-.-b") do end return {} end"#,
+        ),
+        (
+            ":gsub under pcall",
+            r#"function map(r) local s = string.rep("a", 5000)
+               while true do pcall(s.gsub, s, ".-.-.-.-.-.-.-.-b", "") end end"#,
+        ),
+        (
+            "one step per character",
+            r#"function map(r) local s = string.rep("a", 3e6) while true do s:find(".*.*.*b") end end"#,
+        ),
+    ] {
+        let out = attack_map(what, src, json!({}));
+        assert_limit(what, &out, "200 ms time limit");
+    }
+}
+
+#[test]
+fn quadratic_plain_searches_run_in_linear_time() {
+    // Luau's plain search compares the needle at every position: minutes for these. Room
+    // for the strings, and time for the unoptimised test build to search them.
+    let roomy = AppLimits {
+        memory_bytes: 64 * 1024 * 1024,
+        time_ms: 10_000,
+        ..limits()
+    };
+    let out = within("plain find", 20, move || {
+        let a = app_with(
+            r#"function map(r)
+                local s = string.rep("a", 8e6)
+                local p = string.rep("a", 2e6) .. "b"
+                return {plain = string.find(s, p, 1, true) or 0, nospecials = s:find(p) or 0,
+                        found = (s .. p):find(p, 5, true), split = #string.split(s .. "c" .. s, p)}
+            end"#,
+            roomy,
+        );
+        map_one(&a, json!({}))
+    });
+    let d = &out.result.expect("linear searches finish")[0].1;
+    assert_eq!(
+        (&d["plain"], &d["nospecials"], &d["found"], &d["split"]),
+        (&json!(0), &json!(0), &json!(8_000_001), &json!(1))
+    );
+    let a = app_with(
+        r#"function map(r) local s = string.rep("ab", 2e6)
+        local parts = string.split(s .. "XYZ" .. s .. "XYZ", "XYZ")
+        return {n = #parts, a = #parts[1], c = parts[3]} end"#,
+        roomy,
+    );
+    let d = &map_one(&a, json!({})).result.expect("split")[0].1;
+    assert_eq!(
+        (&d["n"], &d["a"], &d["c"]),
+        (&json!(3), &json!(4_000_000), &json!(""))
+    );
+}
+
+#[test]
+fn guarded_builtins_keep_their_meaning() {
+    let a = app(r#"function map(r)
+        local s = "hello world, hello"
+        local a, b = s:find("hello", 2, true)
+        local c, d = string.find(s, "o w")
+        local e = string.find(s, "l+")
+        local parts = string.split("a,b,,c", ",")
+        local t = table.move({1, 2, 3}, 1, 3, 2)
+        local ok, err = pcall(error, "boom")
+        local ok2, v = pcall(function(x) return x * 2 end, 21)
+        local ok3, h = xpcall(function() error("x") end, function(m) return "handled" end)
+        return {a = a, b = b, c = c, d = d, e = e, n = #parts, third = parts[3], moved = t,
+                ok = ok, err = err, v = v, h = h, neg = string.find(s, "hello", -5, true),
+                empty = string.find(s, "", 3, true), past = string.find(s, "h", 100, true) == nil}
+    end"#);
+    let d = serde_json::Value::Object(map_one(&a, json!({})).result.expect("ok")[0].1.clone());
+    assert_eq!(
+        d,
+        json!({"a": 14, "b": 18, "c": 5, "d": 7, "e": 3, "n": 4, "third": "", "moved": [1, 1, 2, 3],
+               "ok": false, "err": "boom", "v": 42, "h": "handled", "neg": 14, "empty": 3, "past": true})
+    );
+}
+
+#[test]
+fn host_helpers_are_bounded() {
+    // A 1 MB message logged a million times: only what is kept is copied.
+    let out = attack_map(
+        "log",
+        r#"function map(r) local s = string.rep("x", 1e6) while true do log(s) end end"#,
+        json!({}),
+    );
+    assert_limit("log", &out, "limit");
+    assert!(out.log.is_some_and(|l| l.len() <= 1024));
+    // parse_json builds its result in the VM, under the memory limit.
+    let out = attack_map(
+        "parse_json",
+        r#"function map(r) return {n = #parse_json("[" .. string.rep("[0,0,0,0],", 4e5) .. "0]")} end"#,
+        json!({}),
+    );
+    assert_limit("parse_json", &out, "memory limit");
+    let out = attack_map(
+        "parse_csv",
+        r#"function map(r) return {n = #parse_csv("a,b\n" .. string.rep("1,2\n", 1e6))} end"#,
+        json!({}),
+    );
+    assert_limit("parse_csv", &out, "limit");
+    let a = app(
+        r#"function map(r) local v = parse_json('{"a": [1, 2.5, null, "x"], "b": {}}')
+        return {a = v.a, b = v.b} end"#,
+    );
+    let d = serde_json::Value::Object(map_one(&a, json!({})).result.expect("ok")[0].1.clone());
+    assert_eq!(d, json!({"a": [1, 2.5, null, "x"], "b": {}}));
+    let f = map_one(
+        &app("function map(r) return parse_json('{') end"),
+        json!({}),
+    )
+    .result
+    .expect_err("bad json");
+    assert!(f.reason.contains("parse_json: EOF"), "{}", f.reason);
+    assert!(!f.limit);
+}
+
+#[test]
+fn expensive_builtins_are_bounded() {
+    for (what, src, reason) in [
+        (
+            "string.rep",
+            "function map(r) return {s = string.rep('x', 2^29)} end",
+            "memory limit",
+        ),
+        (
+            "table.create",
+            "function map(r) return {t = table.create(1e7, 1)} end",
+            "memory limit",
+        ),
+        (
+            "buffer.create",
+            "function map(r) return {b = buffer.create(2^29)} end",
+            "memory limit",
+        ),
+        (
+            "table.concat",
+            "function map(r) local t = table.create(1e6, string.rep('x', 100)) return {s = table.concat(t)} end",
+            "memory limit",
+        ),
+        (
+            "table.sort with a looping comparator",
+            "function map(r) local t = {3, 2, 1} table.sort(t, function(a, b) while true do end end) end",
+            "time limit",
+        ),
+        (
+            "table.insert at the front",
+            "function map(r) local t = table.create(1e5, 1) while true do table.insert(t, 1, 0) table.remove(t, 1) end end",
+            "time limit",
+        ),
+        (
+            "utf8 over a long string",
+            "function map(r) local s = string.rep('é', 1e6) while true do utf8.len(s) end end",
+            "time limit",
+        ),
+        (
+            "string.format",
+            "function map(r) local s = string.rep('x', 1e6) while true do string.format('%s%s%q', s, s, s) end end",
+            "limit",
+        ),
+    ] {
+        let out = attack_map(what, src, json!({}));
+        assert_limit(what, &out, reason);
+    }
+}
+
 mod fuzz {
     use proptest::prelude::*;
     use serde_json::Value;
@@ -292,19 +734,120 @@ mod fuzz {
         })
     }
 
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                any::<char>(),
+                Just('"'),
+                Just('\\'),
+                Just('\n'),
+                Just('\u{1}'),
+                Just('\u{7f}'),
+                Just('é'),
+            ],
+            0..10,
+        )
+        .prop_map(String::from_iter)
+    }
+
+    fn document() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i32>().prop_map(Value::from),
+            (-(1i64 << 53) + 1..(1i64 << 53)).prop_map(Value::from),
+            any::<f64>()
+                .prop_filter("finite fractional", |f| f.is_finite() && f.fract() != 0.0)
+                .prop_map(Value::from),
+            text().prop_map(Value::String),
+        ];
+        let tree = leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 1..6).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_\"\\\\\n\u{1}é][a-z0-9]{0,4}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        });
+        prop::collection::btree_map("[a-z]{1,6}", tree, 0..6)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+
+    fn naive_find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+        if from > hay.len() {
+            return None;
+        }
+        (from..=hay.len().saturating_sub(needle.len()))
+            .find(|&i| hay.len() >= i + needle.len() && &hay[i..i + needle.len()] == needle)
+    }
+
     proptest! {
+        #[test]
+        fn documents_are_metered_at_their_exact_json_size(doc in document()) {
+            let lua = mlua::Lua::new();
+            let l = json_to_lua(&lua, &doc).expect("to lua");
+            let mut meter = super::super::Meter::unlimited();
+            let back = lua_to_json(&lua, &l, 0, &mut meter).expect("from lua");
+            prop_assert_eq!(meter.document_bytes(), serde_json::to_vec(&back).expect("json").len());
+            prop_assert_eq!(&back, &doc);
+            // One byte less and the same document is refused, before it is complete.
+            let size = meter.document_bytes();
+            let mut tight = super::super::Meter::new(size - 1, usize::MAX, usize::MAX);
+            prop_assert!(matches!(
+                lua_to_json(&lua, &l, 0, &mut tight),
+                Err(super::super::ConvertError::Limit(super::super::Exceeded::Document))
+            ));
+        }
+
+        #[test]
+        fn parse_json_builds_what_serde_reads(doc in document()) {
+            let lua = mlua::Lua::new();
+            let text = serde_json::to_vec(&doc).expect("json");
+            let l = super::super::convert::json_text_to_lua(&lua, &text, &|| Ok(())).expect("parsed");
+            let back = lua_to_json(&lua, &l, 0, &mut super::super::Meter::unlimited()).expect("from lua");
+            prop_assert_eq!(back, doc);
+        }
+
+        #[test]
+        fn find_bytes_finds_what_a_naive_search_finds(
+            hay in prop::collection::vec(prop_oneof![Just(b'a'), Just(b'b')], 0..200),
+            needle in prop::collection::vec(prop_oneof![Just(b'a'), Just(b'b')], 0..24),
+            from in 0usize..210,
+        ) {
+            prop_assert_eq!(
+                super::super::find_bytes(&hay, &needle, from),
+                naive_find(&hay, &needle, from)
+            );
+        }
+
+        #[test]
+        fn the_linear_plain_find_answers_as_luau_does(
+            hay in prop::collection::vec(prop_oneof![Just(b'a'), Just(b'b')], 0..40),
+            needle in prop::collection::vec(prop_oneof![Just(b'a'), Just(b'b')], 0..6),
+            init in -50i64..50,
+        ) {
+            let lua = mlua::Lua::new();
+            let find: mlua::Function = lua.load("return string.find").eval().expect("find");
+            let (start, end): (Option<i64>, Option<i64>) = find
+                .call((lua.create_string(&hay).expect("s"), lua.create_string(&needle).expect("p"), init, true))
+                .expect("luau finds");
+            prop_assert_eq!(
+                super::super::builtins::find_plain(&hay, &needle, init),
+                start.zip(end)
+            );
+        }
+
         #[test]
         fn json_survives_the_trip_through_luau(v in json()) {
             let lua = mlua::Lua::new();
             let l = json_to_lua(&lua, &v).expect("to lua");
-            let back = lua_to_json(&lua, &l, 0).expect("from lua");
+            let back = lua_to_json(&lua, &l, 0, &mut super::super::Meter::unlimited()).expect("from lua");
             prop_assert_eq!(back, v);
         }
 
         #[test]
         fn any_number_converts_by_the_documented_rules(n in any::<f64>()) {
             let lua = mlua::Lua::new();
-            let r = lua_to_json(&lua, &mlua::Value::Number(n), 0);
+            let r = lua_to_json(&lua, &mlua::Value::Number(n), 0, &mut super::super::Meter::unlimited());
             if !n.is_finite() {
                 prop_assert!(r.is_err());
             } else if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {

@@ -11,5 +11,6 @@ mod foundation;
 mod harness;
 mod http_limits;
 mod poison;
+mod sandbox;
 mod split;
 mod stream;
