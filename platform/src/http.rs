@@ -165,6 +165,17 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The bearer token of a request, if it has a non-empty one.
+fn bearer(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// A caller holding the internal (or admin) token: another component of the platform.
 /// Checked against the configured tokens only, never the database, so a flood of random
 /// tokens on the internal route costs no lookups.
@@ -177,13 +188,7 @@ impl FromRequestParts<Arc<Platform>> for InternalCaller {
         parts: &mut Parts,
         platform: &Arc<Platform>,
     ) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .unwrap_or("");
+        let token = bearer(parts).unwrap_or("");
         let auth = &platform.settings.auth;
         let known = [auth.internal(), auth.admin_token.as_str()];
         if !token.is_empty()
@@ -213,13 +218,7 @@ impl FromRequestParts<Arc<Platform>> for Caller {
             return Ok(c.clone());
         }
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
-        let token = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let token = bearer(parts)
             .ok_or_else(|| unauthorized("missing bearer token in the Authorization header"))?;
         let auth = &platform.settings.auth;
         if !auth.admin_token.is_empty()

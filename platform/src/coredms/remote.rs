@@ -216,7 +216,7 @@ impl Remote {
         }
         let mut outcome = BulkOutcome::default();
         let mut oversize: Vec<Failure> = Vec::new();
-        for (i, reason) in unstorable {
+        let mut fail = |i: usize, reason: String| {
             let d = &write.docs[i];
             oversize.push(Failure {
                 collection: d.collection.clone(),
@@ -226,21 +226,18 @@ impl Remote {
                 data_name: d.data_name.clone(),
             });
             outcome.failed.push((i, reason));
+        };
+        for (i, reason) in unstorable {
+            fail(i, reason);
         }
         for (i, size) in &plan.oversize {
-            let d = &write.docs[*i];
-            let reason = format!(
-                "document is {size} bytes serialized, over the {} bytes the internal RPC carries (http.max_rpc_bytes)",
-                self.max_rpc_bytes
+            fail(
+                *i,
+                format!(
+                    "document is {size} bytes serialized, over the {} bytes the internal RPC carries (http.max_rpc_bytes)",
+                    self.max_rpc_bytes
+                ),
             );
-            oversize.push(Failure {
-                collection: d.collection.clone(),
-                reason: reason.clone(),
-                bytes: d.bytes,
-                started_us: d.started_us,
-                data_name: d.data_name.clone(),
-            });
-            outcome.failed.push((*i, reason));
         }
         let n = plan.chunks.len();
         if n == 0 {

@@ -217,3 +217,43 @@ pub async fn messages_stored(mongodb_uri: &str, db: &str) -> (u64, u64) {
         .map_or(0, |d| d.len() as u64);
     (total, distinct)
 }
+
+/// Takes every message off a tenant's dead-letter queue: (body, reason header) each; a dead
+/// letter without its reason fails the test.
+pub async fn dead_letters(namespace: &str, tenant: &str) -> Vec<(String, String)> {
+    use futures::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let dlq = format!("{namespace}mysimbdp.{tenant}.dlq");
+    let mut consumer = ch
+        .basic_consume(
+            dlq.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume dlq");
+    let mut dead = Vec::new();
+    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+    {
+        let reason = match d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned())
+        {
+            Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            other => panic!("dead letter without a reason: {other:?}"),
+        };
+        d.ack(BasicAckOptions::default()).await.expect("ack");
+        dead.push((String::from_utf8_lossy(&d.data).into_owned(), reason));
+    }
+    let _ = conn.close(200, "done".into()).await;
+    dead
+}

@@ -5,12 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
 
-use crate::harness::{TestApp, eventually, messages_stored};
+use crate::harness::{self, TestApp, eventually, messages_stored};
 
 /// NDJSON lines: `n` good messages with a `seq`, and after every tenth a document the
 /// database would refuse, of one of four kinds. Returns the body and the poison count.
@@ -39,41 +36,13 @@ fn mixed(n: usize) -> (Vec<u8>, usize) {
     (body, bad)
 }
 
-/// Reads the tenant's dead-letter queue to the end: each dead letter's reason header.
+/// The reasons of a tenant's dead letters.
 async fn dead_letters(app: &TestApp, tenant: &str) -> Vec<String> {
-    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
-    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+    harness::dead_letters(&app.namespace, tenant)
         .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let dlq = format!("{}mysimbdp.{tenant}.dlq", app.namespace);
-    let mut consumer = ch
-        .basic_consume(
-            dlq.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dlq");
-    let mut reasons = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        let reason = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned());
-        match reason {
-            Some(AMQPValue::LongString(s)) => {
-                reasons.push(String::from_utf8_lossy(s.as_bytes()).into_owned());
-            }
-            other => panic!("dead letter without a reason: {other:?}"),
-        }
-        d.ack(BasicAckOptions::default()).await.expect("ack");
-    }
-    let _ = conn.close(200, "done".into()).await;
-    reasons
+        .into_iter()
+        .map(|(_, reason)| reason)
+        .collect()
 }
 
 fn count_matching(reasons: &[String], needle: &str) -> usize {

@@ -8,9 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::{AMQPValue, FieldTable};
 use mysimbdp::client::Client;
 
 use crate::harness::{TestApp, eventually};
@@ -394,36 +391,7 @@ async fn a_stream_app_caught_in_a_pcall_loop_is_dead_lettered_without_blocking_o
     t.bc.stream_stop(&t.b).await.expect("B stops");
 
     // The hostile message is in A's dead-letter queue, with the limit as its reason.
-    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
-    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let dlq = format!("{}mysimbdp.{}.dlq", app.namespace, t.a);
-    let mut consumer = ch
-        .basic_consume(
-            dlq.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dlq");
-    let mut dead = Vec::new();
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        let reason = match d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned())
-        {
-            Some(AMQPValue::LongString(s)) => s.to_string(),
-            other => format!("{other:?}"),
-        };
-        d.ack(BasicAckOptions::default()).await.expect("ack");
-        dead.push((String::from_utf8_lossy(&d.data).into_owned(), reason));
-    }
+    let dead = crate::harness::dead_letters(&app.namespace, &t.a).await;
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(dead[0].0.contains("\"attack\":true"), "{dead:?}");
     assert!(

@@ -12,33 +12,7 @@ use crate::harness::{ADMIN_TOKEN, eventually, messages_stored, unique};
 
 #[tokio::test]
 async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
-    let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-        .collect();
-    let settings = Settings::load_from(None, &env, &[]).expect("settings");
-    let infra = Infra::provision(&settings).await.unwrap_or_else(|e| {
-        panic!(
-            "{e}\nIntegration tests need MongoDB and RabbitMQ: {}",
-            mysimbdp::infra::HOW_TO_PROVIDE
-        )
-    });
-    let ns = unique("s") + "_";
-    let dir = std::env::temp_dir().join(format!("mysimbdp-it-split-{ns}"));
-    let overrides = [
-        format!("platform.namespace={ns}"),
-        format!("staging.dir={}", dir.join("staging").display()),
-        format!("auth.admin_token={ADMIN_TOKEN}"),
-        "mongodb.max_pool_size=4".to_owned(),
-    ];
-    let components = SplitProcesses::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_mysimbdp")),
-        &overrides,
-        &infra,
-        &dir,
-    )
-    .await
-    .expect("every `mysimbdp serve <component>` becomes healthy");
+    let (infra, dir, components) = start(&[]).await;
     let admin = components.client(Some(ADMIN_TOKEN));
     let t = admin
         .create_tenant("split", serde_json::json!({}))
@@ -138,36 +112,14 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
 /// batch, are split into chunks under the RPC's limit and every document is stored once.
 #[tokio::test]
 async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
-    let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
-        .collect();
-    let settings = Settings::load_from(None, &env, &[]).expect("settings");
-    let infra = Infra::provision(&settings).await.unwrap_or_else(|e| {
-        panic!(
-            "{e}\nIntegration tests need MongoDB and RabbitMQ: {}",
-            mysimbdp::infra::HOW_TO_PROVIDE
-        )
-    });
-    let ns = unique("s") + "_";
-    let dir = std::env::temp_dir().join(format!("mysimbdp-it-split-{ns}"));
-    let overrides = [
-        format!("platform.namespace={ns}"),
-        format!("staging.dir={}", dir.join("staging").display()),
-        format!("auth.admin_token={ADMIN_TOKEN}"),
-        "mongodb.max_pool_size=4".to_owned(),
-        // One bulk for the whole file, and room for the file itself.
-        "batch.batch_size=3000".to_owned(),
-        "limits.max_file_bytes=64000000".to_owned(),
-    ];
-    let components = SplitProcesses::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_mysimbdp")),
-        &overrides,
-        &infra,
-        &dir,
-    )
-    .await
-    .expect("every `mysimbdp serve <component>` becomes healthy");
+    // One bulk for the whole file, room for the file itself, and stream batches large
+    // enough to need chunks too.
+    let (infra, dir, components) = start(&[
+        "batch.batch_size=3000",
+        "limits.max_file_bytes=64000000",
+        "stream.max_batch_bytes=16000000",
+    ])
+    .await;
     let admin = components.client(Some(ADMIN_TOKEN));
     let t = admin
         .create_tenant("bulky", serde_json::json!({}))
@@ -267,4 +219,38 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
         .await
         .expect("every component drains and exits 0");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The three components as real processes over the servers of `MONGODB_URI`/`AMQP_URI`, in a
+/// namespace and directory of their own, with `extra` settings.
+async fn start(extra: &[&str]) -> (Infra, std::path::PathBuf, SplitProcesses) {
+    let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    let settings = Settings::load_from(None, &env, &[]).expect("settings");
+    let infra = Infra::provision(&settings).await.unwrap_or_else(|e| {
+        panic!(
+            "{e}\nIntegration tests need MongoDB and RabbitMQ: {}",
+            mysimbdp::infra::HOW_TO_PROVIDE
+        )
+    });
+    let ns = unique("s") + "_";
+    let dir = std::env::temp_dir().join(format!("mysimbdp-it-split-{ns}"));
+    let mut overrides = vec![
+        format!("platform.namespace={ns}"),
+        format!("staging.dir={}", dir.join("staging").display()),
+        format!("auth.admin_token={ADMIN_TOKEN}"),
+        "mongodb.max_pool_size=4".to_owned(),
+    ];
+    overrides.extend(extra.iter().map(|s| (*s).to_owned()));
+    let components = SplitProcesses::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_mysimbdp")),
+        &overrides,
+        &infra,
+        &dir,
+    )
+    .await
+    .expect("every `mysimbdp serve <component>` becomes healthy");
+    (infra, dir, components)
 }

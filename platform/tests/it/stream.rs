@@ -1,9 +1,5 @@
 use std::time::Duration;
 
-use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions};
-use lapin::types::{AMQPValue, FieldTable};
-
 use crate::harness::{TestApp, eventually, messages_stored};
 
 fn ndjson(from: usize, to: usize) -> Vec<u8> {
@@ -139,36 +135,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
     c.stream_stop(&t).await.expect("stop");
 
     // The dead letters are in the tenant's DLQ, each with its reason.
-    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
-    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let dlq = format!("{}mysimbdp.{t}.dlq", app.namespace);
-    let mut consumer = ch
-        .basic_consume(
-            dlq.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume dlq");
-    let mut dead = 0;
-    while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
-    {
-        let reason = d
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-mysimbdp-reason").cloned());
-        assert!(
-            matches!(reason, Some(AMQPValue::LongString(_))),
-            "dead letter without a reason"
-        );
-        d.ack(BasicAckOptions::default()).await.expect("ack");
-        dead += 1;
-    }
+    let dead = crate::harness::dead_letters(&app.namespace, &t).await.len();
     assert_eq!(dead, 18);
 }
 
