@@ -1,6 +1,9 @@
 //! Facts about the machine and its processes that a report records: cores, memory, peak
 //! resident memory, the commit. Imports nothing of the crate.
 
+use procfs_core::FromRead;
+use procfs_core::process::Status;
+
 /// Cores available to this process; 0 where unknown.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -8,18 +11,7 @@ pub fn cores() -> usize {
 
 /// Physical memory in bytes; 0 where unknown.
 pub fn memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .and_then(|k| k.parse::<u64>().ok())
-                })
-        })
-        .map_or(0, |kb| kb * 1024)
+    procfs_core::Meminfo::from_file("/proc/meminfo").map_or(0, |m| m.mem_total)
 }
 
 /// Peak resident memory (VmHWM) of a process (`None`: this one) in bytes; 0 where unknown
@@ -29,16 +21,10 @@ pub fn peak_rss(pid: Option<u32>) -> u64 {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".into(),
     };
-    std::fs::read_to_string(path)
+    Status::from_file(path)
         .ok()
-        .and_then(|m| {
-            m.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| s.vmhwm)
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// The checkout's short commit, or `unknown`.
