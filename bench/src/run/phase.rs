@@ -134,7 +134,6 @@ async fn drive(
         );
     }
     let progress = Progress::new(&tracks);
-    let drawing = progress.spawn();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(sc.timeout_s);
     let mut drivers = Vec::new();
@@ -157,7 +156,7 @@ async fn drive(
         });
         runs.push((ti, kind, run));
     }
-    progress.finish(drawing).await;
+    progress.finish();
     Ok((runs, started.elapsed()))
 }
 
