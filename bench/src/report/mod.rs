@@ -344,7 +344,7 @@ impl Report {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
-        std::fs::write(dir.join("latency.svg"), self.svg())?;
+        std::fs::write(dir.join("latency.svg"), self.svg()?)?;
         for (name, p) in [("batch", &self.batch), ("stream", &self.stream)] {
             if let Some(h) = p.as_ref().and_then(|p| p.histogram.as_ref()) {
                 let mut buf = Vec::new();
