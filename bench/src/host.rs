@@ -58,5 +58,14 @@ mod tests {
         assert!(rss > 1 << 20, "{rss}");
         assert!(memory_bytes() > rss, "{} vs {rss}", memory_bytes());
         assert_eq!(peak_rss(Some(u32::MAX)), 0, "no such process");
+        // Another process, as the runner samples each component's.
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let other = peak_rss(Some(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(other > 0, "{other}");
     }
 }
