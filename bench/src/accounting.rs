@@ -2,20 +2,37 @@
 //! from what the runner assumes: per tenant and path, offered (accepted by the platform),
 //! stored (inputs with a document in the tenant's database, found by their derived ids),
 //! failed (failure entries in the tenant's log) and lost = offered − stored − failed. A
-//! negative `lost` means something was counted twice. [`problems`] is what `--strict` checks.
+//! negative `lost` means something was counted twice. [`problems`] is what `--strict` checks
+//! ([`check`]); [`completed`], whether the run finished at all.
+//!
+//! Figures only: the runner (`run`) reads the database and the log and hands them here.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
-use futures::TryStreamExt;
 use hdrhistogram::Histogram;
-use mysimbdp::client::Client;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::load::{FileOutcome, hist};
-use crate::scenario::Expect;
+use crate::schema::Expect;
+
+/// A batch file the platform accepted for ingestion, and how it ended.
+#[derive(Debug, Clone)]
+pub struct FileOutcome {
+    pub name: String,
+    pub origin: String,
+    /// Inputs in it: its rows, or 1 for a whole-file (`ingest`) app.
+    pub inputs: u64,
+    /// The platform's last word: `done`, `failed`, or the state it was in at the deadline.
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// The histogram every latency is recorded in: 1 µs to 1 h, three significant digits.
+pub fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
 
 /// The figures of one tenant's path, or of several added up.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -154,28 +171,14 @@ impl Matcher {
         }
     }
 
+    /// A document whose id is not a string: no input's.
+    pub fn see_other(&mut self) {
+        self.found.stray += 1;
+    }
+
     pub fn found(self) -> Found {
         self.found
     }
-}
-
-/// Reads every document id of the tenant's database (ids only) and matches them.
-pub async fn scan(db: &mongodb::Database, mut m: Matcher) -> Result<Found> {
-    use mongodb::bson::{Bson, Document, doc};
-    for name in db.list_collection_names().await? {
-        let mut cursor = db
-            .collection::<Document>(&name)
-            .find(doc! {})
-            .projection(doc! {"_id": 1})
-            .await?;
-        while let Some(d) = cursor.try_next().await? {
-            match d.get("_id") {
-                Some(Bson::String(id)) => m.see(id),
-                _ => m.found.stray += 1,
-            }
-        }
-    }
-    Ok(m.found())
 }
 
 /// One path's entries in a tenant's log.
@@ -283,18 +286,6 @@ pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
     Ok(t)
 }
 
-/// Downloads and folds a tenant's whole log.
-pub async fn read_log(
-    c: &Client,
-    tenant: &str,
-    stream_interval_us: Option<u64>,
-) -> Result<LogTally> {
-    let r = tokio::time::timeout(std::time::Duration::from_secs(300), c.logs(tenant, ""))
-        .await
-        .map_err(|_| anyhow::anyhow!("the log download did not finish within 300 s"))??;
-    tally(&r.body, stream_interval_us)
-}
-
 /// One line per tenant and path that `--strict` refuses, and one per platform error.
 pub fn problems(report: &Value) -> Vec<String> {
     let mut out = Vec::new();
@@ -329,6 +320,52 @@ pub fn problems(report: &Value) -> Vec<String> {
         }
     }
     out
+}
+
+/// Fails when a report shows an offered input neither stored nor logged as failed, a
+/// failure of a group that expects success, a load that did not finish, a platform error,
+/// or (faults) data lost or stored twice: one line per tenant and path.
+pub fn check(report: &std::path::Path) -> anyhow::Result<()> {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    let problems = problems(&r);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "strict: {} problem(s):\n  {}",
+            problems.len(),
+            problems.join("\n  ")
+        )
+    }
+}
+
+/// Fails when the run itself did not complete: a load unfinished at its deadline or a
+/// platform error (a component that died, a platform that did not stop). Checked with or
+/// without `--strict`.
+pub fn completed(report: &std::path::Path) -> anyhow::Result<()> {
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(report)?)?;
+    let mut out: Vec<String> = r["accounting"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            Some(format!(
+                "{} {} {}: {}",
+                a["phase"].as_str().unwrap_or("?"),
+                a["tenant"].as_str().unwrap_or("?"),
+                a["path"].as_str().unwrap_or("?"),
+                a["unfinished"].as_str()?
+            ))
+        })
+        .collect();
+    for e in r["platform_errors"].as_array().into_iter().flatten() {
+        out.push(format!("platform: {}", condense(e.as_str().unwrap_or("?"))));
+    }
+    if out.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("the run did not complete:\n  {}", out.join("\n  "))
+    }
 }
 
 /// Terminal colour codes out of a component's log.

@@ -11,30 +11,12 @@ use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
 use mysimbdp::processes::SplitProcesses;
-use serde::{Deserialize, Serialize};
+
+use crate::host;
+use crate::schema::Topology;
 
 /// How long an in-process platform may take to drain when the run ends.
 const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// How the platform runs during a scenario.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Topology {
-    /// All components in the runner's process (`mysimbdp serve`).
-    #[default]
-    InProcess,
-    /// One process per component, each reaching coredms over HTTP.
-    Separate,
-}
-
-impl std::fmt::Display for Topology {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::InProcess => "in-process",
-            Self::Separate => "separate processes",
-        })
-    }
-}
 
 /// A running platform and a client that reaches every part of it.
 pub struct Deployment {
@@ -106,7 +88,7 @@ impl Deployment {
         let sampler = tokio::spawn(async move {
             loop {
                 for (c, pid) in &pids {
-                    let rss = crate::report::peak_rss(Some(*pid));
+                    let rss = host::peak_rss(Some(*pid));
                     if let Ok(mut m) = sampled.lock() {
                         let e = m.entry(*c).or_insert(0);
                         *e = (*e).max(rss);
@@ -134,19 +116,16 @@ impl Deployment {
         let mut out = Vec::new();
         match &self.running {
             Running::InProcess { .. } => {
-                out.push((
-                    "runner (platform + load)".into(),
-                    crate::report::peak_rss(None),
-                ));
+                out.push(("runner (platform + load)".into(), host::peak_rss(None)));
             }
             Running::Separate {
                 processes, peaks, ..
             } => {
-                out.push(("runner (load)".into(), crate::report::peak_rss(None)));
+                out.push(("runner (load)".into(), host::peak_rss(None)));
                 let sampled = peaks.lock().map(|m| m.clone()).unwrap_or_default();
                 for (component, pid) in processes.pids() {
                     // A dead component has no memory figures left: its sampled peak.
-                    let now = pid.map_or(0, |p| crate::report::peak_rss(Some(p)));
+                    let now = pid.map_or(0, |p| host::peak_rss(Some(p)));
                     let rss = now.max(sampled.get(component).copied().unwrap_or(0));
                     out.push((component.to_owned(), rss));
                 }

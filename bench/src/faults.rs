@@ -10,25 +10,8 @@ use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FaultLoad {
-    /// `kill-platform`, `broker-cut`, `db-restart`.
-    pub kinds: Vec<String>,
-    /// Stream messages offered per fault.
-    pub messages: u32,
-    /// Offered rate, messages per second.
-    pub rate: u32,
-    /// The CSV file ingested by batch during each fault.
-    pub dataset: PathBuf,
-    /// Seconds of load before the fault.
-    #[serde(default = "two")]
-    pub fault_after_s: u64,
-}
-
-fn two() -> u64 {
-    2
-}
+use crate::host;
+use crate::schema::FaultLoad;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultFigures {
@@ -408,7 +391,7 @@ pub async fn run(
             "mongodb_version": versions.mongodb,
             "mongodb_server": versions.mongodb_server,
             "rabbitmq": versions.rabbitmq,
-            "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "cores": host::cores(),
         },
         "load": load,
         "faults": figures,

@@ -1,76 +1,111 @@
-//! Progress of a scenario run on stderr: one bar per load path, redrawn in place on a
-//! terminal, and a plain line every ten seconds otherwise (CI logs).
+//! Progress of a scenario run on stderr: one bar per load path (indicatif), redrawn in
+//! place on a terminal, and a plain line every ten seconds otherwise (CI logs).
 
 use std::io::{IsTerminal, Write};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Counters the load drivers update; a background task draws them.
+use indicatif::{
+    MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle, TermLike,
+};
+
+/// Off a terminal, how often a bar writes its line.
+const EVERY: Duration = Duration::from_secs(10);
+const RUNNING: &str = "{prefix} [{bar:24}] {percent:>3}% {pos}/{len} {rate} ETA {eta}";
+const DONE: &str = "{prefix} [{bar:24}] {percent:>3}% {pos}/{len} {rate} done in {elapsed}";
+
+/// The bars the load drivers advance.
 pub struct Progress {
     tracks: Vec<Track>,
-    started: Instant,
-    stop: AtomicBool,
 }
 
+/// One load path's bar; several drivers, one per tenant, feed it.
 pub struct Track {
     name: &'static str,
-    done: AtomicU64,
-    total: AtomicU64,
-    /// Milliseconds from the start to when `done` reached `total`; 0 while running.
-    finished_ms: AtomicU64,
-    started: Instant,
+    bar: ProgressBar,
+    /// Off a terminal: the bar's lines.
+    plain: Option<Lines>,
+    ended: AtomicBool,
 }
 
 impl Track {
-    pub fn set(&self, done: u64) {
-        self.done.store(done, Ordering::Relaxed);
-        if done >= self.total.load(Ordering::Relaxed) {
-            let ms = (self.started.elapsed().as_millis() as u64).max(1);
-            let _ = self
-                .finished_ms
-                .compare_exchange(0, ms, Ordering::Relaxed, Ordering::Relaxed);
-        }
-    }
-
-    /// Adds `n` to the count (several drivers, one per tenant, feed one track).
+    /// Adds `n` to the count; the bar shows how long it took once it reaches its total.
     pub fn add(&self, n: u64) {
-        if n > 0 {
-            let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-            self.set(done);
+        if n == 0 {
+            return;
+        }
+        self.bar.inc(n);
+        if self.bar.position() >= self.bar.length().unwrap_or(0) {
+            self.end(|bar| {
+                bar.set_style(style(DONE));
+                bar.finish();
+            });
         }
     }
 
-    /// Seconds the track has run: up to now, or up to when it finished.
-    fn secs(&self) -> f64 {
-        match self.finished_ms.load(Ordering::Relaxed) {
-            0 => self.started.elapsed().as_secs_f64(),
-            ms => ms as f64 / 1000.0,
+    /// Once: the bar's last drawing, and off a terminal its line.
+    fn end(&self, last: impl FnOnce(&ProgressBar)) {
+        if !self.ended.swap(true, Ordering::Relaxed) {
+            last(&self.bar);
+            if let Some(l) = &self.plain {
+                l.write_last();
+            }
         }
-        .max(1e-3)
     }
 }
 
-const BAR: usize = 24;
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("a valid template")
+        .progress_chars("#-")
+        // Since the start, as `done/elapsed`: indicatif's own `per_sec` is a recent estimate.
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(
+                w,
+                "{:.0}/s",
+                s.pos() as f64 / s.elapsed().as_secs_f64().max(1e-3)
+            );
+        })
+}
 
 impl Progress {
-    /// One track per name, each with its total.
+    /// One bar per track, each with its total, drawing from now on.
     pub fn new(tracks: &[(&'static str, u64)]) -> Arc<Self> {
-        let started = Instant::now();
-        Arc::new(Self {
-            tracks: tracks
-                .iter()
-                .map(|&(name, total)| Track {
+        if std::io::stderr().is_terminal() {
+            Self::drawn(tracks, None)
+        } else {
+            Self::drawn(tracks, Some(&|| Box::new(std::io::stderr())))
+        }
+    }
+
+    /// `plain`: where each bar's plain lines go; `None` for in place on the terminal.
+    fn drawn(tracks: &[(&'static str, u64)], plain: Option<&dyn Fn() -> Output>) -> Arc<Self> {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let tracks = tracks
+            .iter()
+            .map(|&(name, total)| {
+                let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden())
+                    .with_style(style(RUNNING))
+                    .with_prefix(name);
+                let plain = plain.map(|out| Lines::new(out()));
+                let bar = match &plain {
+                    None => multi.add(bar),
+                    Some(lines) => {
+                        bar.set_draw_target(ProgressDrawTarget::term_like(Box::new(lines.clone())));
+                        bar
+                    }
+                };
+                bar.enable_steady_tick(Duration::from_millis(500));
+                Track {
                     name,
-                    done: AtomicU64::new(0),
-                    total: AtomicU64::new(total),
-                    finished_ms: AtomicU64::new(0),
-                    started,
-                })
-                .collect(),
-            started,
-            stop: AtomicBool::new(false),
-        })
+                    bar,
+                    plain,
+                    ended: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        Arc::new(Self { tracks })
     }
 
     /// The track called `name`. Panics on a name not given to [`Progress::new`], a bug in
@@ -82,88 +117,111 @@ impl Progress {
             .unwrap_or_else(|| panic!("no progress track `{name}`"))
     }
 
-    /// The current line: per track a bar, count, rate (since the start, frozen once the
-    /// track is done) and time left.
-    pub fn line(&self) -> String {
-        let secs = self.started.elapsed().as_secs_f64().max(1e-3);
-        let parts: Vec<String> = self
-            .tracks
-            .iter()
-            .map(|t| {
-                let done = t.done.load(Ordering::Relaxed);
-                let total = t.total.load(Ordering::Relaxed).max(1);
-                let frac = (done as f64 / total as f64).min(1.0);
-                let filled = (frac * BAR as f64).round() as usize;
-                let rate = done as f64 / t.secs();
-                let eta = if done >= total {
-                    format!("done in {}", clock(t.secs()))
-                } else if rate > 0.0 {
-                    format!("ETA {}", clock((total - done) as f64 / rate))
-                } else {
-                    "ETA ?".to_owned()
-                };
-                format!(
-                    "{} [{}{}] {:>3.0}% {done}/{total} {rate:.0}/s {eta}",
-                    t.name,
-                    "#".repeat(filled),
-                    "-".repeat(BAR - filled),
-                    frac * 100.0
-                )
-            })
-            .collect();
-        format!("{} | {}", clock(secs), parts.join(" | "))
-    }
-
-    /// Draws until [`Progress::finish`]: in place every half second on a terminal, else a
-    /// line every ten seconds.
-    pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let tty = std::io::stderr().is_terminal();
-            let every = if tty {
-                Duration::from_millis(500)
-            } else {
-                Duration::from_secs(10)
-            };
-            let mut next = Instant::now() + every;
-            while !me.stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if Instant::now() < next {
-                    continue;
-                }
-                next += every;
-                let mut err = std::io::stderr().lock();
-                let _ = if tty {
-                    write!(err, "\r{}\x1b[K", me.line())
-                } else {
-                    writeln!(err, "{}", me.line())
-                };
-                let _ = err.flush();
-            }
-            let mut err = std::io::stderr().lock();
-            let _ = if tty {
-                writeln!(err, "\r{}\x1b[K", me.line())
-            } else {
-                writeln!(err, "{}", me.line())
-            };
-        })
-    }
-
-    /// Stops drawing after one last line.
-    pub async fn finish(&self, task: tokio::task::JoinHandle<()>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = task.await;
+    /// Stops drawing; a bar short of its total stays so, with one last line.
+    pub fn finish(&self) {
+        for t in &self.tracks {
+            t.end(ProgressBar::abandon);
+        }
     }
 }
 
-fn clock(secs: f64) -> String {
-    let s = secs.round() as u64;
-    if s >= 3600 {
-        format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60)
-    } else if s >= 60 {
-        format!("{}m{:02}s", s / 60, s % 60)
-    } else {
-        format!("{s}s")
+/// A bar's drawing as plain lines: indicatif draws it as to a terminal (the line, padding,
+/// cursor moves); this keeps the line and writes it out every [`EVERY`].
+#[derive(Clone)]
+struct Lines(Arc<Mutex<Frames>>);
+
+type Output = Box<dyn Write + Send>;
+
+struct Frames {
+    out: Output,
+    /// What is being drawn, and the last line drawn.
+    drawing: String,
+    last: String,
+    /// `last` has been written out.
+    written: bool,
+    due: Instant,
+}
+
+impl Lines {
+    fn new(out: Output) -> Self {
+        Self(Arc::new(Mutex::new(Frames {
+            out,
+            drawing: String::new(),
+            last: String::new(),
+            written: false,
+            due: Instant::now() + EVERY,
+        })))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Frames) -> T) -> Option<T> {
+        self.0.lock().ok().map(|mut g| f(&mut g))
+    }
+
+    /// The last line, unless it is out already.
+    fn write_last(&self) {
+        self.with(|f| {
+            if !f.written {
+                f.write();
+            }
+        });
+    }
+}
+
+impl Frames {
+    fn write(&mut self) {
+        self.written = true;
+        let _ = writeln!(self.out, "{}", self.last);
+        let _ = self.out.flush();
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lines")
+    }
+}
+
+impl TermLike for Lines {
+    fn width(&self) -> u16 {
+        120
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.with(|f| f.drawing.push_str(s));
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.with(|f| {
+            let line = f.drawing.trim().to_owned();
+            f.drawing.clear();
+            if !line.is_empty() && line != f.last {
+                f.last = line;
+                f.written = false;
+            }
+            let now = Instant::now();
+            if now >= f.due {
+                f.due = now + EVERY;
+                f.write();
+            }
+        });
+        Ok(())
     }
 }
 
@@ -171,27 +229,43 @@ fn clock(secs: f64) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_line_shows_each_track_with_its_share_and_count() {
-        let p = Progress::new(&[("batch", 200), ("stream", 10)]);
-        p.track("batch").set(50);
-        p.track("stream").set(10);
-        let line = p.line();
-        assert!(
-            line.contains("batch [######------------------]  25% 50/200"),
-            "{line}"
-        );
-        assert!(
-            line.contains("stream [########################] 100% 10/10"),
-            "{line}"
-        );
-        assert!(line.contains("done"), "{line}");
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
-    fn clock_reads_like_a_clock() {
-        assert_eq!(clock(5.2), "5s");
-        assert_eq!(clock(125.0), "2m05s");
-        assert_eq!(clock(3725.0), "1h02m05s");
+    fn off_a_terminal_a_track_writes_a_line_when_done_and_the_rest_at_the_end() {
+        let out = Captured::default();
+        let text = || String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        let to = || -> Output { Box::new(out.clone()) };
+        let p = Progress::drawn(&[("batch", 200), ("stream", 10)], Some(&to));
+        p.track("batch").add(50);
+        p.track("stream").add(4);
+        p.track("stream").add(6);
+        let done = text();
+        assert!(
+            done.starts_with("stream [########################] 100% 10/10 "),
+            "{done}"
+        );
+        assert!(done.trim_end().contains(" done in "), "{done}");
+        p.track("stream").add(0);
+        p.finish();
+        let all = text();
+        let lines: Vec<&str> = all.lines().collect();
+        assert_eq!(lines.len(), 2, "one last line per track: {all}");
+        assert!(
+            lines[1].starts_with("batch [######------------------]  25% 50/200 "),
+            "{all}"
+        );
+        assert!(lines[1].contains(" ETA "), "{all}");
     }
 }

@@ -1,0 +1,91 @@
+//! The ceiling: what the MongoDB driver alone achieves on the same server in the same run,
+//! for the report to set the platform's batch throughput against.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::dataset::make_files;
+use crate::report::Ceiling;
+use crate::schema::BatchLoad;
+
+/// The driver alone: the same documents (and as many log-sized documents, since the platform
+/// writes one log entry per record) bulk-inserted in batches of the same size.
+pub async fn raw_ceiling(
+    uri: &str,
+    ns: &str,
+    b: &BatchLoad,
+    batch: usize,
+    wc: &str,
+) -> Result<Ceiling> {
+    use mongodb::bson::Document;
+    let files = make_files(b, b.files.min(2))?;
+    let mut docs: Vec<Document> = Vec::new();
+    for (f, body) in files.iter().enumerate() {
+        let mut rdr = csv::Reader::from_reader(&body[..]);
+        let headers = rdr.headers()?.clone();
+        for (i, r) in rdr.records().enumerate() {
+            let r = r?;
+            let mut d = Document::new();
+            d.insert("_id", format!("raw{f}:{i}"));
+            for (h, v) in headers.iter().zip(r.iter()) {
+                d.insert(h, v);
+            }
+            docs.push(d);
+        }
+    }
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let w = match wc.parse::<u32>() {
+        Ok(n) => mongodb::options::Acknowledgment::Nodes(n),
+        Err(_) => mongodb::options::Acknowledgment::Majority,
+    };
+    let wc = mongodb::options::WriteConcern::builder().w(w).build();
+    let db = client.database(&format!("{ns}ceiling"));
+    let data = db.collection::<Document>("data");
+    let logs = db.collection::<Document>("logs");
+    // The same index as the platform's log collection: both sides pay for it.
+    logs.create_index(
+        mongodb::IndexModel::builder()
+            .keys(mongodb::bson::doc! {"tenant": 1, "timestamp": 1})
+            .build(),
+    )
+    .await?;
+    let n = docs.len();
+    let started = Instant::now();
+    for chunk in docs.chunks(batch) {
+        data.insert_many(chunk.to_vec())
+            .ordered(false)
+            .write_concern(wc.clone())
+            .await?;
+        // Log entries of the platform's own shape, so both sides write the same bytes.
+        let log: Vec<Document> = chunk
+            .iter()
+            .map(|_| {
+                mysimbdp::logs::LogEntry {
+                    timestamp: mongodb::bson::DateTime::now(),
+                    tenant: "raw".into(),
+                    source: mysimbdp::logs::Source::Batch,
+                    data_name: "f0.csv".into(),
+                    collection: "f0".into(),
+                    status: mysimbdp::logs::Status::Success,
+                    reason: None,
+                    bytes: 360,
+                    latency_us: 1000,
+                    app_version: Some(1),
+                }
+                .to_document()
+            })
+            .collect();
+        logs.insert_many(log)
+            .ordered(false)
+            .write_concern(wc.clone())
+            .await?;
+    }
+    let elapsed = started.elapsed();
+    let _ = db.drop().await;
+    Ok(Ceiling {
+        documents: n as u64,
+        records_per_s: n as f64 / elapsed.as_secs_f64(),
+        note: "raw driver: insert_many of the same records plus one log entry of the platform's shape each, unordered, same batch size and write concern".into(),
+    })
+}

@@ -1,0 +1,71 @@
+//! Facts about the machine and its processes that a report records: cores, memory, peak
+//! resident memory, the commit. Imports nothing of the crate.
+
+use procfs_core::FromRead;
+use procfs_core::process::Status;
+
+/// Cores available to this process; 0 where unknown.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Physical memory in bytes; 0 where unknown.
+pub fn memory_bytes() -> u64 {
+    procfs_core::Meminfo::from_file("/proc/meminfo").map_or(0, |m| m.mem_total)
+}
+
+/// Peak resident memory (VmHWM) of a process (`None`: this one) in bytes; 0 where unknown
+/// (a process that has exited has no figures left).
+pub fn peak_rss(pid: Option<u32>) -> u64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/status"),
+        None => "/proc/self/status".into(),
+    };
+    Status::from_file(path)
+        .ok()
+        .and_then(|s| s.vmhwm)
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// The checkout's short commit, or `unknown`.
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `debug` or `release`: the build the figures came from.
+pub fn build() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_process_and_machine_have_figures() {
+        let rss = peak_rss(None);
+        // A test binary holds at least a megabyte and surely less than the machine.
+        assert!(rss > 1 << 20, "{rss}");
+        assert!(memory_bytes() > rss, "{} vs {rss}", memory_bytes());
+        assert_eq!(peak_rss(Some(u32::MAX)), 0, "no such process");
+        // Another process, as the runner samples each component's.
+        let mut child = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let other = peak_rss(Some(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(other > 0, "{other}");
+    }
+}

@@ -1,0 +1,124 @@
+//! The batch load: upload and ingest each file, then follow them to `done` or `failed`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{PathRun, SILENCE, TenantCtx, bounded, limit, short};
+use crate::accounting::{FileOutcome, hist};
+use crate::dataset::GroupFiles;
+use crate::progress::Progress;
+
+/// Uploads and ingests each file, then follows them until they are `done` or `failed`.
+pub async fn drive_batch(
+    t: TenantCtx,
+    files: Arc<GroupFiles>,
+    started: Instant,
+    deadline: Instant,
+    progress: Arc<Progress>,
+) -> PathRun {
+    let track = progress.track("batch");
+    let mut run = PathRun {
+        file_hist: Some(hist()),
+        ..PathRun::default()
+    };
+    // (index into run.files, when its ingestion was requested, last state, next record)
+    let mut pending: Vec<(usize, Instant, String, u64)> = Vec::new();
+    for (i, body) in files.bodies.iter().enumerate() {
+        let name = format!("f{i}.csv");
+        let inputs = if t.whole_file { 1 } else { files.records[i] };
+        if Instant::now() > deadline {
+            run.unfinished = Some(format!("the timeout passed before {name} was uploaded"));
+            break;
+        }
+        if let Err(f) = bounded(
+            limit(deadline),
+            t.client.upload_file(&t.name, &name, body.clone()),
+        )
+        .await
+        {
+            run.refuse(inputs, &format!("upload of {name}"), f);
+            continue;
+        }
+        let t0 = Instant::now();
+        if let Err(f) = bounded(limit(deadline), t.client.ingest(&t.name, &name)).await {
+            run.refuse(inputs, &format!("ingest of {name}"), f);
+            continue;
+        }
+        run.offered += inputs;
+        pending.push((run.files.len(), t0, "ingesting".into(), 0));
+        run.files.push(FileOutcome {
+            name,
+            origin: files.origins[i].clone(),
+            inputs,
+            state: "ingesting".into(),
+            error: None,
+        });
+    }
+    let mut shown = 0u64;
+    let mut finished = 0u64;
+    let mut heard = Instant::now();
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            let left: Vec<String> = pending
+                .iter()
+                .map(|(i, _, state, next)| {
+                    let f = &run.files[*i];
+                    format!(
+                        "{} still `{state}` at record {next} of {}",
+                        f.name, f.inputs
+                    )
+                })
+                .collect();
+            run.unfinished = Some(left.join(", "));
+            break;
+        }
+        let mut still = Vec::new();
+        let mut in_flight = 0u64;
+        let mut last_error = None;
+        for (i, t0, state, next) in pending {
+            let name = run.files[i].name.clone();
+            match bounded(Duration::from_secs(10), t.client.file(&t.name, &name)).await {
+                Ok(f) => {
+                    heard = Instant::now();
+                    let s = f["state"].as_str().unwrap_or("?").to_owned();
+                    if s == "done" || s == "failed" {
+                        if let Some(h) = &mut run.file_hist {
+                            h.saturating_record(t0.elapsed().as_micros() as u64);
+                        }
+                        run.files[i].error = f["error"].as_str().map(str::to_owned);
+                        run.files[i].state = s;
+                        finished += run.files[i].inputs;
+                    } else {
+                        let n = f["next_record"].as_u64().unwrap_or(next);
+                        in_flight += n.min(run.files[i].inputs);
+                        still.push((i, t0, s, n));
+                    }
+                }
+                Err(e) => {
+                    last_error = Some(e.to_string());
+                    still.push((i, t0, state, next));
+                }
+            }
+        }
+        pending = still;
+        let now = finished + in_flight;
+        track.add(now.saturating_sub(shown));
+        shown = shown.max(now);
+        if let Some(e) = last_error
+            && heard.elapsed() > SILENCE
+        {
+            run.unfinished = Some(format!(
+                "the batch component has not answered for {} s, {} file(s) left (last: {})",
+                SILENCE.as_secs(),
+                pending.len(),
+                short(&e)
+            ));
+            break;
+        }
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    run.elapsed = started.elapsed();
+    run
+}

@@ -1,0 +1,359 @@
+//! Reports: `report.json` (a stable, versioned format), `report.md`, a latency plot (SVG)
+//! and the serialized HDR histograms.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use hdrhistogram::serialization::{Serializer, V2Serializer};
+use serde::{Deserialize, Serialize};
+
+use crate::accounting::{Counts, TenantAccount};
+use crate::schema::{Expect, Scenario};
+
+mod compare;
+mod markdown;
+mod plot;
+
+pub use compare::compare;
+
+/// Bumped whenever a field changes meaning. 2: `accounting` (offered, stored, failed, lost
+/// per tenant and path, from the database and the log), `phases`, `baseline`,
+/// `platform_errors`, `problems`; `count` is the inputs stored (distinct, found in the
+/// database) and `failures` the failure entries in the log.
+pub const SCHEMA_VERSION: u32 = 2;
+/// The original Python platform's figures (shared/seed/platform-description.txt).
+pub const ORIGINAL_BATCH_MS: f64 = 38.7;
+pub const ORIGINAL_STREAM_MS: f64 = 114.4;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
+        Self {
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: h.max() as f64 / 1000.0,
+            mean_ms: h.mean() / 1000.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PathStats {
+    pub count: u64,
+    pub failures: u64,
+    pub elapsed_s: f64,
+    pub throughput_per_s: f64,
+    /// Wall time divided by ingestions: the original platform's metric.
+    pub ms_per_ingestion: f64,
+    /// Per ingestion: batch record read → stored; stream publish → stored (corrected for
+    /// coordinated omission at the offered rate).
+    pub latency: Latency,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_file: Option<Latency>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uncorrected: Option<Latency>,
+    /// Offered, stored, failed, lost (schema 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounting: Option<Counts>,
+    #[serde(skip)]
+    pub histogram: Option<Histogram<u64>>,
+}
+
+impl PathStats {
+    pub fn new(
+        count: u64,
+        failures: u64,
+        elapsed: Duration,
+        latency: Histogram<u64>,
+        per_file: Option<Histogram<u64>>,
+        uncorrected: Option<Histogram<u64>>,
+    ) -> Self {
+        let s = elapsed.as_secs_f64();
+        Self {
+            count,
+            failures,
+            elapsed_s: s,
+            throughput_per_s: count as f64 / s.max(1e-9),
+            ms_per_ingestion: s * 1000.0 / (count.max(1) as f64),
+            latency: Latency::of(&latency),
+            per_file: per_file.as_ref().map(Latency::of),
+            uncorrected: uncorrected.as_ref().map(Latency::of),
+            accounting: None,
+            histogram: Some(latency),
+        }
+    }
+}
+
+/// A path's figures before they are summarised, so groups and tenants can be added up.
+#[derive(Debug, Clone)]
+pub struct PathParts {
+    pub counts: Counts,
+    pub elapsed: Duration,
+    pub latency: Histogram<u64>,
+    pub per_file: Option<Histogram<u64>>,
+    pub uncorrected: Option<Histogram<u64>>,
+}
+
+fn merge(a: &mut Option<Histogram<u64>>, b: &Option<Histogram<u64>>) {
+    match (a.as_mut(), b) {
+        (Some(x), Some(y)) => {
+            let _ = x.add(y);
+        }
+        (None, Some(y)) => *a = Some(y.clone()),
+        _ => {}
+    }
+}
+
+impl PathParts {
+    pub fn add(&mut self, o: &PathParts) {
+        self.counts.add(&o.counts);
+        self.elapsed = self.elapsed.max(o.elapsed);
+        let _ = self.latency.add(&o.latency);
+        merge(&mut self.per_file, &o.per_file);
+        merge(&mut self.uncorrected, &o.uncorrected);
+    }
+
+    /// Count: inputs stored; failures: failure entries; throughput: stored per second.
+    pub fn stats(&self) -> PathStats {
+        let mut s = PathStats::new(
+            self.counts.stored,
+            self.counts.failed,
+            self.elapsed,
+            self.latency.clone(),
+            self.per_file.clone(),
+            self.uncorrected.clone(),
+        );
+        s.accounting = Some(self.counts.clone());
+        s
+    }
+}
+
+/// One group's figures in one phase.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupReport {
+    pub group: String,
+    pub expect: Expect,
+    pub tenants: u32,
+    pub batch: Option<PathStats>,
+    pub stream: Option<PathStats>,
+}
+
+/// A phase: `main` (a one-phase scenario), or `baseline` then `mixed`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PhaseReport {
+    pub name: String,
+    pub elapsed_s: f64,
+    pub groups: Vec<GroupReport>,
+}
+
+/// A well-behaved group's path in one phase, for the side-by-side comparison.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Side {
+    pub stored: u64,
+    pub offered: u64,
+    pub throughput_per_s: f64,
+    pub p99_ms: f64,
+    /// Every tenant of the group finished this path before the deadline.
+    pub finished: bool,
+}
+
+/// A well-behaved group alone (phase `baseline`) and beside the others (phase `mixed`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaselineRow {
+    pub group: String,
+    pub path: String,
+    pub alone: Side,
+    pub mixed: Side,
+    /// Mixed over alone.
+    pub throughput_ratio: f64,
+    pub p99_ratio: f64,
+}
+
+/// What a run measured, for [`Report::new`].
+#[derive(Default)]
+pub struct Results {
+    /// The headline paths: the groups that expect success, in the last phase.
+    pub batch: Option<PathParts>,
+    pub stream: Option<PathParts>,
+    pub accounting: Vec<TenantAccount>,
+    pub phases: Vec<PhaseReport>,
+}
+
+/// The side-by-side rows of the groups that expect success, when there are both phases.
+fn baseline_rows(phases: &[PhaseReport], accounting: &[TenantAccount]) -> Vec<BaselineRow> {
+    let (Some(alone), Some(mixed)) = (
+        phases.iter().find(|p| p.name == "baseline"),
+        phases.iter().find(|p| p.name == "mixed"),
+    ) else {
+        return Vec::new();
+    };
+    let side = |phase: &str, g: &GroupReport, path: &str, st: &PathStats| Side {
+        stored: st.count,
+        offered: st.accounting.as_ref().map_or(0, |c| c.offered),
+        throughput_per_s: st.throughput_per_s,
+        p99_ms: st.latency.p99_ms,
+        finished: !accounting.iter().any(|a| {
+            a.phase == phase && a.group == g.group && a.path == path && a.unfinished.is_some()
+        }),
+    };
+    let mut rows = Vec::new();
+    for g in alone.groups.iter().filter(|g| g.expect == Expect::Success) {
+        let Some(m) = mixed.groups.iter().find(|m| m.group == g.group) else {
+            continue;
+        };
+        for (path, a, b) in [
+            ("batch", &g.batch, &m.batch),
+            ("stream", &g.stream, &m.stream),
+        ] {
+            if let (Some(a), Some(b)) = (a, b) {
+                let (a, b) = (side("baseline", g, path, a), side("mixed", m, path, b));
+                rows.push(BaselineRow {
+                    group: g.group.clone(),
+                    path: path.into(),
+                    throughput_ratio: b.throughput_per_s / a.throughput_per_s.max(1e-9),
+                    p99_ratio: b.p99_ms / a.p99_ms.max(1e-9),
+                    alone: a,
+                    mixed: b,
+                });
+            }
+        }
+    }
+    rows
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ceiling {
+    pub documents: u64,
+    pub records_per_s: f64,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Environment {
+    pub cores: usize,
+    pub memory_bytes: u64,
+    pub os: String,
+    pub mongodb_version: String,
+    pub mongodb_server: String,
+    pub rabbitmq: String,
+    pub commit: String,
+    pub build: String,
+    /// Peak resident memory (VmHWM) summed over the processes below.
+    pub peak_rss_bytes: u64,
+    /// Each process of the run and its peak resident memory: the runner alone (platform
+    /// and load) in-process, or the runner and each component when they run apart.
+    #[serde(default)]
+    pub processes: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub schema_version: u32,
+    pub scenario: Scenario,
+    pub run_id: String,
+    pub environment: Environment,
+    pub wall_s: f64,
+    pub batch: Option<PathStats>,
+    pub stream: Option<PathStats>,
+    pub ceiling: Option<Ceiling>,
+    /// Batch throughput as a fraction of the raw driver ceiling.
+    pub batch_fraction_of_ceiling: Option<f64>,
+    pub reference: serde_json::Value,
+    /// Every tenant's path in every phase: offered, stored, failed, lost.
+    #[serde(default)]
+    pub accounting: Vec<TenantAccount>,
+    #[serde(default)]
+    pub phases: Vec<PhaseReport>,
+    /// The groups that expect success, alone and beside the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<BaselineRow>,
+    /// A component that died, or a platform that did not stop.
+    #[serde(default)]
+    pub platform_errors: Vec<String>,
+    /// What `--strict` refuses, one line per tenant and path (`accounting::problems`).
+    #[serde(default)]
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn new(
+        sc: &Scenario,
+        run_id: &str,
+        environment: Environment,
+        results: Results,
+        ceiling: Option<Ceiling>,
+        wall: Duration,
+    ) -> Self {
+        let batch = results.batch.as_ref().map(PathParts::stats);
+        let stream = results.stream.as_ref().map(PathParts::stats);
+        let baseline = baseline_rows(&results.phases, &results.accounting);
+        let fraction = match (&batch, &ceiling) {
+            (Some(b), Some(c)) => Some(b.throughput_per_s / c.records_per_s),
+            _ => None,
+        };
+        let reference = serde_json::json!({
+            "original_batch_ms_per_ingestion": ORIGINAL_BATCH_MS,
+            "original_stream_ms_per_ingestion": ORIGINAL_STREAM_MS,
+            "batch_speedup": batch.as_ref().map(|b| ORIGINAL_BATCH_MS / b.ms_per_ingestion),
+            "stream_speedup": stream.as_ref().map(|s| ORIGINAL_STREAM_MS / s.ms_per_ingestion),
+        });
+        Self {
+            schema_version: SCHEMA_VERSION,
+            scenario: sc.clone(),
+            run_id: run_id.to_owned(),
+            environment,
+            wall_s: wall.as_secs_f64(),
+            batch,
+            stream,
+            ceiling,
+            batch_fraction_of_ceiling: fraction,
+            reference,
+            accounting: results.accounting,
+            phases: results.phases,
+            baseline,
+            platform_errors: Vec::new(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Errors of the platform itself (a component that died, a stop that hung), then the
+    /// problems `--strict` would refuse.
+    pub fn with_platform_errors(mut self, errors: Vec<String>) -> Self {
+        self.platform_errors = errors;
+        self.problems = serde_json::to_value(&self)
+            .map(|v| crate::accounting::problems(&v))
+            .unwrap_or_default();
+        self
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
+        std::fs::write(dir.join("report.md"), self.markdown())?;
+        std::fs::write(dir.join("latency.svg"), self.svg()?)?;
+        for (name, p) in [("batch", &self.batch), ("stream", &self.stream)] {
+            if let Some(h) = p.as_ref().and_then(|p| p.histogram.as_ref()) {
+                let mut buf = Vec::new();
+                V2Serializer::new()
+                    .serialize(h, &mut buf)
+                    .map_err(|e| anyhow::anyhow!("histogram: {e:?}"))?;
+                std::fs::write(dir.join(format!("{name}.hdr")), buf)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! `latency.svg`: latency by percentile, on the usual HDR scale where each step to the right
+//! adds a nine (0 %, 90 %, 99 %, 99.9 %, 99.99 %), drawn with plotters' SVG backend.
+
+use anyhow::{Result, anyhow};
+use hdrhistogram::Histogram;
+use plotters::prelude::*;
+
+use super::Report;
+
+/// The nines shown: x runs from 0 (the minimum) to 4 (p99.99).
+const NINES: f64 = 4.0;
+/// Points per nine along each line.
+const STEPS: u32 = 20;
+
+/// A line's points: (nines, milliseconds), where p = 1 − 10^−nines.
+fn percentiles(h: &Histogram<u64>) -> Vec<(f64, f64)> {
+    (0..=NINES as u32 * STEPS)
+        .map(|i| {
+            let nines = f64::from(i) / f64::from(STEPS);
+            let q = 1.0 - 10f64.powf(-nines);
+            (nines, h.value_at_quantile(q) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+/// The tick label at a whole number of nines.
+fn nines_label(x: &f64) -> String {
+    let n = x.round() as i32;
+    let decimals = usize::try_from(n - 2).unwrap_or(0);
+    match n {
+        0 => "0%".into(),
+        n => format!("{:.*}%", decimals, 100.0 - 100.0 * 10f64.powi(-n)),
+    }
+}
+
+impl Report {
+    pub(super) fn svg(&self) -> Result<String> {
+        let lines: Vec<_> = [
+            ("batch", RGBColor(0x1f, 0x77, 0xb4), &self.batch),
+            ("stream", RGBColor(0xd6, 0x27, 0x28), &self.stream),
+        ]
+        .into_iter()
+        .filter_map(|(name, colour, p)| {
+            let h = p.as_ref()?.histogram.as_ref()?;
+            Some((name, colour, percentiles(h)))
+        })
+        .collect();
+        let max_ms = lines
+            .iter()
+            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.1))
+            .fold(1.0, f64::max);
+        // Lines never fall, and the highest ends at the top right: the legend goes below.
+        let mut svg = String::new();
+        let err = |e| anyhow!("latency plot: {e:?}");
+        {
+            let root = SVGBackend::with_string(&mut svg, (720, 400)).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!("{} — latency by percentile", self.scenario.name),
+                    ("sans-serif", 16),
+                )
+                .margin(12)
+                .margin_right(32)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..NINES, 0.0..max_ms * 1.05)
+                .map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_labels(NINES as usize + 1)
+                .x_label_formatter(&nines_label)
+                .y_label_formatter(&|ms| {
+                    let s = format!("{ms:.3}");
+                    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+                })
+                .x_desc("percentile")
+                .y_desc("latency (ms)")
+                .light_line_style(BLACK.mix(0.04))
+                .bold_line_style(BLACK.mix(0.15))
+                .draw()
+                .map_err(err)?;
+            for (name, colour, pts) in lines {
+                chart
+                    .draw_series(LineSeries::new(pts, colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK.mix(0.3))
+                .draw()
+                .map_err(err)?;
+            root.present().map_err(err)?;
+        }
+        Ok(svg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_percentile_axis_counts_nines() {
+        let labels: Vec<String> = (0..=4).map(|n| nines_label(&f64::from(n))).collect();
+        assert_eq!(labels, ["0%", "90%", "99%", "99.9%", "99.99%"]);
+        let mut h = crate::accounting::hist();
+        for v in 1..=10_000u64 {
+            h.saturating_record(v * 1000);
+        }
+        let pts = percentiles(&h);
+        assert_eq!(pts.len(), 81);
+        assert_eq!(pts[0], (0.0, 1.0), "the minimum, 1 ms");
+        let p99 = pts[2 * STEPS as usize];
+        assert!((p99.1 - 9900.0).abs() < 10.0, "{p99:?}");
+        assert!(pts.windows(2).all(|w| w[0].1 <= w[1].1), "never falls");
+    }
+}

@@ -1,0 +1,163 @@
+//! Running a scenario: the platform deployed, each phase's load driven and accounted for,
+//! the ceiling measured, the report written. The top of the workbench: the only module
+//! that imports the others.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use mysimbdp::infra::ServerVersions;
+
+use crate::deploy::Deployment;
+use crate::report::{Environment, Report, Results};
+use crate::schema::{Expect, Scenario};
+use crate::{accounting, ceiling, faults, host};
+
+mod look;
+mod phase;
+
+/// A phase: its name, the prefix of its tenants' names, the groups it runs.
+struct PhaseSpec {
+    name: &'static str,
+    prefix: &'static str,
+    groups: Vec<usize>,
+}
+
+/// Runs a scenario and writes its report under `out/<name>/<run-id>/`.
+pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
+    let sc = Scenario::load(path)?;
+    let run_id = time::OffsetDateTime::now_utc().format(&time::format_description::parse(
+        "[year][month][day]T[hour][minute][second]Z",
+    )?)?;
+    if let Some(f) = &sc.faults {
+        return faults::run(&sc.name, &sc.description, f, out, &run_id).await;
+    }
+    let plans = sc.plans()?;
+    let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
+    let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
+    let admin = format!("scenario-admin-{:08x}", rand_u32());
+    let overrides = vec![
+        format!("platform.namespace={ns}"),
+        format!("staging.dir={}", staging.display()),
+        format!("auth.admin_token={admin}"),
+        format!("batch.batch_size={}", sc.platform.batch_size),
+        format!("batch.workers={}", sc.platform.batch_workers),
+        format!("stream.batch_size={}", sc.platform.stream_batch_size),
+        format!("stream.prefetch={}", sc.platform.prefetch),
+        format!("stream.linger_ms={}", sc.platform.stream_linger_ms),
+        format!("mongodb.write_concern=\"{}\"", sc.platform.write_concern),
+        "mongodb.max_pool_size=4".into(),
+        "limits.max_file_bytes=1000000000".into(),
+    ];
+    eprintln!(
+        "scenario {}: provisioning, platform {}",
+        sc.name, sc.platform.topology
+    );
+    let deployment = Deployment::start(sc.platform.topology, overrides, &admin).await?;
+    let versions = deployment.versions.clone();
+    let mongodb_uri = deployment.mongodb_uri.clone();
+    let admin = deployment.admin.clone();
+    let phases = if sc.baseline {
+        vec![
+            PhaseSpec {
+                name: "baseline",
+                prefix: "b-",
+                groups: (0..plans.len())
+                    .filter(|&i| plans[i].expect == Expect::Success)
+                    .collect(),
+            },
+            PhaseSpec {
+                name: "mixed",
+                prefix: "m-",
+                groups: (0..plans.len()).collect(),
+            },
+        ]
+    } else {
+        vec![PhaseSpec {
+            name: "main",
+            prefix: "",
+            groups: (0..plans.len()).collect(),
+        }]
+    };
+    let started = Instant::now();
+    let measured = async {
+        if let Some(mb) = sc.platform.memory_limit_mb {
+            deployment.limit_memory(mb.saturating_mul(1 << 20))?;
+        }
+        let db = mongodb::Client::with_uri_str(&mongodb_uri).await?;
+        let mut results = Results::default();
+        for ph in &phases {
+            let o = phase::run_phase(&sc, &plans, ph, &admin, &db).await?;
+            results.accounting.extend(o.accounts);
+            results.phases.push(o.report);
+            (results.batch, results.stream) = (o.batch, o.stream);
+        }
+        let wall = started.elapsed();
+        // The ceiling: the same documents straight into the same server with the raw driver.
+        let ceiling = match &sc.batch {
+            Some(b) => Some(
+                ceiling::raw_ceiling(
+                    &mongodb_uri,
+                    &ns,
+                    b,
+                    sc.platform.batch_size,
+                    &sc.platform.write_concern,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        Ok::<_, anyhow::Error>((results, ceiling, wall))
+    }
+    .await;
+    let processes = deployment.peak_rss();
+    let stopped = deployment.stop().await;
+    let _ = std::fs::remove_dir_all(&staging);
+    let _ = std::fs::remove_dir_all(staging.with_extension("logs"));
+    let (results, ceiling, wall) = match (measured, &stopped) {
+        (Ok(m), _) => m,
+        (Err(e), Ok(())) => return Err(e),
+        (Err(e), Err(s)) => return Err(e.context(format!("and the platform: {s:#}"))),
+    };
+    let report = Report::new(
+        &sc,
+        &run_id,
+        environment(versions, processes),
+        results,
+        ceiling,
+        wall,
+    )
+    .with_platform_errors(
+        stopped
+            .err()
+            .map(|e| accounting::strip_ansi(&format!("{e:#}")))
+            .into_iter()
+            .collect(),
+    );
+    let dir = out.join(&sc.name).join(&run_id);
+    report.write(&dir)?;
+    Ok(dir)
+}
+
+/// The machine, the servers and each process of the run with its peak resident memory.
+fn environment(versions: ServerVersions, processes: Vec<(String, u64)>) -> Environment {
+    Environment {
+        cores: host::cores(),
+        memory_bytes: host::memory_bytes(),
+        os: std::env::consts::OS.to_owned(),
+        mongodb_version: versions.mongodb,
+        mongodb_server: versions.mongodb_server,
+        rabbitmq: versions.rabbitmq,
+        commit: host::commit(),
+        build: host::build().into(),
+        peak_rss_bytes: processes.iter().map(|(_, b)| b).sum(),
+        processes,
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
+}
