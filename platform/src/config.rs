@@ -247,6 +247,8 @@ impl Default for TenantLimits {
 #[serde(deny_unknown_fields, default)]
 pub struct AppLimits {
     pub memory_bytes: usize,
+    /// CPU time one call (a record, a message, a payload) may use; a call still running at
+    /// 20 times this in wall time (at least 1 s) is stopped too.
     pub time_ms: u64,
     /// Interrupt checks (function calls and loop iterations) allowed per call.
     pub instructions: u64,

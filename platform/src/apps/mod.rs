@@ -253,17 +253,43 @@ fn meter(limits: &AppLimits) -> Meter {
 
 /// Per-call budget shared with the interrupt callback and the host functions. Once `hit` is
 /// set it stays set until the next call is armed: the limit cannot be caught.
+///
+/// The time limit counts the CPU time of the thread running the call, so a call that waits
+/// for a core on a busy machine (other tenants' apps, the database) is not failed for it.
+/// The wall clock, cheap to read, says when the CPU clock (a system call) is worth reading;
+/// a wall-clock backstop of [`WALL_BACKSTOP`] times the limit (at least 1 s) still ends a
+/// call that somehow stops using CPU without returning.
 struct Budget {
-    deadline_ns: AtomicU64,
+    /// When the CPU clock is read next (wall ns since `epoch`).
+    soft_deadline_ns: AtomicU64,
+    /// When the call ends whatever its CPU time (wall ns since `epoch`).
+    hard_deadline_ns: AtomicU64,
+    /// The thread's CPU time when the call was armed.
+    cpu_start_ns: AtomicU64,
+    time_ns: AtomicU64,
     ticks_left: AtomicU64,
     hit: AtomicU8,
     epoch: Instant,
 }
 
+/// The wall-clock backstop, as a multiple of the time limit.
+const WALL_BACKSTOP: u64 = 20;
+
+/// CPU time the calling thread has used, in ns.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
+
 impl Budget {
     fn new(limits: &AppLimits) -> Self {
         let b = Self {
-            deadline_ns: AtomicU64::new(0),
+            soft_deadline_ns: AtomicU64::new(0),
+            hard_deadline_ns: AtomicU64::new(0),
+            cpu_start_ns: AtomicU64::new(0),
+            time_ns: AtomicU64::new(0),
             ticks_left: AtomicU64::new(0),
             hit: AtomicU8::new(0),
             epoch: Instant::now(),
@@ -274,13 +300,38 @@ impl Budget {
 
     fn arm(&self, limits: &AppLimits) {
         let now = self.epoch.elapsed().as_nanos() as u64;
-        self.deadline_ns.store(
-            now.saturating_add(limits.time_ms.saturating_mul(1_000_000)),
-            Ordering::Relaxed,
-        );
+        let time_ns = limits.time_ms.saturating_mul(1_000_000);
+        let backstop = time_ns.saturating_mul(WALL_BACKSTOP).max(1_000_000_000);
+        self.time_ns.store(time_ns, Ordering::Relaxed);
+        self.soft_deadline_ns
+            .store(now.saturating_add(time_ns), Ordering::Relaxed);
+        self.hard_deadline_ns
+            .store(now.saturating_add(backstop), Ordering::Relaxed);
+        self.cpu_start_ns.store(thread_cpu_ns(), Ordering::Relaxed);
         self.ticks_left
             .store(limits.instructions, Ordering::Relaxed);
         self.hit.store(Limit::None as u8, Ordering::Relaxed);
+    }
+
+    /// Whether the call has used up its time: its CPU time, read only once as much wall time
+    /// has passed (a call cannot use more CPU than wall time), or the wall-clock backstop.
+    fn out_of_time(&self) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        if now <= self.soft_deadline_ns.load(Ordering::Relaxed) {
+            return false;
+        }
+        if now > self.hard_deadline_ns.load(Ordering::Relaxed) {
+            return true;
+        }
+        let used = thread_cpu_ns().saturating_sub(self.cpu_start_ns.load(Ordering::Relaxed));
+        let limit = self.time_ns.load(Ordering::Relaxed);
+        if used >= limit {
+            return true;
+        }
+        // Not before the rest of the budget could have been used.
+        self.soft_deadline_ns
+            .store(now.saturating_add(limit - used), Ordering::Relaxed);
+        false
     }
 
     fn hit(&self) -> Limit {
@@ -308,7 +359,7 @@ impl Budget {
     /// For host loops that run without interrupts: a limit already hit, or the time limit.
     fn check(&self) -> mlua::Result<()> {
         self.check_hit()?;
-        if self.epoch.elapsed().as_nanos() as u64 > self.deadline_ns.load(Ordering::Relaxed) {
+        if self.out_of_time() {
             self.trip(Limit::Time);
             return self.check_hit();
         }

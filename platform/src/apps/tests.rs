@@ -858,3 +858,43 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn the_time_limit_counts_cpu_time_not_time_spent_waiting_for_a_core() {
+    let limits = AppLimits {
+        time_ms: 50,
+        ..AppLimits::default()
+    };
+    let budget = super::Budget::new(&limits);
+    // Descheduled (here: asleep) past the limit: no CPU used, so the call goes on.
+    std::thread::sleep(std::time::Duration::from_millis(120));
+    assert!(budget.check().is_ok(), "waiting is not running");
+    // Running past it fails.
+    let start = std::time::Instant::now();
+    let mut stopped = false;
+    while start.elapsed() < std::time::Duration::from_secs(2) {
+        if budget.check().is_err() {
+            stopped = true;
+            break;
+        }
+        std::hint::black_box((0..1000).sum::<u64>());
+    }
+    assert!(stopped, "50 ms of CPU ends the call");
+    let ran = start.elapsed();
+    assert!(
+        ran >= std::time::Duration::from_millis(45),
+        "stopped after {ran:?}"
+    );
+    assert_eq!(budget.hit(), super::Limit::Time);
+}
+
+#[test]
+fn a_call_that_stops_using_cpu_ends_at_the_wall_clock_backstop() {
+    let limits = AppLimits {
+        time_ms: 10,
+        ..AppLimits::default()
+    };
+    let budget = super::Budget::new(&limits);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(budget.check().is_err(), "1 s of wall time is the backstop");
+}
