@@ -5,11 +5,12 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use mysimbdp::apps::{AppHandle, AppKind, Input, compile, transform};
+use mysimbdp::apps::{AppHandle, Input, compile, transform};
 use mysimbdp::batch::parse;
 use mysimbdp::config::AppLimits;
-use mysimbdp::coredms::{BulkWrite, log_entries, prepare};
+use mysimbdp::coredms::{log_entries, prepare};
 use mysimbdp::logs::{Source, Status};
+use mysimbdp::model::{AppKind, BulkWrite};
 use mysimbdp::tenants::{Format, TenantName};
 
 fn dataset() -> Vec<u8> {

@@ -15,6 +15,7 @@ pub mod http;
 pub mod infra;
 pub mod logs;
 pub mod metrics;
+pub mod model;
 pub mod processes;
 pub mod stream;
 pub mod tenants;

@@ -34,40 +34,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mlua::{Function, Lua, LuaOptions, StdLib, Value, VmState};
-use serde::{Deserialize, Serialize};
 
 pub use builtins::find_bytes;
 pub use convert::{ConvertError, Exceeded, Meter, json_to_lua, lua_to_json};
 pub use router::router;
 
 use crate::config::AppLimits;
+use crate::model::AppKind;
 use crate::tenants::TenantName;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AppKind {
-    Batch,
-    Stream,
-}
-
-impl AppKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Batch => "batch",
-            Self::Stream => "stream",
-        }
-    }
-}
-
-/// An uploaded app version as stored through coredms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StoredApp {
-    pub tenant: String,
-    pub kind: AppKind,
-    pub version: u32,
-    pub source: String,
-    pub created_at: String,
-}
 
 /// A syntax or validation error in an uploaded app, with where it is.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -1089,8 +1063,8 @@ pub struct Input {
 /// Documents to write and failures to log, with which inputs failed (for dead-lettering).
 #[derive(Debug, Default)]
 pub struct Transformed {
-    pub docs: Vec<crate::coredms::DocWrite>,
-    pub failures: Vec<crate::coredms::Failure>,
+    pub docs: Vec<crate::model::DocWrite>,
+    pub failures: Vec<crate::model::Failure>,
     /// (index into the inputs, reason)
     pub failed_inputs: Vec<(usize, String)>,
     /// For each of `docs`, the index of the input it came from.
@@ -1165,7 +1139,7 @@ pub fn transform(
     };
     for (n, (input, outcome)) in inputs.iter().zip(outcomes).enumerate() {
         let fail = |out: &mut Transformed, reason: String| {
-            out.failures.push(crate::coredms::Failure {
+            out.failures.push(crate::model::Failure {
                 collection: collection.to_owned(),
                 reason: reason.clone(),
                 bytes: input.bytes,
@@ -1197,8 +1171,8 @@ pub fn transform(
         let per_doc_bytes = input.bytes / (docs.len().max(1) as u64);
         for (k, (coll, doc)) in docs.into_iter().enumerate() {
             out.doc_inputs.push(n);
-            out.docs.push(crate::coredms::DocWrite {
-                id: crate::coredms::doc_id(&input.origin, input.index, k as u32),
+            out.docs.push(crate::model::DocWrite {
+                id: crate::model::doc_id(&input.origin, input.index, k as u32),
                 collection: coll.unwrap_or_else(|| collection.to_owned()),
                 doc,
                 bytes: per_doc_bytes,

@@ -10,9 +10,10 @@ use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{AppKind, MAX_SOURCE_BYTES, compile};
+use super::{MAX_SOURCE_BYTES, compile};
 use crate::Platform;
 use crate::http::{ApiError, Caller, PathArgs};
+use crate::model::AppKind;
 
 pub fn router() -> Router<Arc<Platform>> {
     Router::new().route(

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::model::AppKind;
 
 fn limits() -> AppLimits {
     AppLimits {

@@ -12,9 +12,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::staging::UploadError;
-use super::{BatchError, BatchManager, FileRecord, FileState, check_file_name};
+use super::{BatchError, BatchManager, check_file_name};
 use crate::Platform;
 use crate::http::{ApiError, Caller, PathArgs, QueryArgs};
+use crate::model::{FileRecord, FileState};
 use crate::tenants::{Format, TenantName};
 
 pub fn router() -> Router<Arc<Platform>> {
