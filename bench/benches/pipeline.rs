@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use mysimbdp::apps::{AppHandle, Input, compile, transform};
 use mysimbdp::batch::parse;
-use mysimbdp::config::AppLimits;
+use mysimbdp::config::{AppLimits, Format};
 use mysimbdp::coredms::{log_entries, prepare};
 use mysimbdp::logs::{Source, Status};
 use mysimbdp::model::{AppKind, BulkWrite};
-use mysimbdp::tenants::{Format, TenantName};
+use mysimbdp::tenants::TenantName;
 
 fn dataset() -> Vec<u8> {
     let p =

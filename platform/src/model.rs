@@ -7,8 +7,9 @@
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Format;
 use crate::logs::Source;
-use crate::tenants::{Format, TenantName};
+use crate::tenants::TenantName;
 
 // ---- files (batch) ----
 

@@ -459,7 +459,7 @@ pub async fn write_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tenants::Format;
+    use crate::config::Format;
 
     fn job(tenant: &str, name: &str) -> Job {
         let t = TenantName::parse(tenant).expect("valid");

@@ -14,9 +14,10 @@ use serde_json::json;
 use super::staging::UploadError;
 use super::{BatchError, BatchManager, check_file_name};
 use crate::Platform;
+use crate::config::Format;
 use crate::http::{ApiError, Caller, PathArgs, QueryArgs};
 use crate::model::{FileRecord, FileState};
-use crate::tenants::{Format, TenantName};
+use crate::tenants::TenantName;
 
 pub fn router() -> Router<Arc<Platform>> {
     Router::new()
