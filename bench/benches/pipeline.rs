@@ -5,12 +5,13 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use mysimbdp::apps::{AppHandle, Input, compile, transform};
+use mysimbdp::apps::{AppHandle, compile};
 use mysimbdp::batch::parse;
 use mysimbdp::config::{AppLimits, Format};
 use mysimbdp::coredms::{log_entries, prepare};
 use mysimbdp::logs::{Source, Status};
 use mysimbdp::model::{AppKind, BulkWrite};
+use mysimbdp::pipeline::{Input, transform};
 use mysimbdp::tenants::TenantName;
 
 fn dataset() -> Vec<u8> {

@@ -16,6 +16,7 @@ pub mod infra;
 pub mod logs;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod processes;
 pub mod stream;
 pub mod tenants;
@@ -26,12 +27,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::apps::AppCache;
 use crate::batch::{BatchManager, Staging};
 use crate::config::Settings;
 use crate::coredms::{CoreDms, MongoStore, Remote};
 use crate::infra::{Infra, ServerVersions};
 use crate::metrics::Metrics;
+use crate::pipeline::AppCache;
 use crate::stream::{Broker, StreamManager};
 
 /// Which part of the platform a process runs.

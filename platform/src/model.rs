@@ -117,6 +117,24 @@ pub struct StoredApp {
 
 // ---- bulk writes ----
 
+/// A collection name tenants may write to.
+pub fn check_collection(c: &str) -> Result<(), String> {
+    let ok = !c.is_empty()
+        && c.len() <= 64
+        && !c.starts_with("system.")
+        && !c.starts_with('.')
+        && c.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid collection name `{}`: use 1-64 of [A-Za-z0-9_.-], not starting with `system.`",
+            c.chars().take(80).collect::<String>()
+        ))
+    }
+}
+
 /// A batch of documents for one tenant, written in bulk with its log entries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BulkWrite {

@@ -19,13 +19,14 @@ use tokio_util::sync::CancellationToken;
 pub use router::router;
 pub use staging::{Staging, check_file_name};
 
-use crate::apps::{AppCache, AppHandle, Input, transform};
+use crate::apps::AppHandle;
 use crate::config::BatchSettings;
 use crate::coredms::{CoreDms, CoreError};
 use crate::events::Ingested;
 use crate::logs::Source;
 use crate::metrics::Metrics;
 use crate::model::{AppKind, BulkWrite, FileRecord, FileState, now_us};
+use crate::pipeline::{AppCache, Input, transform, with_retry, write_with_retry};
 use crate::tenants::TenantName;
 
 /// Bulk writes a job runs before yielding its worker to another tenant.
@@ -419,41 +420,6 @@ impl parse::RecordSource for WholeFile {
             value,
         }))
     }
-}
-
-/// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
-/// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
-/// few minutes. Other errors return at once.
-pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CoreError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(CoreError::Unavailable("shutting down".into())),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A bulk write through coredms, retried while the database is unavailable.
-pub async fn write_with_retry(
-    coredms: &CoreDms,
-    write: BulkWrite,
-    cancel: &CancellationToken,
-) -> Result<crate::model::BulkOutcome, CoreError> {
-    with_retry(cancel, || coredms.bulk_write(&write)).await
 }
 
 #[cfg(test)]

@@ -90,7 +90,7 @@ async fn upload(
     let m = manager(&p)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     let collection = q.collection.unwrap_or_else(|| collection_for(&name));
-    crate::apps::check_collection(&collection).map_err(ApiError::bad_request)?;
+    crate::model::check_collection(&collection).map_err(ApiError::bad_request)?;
     let profile = p.coredms.tenant(&t).await?;
     let c = &profile.constraints;
     let format = Format::from_file_name(&name).ok_or_else(|| {

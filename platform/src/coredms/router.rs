@@ -270,7 +270,7 @@ async fn documents(
     QueryArgs(page): QueryArgs<Page>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    crate::apps::check_collection(&c).map_err(ApiError::bad_request)?;
+    crate::model::check_collection(&c).map_err(ApiError::bad_request)?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(

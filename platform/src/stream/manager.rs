@@ -14,14 +14,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
-use crate::apps::{AppCache, Input, transform};
-use crate::batch::write_with_retry;
 use crate::config::{AmqpSettings, StreamSettings};
 use crate::coredms::CoreDms;
 use crate::events::{DeadLettered, Ingested};
 use crate::logs::Source;
 use crate::metrics::Metrics;
 use crate::model::{AppKind, BulkWrite, now_us};
+use crate::pipeline::{AppCache, Input, transform, write_with_retry};
 use crate::tenants::TenantName;
 
 struct Consumer {
