@@ -23,7 +23,6 @@ use tokio::time::Instant;
 
 use crate::Platform;
 use crate::config::HttpSettings;
-use crate::coredms::CoreError;
 use crate::tenants::{InvalidTenantName, TenantName};
 
 /// An API error: a status, a message that reads after "failed to", and optional details.
@@ -66,27 +65,6 @@ impl IntoResponse for ApiError {
             b.extend(d);
         }
         (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<CoreError> for ApiError {
-    fn from(e: CoreError) -> Self {
-        match &e {
-            CoreError::TenantNotFound(t) => Self::tenant_not_found(t),
-            CoreError::TenantExists(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
-            CoreError::Invalid(_) => Self::bad_request(e.to_string()),
-            CoreError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "database unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database unavailable, retry later",
-                )
-            }
-            CoreError::Database(detail) => {
-                tracing::error!(error = %detail, "database error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-            }
-        }
     }
 }
 

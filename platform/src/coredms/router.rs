@@ -20,6 +20,28 @@ use crate::http::{ApiError, Caller, InternalCaller, JsonBody, PathArgs, QueryArg
 use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary};
 use crate::tenants::{AdminPatch, Constraints, ProfilePatch, TenantName};
 
+/// How a coredms error answers an HTTP request (the HTTP edge below knows no storage).
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        match &e {
+            CoreError::TenantNotFound(t) => Self::tenant_not_found(t),
+            CoreError::TenantExists(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
+            CoreError::Invalid(_) => Self::bad_request(e.to_string()),
+            CoreError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database unavailable, retry later",
+                )
+            }
+            CoreError::Database(detail) => {
+                tracing::error!(error = %detail, "database error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
 pub fn router() -> Router<Arc<Platform>> {
     Router::new()
         .route("/v1/tenants", post(create_tenant))
