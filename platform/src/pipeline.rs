@@ -5,6 +5,8 @@
 //! Batch and stream both import this module and never each other; the apps runtime below it
 //! stays pure (source in, documents or failures out) and knows nothing of coredms or writes.
 
+mod router;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,6 +18,8 @@ use crate::config::AppLimits;
 use crate::coredms::{CoreDms, CoreError};
 use crate::model::{AppKind, BulkOutcome, BulkWrite, DocWrite, Failure, doc_id};
 use crate::tenants::TenantName;
+
+pub use router::{AppsApi, router as apps_router};
 
 /// The compiled, active app of each tenant and kind, refreshed when a new version appears.
 #[derive(Default)]

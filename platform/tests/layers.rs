@@ -33,33 +33,6 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("the process that assembles what it runs", &["lib"]),
 ];
 
-/// Upward edges that remain until every router takes its own state instead of the whole
-/// `Platform` (issue #13, step 5). Each must still exist and still close a cycle with `lib`,
-/// so an entry fails this test once the edge is gone.
-const ALLOWED_UPWARD: &[(&str, &str, &str)] = &[
-    (
-        "http",
-        "lib",
-        "the auth extractors and middleware read `Platform` (settings, coredms, in-flight)",
-    ),
-    ("apps", "lib", "apps' router takes `State<Arc<Platform>>`"),
-    (
-        "batch",
-        "lib",
-        "batch's router takes `State<Arc<Platform>>`",
-    ),
-    (
-        "coredms",
-        "lib",
-        "coredms' router and RPC endpoint take `State<Arc<Platform>>`",
-    ),
-    (
-        "stream",
-        "lib",
-        "stream's router takes `State<Arc<Platform>>`",
-    ),
-];
-
 fn src_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
@@ -215,13 +188,9 @@ fn every_module_has_a_layer() {
 #[test]
 fn modules_import_only_lower_layers_and_never_each_other() {
     let g = graph();
-    let allowed: BTreeSet<(&str, &str)> = ALLOWED_UPWARD.iter().map(|(a, b, _)| (*a, *b)).collect();
     let mut wrong = Vec::new();
     for (from, deps) in &g {
         for to in deps {
-            if allowed.contains(&(from.as_str(), to.as_str())) {
-                continue;
-            }
             match (layer_of(from), layer_of(to)) {
                 (Some(a), Some(b)) if b < a => {}
                 _ => wrong.push(format!("{from} -> {to}")),
@@ -232,32 +201,11 @@ fn modules_import_only_lower_layers_and_never_each_other() {
         wrong.is_empty(),
         "imports that do not point to a lower layer (see LAYERS): {wrong:?}"
     );
-    // Without the allowed upward edges, no module reaches itself.
-    let mut down = g.clone();
-    for (a, b, _) in ALLOWED_UPWARD {
-        if let Some(d) = down.get_mut(*a) {
-            d.remove(*b);
-        }
-    }
-    for (m, deps) in &down {
+    // Implied by the layers, and said plainly: no module reaches itself.
+    for (m, deps) in &g {
         for d in deps {
-            assert!(!reaches(&down, d, m), "cycle: {m} -> {d} -> ... -> {m}");
+            assert!(!reaches(&g, d, m), "cycle: {m} -> {d} -> ... -> {m}");
         }
-    }
-}
-
-#[test]
-fn each_allowed_upward_edge_is_still_needed() {
-    let g = graph();
-    for (from, to, why) in ALLOWED_UPWARD {
-        assert!(
-            g.get(*from).is_some_and(|d| d.contains(*to)),
-            "{from} no longer imports {to}: remove the allowlist entry ({why})"
-        );
-        assert!(
-            reaches(&g, to, from),
-            "{from} -> {to} closes no cycle any more: remove the allowlist entry ({why})"
-        );
     }
 }
 

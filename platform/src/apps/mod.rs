@@ -26,7 +26,6 @@
 
 mod builtins;
 mod convert;
-mod router;
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +35,6 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Value, VmState};
 
 pub use builtins::find_bytes;
 pub use convert::{ConvertError, Exceeded, Meter, json_to_lua, lua_to_json};
-pub use router::router;
 
 use crate::config::AppLimits;
 use crate::model::{AppKind, check_collection};

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mongodb::MongoStore;
 pub use remote::Remote;
-pub use router::{RPC_SLOTS, router, rpc_router};
+pub use router::{CoredmsApi, OnNewTenant, RPC_SLOTS, router, rpc_router};
 
 use crate::logs::{LogEntry, Status};
 use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp, now_us};
