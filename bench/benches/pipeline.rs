@@ -5,12 +5,14 @@ use std::hint::black_box;
 use std::path::PathBuf;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use mysimbdp::apps::{AppHandle, AppKind, Input, compile, transform};
+use mysimbdp::apps::{AppHandle, compile};
 use mysimbdp::batch::parse;
-use mysimbdp::config::AppLimits;
-use mysimbdp::coredms::{BulkWrite, log_entries, prepare};
+use mysimbdp::config::{AppLimits, Format};
+use mysimbdp::coredms::{log_entries, prepare};
 use mysimbdp::logs::{Source, Status};
-use mysimbdp::tenants::{Format, TenantName};
+use mysimbdp::model::{AppKind, BulkWrite};
+use mysimbdp::pipeline::{Input, transform};
+use mysimbdp::tenants::TenantName;
 
 fn dataset() -> Vec<u8> {
     let p =

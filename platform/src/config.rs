@@ -222,18 +222,51 @@ impl Default for StagingSettings {
     }
 }
 
+/// Data formats the platform parses into records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Csv,
+    /// A JSON array of objects, or a single JSON object.
+    Json,
+    /// One JSON value per line.
+    Ndjson,
+}
+
+impl Format {
+    /// The format a file name announces by its extension.
+    pub fn from_file_name(name: &str) -> Option<Self> {
+        let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(Self::Csv),
+            "json" => Some(Self::Json),
+            "ndjson" | "jsonl" => Some(Self::Ndjson),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Csv => "csv",
+            Self::Json => "json",
+            Self::Ndjson => "ndjson",
+        })
+    }
+}
+
 /// Constraints a new tenant gets unless the admin sets others.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantLimits {
     pub max_file_bytes: u64,
     pub max_staged_files: u32,
-    pub formats: Vec<crate::tenants::Format>,
+    pub formats: Vec<Format>,
 }
 
 impl Default for TenantLimits {
     fn default() -> Self {
-        use crate::tenants::Format;
         Self {
             max_file_bytes: 5 * 1024 * 1024,
             max_staged_files: 100,
@@ -462,6 +495,14 @@ fn merge(base: &mut toml::Table, layer: toml::Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_come_from_extensions() {
+        assert_eq!(Format::from_file_name("x.CSV"), Some(Format::Csv));
+        assert_eq!(Format::from_file_name("x.jsonl"), Some(Format::Ndjson));
+        assert_eq!(Format::from_file_name("x.parquet"), None);
+        assert_eq!(Format::from_file_name("noext"), None);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

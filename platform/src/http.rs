@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
@@ -17,13 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use crate::Platform;
-use crate::config::HttpSettings;
-use crate::coredms::CoreError;
+use crate::config::{AuthSettings, HttpSettings};
+use crate::metrics::Metrics;
 use crate::tenants::{InvalidTenantName, TenantName};
 
 /// An API error: a status, a message that reads after "failed to", and optional details.
@@ -69,27 +69,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<CoreError> for ApiError {
-    fn from(e: CoreError) -> Self {
-        match &e {
-            CoreError::TenantNotFound(t) => Self::tenant_not_found(t),
-            CoreError::TenantExists(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
-            CoreError::Invalid(_) => Self::bad_request(e.to_string()),
-            CoreError::Unavailable(detail) => {
-                tracing::warn!(error = %detail, "database unavailable");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "database unavailable, retry later",
-                )
-            }
-            CoreError::Database(detail) => {
-                tracing::error!(error = %detail, "database error");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
-            }
-        }
-    }
-}
-
 impl From<InvalidTenantName> for ApiError {
     fn from(e: InvalidTenantName) -> Self {
         Self::bad_request(e.to_string())
@@ -128,6 +107,39 @@ pub struct QueryArgs<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathArgs<T>(pub T);
+
+/// Resolves a tenant's API token to its tenant (coredms does, through whichever store the
+/// process has): the HTTP edge needs it but must not import storage.
+pub trait TenantTokens: Send + Sync {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TenantName>, ApiError>>;
+}
+
+/// What the `Caller` and `InternalCaller` extractors need: the configured tokens and the
+/// tenant tokens. Every router's state provides one (`FromRef`).
+#[derive(Clone)]
+pub struct Auth {
+    pub settings: Arc<AuthSettings>,
+    pub tenants: Arc<dyn TenantTokens>,
+}
+
+/// The state of the HTTP edge around every router: auth, the in-flight limits, timeouts and
+/// the counters (`/metrics`).
+#[derive(Clone)]
+pub struct Edge {
+    pub auth: Auth,
+    pub http: Arc<HttpSettings>,
+    pub in_flight: Arc<InFlight>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl FromRef<Edge> for Auth {
+    fn from_ref(e: &Edge) -> Auth {
+        e.auth.clone()
+    }
+}
 
 /// Who is calling, from the bearer token.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,15 +193,16 @@ fn bearer(parts: &Parts) -> Option<&str> {
 /// tokens on the internal route costs no lookups.
 pub struct InternalCaller;
 
-impl FromRequestParts<Arc<Platform>> for InternalCaller {
+impl<S> FromRequestParts<S> for InternalCaller
+where
+    S: Send + Sync,
+    Auth: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        platform: &Arc<Platform>,
-    ) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let token = bearer(parts).unwrap_or("");
-        let auth = &platform.settings.auth;
+        let auth = Auth::from_ref(state).settings;
         let known = [auth.internal(), auth.admin_token.as_str()];
         if !token.is_empty()
             && known
@@ -206,13 +219,14 @@ impl FromRequestParts<Arc<Platform>> for InternalCaller {
     }
 }
 
-impl FromRequestParts<Arc<Platform>> for Caller {
+impl<S> FromRequestParts<S> for Caller
+where
+    S: Send + Sync,
+    Auth: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        platform: &Arc<Platform>,
-    ) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         // Resolved once per request by `limit_in_flight`, which keys the tenant's share on it.
         if let Some(c) = parts.extensions.get::<Caller>() {
             return Ok(c.clone());
@@ -220,7 +234,10 @@ impl FromRequestParts<Arc<Platform>> for Caller {
         let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, m);
         let token = bearer(parts)
             .ok_or_else(|| unauthorized("missing bearer token in the Authorization header"))?;
-        let auth = &platform.settings.auth;
+        let Auth {
+            settings: auth,
+            tenants,
+        } = Auth::from_ref(state);
         if !auth.admin_token.is_empty()
             && constant_time_eq(token.as_bytes(), auth.admin_token.as_bytes())
         {
@@ -237,7 +254,7 @@ impl FromRequestParts<Arc<Platform>> for Caller {
         if token.len() > 128 || !token.starts_with("msb_") {
             return Err(unauthorized("invalid token"));
         }
-        match platform.coredms.authenticate(token).await? {
+        match tenants.authenticate(token).await? {
             Some(t) => Ok(Self::Tenant(t)),
             None => Err(unauthorized("invalid token")),
         }
@@ -324,7 +341,7 @@ fn retry_later(status: StatusCode, message: String) -> Response {
 /// global slot (then 503), and a tenant over its share gets 429 at once. Both answers carry
 /// `Retry-After`. The caller is resolved here, once, under the global slot, so token lookups
 /// are bounded too; the handler's `Caller` extractor reuses it.
-async fn limit_in_flight(State(p): State<Arc<Platform>>, req: Request, next: Next) -> Response {
+async fn limit_in_flight(State(p): State<Edge>, req: Request, next: Next) -> Response {
     let limits = &p.in_flight;
     let _global: OwnedSemaphorePermit =
         match tokio::time::timeout(limits.queue_timeout, limits.global.clone().acquire_owned())
@@ -441,8 +458,8 @@ fn guarded_body(
 /// error, and the connection is closed. A handler that has not answered
 /// `request_timeout_ms` (plus the time its body earned) after the request arrived is
 /// dropped, and the client gets 503.
-async fn timeouts(State(p): State<Arc<Platform>>, req: Request, next: Next) -> Response {
-    let s = &p.settings.http;
+async fn timeouts(State(p): State<Edge>, req: Request, next: Next) -> Response {
+    let s = &p.http;
     let start = Instant::now();
     let progress = Arc::new(BodyProgress::default());
     let req = if s.body_timeout_ms > 0 {
@@ -514,8 +531,8 @@ async fn healthz() -> &'static str {
 }
 
 /// Anyone gets the counters summed over tenants; the admin token adds the tenant label.
-async fn metrics(State(p): State<Arc<Platform>>, headers: axum::http::HeaderMap) -> Response {
-    let admin = &p.settings.auth.admin_token;
+async fn metrics(State(p): State<Edge>, headers: axum::http::HeaderMap) -> Response {
+    let admin = &p.auth.settings.admin_token;
     let is_admin = !admin.is_empty()
         && headers
             .get(header::AUTHORIZATION)
@@ -536,16 +553,13 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
 }
 
-/// The routers of the given components with health, metrics and the shared middleware.
-/// `public` routes are under the in-flight limits; `internal` ones (the coredms RPC, whose
-/// callers are other components, each bounded by its own limits) and `/healthz` and
-/// `/metrics` are not, so they never wait behind tenant traffic. Every route has the
-/// request and body-read timeouts.
-pub fn compose(
-    platform: Arc<Platform>,
-    public: Vec<Router<Arc<Platform>>>,
-    internal: Vec<Router<Arc<Platform>>>,
-) -> Router {
+/// The routers of the components a process runs (each already holding its own state) with
+/// health, metrics and the shared middleware. A component the process does not run has no
+/// routes here, so its paths answer 404 like any unknown path. `public` routes are under the
+/// in-flight limits; `internal` ones (the coredms RPC, whose callers are other components,
+/// each bounded by its own limits) and `/healthz` and `/metrics` are not, so they never
+/// wait behind tenant traffic. Every route has the request and body-read timeouts.
+pub fn compose(edge: Edge, public: Vec<Router>, internal: Vec<Router>) -> Router {
     let mut app = Router::new();
     for c in public {
         app = app.merge(c);
@@ -553,20 +567,20 @@ pub fn compose(
     let mut app = app
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
-            platform.clone(),
+            edge.clone(),
             limit_in_flight,
         ))
-        // Added after the limit layer, so outside it.
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics));
+        // Merged after the limit layer, so outside it.
+        .merge(
+            Router::new()
+                .route("/healthz", get(healthz))
+                .route("/metrics", get(metrics))
+                .with_state(edge.clone()),
+        );
     for c in internal {
         app = app.merge(c);
     }
-    app.layer(axum::middleware::from_fn_with_state(
-        platform.clone(),
-        timeouts,
-    ))
-    .with_state(platform)
+    app.layer(axum::middleware::from_fn_with_state(edge, timeouts))
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@ pub mod http;
 pub mod infra;
 pub mod logs;
 pub mod metrics;
+pub mod model;
+pub mod pipeline;
 pub mod processes;
 pub mod stream;
 pub mod tenants;
@@ -25,13 +27,14 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::apps::AppCache;
-use crate::batch::{BatchManager, Staging};
+use crate::batch::{BatchApi, BatchManager, Staging};
 use crate::config::Settings;
-use crate::coredms::{CoreDms, MongoStore, Remote};
+use crate::coredms::{CoreDms, CoredmsApi, MongoStore, OnNewTenant, Remote};
+use crate::http::{Auth, Edge};
 use crate::infra::{Infra, ServerVersions};
 use crate::metrics::Metrics;
-use crate::stream::{Broker, StreamManager};
+use crate::pipeline::{AppCache, AppsApi};
+use crate::stream::{Broker, StreamApi, StreamManager};
 
 /// Which part of the platform a process runs.
 #[derive(
@@ -49,23 +52,19 @@ pub enum Component {
     Stream,
 }
 
-/// The state every handler shares. Components a process does not run are `None`.
+/// A running process: the components it was started with, assembled into one HTTP
+/// application, and what it must stop. Each router holds its own state; a component this
+/// process does not run has no routes at all.
 pub struct Platform {
-    pub settings: Settings,
-    pub coredms: CoreDms,
-    pub apps: Arc<AppCache>,
-    pub batch: Option<Arc<BatchManager>>,
-    pub broker: Option<Arc<Broker>>,
-    pub stream: Option<Arc<StreamManager>>,
+    pub settings: Arc<Settings>,
     pub metrics: Arc<Metrics>,
     pub versions: ServerVersions,
     /// Where MongoDB is (given or provisioned), for tools that measure the raw server.
     pub mongodb_uri: String,
     pub component: Component,
+    app: axum::Router,
     /// Requests in flight, globally and per tenant (see [`http::InFlight`]).
-    pub in_flight: Arc<http::InFlight>,
-    /// Internal RPC calls served at once (see `coredms::RPC_SLOTS`).
-    pub rpc_slots: tokio::sync::Semaphore,
+    in_flight: Arc<http::InFlight>,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     _infra: Option<Infra>,
@@ -137,26 +136,50 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::default());
     let apps = Arc::new(AppCache::default());
+    let settings = Arc::new(settings);
+    let auth = Auth {
+        settings: Arc::new(settings.auth.clone()),
+        tenants: Arc::new(coredms.clone()),
+    };
     let runs = |c: Component| component == Component::All || component == c;
-    let batch = if runs(Component::Batch) {
+    let mut public = Vec::new();
+    let mut internal = Vec::new();
+    let mut tasks = Vec::new();
+    // coredms declares each new tenant's queues, so it holds a broker too.
+    let broker = (runs(Component::Stream) || component == Component::Coredms)
+        .then(|| Arc::new(Broker::new(&infra.amqp_uri, &settings.amqp, &ns)));
+    if let CoreDms::Local(store) = &coredms {
+        let on_new_tenant = broker.clone().map(|b| b as Arc<dyn OnNewTenant>);
+        let api = CoredmsApi::new(store.clone(), settings.clone(), on_new_tenant, auth.clone());
+        public.push(coredms::router(api.clone()));
+        internal.push(coredms::rpc_router(api));
+    }
+    if runs(Component::Batch) || runs(Component::Stream) {
+        public.push(pipeline::apps_router(AppsApi {
+            coredms: coredms.clone(),
+            auth: auth.clone(),
+        }));
+    }
+    if runs(Component::Batch) {
         let dir = settings.staging.dir.clone();
         let staging = Staging::new(dir.clone())
             .map_err(|source| StartError::Staging { path: dir, source })?;
-        Some(Arc::new(BatchManager::new(
+        let manager = Arc::new(BatchManager::new(
             coredms.clone(),
             apps.clone(),
             staging,
             settings.batch.clone(),
             metrics.clone(),
-        )))
-    } else {
-        None
-    };
-    // coredms declares each new tenant's queues, so it holds a broker too.
-    let broker = (runs(Component::Stream) || component == Component::Coredms)
-        .then(|| Arc::new(Broker::new(&infra.amqp_uri, &settings.amqp, &ns)));
-    let stream = runs(Component::Stream).then(|| {
-        Arc::new(StreamManager::new(
+        ));
+        public.push(batch::router(BatchApi {
+            manager: manager.clone(),
+            coredms: coredms.clone(),
+            auth: auth.clone(),
+        }));
+        tasks.push(tokio::spawn(manager.run(shutdown.clone())));
+    }
+    if let (true, Some(broker)) = (runs(Component::Stream), broker) {
+        let manager = Arc::new(StreamManager::new(
             &infra.amqp_uri,
             &settings.amqp,
             &settings.stream,
@@ -165,65 +188,54 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
             apps.clone(),
             metrics.clone(),
             shutdown.clone(),
-        ))
-    });
-    let platform = Arc::new(Platform {
-        in_flight: Arc::new(http::InFlight::new(&settings.http)),
-        rpc_slots: tokio::sync::Semaphore::new(coredms::RPC_SLOTS),
+        ));
+        public.push(stream::router(StreamApi {
+            broker,
+            manager: manager.clone(),
+            coredms: coredms.clone(),
+            settings: Arc::new(settings.stream.clone()),
+            metrics: metrics.clone(),
+            auth: auth.clone(),
+        }));
+        // On stop, consumers finish their batch.
+        let stopped = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            stopped.cancelled().await;
+            manager.stop_all().await;
+        }));
+    }
+    let in_flight = Arc::new(http::InFlight::new(&settings.http));
+    let edge = Edge {
+        auth,
+        http: Arc::new(settings.http.clone()),
+        in_flight: in_flight.clone(),
+        metrics: metrics.clone(),
+    };
+    let app = http::compose(edge, public, internal);
+    Ok(Arc::new(Platform {
         settings,
-        coredms,
-        apps,
-        batch: batch.clone(),
-        broker,
-        stream,
         metrics,
         versions: infra.versions.clone(),
         mongodb_uri: infra.mongodb_uri.clone(),
         component,
-        shutdown: shutdown.clone(),
-        tasks: std::sync::Mutex::new(Vec::new()),
+        app,
+        in_flight,
+        shutdown,
+        tasks: std::sync::Mutex::new(tasks),
         _infra: Some(infra),
-    });
-    if let Some(b) = batch {
-        let task = tokio::spawn(b.run(shutdown));
-        if let Ok(mut t) = platform.tasks.lock() {
-            t.push(task);
-        }
-    }
-    Ok(platform)
+    }))
 }
 
 impl Platform {
     /// The HTTP application of this process's components.
-    pub fn router(self: &Arc<Self>) -> axum::Router {
-        let mut parts = Vec::new();
-        let mut internal = Vec::new();
-        if matches!(self.component, Component::All | Component::Coredms) {
-            parts.push(coredms::router());
-            internal.push(coredms::rpc_router(self.settings.http.max_rpc_bytes));
-        }
-        if matches!(
-            self.component,
-            Component::All | Component::Batch | Component::Stream
-        ) {
-            parts.push(apps::router());
-        }
-        if matches!(self.component, Component::All | Component::Batch) {
-            parts.push(batch::router());
-        }
-        if matches!(self.component, Component::All | Component::Stream) {
-            parts.push(stream::router());
-        }
-        http::compose(self.clone(), parts, internal)
+    pub fn router(&self) -> axum::Router {
+        self.app.clone()
     }
 
     /// Stops background work: batch workers stop after their current bulk write (the file
     /// stays `ingesting` and resumes on the next start), consumers finish their batch.
     pub async fn stop(&self) {
         self.shutdown.cancel();
-        if let Some(s) = &self.stream {
-            s.stop_all().await;
-        }
         let tasks: Vec<_> = self
             .tasks
             .lock()

@@ -99,11 +99,6 @@ impl LogEntry {
     }
 }
 
-/// The current time as RFC 3339, for profile and file timestamps.
-pub fn rfc3339_now() -> String {
-    DateTime::now().try_to_rfc3339_string().unwrap_or_default()
-}
-
 pub fn source_str(s: Source) -> &'static str {
     match s {
         Source::Batch => "batch",

@@ -6,7 +6,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AppLimits, TenantLimits};
+use crate::config::{AppLimits, Format, TenantLimits};
 
 /// A tenant name that matches `[a-z0-9][a-z0-9_-]{0,31}`; holding one proves it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -48,40 +48,6 @@ impl<'de> Deserialize<'de> for TenantName {
 impl fmt::Display for TenantName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// Data formats the platform parses into records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Format {
-    Csv,
-    /// A JSON array of objects, or a single JSON object.
-    Json,
-    /// One JSON value per line.
-    Ndjson,
-}
-
-impl Format {
-    /// The format a file name announces by its extension.
-    pub fn from_file_name(name: &str) -> Option<Self> {
-        let ext = name.rsplit_once('.')?.1.to_ascii_lowercase();
-        match ext.as_str() {
-            "csv" => Some(Self::Csv),
-            "json" => Some(Self::Json),
-            "ndjson" | "jsonl" => Some(Self::Ndjson),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Format {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Csv => "csv",
-            Self::Json => "json",
-            Self::Ndjson => "ndjson",
-        })
     }
 }
 
@@ -181,13 +147,5 @@ mod tests {
         assert_eq!(a.len(), 68);
         assert_eq!(hash_token(&a), hash_token(&a));
         assert_ne!(hash_token(&a), hash_token(&b));
-    }
-
-    #[test]
-    fn formats_come_from_extensions() {
-        assert_eq!(Format::from_file_name("x.CSV"), Some(Format::Csv));
-        assert_eq!(Format::from_file_name("x.jsonl"), Some(Format::Ndjson));
-        assert_eq!(Format::from_file_name("x.parquet"), None);
-        assert_eq!(Format::from_file_name("noext"), None);
     }
 }

@@ -26,48 +26,19 @@
 
 mod builtins;
 mod convert;
-mod router;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use mlua::{Function, Lua, LuaOptions, StdLib, Value, VmState};
-use serde::{Deserialize, Serialize};
 
 pub use builtins::find_bytes;
 pub use convert::{ConvertError, Exceeded, Meter, json_to_lua, lua_to_json};
-pub use router::router;
 
 use crate::config::AppLimits;
+use crate::model::{AppKind, check_collection};
 use crate::tenants::TenantName;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AppKind {
-    Batch,
-    Stream,
-}
-
-impl AppKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Batch => "batch",
-            Self::Stream => "stream",
-        }
-    }
-}
-
-/// An uploaded app version as stored through coredms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StoredApp {
-    pub tenant: String,
-    pub kind: AppKind,
-    pub version: u32,
-    pub source: String,
-    pub created_at: String,
-}
 
 /// A syntax or validation error in an uploaded app, with where it is.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
@@ -83,24 +54,6 @@ pub const MAX_SOURCE_BYTES: usize = 256 * 1024;
 /// Bytes of `log()` output kept per call.
 const MAX_LOG_BYTES: usize = 1024;
 const CHUNK_NAME: &str = "=app";
-
-/// A collection name tenants may write to.
-pub fn check_collection(c: &str) -> Result<(), String> {
-    let ok = !c.is_empty()
-        && c.len() <= 64
-        && !c.starts_with("system.")
-        && !c.starts_with('.')
-        && c.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "invalid collection name `{}`: use 1-64 of [A-Za-z0-9_.-], not starting with `system.`",
-            c.chars().take(80).collect::<String>()
-        ))
-    }
-}
 
 /// The functions an app defines, found when it is validated.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -805,6 +758,13 @@ fn parse_csv(lua: &Lua, bytes: &[u8], budget: &Budget) -> mlua::Result<mlua::Tab
     Ok(out)
 }
 
+/// What one input asks of an app: `map` over a parsed record, or `ingest` of a payload.
+#[derive(Debug, Clone, Copy)]
+pub enum Call<'a> {
+    Map(&'a serde_json::Value),
+    Ingest(&'a str),
+}
+
 /// An app version ready to run, with its pool of VMs (one per worker thread that used it).
 pub struct AppHandle {
     pub tenant: TenantName,
@@ -856,26 +816,31 @@ impl AppHandle {
         }
     }
 
-    /// Runs `map` on each record. Blocking: call from a blocking thread.
-    pub fn map_records(&self, data_name: &str, records: &[serde_json::Value]) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(records.len());
-        let mut vm = match self.checkout() {
-            Ok(vm) => Some(vm),
-            Err(f) => {
-                return records
-                    .iter()
-                    .map(|_| Outcome {
-                        result: Err(f.clone()),
-                        log: None,
-                    })
-                    .collect();
-            }
-        };
-        for record in records {
+    /// Runs each call in turn on one VM taken from the pool once; a VM that hits a limit is
+    /// discarded and the next call takes a fresh one. One outcome per call, in order.
+    /// Blocking: call from a blocking thread.
+    pub fn run<'a>(&self, calls: impl IntoIterator<Item = (&'a str, Call<'a>)>) -> Vec<Outcome> {
+        let mut calls = calls.into_iter();
+        let mut out = Vec::with_capacity(calls.size_hint().0);
+        let mut vm = None;
+        let mut first = true;
+        while let Some((data_name, call)) = calls.next() {
             let v = match vm.take() {
                 Some(v) => v,
                 None => match self.checkout() {
                     Ok(v) => v,
+                    // The app does not load at all: the reason holds for every call.
+                    Err(f) if first => {
+                        out.push(Outcome {
+                            result: Err(f.clone()),
+                            log: None,
+                        });
+                        out.extend(calls.map(|_| Outcome {
+                            result: Err(f.clone()),
+                            log: None,
+                        }));
+                        return out;
+                    }
                     Err(f) => {
                         out.push(Outcome {
                             result: Err(f),
@@ -885,7 +850,11 @@ impl AppHandle {
                     }
                 },
             };
-            let (outcome, keep) = self.map_one(v, data_name, record);
+            first = false;
+            let (outcome, keep) = match call {
+                Call::Map(record) => self.map_one(v, data_name, record),
+                Call::Ingest(data) => self.ingest_one(v, data_name, data),
+            };
             out.push(outcome);
             vm = keep;
         }
@@ -893,6 +862,11 @@ impl AppHandle {
             self.checkin(v);
         }
         out
+    }
+
+    /// Runs `map` on each record. Blocking: call from a blocking thread.
+    pub fn map_records(&self, data_name: &str, records: &[serde_json::Value]) -> Vec<Outcome> {
+        self.run(records.iter().map(|r| (data_name, Call::Map(r))))
     }
 
     /// One record through `map`; returns the VM unless it hit a limit and must be discarded.
@@ -1009,31 +983,38 @@ impl AppHandle {
 
     /// Runs `ingest(tenant, name, data)` on a whole payload. Blocking.
     pub fn ingest(&self, data_name: &str, data: &str) -> Outcome {
-        let mut vm = match self.checkout() {
-            Ok(vm) => vm,
-            Err(f) => {
-                return Outcome {
-                    result: Err(f),
-                    log: None,
-                };
-            }
-        };
-        let Some(ingest) = vm.ingest.clone() else {
-            self.checkin(vm);
-            return Outcome {
-                result: Err(AppFailure {
-                    reason: "app defines no `ingest` function".into(),
-                    limit: false,
-                }),
+        self.run([(data_name, Call::Ingest(data))])
+            .pop()
+            .unwrap_or(Outcome {
+                result: Ok(Vec::new()),
                 log: None,
-            };
+            })
+    }
+
+    /// One payload through `ingest`; returns the VM unless it hit a limit and must be
+    /// discarded.
+    fn ingest_one(&self, mut vm: Vm, data_name: &str, data: &str) -> (Outcome, Option<Vm>) {
+        let Some(ingest) = vm.ingest.clone() else {
+            return (
+                Outcome {
+                    result: Err(AppFailure {
+                        reason: "app defines no `ingest` function".into(),
+                        limit: false,
+                    }),
+                    log: None,
+                },
+                Some(vm),
+            );
         };
         if let Err(e) = vm.set_context(self.tenant.as_str(), data_name) {
             let f = vm.failure(&e, &self.limits);
-            return Outcome {
-                result: Err(f),
-                log: None,
-            };
+            return (
+                Outcome {
+                    result: Err(f),
+                    log: None,
+                },
+                None,
+            );
         }
         vm.begin(&self.limits);
         let r = ingest.call::<()>((self.tenant.as_str(), data_name, data));
@@ -1041,10 +1022,13 @@ impl AppHandle {
         if r.is_ok()
             && let Some(f) = vm.caught_limit(&self.limits)
         {
-            return Outcome {
-                result: Err(f),
-                log,
-            };
+            return (
+                Outcome {
+                    result: Err(f),
+                    log,
+                },
+                None,
+            );
         }
         match r {
             Ok(()) => {
@@ -1053,21 +1037,24 @@ impl AppHandle {
                     .app_data_mut::<CallState>()
                     .map(|mut s| std::mem::take(&mut s.emits))
                     .unwrap_or_default();
-                self.checkin(vm);
-                Outcome {
-                    result: Ok(emits),
-                    log,
-                }
+                (
+                    Outcome {
+                        result: Ok(emits),
+                        log,
+                    },
+                    Some(vm),
+                )
             }
             Err(e) => {
                 let f = vm.failure(&e, &self.limits);
-                if !f.limit {
-                    self.checkin(vm);
-                }
-                Outcome {
-                    result: Err(f),
-                    log,
-                }
+                let keep = (!f.limit).then_some(vm);
+                (
+                    Outcome {
+                        result: Err(f),
+                        log,
+                    },
+                    keep,
+                )
             }
         }
     }
@@ -1075,190 +1062,6 @@ impl AppHandle {
     pub fn limits(&self) -> &AppLimits {
         &self.limits
     }
-}
-
-/// The compiled, active app of each tenant and kind, refreshed when a new version appears.
-#[derive(Default)]
-pub struct AppCache {
-    apps: Mutex<HashMap<(TenantName, AppKind), Arc<AppHandle>>>,
-}
-
-impl AppCache {
-    /// The active app for a tenant: compiled once per version, then served from the cache.
-    /// `None` when the tenant has not uploaded one (records are stored as parsed).
-    pub async fn active(
-        &self,
-        coredms: &crate::coredms::CoreDms,
-        tenant: &TenantName,
-        kind: AppKind,
-        limits: AppLimits,
-    ) -> Result<Option<Arc<AppHandle>>, crate::coredms::CoreError> {
-        let Some(stored) = coredms.active_app(tenant, kind).await? else {
-            return Ok(None);
-        };
-        let key = (tenant.clone(), kind);
-        if let Some(h) = self.apps.lock().ok().and_then(|m| m.get(&key).cloned())
-            && h.version == stored.version
-            && h.limits == limits
-        {
-            return Ok(Some(h));
-        }
-        let source = stored.source;
-        let compiled = tokio::task::spawn_blocking(move || compile(&source, &limits))
-            .await
-            .map_err(|e| crate::coredms::CoreError::Database(e.to_string()))?
-            .map_err(|e| {
-                crate::coredms::CoreError::Invalid(format!("stored app does not compile: {e}"))
-            })?;
-        let h = Arc::new(AppHandle::new(
-            tenant.clone(),
-            kind,
-            stored.version,
-            compiled,
-            limits,
-        ));
-        if let Ok(mut m) = self.apps.lock() {
-            m.insert(key, h.clone());
-        }
-        Ok(Some(h))
-    }
-}
-
-/// One input to transform: a parsed record (or the reason it could not be parsed), or for
-/// `ingest` apps the raw payload as a JSON string.
-#[derive(Debug, Clone)]
-pub struct Input {
-    /// Stable origin of the input (file hash, message id): the prefix of its document ids.
-    pub origin: String,
-    pub index: u64,
-    pub bytes: u64,
-    pub started_us: i64,
-    pub data_name: String,
-    pub value: Result<serde_json::Value, String>,
-}
-
-/// Documents to write and failures to log, with which inputs failed (for dead-lettering).
-#[derive(Debug, Default)]
-pub struct Transformed {
-    pub docs: Vec<crate::coredms::DocWrite>,
-    pub failures: Vec<crate::coredms::Failure>,
-    /// (index into the inputs, reason)
-    pub failed_inputs: Vec<(usize, String)>,
-    /// For each of `docs`, the index of the input it came from.
-    pub doc_inputs: Vec<usize>,
-}
-
-struct CountingWriter(usize);
-
-impl std::io::Write for CountingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn json_size(m: &serde_json::Map<String, serde_json::Value>) -> usize {
-    let mut w = CountingWriter(0);
-    let _ = serde_json::to_writer(&mut w, m);
-    w.0
-}
-
-/// Runs the app (or none: records are stored as parsed) over inputs. Blocking.
-pub fn transform(
-    app: Option<&AppHandle>,
-    collection: &str,
-    max_doc_bytes: usize,
-    inputs: &[Input],
-) -> Transformed {
-    let mut out = Transformed::default();
-    let outcomes: Vec<Outcome> = match app {
-        None => inputs
-            .iter()
-            .map(|i| Outcome {
-                result: match &i.value {
-                    Ok(serde_json::Value::Object(m)) => Ok(vec![(None, m.clone())]),
-                    Ok(_) => Err(AppFailure {
-                        reason: "record is not a JSON object (upload an app to map it)".into(),
-                        limit: false,
-                    }),
-                    Err(e) => Err(AppFailure {
-                        reason: e.clone(),
-                        limit: false,
-                    }),
-                },
-                log: None,
-            })
-            .collect(),
-        Some(app) => inputs
-            .iter()
-            .map(|i| match &i.value {
-                Err(e) => Outcome {
-                    result: Err(AppFailure {
-                        reason: e.clone(),
-                        limit: false,
-                    }),
-                    log: None,
-                },
-                Ok(v) if app.shape.has_map => app
-                    .map_records(&i.data_name, std::slice::from_ref(v))
-                    .pop()
-                    .unwrap_or(Outcome {
-                        result: Ok(Vec::new()),
-                        log: None,
-                    }),
-                Ok(serde_json::Value::String(raw)) => app.ingest(&i.data_name, raw),
-                Ok(v) => app.ingest(&i.data_name, &v.to_string()),
-            })
-            .collect(),
-    };
-    for (n, (input, outcome)) in inputs.iter().zip(outcomes).enumerate() {
-        let fail = |out: &mut Transformed, reason: String| {
-            out.failures.push(crate::coredms::Failure {
-                collection: collection.to_owned(),
-                reason: reason.clone(),
-                bytes: input.bytes,
-                started_us: input.started_us,
-                data_name: Some(input.data_name.clone()),
-            });
-            out.failed_inputs.push((n, reason));
-        };
-        let docs = match outcome.result {
-            Ok(d) => d,
-            Err(f) => {
-                let reason = match outcome.log {
-                    Some(l) => format!("{} (app log: {l})", f.reason),
-                    None => f.reason,
-                };
-                fail(&mut out, reason);
-                continue;
-            }
-        };
-        // An app's documents were measured while they were converted; records stored as
-        // parsed are measured here.
-        if app.is_none() && docs.iter().any(|(_, d)| json_size(d) > max_doc_bytes) {
-            fail(
-                &mut out,
-                format!("document exceeds {max_doc_bytes} bytes limit"),
-            );
-            continue;
-        }
-        let per_doc_bytes = input.bytes / (docs.len().max(1) as u64);
-        for (k, (coll, doc)) in docs.into_iter().enumerate() {
-            out.doc_inputs.push(n);
-            out.docs.push(crate::coredms::DocWrite {
-                id: crate::coredms::doc_id(&input.origin, input.index, k as u32),
-                collection: coll.unwrap_or_else(|| collection.to_owned()),
-                doc,
-                bytes: per_doc_bytes,
-                started_us: input.started_us,
-                data_name: Some(input.data_name.clone()),
-            });
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 use serde_json::json;
 
 use super::*;
+use crate::model::AppKind;
 
 fn limits() -> AppLimits {
     AppLimits {
@@ -245,31 +246,6 @@ fn json_null_and_arrays_round_trip() {
         serde_json::Value::Object(docs[0].1.clone()),
         json!({"a": null, "b": [1, 2, {"c": []}], "d": {"e": "f"}, "n": -3})
     );
-}
-
-#[test]
-fn transform_without_app_stores_objects_and_fails_the_rest() {
-    let inputs: Vec<Input> = [
-        Ok(json!({"a": 1})),
-        Ok(json!([1])),
-        Err("line 3: bad".to_owned()),
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, value)| Input {
-        origin: "h".into(),
-        index: i as u64,
-        bytes: 5,
-        started_us: 0,
-        data_name: "f".into(),
-        value,
-    })
-    .collect();
-    let t = transform(None, "c", 1000, &inputs);
-    assert_eq!(t.docs.len(), 1);
-    assert_eq!(t.docs[0].id, "h:0");
-    assert_eq!(t.failed_inputs.len(), 2);
-    assert_eq!(t.failures[1].reason, "line 3: bad");
 }
 
 /// Runs `f` on its own thread and waits at most `secs` for it: an attack that is not stopped

@@ -13,94 +13,21 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use router::router;
+pub use router::{BatchApi, router};
 pub use staging::{Staging, check_file_name};
 
-use crate::apps::{AppCache, AppHandle, AppKind, Input, transform};
+use crate::apps::AppHandle;
 use crate::config::BatchSettings;
-use crate::coredms::{BulkWrite, CoreDms, CoreError, now_us};
+use crate::coredms::{CoreDms, CoreError};
 use crate::events::Ingested;
 use crate::logs::Source;
 use crate::metrics::Metrics;
-use crate::tenants::{Format, TenantName};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileState {
-    Staged,
-    Ingesting,
-    Done,
-    Failed,
-}
-
-impl FileState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Staged => "staged",
-            Self::Ingesting => "ingesting",
-            Self::Done => "done",
-            Self::Failed => "failed",
-        }
-    }
-}
-
-/// A staged file and its ingestion status, stored through coredms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct FileRecord {
-    pub tenant: String,
-    pub name: String,
-    pub format: Format,
-    pub bytes: u64,
-    pub sha256: String,
-    pub state: FileState,
-    pub collection: String,
-    pub records_ok: u64,
-    pub records_failed: u64,
-    pub records_duplicate: u64,
-    /// Records before this index are stored and logged: where a resumed job starts.
-    pub next_record: u64,
-    #[serde(default)]
-    pub error: Option<String>,
-    #[serde(default)]
-    pub app_version: Option<u32>,
-    pub staged_at: String,
-    pub updated_at: String,
-}
-
-impl FileRecord {
-    /// A freshly staged file: nothing ingested yet.
-    pub fn staged(
-        tenant: &TenantName,
-        name: &str,
-        format: Format,
-        bytes: u64,
-        sha256: String,
-        collection: String,
-    ) -> Self {
-        let now = crate::logs::rfc3339_now();
-        Self {
-            tenant: tenant.to_string(),
-            name: name.to_owned(),
-            format,
-            bytes,
-            sha256,
-            state: FileState::Staged,
-            collection,
-            records_ok: 0,
-            records_failed: 0,
-            records_duplicate: 0,
-            next_record: 0,
-            error: None,
-            app_version: None,
-            staged_at: now.clone(),
-            updated_at: now,
-        }
-    }
-}
+use crate::model::{AppKind, BulkWrite, FileRecord, FileState, now_us};
+use crate::pipeline::{AppCache, Input, transform, with_retry, write_with_retry};
+use crate::tenants::TenantName;
 
 /// Bulk writes a job runs before yielding its worker to another tenant.
 const SLICE_BATCHES: usize = 4;
@@ -255,7 +182,7 @@ impl BatchManager {
         rec.records_duplicate = 0;
         rec.next_record = 0;
         rec.error = None;
-        rec.updated_at = crate::logs::rfc3339_now();
+        rec.updated_at = crate::model::rfc3339_now();
         self.coredms.put_file(&rec).await?;
         self.enqueue(rec.clone()).await?;
         Ok(rec)
@@ -410,7 +337,7 @@ impl BatchManager {
         job.record.records_duplicate += outcome.duplicates;
         job.record.records_failed += failed;
         job.record.next_record += inputs as u64;
-        job.record.updated_at = crate::logs::rfc3339_now();
+        job.record.updated_at = crate::model::rfc3339_now();
         Ingested {
             tenant: &job.record.tenant,
             source: Source::Batch,
@@ -444,7 +371,7 @@ impl BatchManager {
                     data_name: job.record.name.clone(),
                     app_version: job.record.app_version,
                     docs: vec![],
-                    failures: vec![crate::coredms::Failure {
+                    failures: vec![crate::model::Failure {
                         collection: job.record.collection.clone(),
                         reason: e.clone(),
                         bytes: job.record.bytes,
@@ -458,7 +385,7 @@ impl BatchManager {
                 failed = job.record.records_failed, duplicates = job.record.records_duplicate, "ingestion done");
         }
         job.record.error = error;
-        job.record.updated_at = crate::logs::rfc3339_now();
+        job.record.updated_at = crate::model::rfc3339_now();
         for attempt in 0..10u32 {
             match self.coredms.put_file(&job.record).await {
                 Ok(()) => break,
@@ -495,44 +422,10 @@ impl parse::RecordSource for WholeFile {
     }
 }
 
-/// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
-/// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
-/// few minutes. Other errors return at once.
-pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CoreError>>,
-{
-    let mut delay = Duration::from_millis(100);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(CoreError::Unavailable("shutting down".into())),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// A bulk write through coredms, retried while the database is unavailable.
-pub async fn write_with_retry(
-    coredms: &CoreDms,
-    write: BulkWrite,
-    cancel: &CancellationToken,
-) -> Result<crate::coredms::BulkOutcome, CoreError> {
-    with_retry(cancel, || coredms.bulk_write(&write)).await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Format;
 
     fn job(tenant: &str, name: &str) -> Job {
         let t = TenantName::parse(tenant).expect("valid");

@@ -5,7 +5,7 @@ use std::io::{BufRead, Read};
 
 use serde_json::{Map, Value};
 
-use crate::tenants::Format;
+use crate::config::Format;
 
 /// One record of a file: its position, its size, and the parsed value or why it failed.
 #[derive(Debug, Clone, PartialEq)]

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -12,12 +12,28 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::staging::UploadError;
-use super::{BatchError, BatchManager, FileRecord, FileState, check_file_name};
-use crate::Platform;
-use crate::http::{ApiError, Caller, PathArgs, QueryArgs};
-use crate::tenants::{Format, TenantName};
+use super::{BatchError, BatchManager, check_file_name};
+use crate::config::Format;
+use crate::coredms::CoreDms;
+use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
+use crate::model::{FileRecord, FileState};
+use crate::tenants::TenantName;
 
-pub fn router() -> Router<Arc<Platform>> {
+/// What the file endpoints need: this process's batch manager, and coredms for file status.
+#[derive(Clone)]
+pub struct BatchApi {
+    pub manager: Arc<BatchManager>,
+    pub coredms: CoreDms,
+    pub auth: Auth,
+}
+
+impl FromRef<BatchApi> for Auth {
+    fn from_ref(s: &BatchApi) -> Auth {
+        s.auth.clone()
+    }
+}
+
+pub fn router(state: BatchApi) -> Router {
     Router::new()
         .route("/v1/tenants/{t}/files", get(list))
         .route(
@@ -28,15 +44,7 @@ pub fn router() -> Router<Arc<Platform>> {
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/tenants/{t}/files/{name}/ingest", post(ingest))
-}
-
-fn manager(p: &Platform) -> Result<&BatchManager, ApiError> {
-    p.batch.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "batch ingestion is served by the batch service",
-        )
-    })
+        .with_state(state)
 }
 
 impl From<BatchError> for ApiError {
@@ -78,17 +86,17 @@ struct UploadQuery {
 }
 
 async fn upload(
-    State(p): State<Arc<Platform>>,
+    State(p): State<BatchApi>,
     caller: Caller,
     PathArgs((t, name)): PathArgs<(String, String)>,
     QueryArgs(q): QueryArgs<UploadQuery>,
     body: Body,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let m = manager(&p)?;
+    let m = &p.manager;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     let collection = q.collection.unwrap_or_else(|| collection_for(&name));
-    crate::apps::check_collection(&collection).map_err(ApiError::bad_request)?;
+    crate::model::check_collection(&collection).map_err(ApiError::bad_request)?;
     let profile = p.coredms.tenant(&t).await?;
     let c = &profile.constraints;
     let format = Format::from_file_name(&name).ok_or_else(|| {
@@ -141,13 +149,13 @@ async fn upload(
 }
 
 async fn ingest(
-    State(p): State<Arc<Platform>>,
+    State(p): State<BatchApi>,
     caller: Caller,
     PathArgs((t, name)): PathArgs<(String, String)>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
-    let rec = manager(&p)?.start(&t, &name).await?;
+    let rec = p.manager.start(&t, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "job": format!("{t}/{name}"), "file": rec })),
@@ -156,7 +164,7 @@ async fn ingest(
 }
 
 async fn status(
-    State(p): State<Arc<Platform>>,
+    State(p): State<BatchApi>,
     caller: Caller,
     PathArgs((t, name)): PathArgs<(String, String)>,
 ) -> Result<Response, ApiError> {
@@ -172,7 +180,7 @@ async fn status(
 }
 
 async fn list(
-    State(p): State<Arc<Platform>>,
+    State(p): State<BatchApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
@@ -181,13 +189,13 @@ async fn list(
 }
 
 async fn remove(
-    State(p): State<Arc<Platform>>,
+    State(p): State<BatchApi>,
     caller: Caller,
     PathArgs((t, name)): PathArgs<(String, String)>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
-    let m = manager(&p)?;
+    let m = &p.manager;
     match p.coredms.file(&t, &name).await? {
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

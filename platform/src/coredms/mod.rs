@@ -15,11 +15,10 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mongodb::MongoStore;
 pub use remote::Remote;
-pub use router::{RPC_SLOTS, router, rpc_router};
+pub use router::{CoredmsApi, OnNewTenant, RPC_SLOTS, router, rpc_router};
 
-use crate::apps::{AppKind, StoredApp};
-use crate::batch::{FileRecord, FileState};
-use crate::logs::{LogEntry, Source, Status};
+use crate::logs::{LogEntry, Status};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp, now_us};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
 
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
@@ -99,65 +98,6 @@ pub fn transient_code(code: i32) -> bool {
             | 13436
             | 14031
     )
-}
-
-/// A batch of documents for one tenant, written in bulk with its log entries.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BulkWrite {
-    pub tenant: TenantName,
-    pub source: Source,
-    pub data_name: String,
-    pub app_version: Option<u32>,
-    pub docs: Vec<DocWrite>,
-    /// Records that failed before reaching the database (parse errors, app errors).
-    pub failures: Vec<Failure>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DocWrite {
-    /// Deterministic id (see [`doc_id`]): a retry writes the same id, and is a duplicate.
-    pub id: String,
-    pub collection: String,
-    pub doc: serde_json::Map<String, serde_json::Value>,
-    /// Size of the input this document came from.
-    pub bytes: u64,
-    /// When ingestion of its input began (record read, or message published), Unix µs.
-    pub started_us: i64,
-    /// A different data name than the batch's (e.g. per stream message type).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_name: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Failure {
-    pub collection: String,
-    pub reason: String,
-    pub bytes: u64,
-    pub started_us: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_name: Option<String>,
-}
-
-/// What a bulk write did, per document: `failed` holds (index into `docs`, reason).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct BulkOutcome {
-    pub inserted: u64,
-    pub duplicates: u64,
-    pub failed: Vec<(usize, String)>,
-}
-
-/// A document id derived from where the record came from, never random: the same input
-/// position always yields the same id, so re-ingestion cannot duplicate.
-pub fn doc_id(origin: &str, record: u64, emitted: u32) -> String {
-    if emitted == 0 {
-        format!("{origin}:{record}")
-    } else {
-        format!("{origin}:{record}:{emitted}")
-    }
-}
-
-pub fn now_us() -> i64 {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1000
 }
 
 /// The documents of a bulk write as BSON, grouped by collection, ready to insert.
@@ -497,6 +437,8 @@ pub(crate) fn bson_err(e: bson::ser::Error) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::Source;
+    use crate::model::{DocWrite, Failure, doc_id};
     use serde_json::json;
 
     fn write(docs: Vec<serde_json::Value>) -> BulkWrite {

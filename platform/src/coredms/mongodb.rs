@@ -10,11 +10,10 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{BulkOutcome, BulkWrite, CoreError, bson_err, log_entries, prepare};
-use crate::apps::{AppKind, StoredApp};
-use crate::batch::{FileRecord, FileState};
+use super::{CoreError, bson_err, log_entries, prepare};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName, hash_token, new_token};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -143,7 +142,7 @@ impl MongoStore {
             constraints,
             auto_ingest: false,
             description: String::new(),
-            created_at: crate::logs::rfc3339_now(),
+            created_at: crate::model::rfc3339_now(),
         };
         let mut d = bson::to_document(&profile).map_err(bson_err)?;
         d.insert("_id", name.as_str());
@@ -362,7 +361,7 @@ impl MongoStore {
                 kind,
                 version,
                 source: source.to_owned(),
-                created_at: crate::logs::rfc3339_now(),
+                created_at: crate::model::rfc3339_now(),
             };
             let mut d = bson::to_document(&app).map_err(bson_err)?;
             d.insert("_id", format!("{tenant}:{}:{version}", kind.as_str()));

@@ -11,10 +11,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{BulkOutcome, BulkWrite, CoreError, DocWrite, Failure};
-use crate::apps::{AppKind, StoredApp};
-use crate::batch::{FileRecord, FileState};
+use super::CoreError;
 use crate::config::HttpSettings;
+use crate::model::{
+    AppKind, BulkOutcome, BulkWrite, DocWrite, Failure, FileRecord, FileState, StoredApp,
+};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
 
 /// One coredms operation, as sent to `POST /internal/v1/rpc`.

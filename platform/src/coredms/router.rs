@@ -4,23 +4,99 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::remote::Call;
 use super::{CoreDms, CoreError, MongoStore, to_json};
-use crate::Platform;
-use crate::http::{ApiError, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs};
+use crate::config::Settings;
+use crate::http::{
+    ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
+};
 use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary};
 use crate::tenants::{AdminPatch, Constraints, ProfilePatch, TenantName};
 
-pub fn router() -> Router<Arc<Platform>> {
+/// How a coredms error answers an HTTP request (the HTTP edge below knows no storage).
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        match &e {
+            CoreError::TenantNotFound(t) => Self::tenant_not_found(t),
+            CoreError::TenantExists(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
+            CoreError::Invalid(_) => Self::bad_request(e.to_string()),
+            CoreError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database unavailable, retry later",
+                )
+            }
+            CoreError::Database(detail) => {
+                tracing::error!(error = %detail, "database error");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+            }
+        }
+    }
+}
+
+impl TenantTokens for CoreDms {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<TenantName>, ApiError>> {
+        Box::pin(async move { Ok(CoreDms::authenticate(self, token).await?) })
+    }
+}
+
+/// Something done when a tenant is created, before the request is answered: the data
+/// broker declares the tenant's queues, so it can publish at once.
+pub trait OnNewTenant: Send + Sync {
+    fn tenant_created<'a>(&'a self, tenant: &'a TenantName) -> BoxFuture<'a, Result<(), String>>;
+}
+
+/// What coredms' endpoints need: the store this process holds, the defaults for new tenants,
+/// and the internal RPC's slots.
+#[derive(Clone)]
+pub struct CoredmsApi {
+    store: Arc<MongoStore>,
+    coredms: CoreDms,
+    settings: Arc<Settings>,
+    on_new_tenant: Option<Arc<dyn OnNewTenant>>,
+    rpc_slots: Arc<tokio::sync::Semaphore>,
+    auth: Auth,
+}
+
+impl CoredmsApi {
+    pub fn new(
+        store: Arc<MongoStore>,
+        settings: Arc<Settings>,
+        on_new_tenant: Option<Arc<dyn OnNewTenant>>,
+        auth: Auth,
+    ) -> Self {
+        Self {
+            coredms: CoreDms::Local(store.clone()),
+            store,
+            settings,
+            on_new_tenant,
+            rpc_slots: Arc::new(tokio::sync::Semaphore::new(RPC_SLOTS)),
+            auth,
+        }
+    }
+}
+
+impl FromRef<CoredmsApi> for Auth {
+    fn from_ref(s: &CoredmsApi) -> Auth {
+        s.auth.clone()
+    }
+}
+
+pub fn router(state: CoredmsApi) -> Router {
     Router::new()
         .route("/v1/tenants", post(create_tenant))
         .route("/v1/tenants/{t}", get(get_tenant).patch(patch_tenant))
@@ -28,24 +104,19 @@ pub fn router() -> Router<Arc<Platform>> {
         .route("/v1/tenants/{t}/stream/report", get(stream_report))
         .route("/v1/tenants/{t}/collections/{c}/documents", get(documents))
         .route("/v1/logs/summary", get(summary))
+        .with_state(state)
 }
 
-/// The internal RPC, accepting bodies up to `max_bytes` (`http.max_rpc_bytes`): bulk writes
-/// arrive in chunks well under it (`http.rpc_chunk_bytes`).
-pub fn rpc_router(max_bytes: usize) -> Router<Arc<Platform>> {
-    Router::new().route(
-        "/internal/v1/rpc",
-        post(rpc).layer(axum::extract::DefaultBodyLimit::max(max_bytes)),
-    )
-}
-
-fn local(p: &Platform) -> Result<&MongoStore, ApiError> {
-    p.coredms.local().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "this endpoint is served by the coredms service",
+/// The internal RPC, accepting bodies up to `http.max_rpc_bytes`: bulk writes arrive in
+/// chunks well under it (`http.rpc_chunk_bytes`).
+pub fn rpc_router(state: CoredmsApi) -> Router {
+    let max_bytes = state.settings.http.max_rpc_bytes;
+    Router::new()
+        .route(
+            "/internal/v1/rpc",
+            post(rpc).layer(axum::extract::DefaultBodyLimit::max(max_bytes)),
         )
-    })
+        .with_state(state)
 }
 
 #[derive(Deserialize)]
@@ -57,7 +128,7 @@ struct CreateTenant {
 }
 
 async fn create_tenant(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     JsonBody(req): JsonBody<CreateTenant>,
 ) -> Result<Response, ApiError> {
@@ -78,8 +149,8 @@ async fn create_tenant(
     }
     let (mut profile, token) = p.coredms.create_tenant(&name, c).await?;
     // The stream topology exists before the tenant can publish anything.
-    if let Some(broker) = &p.broker {
-        broker.declare_topology(&name).await.map_err(|e| {
+    if let Some(hook) = &p.on_new_tenant {
+        hook.tenant_created(&name).await.map_err(|e| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("tenant created but its queues could not be declared: {e}; retry"),
@@ -112,7 +183,7 @@ async fn create_tenant(
 }
 
 async fn get_tenant(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
@@ -121,7 +192,7 @@ async fn get_tenant(
 }
 
 async fn patch_tenant(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     JsonBody(body): JsonBody<serde_json::Value>,
@@ -149,7 +220,7 @@ async fn patch_tenant(
 const LOG_CHUNK: usize = 512;
 
 async fn download_logs(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     QueryArgs(q): QueryArgs<LogQuery>,
@@ -157,7 +228,7 @@ async fn download_logs(
     let t = caller.for_tenant(&t)?;
     let filter = q.parse().map_err(ApiError::bad_request)?;
     // A JSON array written entry by entry: memory stays flat however long the log is.
-    let stream = log_array_stream(local(&p)?.log_cursor(Some(&t), &filter).await?);
+    let stream = log_array_stream(p.store.log_cursor(Some(&t), &filter).await?);
     let file = format!("{t}-logs.json");
     Ok((
         [
@@ -206,13 +277,13 @@ fn log_array_stream(
 }
 
 async fn summary(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     QueryArgs(q): QueryArgs<LogQuery>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
     let filter = q.parse().map_err(ApiError::bad_request)?;
-    let mut cursor = local(&p)?.log_cursor(None, &filter).await?;
+    let mut cursor = p.store.log_cursor(None, &filter).await?;
     let mut s = Summary::new(q.bucket_s.unwrap_or(60));
     let mut total = 0u64;
     while let Some(e) = cursor.next().await {
@@ -232,7 +303,7 @@ struct ReportQuery {
 }
 
 async fn stream_report(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     QueryArgs(q): QueryArgs<ReportQuery>,
@@ -246,7 +317,7 @@ async fn stream_report(
     .parse()
     .map_err(ApiError::bad_request)?;
     filter.source = Some(Source::Stream);
-    let mut cursor = local(&p)?.log_cursor(Some(&t), &filter).await?;
+    let mut cursor = p.store.log_cursor(Some(&t), &filter).await?;
     let mut r = StreamReport::new(q.period_s.unwrap_or(p.settings.stream.report_period_s));
     while let Some(e) = cursor.next().await {
         r.add(&e.map_err(CoreError::from)?);
@@ -264,20 +335,20 @@ struct Page {
 const MAX_PAGE: i64 = 1000;
 
 async fn documents(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     caller: Caller,
     PathArgs((t, c)): PathArgs<(String, String)>,
     QueryArgs(page): QueryArgs<Page>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    crate::apps::check_collection(&c).map_err(ApiError::bad_request)?;
+    crate::model::check_collection(&c).map_err(ApiError::bad_request)?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let store = local(&p)?;
+    let store = &p.store;
     let docs = store
         .documents(&t, &c, limit, page.skip.unwrap_or(0))
         .await?;
@@ -294,7 +365,7 @@ const RPC_INLINE_DECODE: usize = 256 * 1024;
 pub const RPC_SLOTS: usize = 16;
 
 async fn rpc(
-    State(p): State<Arc<Platform>>,
+    State(p): State<CoredmsApi>,
     _caller: InternalCaller,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {

@@ -246,7 +246,7 @@ impl Broker {
         let mut confirms = Vec::with_capacity(payloads.len());
         for (n, p) in payloads.iter().enumerate() {
             let id = message_id(tenant, idempotency_key, n);
-            let now_us = crate::coredms::now_us();
+            let now_us = crate::model::now_us();
             let mut headers = FieldTable::default();
             headers.insert(HEADER_PUBLISHED_US.into(), AMQPValue::LongLongInt(now_us));
             headers.insert(

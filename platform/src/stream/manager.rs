@@ -14,13 +14,13 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
-use crate::apps::{AppCache, AppKind, Input, transform};
-use crate::batch::write_with_retry;
 use crate::config::{AmqpSettings, StreamSettings};
-use crate::coredms::{BulkWrite, CoreDms, now_us};
+use crate::coredms::CoreDms;
 use crate::events::{DeadLettered, Ingested};
 use crate::logs::Source;
 use crate::metrics::Metrics;
+use crate::model::{AppKind, BulkWrite, now_us};
+use crate::pipeline::{AppCache, Input, transform, write_with_retry};
 use crate::tenants::TenantName;
 
 struct Consumer {
@@ -535,7 +535,7 @@ async fn process(
         // be written either.
         Err(e) if exhausted == batch.len() && !cancel.is_cancelled() => {
             tracing::error!(tenant = %tenant, error = %e, "cannot log the failure of messages past their delivery limit; dead-lettering them anyway");
-            crate::coredms::BulkOutcome::default()
+            crate::model::BulkOutcome::default()
         }
         Err(e) => return Err(Failed::NotStored(e)),
     };

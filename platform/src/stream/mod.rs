@@ -7,7 +7,7 @@ mod manager;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,16 +18,50 @@ use serde_json::json;
 pub use broker::{Broker, BrokerError, Topology};
 pub use manager::StreamManager;
 
-use crate::Platform;
+use crate::config::StreamSettings;
+use crate::coredms::CoreDms;
 use crate::events::Published;
-use crate::http::{ApiError, Caller, PathArgs, QueryArgs};
+use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
+use crate::metrics::Metrics;
 
-pub fn router() -> Router<Arc<Platform>> {
+/// What the message and consumer endpoints need: this process's broker and consumers.
+#[derive(Clone)]
+pub struct StreamApi {
+    pub broker: Arc<Broker>,
+    pub manager: Arc<StreamManager>,
+    pub coredms: CoreDms,
+    pub settings: Arc<StreamSettings>,
+    pub metrics: Arc<Metrics>,
+    pub auth: Auth,
+}
+
+impl FromRef<StreamApi> for Auth {
+    fn from_ref(s: &StreamApi) -> Auth {
+        s.auth.clone()
+    }
+}
+
+/// A new tenant's queues are declared before its creation is answered.
+impl crate::coredms::OnNewTenant for Broker {
+    fn tenant_created<'a>(
+        &'a self,
+        tenant: &'a crate::tenants::TenantName,
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.declare_topology(tenant)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+}
+
+pub fn router(state: StreamApi) -> Router {
     Router::new()
         .route("/v1/tenants/{t}/messages", post(publish))
         .route("/v1/tenants/{t}/stream", get(stream_status))
         .route("/v1/tenants/{t}/stream/start", post(start))
         .route("/v1/tenants/{t}/stream/stop", post(stop))
+        .with_state(state)
 }
 
 impl From<BrokerError> for ApiError {
@@ -163,7 +197,7 @@ const INLINE_CHECK_BYTES: usize = 64 * 1024;
 /// With an `Idempotency-Key` header, retrying the same request (after a 503 or a timeout)
 /// publishes the same message ids, so nothing is stored twice.
 async fn publish(
-    State(p): State<Arc<Platform>>,
+    State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     QueryArgs(q): QueryArgs<PublishQuery>,
@@ -171,12 +205,7 @@ async fn publish(
     body: Body,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let broker = p.broker.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "publishing is served by the stream service",
-        )
-    })?;
+    let broker = &p.broker;
     let data_name = q
         .data_name
         .or_else(|| {
@@ -195,7 +224,7 @@ async fn publish(
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
     )?;
-    let limits = &p.settings.stream;
+    let limits = &p.settings;
     let body = axum::body::to_bytes(body, limits.max_request_bytes)
         .await
         .map_err(|e| {
@@ -268,15 +297,6 @@ async fn publish(
         .into_response())
 }
 
-fn manager(p: &Platform) -> Result<&StreamManager, ApiError> {
-    p.stream.as_deref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "stream consumers are run by the stream service",
-        )
-    })
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Start {
@@ -284,7 +304,7 @@ struct Start {
 }
 
 async fn start(
-    State(p): State<Arc<Platform>>,
+    State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     headers: HeaderMap,
@@ -307,10 +327,10 @@ async fn start(
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
     };
     let t = caller.for_tenant(&t)?;
-    let m = manager(&p)?;
+    let m = &p.manager;
     p.coredms.tenant(&t).await?;
     let want = body.consumers.unwrap_or(1);
-    let max = p.settings.stream.max_consumers;
+    let max = p.settings.max_consumers;
     if want == 0 || want > max {
         return Err(ApiError::bad_request(format!(
             "consumers must be between 1 and {max}"
@@ -321,22 +341,22 @@ async fn start(
 }
 
 async fn stop(
-    State(p): State<Arc<Platform>>,
+    State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = manager(&p)?.scale(&t, 0).await;
+    let running = p.manager.scale(&t, 0).await;
     Ok(Json(json!({ "consumers": running })).into_response())
 }
 
 async fn stream_status(
-    State(p): State<Arc<Platform>>,
+    State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = manager(&p)?.running(&t).await;
+    let running = p.manager.running(&t).await;
     let count = |name, status| p.metrics.get(name, t.as_str(), "stream", status);
     Ok(Json(json!({
         "consumers": running,

@@ -1,5 +1,6 @@
-use mysimbdp::coredms::{BulkWrite, DocWrite, MongoStore, doc_id, now_us};
+use mysimbdp::coredms::MongoStore;
 use mysimbdp::logs::Source;
+use mysimbdp::model::{BulkWrite, DocWrite, doc_id, now_us};
 use mysimbdp::tenants::TenantName;
 use reqwest::Method;
 use serde_json::json;

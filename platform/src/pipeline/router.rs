@@ -1,26 +1,40 @@
 //! Uploading and reading tenant apps: `PUT/GET /v1/tenants/{t}/apps/{batch|stream}`.
 
-use std::sync::Arc;
-
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
 
-use super::{AppKind, MAX_SOURCE_BYTES, compile};
-use crate::Platform;
-use crate::http::{ApiError, Caller, PathArgs};
+use crate::apps::{MAX_SOURCE_BYTES, compile};
+use crate::coredms::CoreDms;
+use crate::http::{ApiError, Auth, Caller, PathArgs};
+use crate::model::AppKind;
 
-pub fn router() -> Router<Arc<Platform>> {
-    Router::new().route(
-        "/v1/tenants/{t}/apps/{kind}",
-        put(upload)
-            .get(current)
-            .layer(axum::extract::DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
-    )
+/// What the app endpoints need: apps are stored through coredms.
+#[derive(Clone)]
+pub struct AppsApi {
+    pub coredms: CoreDms,
+    pub auth: Auth,
+}
+
+impl FromRef<AppsApi> for Auth {
+    fn from_ref(s: &AppsApi) -> Auth {
+        s.auth.clone()
+    }
+}
+
+pub fn router(state: AppsApi) -> Router {
+    Router::new()
+        .route(
+            "/v1/tenants/{t}/apps/{kind}",
+            put(upload)
+                .get(current)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_SOURCE_BYTES)),
+        )
+        .with_state(state)
 }
 
 fn kind(raw: &str) -> Result<AppKind, ApiError> {
@@ -35,7 +49,7 @@ fn kind(raw: &str) -> Result<AppKind, ApiError> {
 }
 
 async fn upload(
-    State(p): State<Arc<Platform>>,
+    State(p): State<AppsApi>,
     caller: Caller,
     PathArgs((t, k)): PathArgs<(String, String)>,
     body: Bytes,
@@ -74,7 +88,7 @@ async fn upload(
 }
 
 async fn current(
-    State(p): State<Arc<Platform>>,
+    State(p): State<AppsApi>,
     caller: Caller,
     PathArgs((t, k)): PathArgs<(String, String)>,
 ) -> Result<Response, ApiError> {

@@ -1,0 +1,343 @@
+//! The ingestion pipeline shared by batch and stream: inputs (parsed records or raw
+//! payloads) → the tenant's active app → validated documents and failures → a bulk write
+//! through coredms, retried while the database is unavailable → its outcome.
+//!
+//! Batch and stream both import this module and never each other; the apps runtime below it
+//! stays pure (source in, documents or failures out) and knows nothing of coredms or writes.
+
+mod router;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::apps::{AppFailure, AppHandle, Call, Outcome, compile};
+use crate::config::AppLimits;
+use crate::coredms::{CoreDms, CoreError};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, DocWrite, Failure, doc_id};
+use crate::tenants::TenantName;
+
+pub use router::{AppsApi, router as apps_router};
+
+/// The compiled, active app of each tenant and kind, refreshed when a new version appears.
+#[derive(Default)]
+pub struct AppCache {
+    apps: Mutex<HashMap<(TenantName, AppKind), Arc<AppHandle>>>,
+}
+
+impl AppCache {
+    /// The active app for a tenant: compiled once per version, then served from the cache.
+    /// `None` when the tenant has not uploaded one (records are stored as parsed).
+    pub async fn active(
+        &self,
+        coredms: &CoreDms,
+        tenant: &TenantName,
+        kind: AppKind,
+        limits: AppLimits,
+    ) -> Result<Option<Arc<AppHandle>>, CoreError> {
+        let Some(stored) = coredms.active_app(tenant, kind).await? else {
+            return Ok(None);
+        };
+        let key = (tenant.clone(), kind);
+        if let Some(h) = self.apps.lock().ok().and_then(|m| m.get(&key).cloned())
+            && h.version == stored.version
+            && *h.limits() == limits
+        {
+            return Ok(Some(h));
+        }
+        let source = stored.source;
+        let compiled = tokio::task::spawn_blocking(move || compile(&source, &limits))
+            .await
+            .map_err(|e| CoreError::Database(e.to_string()))?
+            .map_err(|e| CoreError::Invalid(format!("stored app does not compile: {e}")))?;
+        let h = Arc::new(AppHandle::new(
+            tenant.clone(),
+            kind,
+            stored.version,
+            compiled,
+            limits,
+        ));
+        if let Ok(mut m) = self.apps.lock() {
+            m.insert(key, h.clone());
+        }
+        Ok(Some(h))
+    }
+}
+
+/// One input to transform: a parsed record (or the reason it could not be parsed), or for
+/// `ingest` apps the raw payload as a JSON string.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Stable origin of the input (file hash, message id): the prefix of its document ids.
+    pub origin: String,
+    pub index: u64,
+    pub bytes: u64,
+    pub started_us: i64,
+    pub data_name: String,
+    pub value: Result<serde_json::Value, String>,
+}
+
+/// Documents to write and failures to log, with which inputs failed (for dead-lettering).
+#[derive(Debug, Default)]
+pub struct Transformed {
+    pub docs: Vec<DocWrite>,
+    pub failures: Vec<Failure>,
+    /// (index into the inputs, reason)
+    pub failed_inputs: Vec<(usize, String)>,
+    /// For each of `docs`, the index of the input it came from.
+    pub doc_inputs: Vec<usize>,
+}
+
+struct CountingWriter(usize);
+
+impl std::io::Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn json_size(m: &serde_json::Map<String, serde_json::Value>) -> usize {
+    let mut w = CountingWriter(0);
+    let _ = serde_json::to_writer(&mut w, m);
+    w.0
+}
+
+/// Runs the app (or none: records are stored as parsed) over inputs. Blocking.
+pub fn transform(
+    app: Option<&AppHandle>,
+    collection: &str,
+    max_doc_bytes: usize,
+    inputs: &[Input],
+) -> Transformed {
+    let mut out = Transformed::default();
+    let outcomes: Vec<Outcome> = match app {
+        None => inputs
+            .iter()
+            .map(|i| Outcome {
+                result: match &i.value {
+                    Ok(serde_json::Value::Object(m)) => Ok(vec![(None, m.clone())]),
+                    Ok(_) => Err(AppFailure {
+                        reason: "record is not a JSON object (upload an app to map it)".into(),
+                        limit: false,
+                    }),
+                    Err(e) => Err(AppFailure {
+                        reason: e.clone(),
+                        limit: false,
+                    }),
+                },
+                log: None,
+            })
+            .collect(),
+        Some(app) => {
+            // Payloads for `ingest` that are not already text are serialized first, so every
+            // call below borrows from the inputs.
+            let texts: Vec<Option<String>> = inputs
+                .iter()
+                .map(|i| match &i.value {
+                    Ok(v) if !app.shape.has_map && !v.is_string() => Some(v.to_string()),
+                    _ => None,
+                })
+                .collect();
+            let calls = inputs.iter().zip(&texts).filter_map(|(i, text)| {
+                let v = i.value.as_ref().ok()?;
+                let call = match (v, text) {
+                    _ if app.shape.has_map => Call::Map(v),
+                    (serde_json::Value::String(raw), _) => Call::Ingest(raw),
+                    (_, text) => Call::Ingest(text.as_deref().unwrap_or_default()),
+                };
+                Some((i.data_name.as_str(), call))
+            });
+            // One VM for the whole batch: the pool is locked once, not once per record.
+            let mut ran = app.run(calls).into_iter();
+            inputs
+                .iter()
+                .map(|i| match &i.value {
+                    Err(e) => Outcome {
+                        result: Err(AppFailure {
+                            reason: e.clone(),
+                            limit: false,
+                        }),
+                        log: None,
+                    },
+                    Ok(_) => ran.next().unwrap_or(Outcome {
+                        result: Ok(Vec::new()),
+                        log: None,
+                    }),
+                })
+                .collect()
+        }
+    };
+    for (n, (input, outcome)) in inputs.iter().zip(outcomes).enumerate() {
+        let fail = |out: &mut Transformed, reason: String| {
+            out.failures.push(Failure {
+                collection: collection.to_owned(),
+                reason: reason.clone(),
+                bytes: input.bytes,
+                started_us: input.started_us,
+                data_name: Some(input.data_name.clone()),
+            });
+            out.failed_inputs.push((n, reason));
+        };
+        let docs = match outcome.result {
+            Ok(d) => d,
+            Err(f) => {
+                let reason = match outcome.log {
+                    Some(l) => format!("{} (app log: {l})", f.reason),
+                    None => f.reason,
+                };
+                fail(&mut out, reason);
+                continue;
+            }
+        };
+        // An app's documents were measured while they were converted; records stored as
+        // parsed are measured here.
+        if app.is_none() && docs.iter().any(|(_, d)| json_size(d) > max_doc_bytes) {
+            fail(
+                &mut out,
+                format!("document exceeds {max_doc_bytes} bytes limit"),
+            );
+            continue;
+        }
+        let per_doc_bytes = input.bytes / (docs.len().max(1) as u64);
+        for (k, (coll, doc)) in docs.into_iter().enumerate() {
+            out.doc_inputs.push(n);
+            out.docs.push(DocWrite {
+                id: doc_id(&input.origin, input.index, k as u32),
+                collection: coll.unwrap_or_else(|| collection.to_owned()),
+                doc,
+                bytes: per_doc_bytes,
+                started_us: input.started_us,
+                data_name: Some(input.data_name.clone()),
+            });
+        }
+    }
+    out
+}
+
+/// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
+/// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
+/// few minutes. Other errors return at once.
+pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, CoreError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = cancel.cancelled() => return Err(CoreError::Unavailable("shutting down".into())),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A bulk write through coredms, retried while the database is unavailable.
+pub async fn write_with_retry(
+    coredms: &CoreDms,
+    write: BulkWrite,
+    cancel: &CancellationToken,
+) -> Result<BulkOutcome, CoreError> {
+    with_retry(cancel, || coredms.bulk_write(&write)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn inputs(values: Vec<Result<serde_json::Value, String>>) -> Vec<Input> {
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, value)| Input {
+                origin: "h".into(),
+                index: i as u64,
+                bytes: 5,
+                started_us: 0,
+                data_name: "f".into(),
+                value,
+            })
+            .collect()
+    }
+
+    fn app(src: &str) -> AppHandle {
+        let limits = AppLimits {
+            time_ms: 200,
+            ..AppLimits::default()
+        };
+        let c = compile(src, &limits).expect("app compiles");
+        AppHandle::new(
+            TenantName::parse("alice").expect("valid"),
+            AppKind::Batch,
+            1,
+            c,
+            limits,
+        )
+    }
+
+    #[test]
+    fn transform_without_app_stores_objects_and_fails_the_rest() {
+        let inputs = inputs(vec![
+            Ok(json!({"a": 1})),
+            Ok(json!([1])),
+            Err("line 3: bad".to_owned()),
+        ]);
+        let t = transform(None, "c", 1000, &inputs);
+        assert_eq!(t.docs.len(), 1);
+        assert_eq!(t.docs[0].id, "h:0");
+        assert_eq!(t.failed_inputs.len(), 2);
+        assert_eq!(t.failures[1].reason, "line 3: bad");
+    }
+
+    #[test]
+    fn transform_keeps_each_outcome_with_its_input_around_parse_errors_and_limits() {
+        // Record 2 loops until the time limit: its VM is discarded, and the records after it
+        // still run (on a fresh VM) and keep their own ids.
+        let a = app("function map(r) if r.spin then while true do end end return {n = r.n} end");
+        let inputs = inputs(vec![
+            Ok(json!({"n": 0})),
+            Err("line 2: bad".to_owned()),
+            Ok(json!({"n": 2, "spin": true})),
+            Ok(json!({"n": 3})),
+        ]);
+        let t = transform(Some(&a), "c", 1 << 20, &inputs);
+        let ids: Vec<&str> = t.docs.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["h:0", "h:3"]);
+        assert_eq!(t.docs[1].doc.get("n"), Some(&json!(3)));
+        assert_eq!(t.doc_inputs, [0, 3]);
+        let failed: Vec<usize> = t.failed_inputs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(failed, [1, 2]);
+        assert_eq!(t.failed_inputs[0].1, "line 2: bad");
+        assert!(
+            t.failed_inputs[1].1.contains("time"),
+            "reason: {}",
+            t.failed_inputs[1].1
+        );
+    }
+
+    #[test]
+    fn transform_gives_ingest_apps_text_as_it_is_and_other_values_as_json() {
+        let a = app("function ingest(t, name, data) emit({data = data}) end");
+        let inputs = inputs(vec![Ok(json!("a,b\n1,2")), Ok(json!({"k": 1}))]);
+        let t = transform(Some(&a), "c", 1 << 20, &inputs);
+        assert!(t.failed_inputs.is_empty(), "{:?}", t.failed_inputs);
+        let data: Vec<&serde_json::Value> = t.docs.iter().map(|d| &d.doc["data"]).collect();
+        assert_eq!(data, [&json!("a,b\n1,2"), &json!("{\"k\":1}")]);
+    }
+}
