@@ -53,14 +53,45 @@ fn count_matching(reasons: &[String], needle: &str) -> usize {
 async fn stream_documents_the_database_would_refuse_are_dead_lettered_and_the_rest_stored_once() {
     let app = TestApp::spawn().await;
     let (t, c) = app.tenant("poisondb").await;
+    // Another tenant streams and ingests a file at the same time.
+    let (b, bc) = app.tenant("bystander").await;
     let (body, bad) = mixed(400);
     c.publish(&t, "reading", body).await.expect("publish");
+    let b_msgs: Vec<u8> = (0..300)
+        .flat_map(|i| format!("{}\n", json!({ "seq": i })).into_bytes())
+        .collect();
+    bc.publish(&b, "reading", b_msgs)
+        .await
+        .expect("B publishes");
+    let b_rows: String = std::iter::once("seq,v\n".to_owned())
+        .chain((0..500).map(|i| format!("{i},{}\n", i * 2)))
+        .collect();
+    bc.upload_file(&b, "rows.csv", b_rows)
+        .await
+        .expect("B stages");
     c.stream_start(&t, 1).await.expect("start");
+    bc.stream_start(&b, 1).await.expect("B starts");
+    bc.ingest(&b, "rows.csv").await.expect("B ingests");
     let stored = eventually(Duration::from_secs(60), || async {
         app.count(&t, "messages").await >= 400
     })
     .await;
     assert!(stored, "stored {}", app.count(&t, "messages").await);
+    let f = bc
+        .wait_for_file(&b, "rows.csv", Duration::from_secs(60))
+        .await
+        .expect("B's file");
+    assert_eq!(
+        (f["state"].as_str(), f["records_ok"].as_u64()),
+        (Some("done"), Some(500)),
+        "{f}"
+    );
+    let b_stored = eventually(Duration::from_secs(30), || async {
+        app.count(&b, "messages").await >= 300
+    })
+    .await;
+    assert!(b_stored, "B's stream goes on beside the poison");
+    bc.stream_stop(&b).await.expect("B stops");
     let logged = eventually(Duration::from_secs(30), || async {
         app.logs(&c, &t, "status=failure").await.len() >= bad
     })
