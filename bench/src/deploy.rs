@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use mysimbdp::Component;
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
 use mysimbdp::processes::SplitProcesses;
+use mysimbdp::testing::{InProcess, Runtime};
 
 use crate::host;
 use crate::schema::Topology;
@@ -29,10 +29,8 @@ pub struct Deployment {
 }
 
 enum Running {
-    InProcess {
-        stop: tokio::sync::oneshot::Sender<()>,
-        server: tokio::task::JoinHandle<std::io::Result<()>>,
-    },
+    /// On the runner's runtime, sharing its threads with the load.
+    InProcess(InProcess),
     Separate {
         processes: SplitProcesses,
         _infra: Infra,
@@ -54,20 +52,12 @@ impl Deployment {
 
     async fn in_process(overrides: Vec<String>, admin: &str) -> Result<Self> {
         let settings = Settings::load(None, &overrides)?;
-        let platform = mysimbdp::start(settings, Component::All).await?;
-        let versions = platform.versions.clone();
-        let mongodb_uri = platform.mongodb_uri.clone();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(mysimbdp::serve(listener, platform, async {
-            let _ = stop_rx.await;
-        }));
+        let platform = InProcess::start(settings, 0, Runtime::Shared).await?;
         Ok(Self {
-            admin: Client::new(&format!("http://{addr}"), Some(admin)),
-            versions,
-            mongodb_uri,
-            running: Running::InProcess { stop, server },
+            admin: Client::new(&platform.url(), Some(admin)),
+            versions: platform.versions.clone(),
+            mongodb_uri: platform.mongodb_uri.clone(),
+            running: Running::InProcess(platform),
         })
     }
 
@@ -115,7 +105,7 @@ impl Deployment {
     pub fn peak_rss(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         match &self.running {
-            Running::InProcess { .. } => {
+            Running::InProcess(_) => {
                 out.push(("runner (platform + load)".into(), host::peak_rss(None)));
             }
             Running::Separate {
@@ -163,16 +153,7 @@ impl Deployment {
     /// workers never return (tenant code that was not stopped) is reported, not waited for.
     pub async fn stop(self) -> Result<()> {
         match self.running {
-            Running::InProcess { stop, server } => {
-                let _ = stop.send(());
-                match tokio::time::timeout(STOP_TIMEOUT, server).await {
-                    Ok(r) => r??,
-                    Err(_) => anyhow::bail!(
-                        "the platform did not stop within {} s: a worker is still busy (tenant code that never returned?)",
-                        STOP_TIMEOUT.as_secs()
-                    ),
-                }
-            }
+            Running::InProcess(platform) => platform.stop(STOP_TIMEOUT).await?,
             Running::Separate {
                 processes, sampler, ..
             } => {

@@ -2,12 +2,14 @@
 //! figures that matter: offered, stored, duplicated, lost, and the time to recover.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
+use mysimbdp::testing::{
+    InProcess, MONGOD_COMMAND_VAR, OwnMongo, Runtime, cut_connections, messages_stored,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::host;
@@ -28,154 +30,14 @@ pub struct FaultFigures {
     pub total_s: f64,
 }
 
-/// A platform on its own runtime, so it can be killed like a crashed process.
-struct Running {
-    runtime: Option<tokio::runtime::Runtime>,
-}
-
-impl Running {
-    async fn start(settings: Settings, port: u16) -> Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        runtime.spawn(async move {
-            let r = async {
-                let p = mysimbdp::start(settings, mysimbdp::Component::All).await?;
-                let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-                Ok::<_, anyhow::Error>((p, l))
-            }
-            .await;
-            match r {
-                Ok((p, l)) => {
-                    let _ = tx.send(Ok(()));
-                    let _ = mysimbdp::serve(l, p, std::future::pending()).await;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        });
-        rx.await.context("platform start")??;
-        Ok(Self {
-            runtime: Some(runtime),
-        })
-    }
-
-    fn kill(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-struct OwnDb {
-    command: String,
-    port: u16,
-    dir: PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl OwnDb {
-    fn start(&mut self) -> Result<()> {
-        let cmd = self
-            .command
-            .replace("{port}", &self.port.to_string())
-            .replace("{dir}", &self.dir.display().to_string());
-        let mut parts = cmd.split_whitespace();
-        let prog = parts.next().context("empty database command")?;
-        self.child = Some(
-            std::process::Command::new(prog)
-                .args(parts)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("cannot start `{cmd}`"))?,
-        );
-        for _ in 0..600 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("database did not listen on {} within 60 s", self.port)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnDb {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn cut_connections(namespace: &str) -> Result<usize> {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .context("broker-cut needs rabbitmqctl")?;
-    let mut cut = 0;
-    for line in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(namespace))
-    {
-        if let Some(pid) = line.split_whitespace().next() {
-            let ok = std::process::Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "faults scenario"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            cut += usize::from(ok);
-        }
-    }
-    Ok(cut)
-}
-
+/// (stream documents, distinct stream messages, batch documents) stored for a tenant.
 async fn counts(uri: &str, db: &str) -> (u64, u64, u64) {
+    let (total, distinct) = messages_stored(uri, db).await;
     let Ok(c) = mongodb::Client::with_uri_str(uri).await else {
-        return (0, 0, 0);
+        return (total, distinct, 0);
     };
-    let d = c.database(db);
-    let msgs = d.collection::<mongodb::bson::Document>("messages");
-    let total = msgs
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .unwrap_or(0);
-    let distinct = msgs
-        .distinct("seq", mongodb::bson::doc! {})
-        .await
-        .map_or(0, |v| v.len() as u64);
-    let batch = d
+    let batch = c
+        .database(db)
         .collection::<mongodb::bson::Document>("data")
         .count_documents(mongodb::bson::doc! {})
         .await
@@ -183,24 +45,21 @@ async fn counts(uri: &str, db: &str) -> (u64, u64, u64) {
     (total, distinct, batch)
 }
 
-/// Retries an API call while the platform restarts or reconnects.
-async fn retry<T, F, Fut>(mut f: F) -> Result<T>
+/// Retries an API call while the platform restarts or reconnects (no answer, or 503):
+/// every 100 ms for up to a minute.
+async fn retry<T, F, Fut>(f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, mysimbdp::client::ClientError>>,
 {
-    let mut last = None;
-    for _ in 0..600 {
-        match f().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.status().is_none_or(|s| s.as_u16() == 503) => {
-                last = Some(e);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last.map_or_else(|| anyhow::anyhow!("gave up"), Into::into))
+    use backon::{ConstantBuilder, Retryable};
+    let every = ConstantBuilder::new()
+        .with_delay(Duration::from_millis(100))
+        .with_max_times(599);
+    Ok(f.retry(every)
+        .sleep(tokio::time::sleep)
+        .when(|e| e.status().is_none_or(|s| s.as_u16() == 503))
+        .await?)
 }
 
 async fn one_fault(
@@ -218,27 +77,21 @@ async fn one_fault(
     let mut db = None;
     let mut settings = base_settings.clone();
     if kind == "db-restart" {
-        let command = std::env::var("MYSIMBDP_TEST_MONGOD")
+        let command = std::env::var(MONGOD_COMMAND_VAR)
             .context("db-restart needs MYSIMBDP_TEST_MONGOD: a command starting a MongoDB server on {port} with data in {dir}")?;
-        let mut d = OwnDb {
-            command,
-            port: free_port()?,
-            dir: std::env::temp_dir().join(format!("mysimbdp-faults-db-{ns}")),
-            child: None,
-        };
-        d.start()?;
-        settings.mongodb.uri = format!("mongodb://127.0.0.1:{}", d.port);
+        let dir = std::env::temp_dir().join(format!("mysimbdp-faults-db-{ns}"));
+        let d = OwnMongo::start(command, dir).await?;
+        settings.mongodb.uri = d.uri();
         db = Some(d);
     }
     settings.platform.namespace = ns.clone();
     settings.staging.dir = staging.clone();
     let uri = settings.mongodb.uri.clone();
-    let port = free_port()?;
-    let mut platform = Running::start(settings.clone(), port).await?;
-    let admin = Client::new(
-        &format!("http://127.0.0.1:{port}"),
-        Some(&settings.auth.admin_token),
-    );
+    // A runtime of its own, so the platform can be killed; restarted on the same port.
+    let own = Runtime::Own { workers: 2 };
+    let mut platform = InProcess::start(settings.clone(), 0, own).await?;
+    let port = platform.addr.port();
+    let admin = Client::new(&platform.url(), Some(&settings.auth.admin_token));
     let t = admin.create_tenant("faulty", serde_json::json!({})).await?;
     let c = admin.with_token(Some(&t.token));
     let tdb = format!("{ns}tenant_faulty");
@@ -277,11 +130,12 @@ async fn one_fault(
         "kill-platform" => {
             platform.kill();
             tokio::time::sleep(Duration::from_secs(1)).await;
-            platform = Running::start(settings.clone(), port).await?;
+            platform = InProcess::start(settings.clone(), port, own).await?;
             retry(|| c.stream_start(&t.name, 1)).await?;
         }
         "broker-cut" => {
-            let n = cut_connections(&ns)?;
+            let n =
+                cut_connections(&ns, "faults scenario").context("broker-cut needs rabbitmqctl")?;
             if n == 0 {
                 bail!("broker-cut found no connection of this platform to close");
             }
@@ -290,7 +144,7 @@ async fn one_fault(
             let d = db.as_mut().context("own database")?;
             d.stop();
             tokio::time::sleep(Duration::from_secs(3)).await;
-            d.start()?;
+            d.restart().await?;
         }
         other => bail!("unknown fault `{other}`: use kill-platform, broker-cut or db-restart"),
     }

@@ -173,8 +173,9 @@ impl Caller {
 /// What a caller presenting an admin token hears when no admin token is configured.
 pub const ADMIN_API_OFF: &str = "the admin API is off: this platform was started without an admin token (set auth.admin_token or MYSIMBDP_ADMIN_TOKEN, at least 16 characters)";
 
+/// Equal tokens, compared in time that does not depend on where they differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    subtle::ConstantTimeEq::ct_eq(a, b).into()
 }
 
 /// The bearer token of a request, if it has a non-empty one.
@@ -586,6 +587,15 @@ pub fn compose(edge: Edge, public: Vec<Router>, internal: Vec<Router>) -> Router
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_equal_only_when_every_byte_and_the_length_match() {
+        assert!(constant_time_eq(b"s3cret-token", b"s3cret-token"));
+        assert!(!constant_time_eq(b"s3cret-token", b"s3cret-tokem"));
+        assert!(!constant_time_eq(b"s3cret-token", b"s3cret-toke"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
 
     #[test]
     fn a_body_earns_one_second_per_min_rate_bytes() {

@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod processes;
 pub mod stream;
 pub mod tenants;
+pub mod testing;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -222,28 +222,49 @@ pub fn transform(
 
 /// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
 /// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
-/// few minutes. Other errors return at once.
+/// few minutes. Other errors return at once. Cancelling interrupts a wait, not a call.
 pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, CoreError>>,
 {
-    let mut delay = Duration::from_millis(100);
+    use backon::{ExponentialBuilder, Retryable};
+    // 100 ms, doubling, at most 5 s between tries; no new wait after 300 s.
+    let backoff = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_factor(2.0)
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
-    loop {
-        match call().await {
-            Ok(v) => return Ok(v),
-            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
+    let stop = cancel.clone();
+    let mut tried = false;
+    let attempt = || {
+        // A wait cut short by cancelling ends the retries without another call.
+        let shutting_down = std::mem::replace(&mut tried, true) && cancel.is_cancelled();
+        let call = (!shutting_down).then(&mut call);
+        async move {
+            match call {
+                Some(call) => call.await,
+                None => Err(CoreError::Unavailable("shutting down".into())),
+            }
+        }
+    };
+    attempt
+        .retry(backoff)
+        .sleep(move |delay| {
+            let stop = stop.clone();
+            async move {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = cancel.cancelled() => return Err(CoreError::Unavailable("shutting down".into())),
+                    _ = stop.cancelled() => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) => return Err(e),
-        }
-    }
+        })
+        .when(|e| e.is_retryable() && !cancel.is_cancelled() && tokio::time::Instant::now() < deadline)
+        .notify(|e, delay| {
+            tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "database unavailable, retrying");
+        })
+        .await
 }
 
 /// A bulk write through coredms, retried while the database is unavailable.
@@ -339,5 +360,81 @@ mod tests {
         assert!(t.failed_inputs.is_empty(), "{:?}", t.failed_inputs);
         let data: Vec<&serde_json::Value> = t.docs.iter().map(|d| &d.doc["data"]).collect();
         assert_eq!(data, [&json!("a,b\n1,2"), &json!("{\"k\":1}")]);
+    }
+
+    /// Calls `with_retry` on a call that fails with `errors` in turn, then succeeds; returns
+    /// the result and the instants of the calls.
+    async fn retried(
+        cancel: &CancellationToken,
+        errors: Vec<CoreError>,
+    ) -> (Result<u32, CoreError>, Vec<tokio::time::Instant>) {
+        let errors = Mutex::new(errors.into_iter());
+        let calls = Mutex::new(Vec::new());
+        let r = with_retry(cancel, || {
+            calls
+                .lock()
+                .expect("calls")
+                .push(tokio::time::Instant::now());
+            let next = errors.lock().expect("errors").next();
+            async move { next.map_or(Ok(7), Err) }
+        })
+        .await;
+        (r, calls.into_inner().expect("calls"))
+    }
+
+    #[tokio::test]
+    async fn with_retry_waits_100_ms_doubling_while_the_database_is_unavailable() {
+        let unavailable = || CoreError::Unavailable("down".into());
+        let (r, calls) = retried(
+            &CancellationToken::new(),
+            vec![unavailable(), unavailable(), unavailable()],
+        )
+        .await;
+        assert_eq!(r.expect("the fourth call succeeds"), 7);
+        let gaps: Vec<u128> = calls
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis())
+            .collect();
+        assert_eq!(gaps.len(), 3, "{gaps:?}");
+        for (gap, want) in gaps.iter().zip([100, 200, 400]) {
+            assert!(*gap >= want, "waited {gap} ms, want {want}: {gaps:?}");
+        }
+        assert!(gaps[0] < gaps[2], "the wait grows: {gaps:?}");
+    }
+
+    #[tokio::test]
+    async fn with_retry_returns_other_errors_at_once() {
+        let (r, calls) = retried(
+            &CancellationToken::new(),
+            vec![CoreError::Database("bad".into())],
+        )
+        .await;
+        assert!(matches!(r, Err(CoreError::Database(_))), "{r:?}");
+        assert_eq!(calls.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn cancelling_ends_a_wait_without_another_call() {
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            stop.cancel();
+        });
+        let errors = (0..100)
+            .map(|_| CoreError::Unavailable("down".into()))
+            .collect();
+        let (r, calls) = tokio::time::timeout(Duration::from_secs(10), retried(&cancel, errors))
+            .await
+            .expect("cancelling ends the retries");
+        assert!(matches!(r, Err(CoreError::Unavailable(_))), "{r:?}");
+        // Calls at 0, 100 and 300 ms; the cancel at 500 ms cuts the 400 ms wait short and
+        // no call follows it.
+        let last = *calls.last().expect("a call");
+        assert!(
+            last - calls[0] < Duration::from_millis(500),
+            "a call after cancel: {calls:?}"
+        );
+        assert!(calls.len() >= 2, "it retried before the cancel: {calls:?}");
     }
 }

@@ -31,6 +31,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     ("the components", &["batch", "stream"]),
     ("the process that assembles what it runs", &["lib"]),
+    (
+        "the platform in one process, and faults done to its servers, for tests and the workbench",
+        &["testing"],
+    ),
 ];
 
 fn src_dir() -> PathBuf {

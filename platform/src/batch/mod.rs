@@ -386,14 +386,18 @@ impl BatchManager {
         }
         job.record.error = error;
         job.record.updated_at = crate::model::rfc3339_now();
-        for attempt in 0..10u32 {
-            match self.coredms.put_file(&job.record).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, attempt, "cannot record file status");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt.min(5))).await;
-                }
-            }
+        // Ten tries, 200 ms apart at first, doubling up to 6.4 s.
+        let backoff = backon::ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_millis(6400))
+            .with_max_times(9);
+        let record = &job.record;
+        if let Err(e) = backon::Retryable::retry(|| self.coredms.put_file(record), backoff)
+            .sleep(tokio::time::sleep)
+            .notify(|e, delay| tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot record file status"))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record file status: gave up after 10 tries");
         }
     }
 }

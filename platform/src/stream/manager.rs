@@ -156,7 +156,13 @@ impl StreamManager {
 /// Consumes until cancelled, reconnecting with backoff. Unacknowledged messages go back to
 /// the queue when a connection drops, so a failure here loses nothing.
 async fn consume_forever(ctx: Arc<Ctx>, tenant: TenantName, cancel: CancellationToken) {
-    let mut delay = Duration::from_millis(200);
+    use backon::BackoffBuilder;
+    // 200 ms, doubling, at most 10 s between reconnections.
+    let backoff = backon::ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .without_max_times();
+    let mut delays = backoff.build();
     while !cancel.is_cancelled() {
         let began = tokio::time::Instant::now();
         match consume(&ctx, &tenant, &cancel).await {
@@ -164,14 +170,14 @@ async fn consume_forever(ctx: Arc<Ctx>, tenant: TenantName, cancel: Cancellation
             Err(e) => {
                 // A session that ran a while was healthy: the backoff starts over.
                 if began.elapsed() > Duration::from_secs(30) {
-                    delay = Duration::from_millis(200);
+                    delays = backoff.build();
                 }
+                let delay = delays.next().unwrap_or(Duration::from_secs(10));
                 tracing::warn!(tenant = %tenant, error = %e, retry_in_ms = delay.as_millis() as u64, "stream consumer failed, reconnecting");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = cancel.cancelled() => return,
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
     }

@@ -11,6 +11,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use mysimbdp::client::Client;
+use mysimbdp::testing::{
+    MONGOD_COMMAND_VAR, OwnMongo, cut_connections, free_port, rabbitmqctl_available,
+};
 
 use crate::harness::{ADMIN_TOKEN, TestApp, eventually, messages_stored, unique, water_quality};
 
@@ -36,10 +39,7 @@ struct Proc {
 }
 
 async fn spawn_serve(namespace: &str, staging: &std::path::Path) -> Proc {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr").port()
-    };
+    let port = free_port().expect("free port");
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mysimbdp"))
         .args([
             "serve",
@@ -129,58 +129,28 @@ async fn the_platform_process_sigkilled_under_load_loses_and_duplicates_nothing(
     let _ = std::fs::remove_dir_all(&staging);
 }
 
-/// Closes, from the broker side, every connection whose name carries `namespace`.
-fn cut_connections(namespace: &str) -> usize {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args([
-            "list_connections",
-            "-q",
-            "--no-table-headers",
-            "pid",
-            "client_properties",
-        ])
-        .output()
-        .expect("rabbitmqctl runs");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut cut = 0;
-    for line in text.lines().filter(|l| l.contains(namespace)) {
-        if let Some(pid) = line.split_whitespace().next() {
-            let ok = std::process::Command::new("rabbitmqctl")
-                .args(["close_connection", pid, "fault test: connection cut"])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            cut += usize::from(ok);
-        }
-    }
-    cut
-}
-
-/// Publishes, retrying on 503 as a client should while the platform reconnects.
+/// Publishes, retrying on 503 as a client should while the platform reconnects: 20 tries,
+/// 250 ms apart.
 async fn publish_retrying(c: &Client, tenant: &str, body: Vec<u8>) {
+    use backon::{ConstantBuilder, Retryable};
     let key = unique("retry-");
-    for attempt in 0..20 {
-        match c
-            .publish_idempotent(tenant, "reading", &key, body.clone())
-            .await
-        {
-            Ok(_) => return,
-            Err(e)
-                if e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE) && attempt < 19 =>
-            {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-            Err(e) => panic!("publish failed: {e}"),
-        }
+    let publish = || c.publish_idempotent(tenant, "reading", &key, body.clone());
+    let every = ConstantBuilder::new()
+        .with_delay(Duration::from_millis(250))
+        .with_max_times(19);
+    if let Err(e) = publish
+        .retry(every)
+        .sleep(tokio::time::sleep)
+        .when(|e| e.status() == Some(reqwest::StatusCode::SERVICE_UNAVAILABLE))
+        .await
+    {
+        panic!("publish failed: {e}");
     }
 }
 
 #[tokio::test]
 async fn broker_connections_cut_mid_stream_are_recovered_without_loss() {
-    if std::process::Command::new("rabbitmqctl")
-        .arg("status")
-        .output()
-        .is_err()
-    {
+    if !rabbitmqctl_available() {
         return unavailable("rabbitmqctl, to close connections from the broker side");
     }
     let app = TestApp::spawn_with(&["stream.batch_size=100"]).await;
@@ -196,7 +166,7 @@ async fn broker_connections_cut_mid_stream_are_recovered_without_loss() {
     })
     .await;
     assert!(progressed);
-    let cut = cut_connections(&app.namespace);
+    let cut = cut_connections(&app.namespace, "fault test: connection cut").expect("rabbitmqctl");
     assert!(
         cut >= 2,
         "cut the consumers' and the publisher's connections ({cut})"
@@ -211,76 +181,18 @@ async fn broker_connections_cut_mid_stream_are_recovered_without_loss() {
     assert_eq!(messages_stored(&uri, &db).await, (6000, 6000));
 }
 
-/// A MongoDB server this test owns, so it can stop and restart it.
-struct OwnDb {
-    command: String,
-    port: u16,
-    dir: std::path::PathBuf,
-    child: Option<std::process::Child>,
-}
-
-impl OwnDb {
-    fn start(&mut self) {
-        let cmd = self
-            .command
-            .replace("{port}", &self.port.to_string())
-            .replace("{dir}", &self.dir.display().to_string());
-        let mut parts = cmd.split_whitespace();
-        let child = std::process::Command::new(parts.next().expect("a command"))
-            .args(parts)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("database server starts");
-        self.child = Some(child);
-    }
-
-    /// A clean stop (SIGTERM), as an operator restarting the server would do.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnDb {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
-    let Ok(command) = std::env::var("MYSIMBDP_TEST_MONGOD") else {
+    let Ok(command) = std::env::var(MONGOD_COMMAND_VAR) else {
         return unavailable(
             "MYSIMBDP_TEST_MONGOD, a command starting a MongoDB server on {port} with data in {dir}",
         );
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let mut db = OwnDb {
-        command,
-        port,
-        dir: std::env::temp_dir().join(unique("mysimbdp-db-")),
-        child: None,
-    };
-    db.start();
-    let uri = format!("mongodb://127.0.0.1:{port}");
-    let up = eventually(Duration::from_secs(60), || async {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
-    .await;
-    assert!(up, "own database listening");
+    let dir = std::env::temp_dir().join(unique("mysimbdp-db-"));
+    let mut db = OwnMongo::start(command, dir)
+        .await
+        .expect("own database listening");
+    let uri = db.uri();
     let app = TestApp::spawn_with(&[
         &format!("mongodb.uri=\"{uri}\""),
         "stream.batch_size=100",
@@ -313,7 +225,7 @@ async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
         .await
         .expect("publish during the outage");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    db.start();
+    db.restart().await.expect("own database back");
 
     let all = eventually(Duration::from_secs(180), || async {
         messages_stored(&uri, &mdb).await.0 >= 4000

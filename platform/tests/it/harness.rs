@@ -7,6 +7,8 @@ use std::time::Duration;
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use mysimbdp::infra::ServerVersions;
+pub use mysimbdp::testing::messages_stored;
+use mysimbdp::testing::{InProcess, Runtime};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
@@ -25,8 +27,7 @@ pub struct TestApp {
     pub versions: ServerVersions,
     pub settings: Settings,
     overrides: Vec<String>,
-    runtime: Option<tokio::runtime::Runtime>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    platform: Option<InProcess>,
 }
 
 impl TestApp {
@@ -60,54 +61,25 @@ impl TestApp {
         ];
         all.extend(overrides.iter().cloned());
         let settings = Settings::load_from(None, &env, &all).expect("test settings are valid");
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("platform runtime");
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let s = settings.clone();
-        runtime.spawn(async move {
-            let platform = match mysimbdp::start(s, mysimbdp::Component::All).await {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
-                }
-            };
-            let addr = listener.local_addr().expect("bound address");
-            let _ = ready_tx.send(Ok((addr, platform.versions.clone())));
-            let _ = mysimbdp::serve(listener, platform, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        });
-        let (addr, versions) = match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
-            Ok(Ok(Ok(v))) => v,
-            Ok(Ok(Err(e))) => panic!(
+        let own = Runtime::Own { workers: 2 };
+        let started = InProcess::start(settings.clone(), 0, own);
+        let platform = match tokio::time::timeout(Duration::from_secs(60), started).await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => panic!(
                 "the platform did not start: {e}\n\
                  Integration tests need MongoDB and RabbitMQ: {}",
                 mysimbdp::infra::HOW_TO_PROVIDE
             ),
-            _ => panic!("the platform did not start within 60 s"),
+            Err(_) => panic!("the platform did not start within 60 s"),
         };
         Self {
-            admin: Client::new(&format!("http://{addr}"), Some(ADMIN_TOKEN)),
+            admin: Client::new(&platform.url(), Some(ADMIN_TOKEN)),
             namespace,
             staging,
-            versions,
+            versions: platform.versions.clone(),
             settings,
             overrides,
-            runtime: Some(runtime),
-            shutdown: Some(stop_tx),
+            platform: Some(platform),
         }
     }
 
@@ -123,8 +95,8 @@ impl TestApp {
 
     /// Ends the platform abruptly, as a crash would: no draining, no final writes.
     pub fn kill(&mut self) {
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
+        if let Some(p) = &mut self.platform {
+            p.kill();
         }
     }
 
@@ -167,13 +139,8 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(rt) = self.runtime.take() {
-            // Dropping a runtime inside the test's runtime would panic; this does not block.
-            rt.shutdown_background();
-        }
+        // Stops the platform (without waiting) before its staging directory goes.
+        drop(self.platform.take());
         if !self.staging.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
@@ -196,26 +163,6 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// (documents, distinct `seq` values) in a tenant database's `messages` collection; zeros
-/// while the database cannot be reached (the outage test polls through one).
-pub async fn messages_stored(mongodb_uri: &str, db: &str) -> (u64, u64) {
-    let c = mongodb::Client::with_uri_str(mongodb_uri)
-        .await
-        .expect("driver");
-    let coll = c
-        .database(db)
-        .collection::<mongodb::bson::Document>("messages");
-    let total = coll
-        .count_documents(mongodb::bson::doc! {})
-        .await
-        .unwrap_or(0);
-    let distinct = coll
-        .distinct("seq", mongodb::bson::doc! {})
-        .await
-        .map_or(0, |d| d.len() as u64);
-    (total, distinct)
 }
 
 /// Takes every message off a tenant's dead-letter queue: (body, reason header) each; a dead
