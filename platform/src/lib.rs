@@ -20,6 +20,7 @@ pub mod pipeline;
 pub mod processes;
 pub mod stream;
 pub mod tenants;
+#[cfg(feature = "testing")]
 pub mod testing;
 
 use std::future::Future;
