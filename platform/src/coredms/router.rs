@@ -14,7 +14,7 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::remote::Call;
+use super::Call;
 use super::{CoreDms, CoreError, MongoStore, to_json};
 use crate::config::Settings;
 use crate::http::{
@@ -393,27 +393,5 @@ async fn rpc(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
-    let db: &CoreDms = &p.coredms;
-    fn out<T: serde::Serialize>(r: Result<T, CoreError>) -> Response {
-        Json(r).into_response()
-    }
-    Ok(match call {
-        Call::CreateTenant { name, constraints } => out(db.create_tenant(&name, constraints).await),
-        Call::Tenant { name } => out(db.tenant(&name).await),
-        Call::UpdateTenant { name, patch } => out(db.update_tenant(&name, patch).await),
-        Call::Authenticate { token } => out(db.authenticate(&token).await),
-        Call::BulkWrite { write } => out(db.bulk_write(&write).await),
-        Call::SaveApp {
-            tenant,
-            kind,
-            source,
-        } => out(db.save_app(&tenant, kind, &source).await),
-        Call::ActiveApp { tenant, kind } => out(db.active_app(&tenant, kind).await),
-        Call::PutFile { record } => out(db.put_file(&record).await),
-        Call::File { tenant, name } => out(db.file(&tenant, &name).await),
-        Call::Files { tenant } => out(db.files(&tenant).await),
-        Call::FilesInState { state } => out(db.files_in_state(state).await),
-        Call::DeleteFile { tenant, name } => out(db.delete_file(&tenant, &name).await),
-        Call::Ping => out(db.ping().await),
-    })
+    Ok(call.serve(&p.store).await)
 }
