@@ -58,7 +58,7 @@ macro_rules! by_value {
 }
 
 by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord);
-by_value!(Constraints, AdminPatch, AppKind, FileState);
+by_value!(Constraints, AdminPatch, AppKind, FileState, i64, u64);
 
 macro_rules! operations {
     (@remote $r:ident, $name:ident, [], $($arg:ident: $ty:ty),*) => {
@@ -127,6 +127,9 @@ operations! {
     fn files_in_state(state: FileState) -> Vec<FileRecord>;
     fn delete_file(tenant: TenantName, name: String) -> ();
     fn ping() -> ();
+    /// A page of a tenant's documents in id order, as JSON (ids and dates as strings).
+    fn documents(tenant: TenantName, collection: String, limit: i64, skip: u64) -> Vec<serde_json::Value>;
+    fn count_documents(tenant: TenantName, collection: String) -> u64;
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::Call;
-use super::{CoreDms, CoreError, MongoStore, to_json};
+use super::{CoreDms, CoreError, MongoStore};
 use crate::config::Settings;
 use crate::http::{
     ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
@@ -348,12 +348,11 @@ async fn documents(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let store = &p.store;
-    let docs = store
+    let docs = p
+        .coredms
         .documents(&t, &c, limit, page.skip.unwrap_or(0))
         .await?;
-    let total = store.count_documents(&t, &c).await?;
-    let docs: Vec<_> = docs.into_iter().map(to_json).collect();
+    let total = p.coredms.count_documents(&t, &c).await?;
     Ok(Json(json!({ "total": total, "documents": docs })).into_response())
 }
 
