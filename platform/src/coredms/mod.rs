@@ -5,6 +5,7 @@
 //! remote ([`Remote`], HTTP to a coredms service), so components run in one process or apart.
 
 mod mongodb;
+mod ops;
 mod remote;
 mod router;
 
@@ -14,12 +15,12 @@ use ::mongodb::bson::{self, Bson, DateTime, Document, RawDocumentBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::mongodb::MongoStore;
+pub use ops::{Call, Param};
 pub use remote::Remote;
 pub use router::{CoredmsApi, OnNewTenant, RPC_SLOTS, router, rpc_router};
 
 use crate::logs::{LogEntry, Status};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp, now_us};
-use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
+use crate::model::{BulkWrite, now_us};
 
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
@@ -308,107 +309,12 @@ pub fn log_entries(
     out
 }
 
-/// The single interface every component uses to reach the database.
+/// The single interface every component uses to reach the database; its operations are
+/// defined once, in [`ops`].
 #[derive(Clone)]
 pub enum CoreDms {
     Local(Arc<MongoStore>),
     Remote(Arc<Remote>),
-}
-
-macro_rules! dispatch {
-    ($self:ident, $local:ident => $l:expr, $remote:ident => $r:expr) => {
-        match $self {
-            CoreDms::Local($local) => $l,
-            CoreDms::Remote($remote) => $r,
-        }
-    };
-}
-
-impl CoreDms {
-    pub async fn create_tenant(
-        &self,
-        name: &TenantName,
-        constraints: Constraints,
-    ) -> Result<(Profile, String), CoreError> {
-        dispatch!(self, s => s.create_tenant(name, constraints).await,
-            r => r.create_tenant(name, constraints).await)
-    }
-
-    pub async fn tenant(&self, name: &TenantName) -> Result<Profile, CoreError> {
-        dispatch!(self, s => s.tenant(name).await, r => r.tenant(name).await)
-    }
-
-    pub async fn update_tenant(
-        &self,
-        name: &TenantName,
-        patch: AdminPatch,
-    ) -> Result<Profile, CoreError> {
-        dispatch!(self, s => s.update_tenant(name, patch).await,
-            r => r.update_tenant(name, patch).await)
-    }
-
-    /// The tenant a token belongs to, if any.
-    pub async fn authenticate(&self, token: &str) -> Result<Option<TenantName>, CoreError> {
-        dispatch!(self, s => s.authenticate(token).await, r => r.authenticate(token).await)
-    }
-
-    pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
-        dispatch!(self, s => s.bulk_write(w).await, r => r.bulk_write(w).await)
-    }
-
-    pub async fn save_app(
-        &self,
-        tenant: &TenantName,
-        kind: AppKind,
-        source: &str,
-    ) -> Result<u32, CoreError> {
-        dispatch!(self, s => s.save_app(tenant, kind, source).await,
-            r => r.save_app(tenant, kind, source).await)
-    }
-
-    pub async fn active_app(
-        &self,
-        tenant: &TenantName,
-        kind: AppKind,
-    ) -> Result<Option<StoredApp>, CoreError> {
-        dispatch!(self, s => s.active_app(tenant, kind).await, r => r.active_app(tenant, kind).await)
-    }
-
-    pub async fn put_file(&self, rec: &FileRecord) -> Result<(), CoreError> {
-        dispatch!(self, s => s.put_file(rec).await, r => r.put_file(rec).await)
-    }
-
-    pub async fn file(
-        &self,
-        tenant: &TenantName,
-        name: &str,
-    ) -> Result<Option<FileRecord>, CoreError> {
-        dispatch!(self, s => s.file(tenant, name).await, r => r.file(tenant, name).await)
-    }
-
-    pub async fn files(&self, tenant: &TenantName) -> Result<Vec<FileRecord>, CoreError> {
-        dispatch!(self, s => s.files(tenant).await, r => r.files(tenant).await)
-    }
-
-    pub async fn files_in_state(&self, state: FileState) -> Result<Vec<FileRecord>, CoreError> {
-        dispatch!(self, s => s.files_in_state(state).await, r => r.files_in_state(state).await)
-    }
-
-    pub async fn delete_file(&self, tenant: &TenantName, name: &str) -> Result<(), CoreError> {
-        dispatch!(self, s => s.delete_file(tenant, name).await, r => r.delete_file(tenant, name).await)
-    }
-
-    pub async fn ping(&self) -> Result<(), CoreError> {
-        dispatch!(self, s => s.ping().await, r => r.ping().await)
-    }
-
-    /// The in-process store, where reads that only coredms serves (logs, documents) happen.
-    pub fn local(&self) -> Option<&MongoStore> {
-        match self {
-            Self::Local(s) => Some(s),
-            Self::Remote(_) => None,
-        }
-    }
 }
 
 /// Converts stored BSON back to JSON for API responses: ids and dates as strings.
@@ -439,6 +345,7 @@ mod tests {
     use super::*;
     use crate::logs::Source;
     use crate::model::{DocWrite, Failure, doc_id};
+    use crate::tenants::TenantName;
     use serde_json::json;
 
     fn write(docs: Vec<serde_json::Value>) -> BulkWrite {

@@ -491,7 +491,7 @@ impl MongoStore {
         collection: &str,
         limit: i64,
         skip: u64,
-    ) -> Result<Vec<Document>, CoreError> {
+    ) -> Result<Vec<serde_json::Value>, CoreError> {
         let mut cursor = self
             .tenant_collection(tenant, collection)
             .clone_with_type::<RawDocumentBuf>()
@@ -507,10 +507,10 @@ impl MongoStore {
             if bytes > MAX_PAGE_BYTES && !out.is_empty() {
                 break;
             }
-            out.push(
+            out.push(super::to_json(
                 raw.to_document()
                     .map_err(|e| CoreError::Database(e.to_string()))?,
-            );
+            ));
         }
         Ok(out)
     }

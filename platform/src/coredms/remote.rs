@@ -8,65 +8,12 @@
 use std::io::Write;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
-use super::CoreError;
+use super::{Call, CoreError};
 use crate::config::HttpSettings;
-use crate::model::{
-    AppKind, BulkOutcome, BulkWrite, DocWrite, Failure, FileRecord, FileState, StoredApp,
-};
-use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
-
-/// One coredms operation, as sent to `POST /internal/v1/rpc`.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Call {
-    CreateTenant {
-        name: TenantName,
-        constraints: Constraints,
-    },
-    Tenant {
-        name: TenantName,
-    },
-    UpdateTenant {
-        name: TenantName,
-        patch: AdminPatch,
-    },
-    Authenticate {
-        token: String,
-    },
-    BulkWrite {
-        write: BulkWrite,
-    },
-    SaveApp {
-        tenant: TenantName,
-        kind: AppKind,
-        source: String,
-    },
-    ActiveApp {
-        tenant: TenantName,
-        kind: AppKind,
-    },
-    PutFile {
-        record: FileRecord,
-    },
-    File {
-        tenant: TenantName,
-        name: String,
-    },
-    Files {
-        tenant: TenantName,
-    },
-    FilesInState {
-        state: FileState,
-    },
-    DeleteFile {
-        tenant: TenantName,
-        name: String,
-    },
-    Ping,
-}
+use crate::model::{BulkOutcome, BulkWrite, DocWrite, Failure};
 
 /// [`Call`]s that borrow what they carry, so a (retried) bulk write is serialized straight
 /// from the caller's data, never copied.
@@ -110,7 +57,7 @@ impl Remote {
         })
     }
 
-    async fn call<T: DeserializeOwned>(&self, call: Call) -> Result<T, CoreError> {
+    pub(super) async fn call<T: DeserializeOwned>(&self, call: Call) -> Result<T, CoreError> {
         self.send(&call).await
     }
 
@@ -142,41 +89,6 @@ impl Remote {
         resp.json::<Result<T, CoreError>>()
             .await
             .map_err(|e| CoreError::Unavailable(format!("coredms service: {e}")))?
-    }
-
-    pub async fn create_tenant(
-        &self,
-        name: &TenantName,
-        constraints: Constraints,
-    ) -> Result<(Profile, String), CoreError> {
-        self.call(Call::CreateTenant {
-            name: name.clone(),
-            constraints,
-        })
-        .await
-    }
-
-    pub async fn tenant(&self, name: &TenantName) -> Result<Profile, CoreError> {
-        self.call(Call::Tenant { name: name.clone() }).await
-    }
-
-    pub async fn update_tenant(
-        &self,
-        name: &TenantName,
-        patch: AdminPatch,
-    ) -> Result<Profile, CoreError> {
-        self.call(Call::UpdateTenant {
-            name: name.clone(),
-            patch,
-        })
-        .await
-    }
-
-    pub async fn authenticate(&self, token: &str) -> Result<Option<TenantName>, CoreError> {
-        self.call(Call::Authenticate {
-            token: token.to_owned(),
-        })
-        .await
     }
 
     /// One RPC when the bulk fits a chunk (the usual case: serialized once, as before);
@@ -275,75 +187,7 @@ impl Remote {
                 Vec::new()
             },
         };
-        self.send(&Call::BulkWrite { write: chunk }).await
-    }
-
-    pub async fn save_app(
-        &self,
-        tenant: &TenantName,
-        kind: AppKind,
-        source: &str,
-    ) -> Result<u32, CoreError> {
-        self.call(Call::SaveApp {
-            tenant: tenant.clone(),
-            kind,
-            source: source.to_owned(),
-        })
-        .await
-    }
-
-    pub async fn active_app(
-        &self,
-        tenant: &TenantName,
-        kind: AppKind,
-    ) -> Result<Option<StoredApp>, CoreError> {
-        self.call(Call::ActiveApp {
-            tenant: tenant.clone(),
-            kind,
-        })
-        .await
-    }
-
-    pub async fn put_file(&self, record: &FileRecord) -> Result<(), CoreError> {
-        self.call(Call::PutFile {
-            record: record.clone(),
-        })
-        .await
-    }
-
-    pub async fn file(
-        &self,
-        tenant: &TenantName,
-        name: &str,
-    ) -> Result<Option<FileRecord>, CoreError> {
-        self.call(Call::File {
-            tenant: tenant.clone(),
-            name: name.to_owned(),
-        })
-        .await
-    }
-
-    pub async fn files(&self, tenant: &TenantName) -> Result<Vec<FileRecord>, CoreError> {
-        self.call(Call::Files {
-            tenant: tenant.clone(),
-        })
-        .await
-    }
-
-    pub async fn files_in_state(&self, state: FileState) -> Result<Vec<FileRecord>, CoreError> {
-        self.call(Call::FilesInState { state }).await
-    }
-
-    pub async fn delete_file(&self, tenant: &TenantName, name: &str) -> Result<(), CoreError> {
-        self.call(Call::DeleteFile {
-            tenant: tenant.clone(),
-            name: name.to_owned(),
-        })
-        .await
-    }
-
-    pub async fn ping(&self) -> Result<(), CoreError> {
-        self.call(Call::Ping).await
+        self.send(&Call::bulk_write { write: chunk }).await
     }
 }
 
@@ -460,8 +304,10 @@ mod tests {
             docs: plan.chunks[0].iter().map(|&i| docs[i].clone()).collect(),
             failures: vec![],
         };
-        let sent = serde_json::to_vec(&Call::BulkWrite { write: w }).expect("json");
+        let unchunked = serde_json::to_vec(&CallRef::BulkWrite { write: &w }).expect("json");
+        let sent = serde_json::to_vec(&Call::bulk_write { write: w }).expect("json");
         assert!(sent.len() <= 20_000 + ENVELOPE_BYTES);
+        assert_eq!(unchunked, sent, "the borrowed call is the call");
     }
 
     #[test]

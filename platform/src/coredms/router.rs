@@ -14,8 +14,8 @@ use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::remote::Call;
-use super::{CoreDms, CoreError, MongoStore, to_json};
+use super::Call;
+use super::{CoreDms, CoreError, MongoStore};
 use crate::config::Settings;
 use crate::http::{
     ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
@@ -348,12 +348,11 @@ async fn documents(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let store = &p.store;
-    let docs = store
+    let docs = p
+        .coredms
         .documents(&t, &c, limit, page.skip.unwrap_or(0))
         .await?;
-    let total = store.count_documents(&t, &c).await?;
-    let docs: Vec<_> = docs.into_iter().map(to_json).collect();
+    let total = p.coredms.count_documents(&t, &c).await?;
     Ok(Json(json!({ "total": total, "documents": docs })).into_response())
 }
 
@@ -393,27 +392,5 @@ async fn rpc(
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
-    let db: &CoreDms = &p.coredms;
-    fn out<T: serde::Serialize>(r: Result<T, CoreError>) -> Response {
-        Json(r).into_response()
-    }
-    Ok(match call {
-        Call::CreateTenant { name, constraints } => out(db.create_tenant(&name, constraints).await),
-        Call::Tenant { name } => out(db.tenant(&name).await),
-        Call::UpdateTenant { name, patch } => out(db.update_tenant(&name, patch).await),
-        Call::Authenticate { token } => out(db.authenticate(&token).await),
-        Call::BulkWrite { write } => out(db.bulk_write(&write).await),
-        Call::SaveApp {
-            tenant,
-            kind,
-            source,
-        } => out(db.save_app(&tenant, kind, &source).await),
-        Call::ActiveApp { tenant, kind } => out(db.active_app(&tenant, kind).await),
-        Call::PutFile { record } => out(db.put_file(&record).await),
-        Call::File { tenant, name } => out(db.file(&tenant, &name).await),
-        Call::Files { tenant } => out(db.files(&tenant).await),
-        Call::FilesInState { state } => out(db.files_in_state(state).await),
-        Call::DeleteFile { tenant, name } => out(db.delete_file(&tenant, &name).await),
-        Call::Ping => out(db.ping().await),
-    })
+    Ok(call.serve(&p.store).await)
 }

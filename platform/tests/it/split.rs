@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use mysimbdp::client::Client;
-use mysimbdp::config::Settings;
+use mysimbdp::config::{HttpSettings, Settings};
+use mysimbdp::coredms::{CoreDms, Remote};
 use mysimbdp::infra::Infra;
 use mysimbdp::processes::SplitProcesses;
+use mysimbdp::tenants::TenantName;
 
 use crate::harness::{ADMIN_TOKEN, eventually, messages_stored, unique};
 
@@ -97,6 +99,32 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         .await
         .expect("documents")["documents"][0];
     assert_eq!(doc["seen"], t.name.as_str(), "the app ran: {doc}");
+    // Any component reads documents through coredms' interface, over the internal RPC.
+    let core = components.addr("coredms").expect("coredms runs");
+    let remote = Remote::new(
+        &format!("http://{core}"),
+        ADMIN_TOKEN,
+        &HttpSettings::default(),
+    )
+    .expect("remote coredms");
+    let remote = CoreDms::Remote(std::sync::Arc::new(remote));
+    let tenant = TenantName::parse(&t.name).expect("name");
+    let total = remote.count_documents(&tenant, "readings").await;
+    assert_eq!(total, Ok(500));
+    let page = remote
+        .documents(&tenant, "readings", 2, 1)
+        .await
+        .expect("a page over the RPC");
+    let endpoint = c
+        .documents(&t.name, "readings", 2, 1)
+        .await
+        .expect("documents");
+    assert_eq!(
+        serde_json::Value::Array(page),
+        endpoint["documents"],
+        "the same page as the endpoint's"
+    );
+    assert_eq!(endpoint["documents"].as_array().map(Vec::len), Some(2));
 
     c.stream_stop(&t.name).await.expect("stop consumers");
     // SIGTERM to each, coredms last; each must drain and exit 0.
