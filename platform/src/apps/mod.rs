@@ -869,36 +869,56 @@ impl AppHandle {
         self.run(records.iter().map(|r| (data_name, Call::Map(r))))
     }
 
-    /// One record through `map`; returns the VM unless it hit a limit and must be discarded.
-    fn map_one(
+    /// The VM ready to call `function` (the app's `name` function) for `data_name`: context
+    /// set, budget armed. Or the outcome when it cannot be, with the VM unless it must be
+    /// discarded.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error is the call's outcome, returned at once"
+    )]
+    fn ready(
         &self,
         mut vm: Vm,
+        function: Option<Function>,
+        name: &str,
         data_name: &str,
-        record: &serde_json::Value,
-    ) -> (Outcome, Option<Vm>) {
-        let Some(map) = vm.map.clone() else {
-            return (
-                Outcome {
-                    result: Err(AppFailure {
-                        reason: "app defines no `map` function".into(),
-                        limit: false,
-                    }),
-                    log: None,
-                },
-                Some(vm),
-            );
+    ) -> Result<(Vm, Function), (Outcome, Option<Vm>)> {
+        let Some(function) = function else {
+            let missing = Outcome {
+                result: Err(AppFailure {
+                    reason: format!("app defines no `{name}` function"),
+                    limit: false,
+                }),
+                log: None,
+            };
+            return Err((missing, Some(vm)));
         };
         if let Err(e) = vm.set_context(self.tenant.as_str(), data_name) {
             let f = vm.failure(&e, &self.limits);
-            return (
+            return Err((
                 Outcome {
                     result: Err(f),
                     log: None,
                 },
                 None,
-            );
+            ));
         }
         vm.begin(&self.limits);
+        Ok((vm, function))
+    }
+
+    /// One record through `map`; returns the VM unless it hit a limit and must be discarded.
+    fn map_one(
+        &self,
+        vm: Vm,
+        data_name: &str,
+        record: &serde_json::Value,
+    ) -> (Outcome, Option<Vm>) {
+        let map = vm.map.clone();
+        let (vm, map) = match self.ready(vm, map, "map", data_name) {
+            Ok(ready) => ready,
+            Err(done) => return done,
+        };
         let result = json_to_lua(&vm.lua, record).and_then(|arg| map.call::<Value>(arg));
         let result = match result {
             Ok(v) => match vm.caught_limit(&self.limits) {
@@ -993,30 +1013,12 @@ impl AppHandle {
 
     /// One payload through `ingest`; returns the VM unless it hit a limit and must be
     /// discarded.
-    fn ingest_one(&self, mut vm: Vm, data_name: &str, data: &str) -> (Outcome, Option<Vm>) {
-        let Some(ingest) = vm.ingest.clone() else {
-            return (
-                Outcome {
-                    result: Err(AppFailure {
-                        reason: "app defines no `ingest` function".into(),
-                        limit: false,
-                    }),
-                    log: None,
-                },
-                Some(vm),
-            );
+    fn ingest_one(&self, vm: Vm, data_name: &str, data: &str) -> (Outcome, Option<Vm>) {
+        let ingest = vm.ingest.clone();
+        let (vm, ingest) = match self.ready(vm, ingest, "ingest", data_name) {
+            Ok(ready) => ready,
+            Err(done) => return done,
         };
-        if let Err(e) = vm.set_context(self.tenant.as_str(), data_name) {
-            let f = vm.failure(&e, &self.limits);
-            return (
-                Outcome {
-                    result: Err(f),
-                    log: None,
-                },
-                None,
-            );
-        }
-        vm.begin(&self.limits);
         let r = ingest.call::<()>((self.tenant.as_str(), data_name, data));
         let log = vm.take_log();
         if r.is_ok()
