@@ -189,16 +189,11 @@ fn long_string_field(frame: &[u8], key: &[u8]) -> Option<String> {
     Some(String::from_utf8_lossy(bytes).into_owned())
 }
 
+/// The host and port of an AMQP URI (`amqps` defaults to 5671), read by lapin's own parser
+/// so the version probe reaches the server lapin connects to.
 fn amqp_host_port(uri: &str) -> Option<(String, u16)> {
-    let rest = uri
-        .strip_prefix("amqp://")
-        .or_else(|| uri.strip_prefix("amqps://"))?;
-    let authority = rest.split(['/', '?']).next()?;
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    match hostport.rsplit_once(':') {
-        Some((h, p)) => Some((h.to_owned(), p.parse().ok()?)),
-        None => Some((hostport.to_owned(), 5672)),
-    }
+    let a = uri.parse::<amq_protocol_uri::AMQPUri>().ok()?.authority;
+    Some((a.host, a.port))
 }
 
 /// A URI with its password replaced, for messages and reports.
@@ -277,7 +272,17 @@ mod tests {
             amqp_host_port("amqp://rabbit"),
             Some(("rabbit".into(), 5672))
         );
+        assert_eq!(
+            amqp_host_port("amqps://u:p@10.0.0.5/vh?heartbeat=10"),
+            Some(("10.0.0.5".into(), 5671))
+        );
+        // lapin's own parser: an IPv6 literal is read as `localhost`, where lapin connects.
+        assert_eq!(
+            amqp_host_port("amqp://[::1]:5673"),
+            Some(("localhost".into(), 5673))
+        );
         assert_eq!(amqp_host_port("http://x"), None);
+        assert_eq!(amqp_host_port("amqp://h:notaport"), None);
     }
 
     #[test]

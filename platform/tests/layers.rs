@@ -230,3 +230,44 @@ fn the_scanner_sees_plain_grouped_and_root_paths() {
     assert!(g["batch"].contains("pipeline"), "{:?}", g["batch"]);
     assert!(g["lib"].contains("batch"), "{:?}", g["lib"]);
 }
+
+/// The modules of `apps`, bottom-up: each may import (`super::<module>`) only those before it.
+const APPS_ORDER: &[&str] = &[
+    "convert", "budget", "builtins", "host", "vm", "compile", "handle",
+];
+
+#[test]
+fn apps_submodules_import_only_those_before_them() {
+    let dir = src_dir().join("apps");
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let mut seen = BTreeSet::new();
+    let mut wrong = Vec::new();
+    for file in &files {
+        let name = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("file name");
+        if name == "mod" || name == "tests" {
+            continue;
+        }
+        let at = APPS_ORDER
+            .iter()
+            .position(|m| *m == name)
+            .unwrap_or_else(|| panic!("apps/{name}.rs has no place in APPS_ORDER"));
+        seen.insert(name.to_owned());
+        let text = code(&std::fs::read_to_string(file).expect("read source"));
+        for dep in first_segments(&text, "super::") {
+            match APPS_ORDER.iter().position(|m| *m == dep) {
+                Some(b) if b < at => {}
+                _ => wrong.push(format!("{name} -> {dep}")),
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "apps imports that do not name an earlier module of APPS_ORDER: {wrong:?}"
+    );
+    let listed: BTreeSet<String> = APPS_ORDER.iter().map(|m| m.to_string()).collect();
+    assert_eq!(seen, listed, "APPS_ORDER and the files of apps/ differ");
+}

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use mlua::{Function, Lua, MultiValue, Table, Value};
 
-use super::{Budget, Limit};
+use super::budget::{Budget, Limit};
 
 /// Below this many byte comparisons (worst case), a search runs in Luau's own C code.
 const NAIVE_WORK: usize = 1 << 22;

@@ -1,7 +1,9 @@
 use serde_json::json;
 
 use super::*;
+use crate::config::AppLimits;
 use crate::model::AppKind;
+use crate::tenants::TenantName;
 
 fn limits() -> AppLimits {
     AppLimits {
@@ -841,7 +843,7 @@ fn the_time_limit_counts_cpu_time_not_time_spent_waiting_for_a_core() {
         time_ms: 50,
         ..AppLimits::default()
     };
-    let budget = super::Budget::new(&limits);
+    let budget = super::budget::Budget::new(&limits);
     // Descheduled (here: asleep) past the limit: no CPU used, so the call goes on.
     std::thread::sleep(std::time::Duration::from_millis(120));
     assert!(budget.check().is_ok(), "waiting is not running");
@@ -861,7 +863,7 @@ fn the_time_limit_counts_cpu_time_not_time_spent_waiting_for_a_core() {
         ran >= std::time::Duration::from_millis(45),
         "stopped after {ran:?}"
     );
-    assert_eq!(budget.hit(), super::Limit::Time);
+    assert_eq!(budget.hit(), super::budget::Limit::Time);
 }
 
 #[test]
@@ -870,7 +872,7 @@ fn a_call_that_stops_using_cpu_ends_at_the_wall_clock_backstop() {
         time_ms: 10,
         ..AppLimits::default()
     };
-    let budget = super::Budget::new(&limits);
+    let budget = super::budget::Budget::new(&limits);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     assert!(budget.check().is_err(), "1 s of wall time is the backstop");
 }

@@ -1,0 +1,322 @@
+//! An app version ready to run: its pool of VMs, and `map` and `ingest` calls on them.
+
+use std::sync::{Arc, Mutex};
+
+use mlua::{Function, Lua, Value};
+
+use super::budget::{Limit, is_memory, limit_reason, meter};
+use super::compile::{Compiled, Shape};
+use super::convert::{self, ConvertError, Meter, json_to_lua, lua_to_json};
+use super::host::CallState;
+use super::vm::{AppFailure, Emitted, Outcome, Vm, describe};
+use crate::config::AppLimits;
+use crate::model::AppKind;
+use crate::tenants::TenantName;
+
+/// What one input asks of an app: `map` over a parsed record, or `ingest` of a payload.
+#[derive(Debug, Clone, Copy)]
+pub enum Call<'a> {
+    Map(&'a serde_json::Value),
+    Ingest(&'a str),
+}
+
+/// An app version ready to run, with its pool of VMs (one per worker thread that used it).
+pub struct AppHandle {
+    pub tenant: TenantName,
+    pub kind: AppKind,
+    pub version: u32,
+    pub shape: Shape,
+    limits: AppLimits,
+    bytecode: Arc<Vec<u8>>,
+    pub(super) pool: Mutex<Vec<Vm>>,
+}
+
+/// How many idle VMs an app version keeps.
+const MAX_IDLE_VMS: usize = 8;
+
+impl AppHandle {
+    pub fn new(
+        tenant: TenantName,
+        kind: AppKind,
+        version: u32,
+        compiled: Compiled,
+        limits: AppLimits,
+    ) -> Self {
+        Self {
+            tenant,
+            kind,
+            version,
+            shape: compiled.shape,
+            limits,
+            bytecode: compiled.bytecode,
+            pool: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn checkout(&self) -> Result<Vm, AppFailure> {
+        if let Some(vm) = self.pool.lock().ok().and_then(|mut p| p.pop()) {
+            return Ok(vm);
+        }
+        Vm::new(&self.bytecode, &self.limits).map_err(|e| AppFailure {
+            reason: format!("app failed to load: {e}"),
+            limit: true,
+        })
+    }
+
+    fn checkin(&self, vm: Vm) {
+        if let Ok(mut p) = self.pool.lock()
+            && p.len() < MAX_IDLE_VMS
+        {
+            p.push(vm);
+        }
+    }
+
+    /// Runs each call in turn on one VM taken from the pool once; a VM that hits a limit is
+    /// discarded and the next call takes a fresh one. One outcome per call, in order.
+    /// Blocking: call from a blocking thread.
+    pub fn run<'a>(&self, calls: impl IntoIterator<Item = (&'a str, Call<'a>)>) -> Vec<Outcome> {
+        let mut calls = calls.into_iter();
+        let mut out = Vec::with_capacity(calls.size_hint().0);
+        let mut vm = None;
+        let mut first = true;
+        while let Some((data_name, call)) = calls.next() {
+            let v = match vm.take() {
+                Some(v) => v,
+                None => match self.checkout() {
+                    Ok(v) => v,
+                    // The app does not load at all: the reason holds for every call.
+                    Err(f) if first => {
+                        out.push(Outcome {
+                            result: Err(f.clone()),
+                            log: None,
+                        });
+                        out.extend(calls.map(|_| Outcome {
+                            result: Err(f.clone()),
+                            log: None,
+                        }));
+                        return out;
+                    }
+                    Err(f) => {
+                        out.push(Outcome {
+                            result: Err(f),
+                            log: None,
+                        });
+                        continue;
+                    }
+                },
+            };
+            first = false;
+            let (outcome, keep) = match call {
+                Call::Map(record) => self.map_one(v, data_name, record),
+                Call::Ingest(data) => self.ingest_one(v, data_name, data),
+            };
+            out.push(outcome);
+            vm = keep;
+        }
+        if let Some(v) = vm {
+            self.checkin(v);
+        }
+        out
+    }
+
+    /// Runs `map` on each record. Blocking: call from a blocking thread.
+    pub fn map_records(&self, data_name: &str, records: &[serde_json::Value]) -> Vec<Outcome> {
+        self.run(records.iter().map(|r| (data_name, Call::Map(r))))
+    }
+
+    /// The VM ready to call `function` (the app's `name` function) for `data_name`: context
+    /// set, budget armed. Or the outcome when it cannot be, with the VM unless it must be
+    /// discarded.
+    #[expect(
+        clippy::result_large_err,
+        reason = "the error is the call's outcome, returned at once"
+    )]
+    fn ready(
+        &self,
+        mut vm: Vm,
+        function: Option<Function>,
+        name: &str,
+        data_name: &str,
+    ) -> Result<(Vm, Function), (Outcome, Option<Vm>)> {
+        let Some(function) = function else {
+            let missing = Outcome {
+                result: Err(AppFailure {
+                    reason: format!("app defines no `{name}` function"),
+                    limit: false,
+                }),
+                log: None,
+            };
+            return Err((missing, Some(vm)));
+        };
+        if let Err(e) = vm.set_context(self.tenant.as_str(), data_name) {
+            let f = vm.failure(&e, &self.limits);
+            return Err((
+                Outcome {
+                    result: Err(f),
+                    log: None,
+                },
+                None,
+            ));
+        }
+        vm.begin(&self.limits);
+        Ok((vm, function))
+    }
+
+    /// One record through `map`; returns the VM unless it hit a limit and must be discarded.
+    fn map_one(
+        &self,
+        vm: Vm,
+        data_name: &str,
+        record: &serde_json::Value,
+    ) -> (Outcome, Option<Vm>) {
+        let map = vm.map.clone();
+        let (vm, map) = match self.ready(vm, map, "map", data_name) {
+            Ok(ready) => ready,
+            Err(done) => return done,
+        };
+        let result = json_to_lua(&vm.lua, record).and_then(|arg| map.call::<Value>(arg));
+        let result = match result {
+            Ok(v) => match vm.caught_limit(&self.limits) {
+                Some(f) => Err(f),
+                None => {
+                    // `emit` means nothing to `map`: what it took is dropped, and what is
+                    // left of the call's budget is what the returned documents may use.
+                    let left = vm.lua.app_data_mut::<CallState>().map(|mut st| {
+                        st.emits = Vec::new();
+                        st.meter.clone()
+                    });
+                    self.documents_of(&vm.lua, v, left.unwrap_or_else(|| meter(&self.limits)))
+                }
+            },
+            Err(e) => Err(vm.failure(&e, &self.limits)),
+        };
+        let log = vm.take_log();
+        let keep = match &result {
+            Err(f) if f.limit => None,
+            _ => Some(vm),
+        };
+        (Outcome { result, log }, keep)
+    }
+
+    /// A `map` return value as documents: a table, a list of tables, or nil. Converted under
+    /// the call's output budget; a list longer than the emitted-documents limit is refused
+    /// before any of it is converted.
+    fn documents_of(&self, lua: &Lua, v: Value, mut meter: Meter) -> Result<Emitted, AppFailure> {
+        let fail = |reason: String, limit: bool| AppFailure { reason, limit };
+        let converted = |e: ConvertError| match e {
+            ConvertError::Invalid(m) => {
+                fail(format!("app returned an invalid document: {m}"), false)
+            }
+            ConvertError::Limit(x) => fail(limit_reason(Limit::of(x), &self.limits), false),
+            ConvertError::Lua(e) => fail(describe(&e, Limit::None, &self.limits), is_memory(&e)),
+        };
+        let t = match v {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Table(t) => t,
+            _ => {
+                return Err(fail(
+                    "map must return a table, a list of tables, or nil".into(),
+                    false,
+                ));
+            }
+        };
+        let Some(len) = convert::array_len(lua, &t).map_err(|e| converted(ConvertError::Lua(e)))?
+        else {
+            return match lua_to_json(lua, &Value::Table(t), 0, &mut meter).map_err(converted)? {
+                serde_json::Value::Object(m) => Ok(vec![(None, m)]),
+                _ => Err(fail(
+                    "map must return a table, a list of tables, or nil".into(),
+                    false,
+                )),
+            };
+        };
+        if len > self.limits.max_emits {
+            return Err(fail(limit_reason(Limit::Emits, &self.limits), false));
+        }
+        let mut docs = Vec::with_capacity(len);
+        for i in 1..=len {
+            let item: Value = t.raw_get(i).map_err(|e| converted(ConvertError::Lua(e)))?;
+            if !matches!(item, Value::Table(_)) {
+                return Err(fail(
+                    "app returned a list holding a non-table".into(),
+                    false,
+                ));
+            }
+            meter.start_document();
+            match lua_to_json(lua, &item, 1, &mut meter).map_err(converted)? {
+                serde_json::Value::Object(m) => docs.push((None, m)),
+                _ => {
+                    return Err(fail(
+                        "app returned a list holding a non-table".into(),
+                        false,
+                    ));
+                }
+            }
+        }
+        Ok(docs)
+    }
+
+    /// Runs `ingest(tenant, name, data)` on a whole payload. Blocking.
+    pub fn ingest(&self, data_name: &str, data: &str) -> Outcome {
+        self.run([(data_name, Call::Ingest(data))])
+            .pop()
+            .unwrap_or(Outcome {
+                result: Ok(Vec::new()),
+                log: None,
+            })
+    }
+
+    /// One payload through `ingest`; returns the VM unless it hit a limit and must be
+    /// discarded.
+    fn ingest_one(&self, vm: Vm, data_name: &str, data: &str) -> (Outcome, Option<Vm>) {
+        let ingest = vm.ingest.clone();
+        let (vm, ingest) = match self.ready(vm, ingest, "ingest", data_name) {
+            Ok(ready) => ready,
+            Err(done) => return done,
+        };
+        let r = ingest.call::<()>((self.tenant.as_str(), data_name, data));
+        let log = vm.take_log();
+        if r.is_ok()
+            && let Some(f) = vm.caught_limit(&self.limits)
+        {
+            return (
+                Outcome {
+                    result: Err(f),
+                    log,
+                },
+                None,
+            );
+        }
+        match r {
+            Ok(()) => {
+                let emits = vm
+                    .lua
+                    .app_data_mut::<CallState>()
+                    .map(|mut s| std::mem::take(&mut s.emits))
+                    .unwrap_or_default();
+                (
+                    Outcome {
+                        result: Ok(emits),
+                        log,
+                    },
+                    Some(vm),
+                )
+            }
+            Err(e) => {
+                let f = vm.failure(&e, &self.limits);
+                let keep = (!f.limit).then_some(vm);
+                (
+                    Outcome {
+                        result: Err(f),
+                        log,
+                    },
+                    keep,
+                )
+            }
+        }
+    }
+
+    pub fn limits(&self) -> &AppLimits {
+        &self.limits
+    }
+}
