@@ -471,4 +471,26 @@ mod tests {
         );
         assert!(calls.len() >= 2, "it retried before the cancel: {calls:?}");
     }
+
+    #[tokio::test]
+    async fn with_retry_waits_out_an_unavailable_database_behind_an_app_error_only() {
+        let cancel = CancellationToken::new();
+        let mut calls = 0;
+        let r: Result<(), AppError> = with_retry(&cancel, || {
+            calls += 1;
+            let e = if calls == 1 {
+                AppError::Core(CoreError::Unavailable("down".into()))
+            } else {
+                AppError::DoesNotCompile("line 1: syntax".into())
+            };
+            async move { Err(e) }
+        })
+        .await;
+        assert_eq!(calls, 2, "retried the outage, not the compile error");
+        // The reason a tenant reads, word for word as when it was a CoreError::Invalid.
+        assert_eq!(
+            r.expect_err("does not compile").to_string(),
+            "stored app does not compile: line 1: syntax"
+        );
+    }
 }
