@@ -84,7 +84,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("refusing to start: {0}")]
-    Auth(String),
+    Auth(#[from] config::TokenError),
     #[error(
         "`serve {0:?}` needs auth.internal_token or auth.admin_token (MYSIMBDP_INTERNAL_TOKEN): the components of a split deployment authenticate to each other with it"
     )]
