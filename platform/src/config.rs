@@ -178,7 +178,7 @@ impl AuthSettings {
     }
 
     /// Refuses tokens too short to resist guessing, saying which one and why.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TokenError> {
         for (name, env, token) in [
             (
                 "auth.admin_token",
@@ -193,19 +193,37 @@ impl AuthSettings {
         ] {
             let n = token.chars().count();
             if n > 0 && n < MIN_TOKEN_CHARS {
-                return Err(format!(
-                    "{name} ({env}) is {n} characters long: use at least {MIN_TOKEN_CHARS} \
-                     (e.g. `openssl rand -hex 16`), or leave it empty to turn the admin API off"
-                ));
+                return Err(TokenError::TooShort {
+                    name,
+                    env,
+                    chars: n,
+                });
             }
             if token.trim() != token.as_str() || token.chars().any(char::is_control) {
-                return Err(format!(
-                    "{name} ({env}) has spaces at its ends or control characters"
-                ));
+                return Err(TokenError::Malformed { name, env });
             }
         }
         Ok(())
     }
+}
+
+/// A token [`AuthSettings::check`] refuses, named by its key and environment variable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "{name} ({env}) is {chars} characters long: use at least {MIN_TOKEN_CHARS} \
+         (e.g. `openssl rand -hex 16`), or leave it empty to turn the admin API off"
+    )]
+    TooShort {
+        name: &'static str,
+        env: &'static str,
+        chars: usize,
+    },
+    #[error("{name} ({env}) has spaces at its ends or control characters")]
+    Malformed {
+        name: &'static str,
+        env: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -560,7 +578,7 @@ mod tests {
         let mut a = AuthSettings::default();
         assert!(a.check().is_ok() && !a.admin_api_on());
         a.admin_token = "change-me".into();
-        let e = a.check().expect_err("9 characters");
+        let e = a.check().expect_err("9 characters").to_string();
         assert!(
             e.contains("auth.admin_token") && e.contains("9 characters") && e.contains("16"),
             "{e}"
@@ -571,10 +589,16 @@ mod tests {
         assert!(
             a.check()
                 .expect_err("short")
+                .to_string()
                 .contains("auth.internal_token")
         );
         a.internal_token = " 0123456789abcdef".into();
-        assert!(a.check().expect_err("padded").contains("spaces"));
+        assert!(
+            a.check()
+                .expect_err("padded")
+                .to_string()
+                .contains("spaces")
+        );
     }
 
     #[test]

@@ -84,7 +84,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error("refusing to start: {0}")]
-    Auth(String),
+    Auth(#[from] config::TokenError),
     #[error(
         "`serve {0:?}` needs auth.internal_token or auth.admin_token (MYSIMBDP_INTERNAL_TOKEN): the components of a split deployment authenticate to each other with it"
     )]
@@ -271,16 +271,35 @@ pub const DEFAULT_LOG_FILTER: &str = "info,lapin=warn,mongodb=warn";
 
 /// What `mysimbdp serve [component]` does: start `component`, listen on `http.listen`, serve
 /// until SIGINT or SIGTERM, then drain. The workbench runs split topologies through this too.
-pub async fn serve_component(settings: Settings, component: Component) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+pub async fn serve_component(settings: Settings, component: Component) -> Result<(), ServeError> {
     let listen = settings.http.listen.clone();
     let platform = start(settings, component).await?;
     let listener = TcpListener::bind(&listen)
         .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, component = ?component, "serving");
-    serve(listener, platform, shutdown_signal()).await?;
+        .map_err(|source| ServeError::Listen {
+            address: listen.clone(),
+            source,
+        })?;
+    tracing::info!(address = %listener.local_addr().map_err(ServeError::Serve)?, component = ?component, "serving");
+    serve(listener, platform, shutdown_signal())
+        .await
+        .map_err(ServeError::Serve)?;
     Ok(())
+}
+
+/// Why [`serve_component`] stopped other than by a signal.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot listen on {address}")]
+    Listen {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Serve(std::io::Error),
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -21,6 +21,39 @@ use crate::tenants::TenantName;
 
 pub use router::{AppsApi, router as apps_router};
 
+/// Why the active app of a tenant cannot be had.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// coredms could not give the stored app.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The stored source no longer compiles (with these limits): the tenant must upload
+    /// another version.
+    #[error("stored app does not compile: {0}")]
+    DoesNotCompile(String),
+    /// The compiling task panicked or was cancelled.
+    #[error("the app's compile task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// An error [`with_retry`] may wait out: a coredms error, or one that can carry one.
+pub trait RetryableError: From<CoreError> + std::fmt::Display {
+    /// The database cannot be reached now; trying again later may succeed.
+    fn is_retryable(&self) -> bool;
+}
+
+impl RetryableError for CoreError {
+    fn is_retryable(&self) -> bool {
+        CoreError::is_retryable(self)
+    }
+}
+
+impl RetryableError for AppError {
+    fn is_retryable(&self) -> bool {
+        matches!(self, Self::Core(e) if e.is_retryable())
+    }
+}
+
 /// The compiled, active app of each tenant and kind, refreshed when a new version appears.
 #[derive(Default)]
 pub struct AppCache {
@@ -36,7 +69,7 @@ impl AppCache {
         tenant: &TenantName,
         kind: AppKind,
         limits: AppLimits,
-    ) -> Result<Option<Arc<AppHandle>>, CoreError> {
+    ) -> Result<Option<Arc<AppHandle>>, AppError> {
         let Some(stored) = coredms.active_app(tenant, kind).await? else {
             return Ok(None);
         };
@@ -50,8 +83,8 @@ impl AppCache {
         let source = stored.source;
         let compiled = tokio::task::spawn_blocking(move || compile(&source, &limits))
             .await
-            .map_err(|e| CoreError::Database(e.to_string()))?
-            .map_err(|e| CoreError::Invalid(format!("stored app does not compile: {e}")))?;
+            .map_err(AppError::Task)?
+            .map_err(|e| AppError::DoesNotCompile(e.to_string()))?;
         let h = Arc::new(AppHandle::new(
             tenant.clone(),
             kind,
@@ -223,10 +256,11 @@ pub fn transform(
 /// Runs a coredms call; while the database is unavailable, waits with backoff (nothing is
 /// acknowledged meanwhile: staged files stay on disk, messages stay in the queue), up to a
 /// few minutes. Other errors return at once. Cancelling interrupts a wait, not a call.
-pub async fn with_retry<T, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, CoreError>
+pub async fn with_retry<T, E, F, Fut>(cancel: &CancellationToken, mut call: F) -> Result<T, E>
 where
+    E: RetryableError,
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, CoreError>>,
+    Fut: std::future::Future<Output = Result<T, E>>,
 {
     use backon::{ExponentialBuilder, Retryable};
     // 100 ms, doubling, at most 5 s between tries; no new wait after 300 s.
@@ -245,7 +279,7 @@ where
         async move {
             match call {
                 Some(call) => call.await,
-                None => Err(CoreError::Unavailable("shutting down".into())),
+                None => Err(CoreError::Unavailable("shutting down".into()).into()),
             }
         }
     };
@@ -436,5 +470,27 @@ mod tests {
             "a call after cancel: {calls:?}"
         );
         assert!(calls.len() >= 2, "it retried before the cancel: {calls:?}");
+    }
+
+    #[tokio::test]
+    async fn with_retry_waits_out_an_unavailable_database_behind_an_app_error_only() {
+        let cancel = CancellationToken::new();
+        let mut calls = 0;
+        let r: Result<(), AppError> = with_retry(&cancel, || {
+            calls += 1;
+            let e = if calls == 1 {
+                AppError::Core(CoreError::Unavailable("down".into()))
+            } else {
+                AppError::DoesNotCompile("line 1: syntax".into())
+            };
+            async move { Err(e) }
+        })
+        .await;
+        assert_eq!(calls, 2, "retried the outage, not the compile error");
+        // The reason a tenant reads, word for word as when it was a CoreError::Invalid.
+        assert_eq!(
+            r.expect_err("does not compile").to_string(),
+            "stored app does not compile: line 1: syntax"
+        );
     }
 }

@@ -6,10 +6,38 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-
 use crate::client::{Client, Split};
 use crate::infra::Infra;
+
+type Result<T, E = ProcessError> = std::result::Result<T, E>;
+
+/// Why the component processes did not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The log directory or a component's log file.
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start `{} serve {component}`", program.display())]
+    Spawn {
+        program: PathBuf,
+        component: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A free port, a log handle, the state of a child.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A component exited or stayed unhealthy at start: what happened, with its log's tail.
+    #[error("{0}")]
+    Unhealthy(String),
+    /// Components that had exited, exited non-zero or did not drain at stop.
+    #[error("platform components: {}", .0.join("\n"))]
+    Stop(Vec<String>),
+}
 
 const COMPONENTS: [&str; 3] = ["coredms", "batch", "stream"];
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -41,8 +69,10 @@ impl SplitProcesses {
         infra: &Infra,
         log_dir: &Path,
     ) -> Result<Self> {
-        std::fs::create_dir_all(log_dir)
-            .with_context(|| format!("cannot create {}", log_dir.display()))?;
+        std::fs::create_dir_all(log_dir).map_err(|source| ProcessError::Create {
+            path: log_dir.to_owned(),
+            source,
+        })?;
         let mut me = Self {
             children: Vec::new(),
             addrs: Vec::new(),
@@ -60,8 +90,10 @@ impl SplitProcesses {
                 cmd.arg("--set").arg(o);
             }
             let log = log_dir.join(format!("{component}.log"));
-            let out = std::fs::File::create(&log)
-                .with_context(|| format!("cannot create {}", log.display()))?;
+            let out = std::fs::File::create(&log).map_err(|source| ProcessError::Create {
+                path: log.clone(),
+                source,
+            })?;
             let process = cmd
                 .env("MONGODB_URI", &infra.mongodb_uri)
                 .env("AMQP_URI", &infra.amqp_uri)
@@ -70,8 +102,10 @@ impl SplitProcesses {
                 .stderr(out)
                 .kill_on_drop(true)
                 .spawn()
-                .with_context(|| {
-                    format!("cannot start `{} serve {component}`", program.display())
+                .map_err(|source| ProcessError::Spawn {
+                    program: program.to_owned(),
+                    component,
+                    source,
                 })?;
             me.children.push(Child {
                 component,
@@ -136,7 +170,7 @@ impl SplitProcesses {
             }
         }
         if !failed.is_empty() {
-            bail!("platform components: {}", failed.join("\n"));
+            return Err(ProcessError::Stop(failed));
         }
         Ok(())
     }
@@ -166,7 +200,7 @@ async fn wait_healthy(addr: &str, child: &mut Child) -> Result<()> {
         }
         let exited = child.process.try_wait()?;
         if exited.is_some() || started.elapsed() > START_TIMEOUT {
-            bail!(
+            return Err(ProcessError::Unhealthy(format!(
                 "`serve {}` {} on {addr}; {}",
                 child.component,
                 match exited {
@@ -174,7 +208,7 @@ async fn wait_healthy(addr: &str, child: &mut Child) -> Result<()> {
                     None => format!("did not become healthy within {START_TIMEOUT:?}"),
                 },
                 log_tail(&child.log)
-            );
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

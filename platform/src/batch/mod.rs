@@ -26,7 +26,7 @@ use crate::events::Ingested;
 use crate::logs::Source;
 use crate::metrics::Metrics;
 use crate::model::{AppKind, BulkWrite, FileRecord, FileState, now_us};
-use crate::pipeline::{AppCache, Input, transform, with_retry, write_with_retry};
+use crate::pipeline::{AppCache, AppError, Input, transform, with_retry, write_with_retry};
 use crate::tenants::TenantName;
 
 /// Bulk writes a job runs before yielding its worker to another tenant.
@@ -118,6 +118,24 @@ pub enum BatchError {
     Busy(String),
     #[error("cannot read staged file: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why an ingestion job failed: the reason its file's log entry and status carry.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// coredms (profile, file status, bulk write) failed for good.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// The tenant's active batch app cannot be had (not compiling, or coredms).
+    #[error(transparent)]
+    App(#[from] AppError),
+    #[error("cannot open staged file: {0}")]
+    Open(#[source] std::io::Error),
+    #[error("cannot read staged file: {0}")]
+    Read(#[source] std::io::Error),
+    /// The parsing/transforming task panicked or was cancelled.
+    #[error("{0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl BatchManager {
@@ -235,26 +253,22 @@ impl BatchManager {
         self.scheduler.push(job);
     }
 
-    async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), String> {
-        let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant))
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
+        let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant)).await?;
         let limits = profile.constraints.app_limits;
         job.app = with_retry(cancel, || {
             self.apps
                 .active(&self.coredms, &job.tenant, AppKind::Batch, limits)
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         job.record.app_version = job.app.as_ref().map(|a| a.version);
         let path = self.staging.path(&job.tenant, &job.record.name);
         let format = job.record.format;
         let skip = job.record.next_record;
         let whole = job.app.as_ref().is_some_and(|a| !a.shape.has_map);
-        let source =
-            tokio::task::spawn_blocking(move || -> Result<Box<dyn parse::RecordSource>, String> {
-                let file = std::fs::File::open(&path)
-                    .map_err(|e| format!("cannot open staged file: {e}"))?;
+        let source = tokio::task::spawn_blocking(
+            move || -> Result<Box<dyn parse::RecordSource>, JobError> {
+                let file = std::fs::File::open(&path).map_err(JobError::Open)?;
                 if whole {
                     return Ok(Box::new(WholeFile(Some(file))));
                 }
@@ -263,20 +277,20 @@ impl BatchManager {
                 for _ in 0..skip {
                     match src.next_record() {
                         Some(Ok(_)) => {}
-                        Some(Err(e)) => return Err(format!("cannot read staged file: {e}")),
+                        Some(Err(e)) => return Err(JobError::Read(e)),
                         None => break,
                     }
                 }
                 Ok(src)
-            })
-            .await
-            .map_err(|e| e.to_string())??;
+            },
+        )
+        .await??;
         job.source = Some(source);
         Ok(())
     }
 
     /// One bulk write's worth of records. Ok(false) at the end of the file.
-    async fn step(&self, job: &mut Job, cancel: &CancellationToken) -> Result<bool, String> {
+    async fn step(&self, job: &mut Job, cancel: &CancellationToken) -> Result<bool, JobError> {
         let Some(mut source) = job.source.take() else {
             return Ok(false);
         };
@@ -303,7 +317,7 @@ impl BatchManager {
                         data_name: data_name.clone(),
                         value: r.value,
                     }),
-                    Some(Err(e)) => return Err(format!("cannot read staged file: {e}")),
+                    Some(Err(e)) => return Err(JobError::Read(e)),
                     None => {
                         more = false;
                         break;
@@ -313,8 +327,7 @@ impl BatchManager {
             let t = transform(app.as_deref(), &collection, max_doc, &inputs);
             Ok((source, inputs.len(), t, more))
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await??;
         job.source = Some(source);
         if inputs == 0 {
             return Ok(false);
@@ -329,9 +342,7 @@ impl BatchManager {
         };
         let failures = write.failures.len() as u64;
         let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
-        let outcome = write_with_retry(&self.coredms, write, cancel)
-            .await
-            .map_err(|e| e.to_string())?;
+        let outcome = write_with_retry(&self.coredms, write, cancel).await?;
         let failed = failures + outcome.failed.len() as u64;
         job.record.records_ok += outcome.inserted;
         job.record.records_duplicate += outcome.duplicates;
@@ -348,13 +359,13 @@ impl BatchManager {
         }
         .emit(&self.metrics);
         let record = &job.record;
-        with_retry(cancel, || self.coredms.put_file(record))
-            .await
-            .map_err(|e| e.to_string())?;
+        with_retry(cancel, || self.coredms.put_file(record)).await?;
         Ok(more)
     }
 
-    async fn finish(&self, mut job: Job, error: Option<String>) {
+    async fn finish(&self, mut job: Job, error: Option<JobError>) {
+        // The reason as the tenant reads it, in the log entry and the file's status.
+        let error = error.map(|e| e.to_string());
         job.record.state = if error.is_some() {
             FileState::Failed
         } else {

@@ -56,8 +56,12 @@ impl TenantTokens for CoreDms {
 
 /// Something done when a tenant is created, before the request is answered: the data
 /// broker declares the tenant's queues, so it can publish at once.
+/// Its error is the implementor's own (boxed: coredms knows no component above it).
 pub trait OnNewTenant: Send + Sync {
-    fn tenant_created<'a>(&'a self, tenant: &'a TenantName) -> BoxFuture<'a, Result<(), String>>;
+    fn tenant_created<'a>(
+        &'a self,
+        tenant: &'a TenantName,
+    ) -> BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 }
 
 /// What coredms' endpoints need: the store this process holds, the defaults for new tenants,

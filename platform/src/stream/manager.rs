@@ -15,13 +15,36 @@ use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
 use crate::config::{AmqpSettings, StreamSettings};
-use crate::coredms::CoreDms;
+use crate::coredms::{CoreDms, CoreError};
 use crate::events::{DeadLettered, Ingested};
 use crate::logs::Source;
 use crate::metrics::Metrics;
 use crate::model::{AppKind, BulkWrite, now_us};
-use crate::pipeline::{AppCache, Input, transform, write_with_retry};
+use crate::pipeline::{AppCache, AppError, Input, transform, write_with_retry};
 use crate::tenants::TenantName;
+
+/// Why a consumer session ended (it reconnects after a backoff): the broker, or coredms
+/// not answering or not storing a batch (its messages stay unacknowledged, for redelivery).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// coredms could not give the tenant's profile or active app now.
+    #[error("message broker unavailable: coredms: {0}")]
+    Coredms(#[source] CoreError),
+    /// coredms did not store a batch.
+    #[error("message broker unavailable: not stored: {0}")]
+    NotStored(#[source] CoreError),
+    /// The task running the app over a batch panicked or was cancelled.
+    #[error("the app's task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+impl From<lapin::Error> for ConsumerError {
+    fn from(e: lapin::Error) -> Self {
+        Self::Broker(e.into())
+    }
+}
 
 struct Consumer {
     cancel: CancellationToken,
@@ -187,7 +210,7 @@ async fn consume(
     ctx: &Ctx,
     tenant: &TenantName,
     cancel: &CancellationToken,
-) -> Result<(), BrokerError> {
+) -> Result<(), ConsumerError> {
     // Named after the namespace and tenant, so operators (and fault tests) can find it.
     let name = format!("mysimbdp-consumer-{}{tenant}", ctx.namespace);
     let conn = broker::connect(&ctx.uri, &ctx.amqp, &name).await?;
@@ -218,9 +241,7 @@ async fn consume(
             _ = cancel.cancelled() => break Ok(()),
         };
         let Some(first) = first else {
-            break Err(BrokerError::Unavailable(
-                "consumer cancelled by the broker".into(),
-            ));
+            break Err(BrokerError::Unavailable("consumer cancelled by the broker".into()).into());
         };
         let first = first?;
         // A batch ends at its count, its linger time, or its bytes: parsed JSON takes many
@@ -320,13 +341,15 @@ struct ActiveApp {
 }
 
 impl ActiveApp {
-    async fn refresh(&mut self, ctx: &Ctx, tenant: &TenantName) -> Result<(), BrokerError> {
+    async fn refresh(&mut self, ctx: &Ctx, tenant: &TenantName) -> Result<(), ConsumerError> {
         if self.fetched.is_some_and(|t| t.elapsed() < APP_REFRESH) {
             return Ok(());
         }
-        let unavailable =
-            |e: crate::coredms::CoreError| BrokerError::Unavailable(format!("coredms: {e}"));
-        let profile = ctx.coredms.tenant(tenant).await.map_err(unavailable)?;
+        let profile = ctx
+            .coredms
+            .tenant(tenant)
+            .await
+            .map_err(ConsumerError::Coredms)?;
         self.limits = profile.constraints.app_limits;
         match ctx
             .apps
@@ -337,10 +360,10 @@ impl ActiveApp {
                 self.app = app;
                 self.broken = None;
             }
-            Err(e) if e.is_retryable() => return Err(unavailable(e)),
+            Err(AppError::Core(e)) if e.is_retryable() => return Err(ConsumerError::Coredms(e)),
             Err(e) => {
                 let reason = match e {
-                    crate::coredms::CoreError::Invalid(r) => r,
+                    AppError::DoesNotCompile(_) => e.to_string(),
                     other => format!("the stored stream app cannot be loaded: {other}"),
                 };
                 tracing::warn!(tenant = %tenant, reason = %reason, "the stored stream app cannot run; its messages are dead-lettered");
@@ -422,7 +445,7 @@ async fn run_batch(
     batch: Vec<Delivery>,
     active: &mut ActiveApp,
     cancel: &CancellationToken,
-) -> Result<(), BrokerError> {
+) -> Result<(), ConsumerError> {
     match process(ctx, tenant, topology, dlq_ch, &batch, active, cancel).await {
         Ok(()) => {
             ctx.forget(tenant, &batch);
@@ -433,7 +456,14 @@ async fn run_batch(
             if !cancel.is_cancelled() && !e.is_retryable() {
                 ctx.note_failure(tenant, &batch, &e.to_string());
             }
-            Err(BrokerError::Unavailable(format!("not stored: {e}")))
+            Err(ConsumerError::NotStored(e))
+        }
+        Err(Failed::Task(e)) => {
+            let e = ConsumerError::Task(e);
+            if !cancel.is_cancelled() {
+                ctx.note_failure(tenant, &batch, &e.to_string());
+            }
+            Err(e)
         }
         Err(Failed::Broker(e)) => Err(e),
     }
@@ -442,13 +472,21 @@ async fn run_batch(
 /// Why a batch was left unacknowledged.
 enum Failed {
     /// coredms did not store it.
-    NotStored(crate::coredms::CoreError),
-    Broker(BrokerError),
+    NotStored(CoreError),
+    /// The app's task panicked or was cancelled.
+    Task(tokio::task::JoinError),
+    Broker(ConsumerError),
+}
+
+impl From<ConsumerError> for Failed {
+    fn from(e: ConsumerError) -> Self {
+        Self::Broker(e)
+    }
 }
 
 impl From<BrokerError> for Failed {
     fn from(e: BrokerError) -> Self {
-        Self::Broker(e)
+        Self::Broker(e.into())
     }
 }
 
@@ -517,11 +555,7 @@ async fn process(
         (inputs, t)
     })
     .await
-    .map_err(|e| {
-        Failed::NotStored(crate::coredms::CoreError::Database(format!(
-            "the app's task failed: {e}"
-        )))
-    })?;
+    .map_err(Failed::Task)?;
     let write = BulkWrite {
         tenant: tenant.clone(),
         source: Source::Stream,

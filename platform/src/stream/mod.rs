@@ -46,12 +46,8 @@ impl crate::coredms::OnNewTenant for Broker {
     fn tenant_created<'a>(
         &'a self,
         tenant: &'a crate::tenants::TenantName,
-    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            self.declare_topology(tenant)
-                .await
-                .map_err(|e| e.to_string())
-        })
+    ) -> futures::future::BoxFuture<'a, Result<(), Box<dyn std::error::Error + Send + Sync>>> {
+        Box::pin(async move { Ok(self.declare_topology(tenant).await?) })
     }
 }
 
