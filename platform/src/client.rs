@@ -222,11 +222,11 @@ impl Client {
     }
 
     pub async fn tenant(&self, name: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{name}")).await
+        self.get(&format!("/v1/tenants/{}", enc(name))).await
     }
 
     pub async fn patch_tenant(&self, name: &str, patch: &Value) -> Result<Value, ClientError> {
-        self.json(Method::PATCH, &format!("/v1/tenants/{name}"), patch)
+        self.json(Method::PATCH, &format!("/v1/tenants/{}", enc(name)), patch)
             .await
     }
 
@@ -238,7 +238,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call(
             Method::PUT,
-            &format!("/v1/tenants/{tenant}/apps/{kind}"),
+            &format!("/v1/tenants/{}/apps/{}", enc(tenant), enc(kind)),
             Some("text/plain"),
             source.to_owned(),
         )
@@ -253,7 +253,7 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call(
             Method::PUT,
-            &format!("/v1/tenants/{tenant}/files/{name}"),
+            &format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)),
             Some("application/octet-stream"),
             body,
         )
@@ -263,7 +263,7 @@ impl Client {
     pub async fn ingest(&self, tenant: &str, name: &str) -> Result<Value, ClientError> {
         self.call(
             Method::POST,
-            &format!("/v1/tenants/{tenant}/files/{name}/ingest"),
+            &format!("/v1/tenants/{}/files/{}/ingest", enc(tenant), enc(name)),
             None,
             Vec::new(),
         )
@@ -271,7 +271,7 @@ impl Client {
     }
 
     pub async fn file(&self, tenant: &str, name: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{tenant}/files/{name}"))
+        self.get(&format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)))
             .await
     }
 
@@ -302,7 +302,11 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call(
             Method::POST,
-            &format!("/v1/tenants/{tenant}/messages?data_name={data_name}"),
+            &format!(
+                "/v1/tenants/{}/messages?data_name={}",
+                enc(tenant),
+                enc(data_name)
+            ),
             Some("application/x-ndjson"),
             ndjson,
         )
@@ -320,7 +324,11 @@ impl Client {
     ) -> Result<Value, ClientError> {
         self.call_with(
             Method::POST,
-            &format!("/v1/tenants/{tenant}/messages?data_name={data_name}"),
+            &format!(
+                "/v1/tenants/{}/messages?data_name={}",
+                enc(tenant),
+                enc(data_name)
+            ),
             &[
                 ("content-type", "application/x-ndjson"),
                 ("idempotency-key", key),
@@ -332,13 +340,14 @@ impl Client {
 
     /// Consumers running and what they ingested since the stream component started.
     pub async fn stream_status(&self, tenant: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{tenant}/stream")).await
+        self.get(&format!("/v1/tenants/{}/stream", enc(tenant)))
+            .await
     }
 
     pub async fn stream_start(&self, tenant: &str, consumers: u32) -> Result<Value, ClientError> {
         self.json(
             Method::POST,
-            &format!("/v1/tenants/{tenant}/stream/start"),
+            &format!("/v1/tenants/{}/stream/start", enc(tenant)),
             &serde_json::json!({ "consumers": consumers }),
         )
         .await
@@ -347,7 +356,7 @@ impl Client {
     pub async fn stream_stop(&self, tenant: &str) -> Result<Value, ClientError> {
         self.call(
             Method::POST,
-            &format!("/v1/tenants/{tenant}/stream/stop"),
+            &format!("/v1/tenants/{}/stream/stop", enc(tenant)),
             None,
             Vec::new(),
         )
@@ -355,7 +364,7 @@ impl Client {
     }
 
     pub async fn stream_report(&self, tenant: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{tenant}/stream/report"))
+        self.get(&format!("/v1/tenants/{}/stream/report", enc(tenant)))
             .await
     }
 
@@ -364,7 +373,7 @@ impl Client {
         let r = self
             .raw(
                 Method::GET,
-                &format!("/v1/tenants/{tenant}/logs?{query}"),
+                &format!("/v1/tenants/{}/logs?{query}", enc(tenant)),
                 None,
                 Vec::new(),
             )
@@ -389,7 +398,9 @@ impl Client {
         skip: u64,
     ) -> Result<Value, ClientError> {
         self.get(&format!(
-            "/v1/tenants/{tenant}/collections/{collection}/documents?limit={limit}&skip={skip}"
+            "/v1/tenants/{}/collections/{}/documents?limit={limit}&skip={skip}",
+            enc(tenant),
+            enc(collection)
         ))
         .await
     }
@@ -399,8 +410,30 @@ impl Client {
     }
 }
 
+/// A path segment or query value as sent: everything but unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, so a name holding `/`, `?`, `#`, `&` or a space
+/// reaches the server as one value.
+fn enc(s: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, RESERVED).to_string()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn path_segments_and_query_values_are_percent_encoded() {
+        assert_eq!(super::enc("water-quality_1.csv"), "water-quality_1.csv");
+        assert_eq!(
+            super::enc("a b/../c?d#e%f&g=h"),
+            "a%20b%2F..%2Fc%3Fd%23e%25f%26g%3Dh"
+        );
+        assert_eq!(super::enc("é"), "%C3%A9");
+    }
+
     use super::*;
 
     #[test]

@@ -273,3 +273,22 @@ async fn a_publish_retried_with_the_same_idempotency_key_is_stored_once() {
     assert_eq!(r.status, 202, "the key is optional");
     c.stream_stop(&t).await.expect("stop");
 }
+
+#[tokio::test]
+async fn a_data_name_with_reserved_characters_arrives_whole() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("names").await;
+    let name = "temp & humidity=1/2?#%";
+    c.publish(&t, name, b"{\"seq\":1}\n".to_vec())
+        .await
+        .expect("the client encodes the name");
+    c.stream_start(&t, 1).await.expect("start");
+    let logged = eventually(Duration::from_secs(30), || async {
+        !app.logs(&c, &t, "status=success").await.is_empty()
+    })
+    .await;
+    assert!(logged);
+    c.stream_stop(&t).await.expect("stop");
+    let logs = app.logs(&c, &t, "status=success").await;
+    assert_eq!(logs[0]["data_name"], name, "{logs:?}");
+}
