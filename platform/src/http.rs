@@ -189,6 +189,14 @@ fn bearer(parts: &Parts) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Whether `token` is the configured token `configured` (never when none is configured),
+/// compared in constant time.
+fn is_token(token: &str, configured: &str) -> bool {
+    !token.is_empty()
+        && !configured.is_empty()
+        && constant_time_eq(token.as_bytes(), configured.as_bytes())
+}
+
 /// A caller holding the internal (or admin) token: another component of the platform.
 /// Checked against the configured tokens only, never the database, so a flood of random
 /// tokens on the internal route costs no lookups.
@@ -204,12 +212,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
         let token = bearer(parts).unwrap_or("");
         let auth = Auth::from_ref(state).settings;
-        let known = [auth.internal(), auth.admin_token.as_str()];
-        if !token.is_empty()
-            && known
-                .iter()
-                .any(|k| !k.is_empty() && constant_time_eq(token.as_bytes(), k.as_bytes()))
-        {
+        if is_token(token, auth.internal()) || is_token(token, &auth.admin_token) {
             Ok(Self)
         } else {
             Err(ApiError::new(
@@ -239,13 +242,10 @@ where
             settings: auth,
             tenants,
         } = Auth::from_ref(state);
-        if !auth.admin_token.is_empty()
-            && constant_time_eq(token.as_bytes(), auth.admin_token.as_bytes())
-        {
+        if is_token(token, &auth.admin_token) {
             return Ok(Self::Admin);
         }
-        let internal = auth.internal();
-        if !internal.is_empty() && constant_time_eq(token.as_bytes(), internal.as_bytes()) {
+        if is_token(token, auth.internal()) {
             return Ok(Self::Internal);
         }
         if !token.starts_with("msb_") && !auth.admin_api_on() {

@@ -443,6 +443,22 @@ mod tests {
     }
 
     #[test]
+    fn refused_keys_are_found_at_any_depth_and_in_arrays() {
+        for doc in [
+            json!({"a": [{"b\u{0}c": 1}]}),
+            json!({"a": {"b": [[{"$where": "1"}]]}}),
+            json!({"a": [1, {"b": {"c": {"$set": 2}}}]}),
+        ] {
+            let m = doc.as_object().cloned().unwrap_or_default();
+            assert!(encode("x", &m).is_err(), "{doc} must be refused");
+        }
+        // Extended JSON deep inside is read, not refused.
+        let m = json!({"a": [{"when": {"$date": "2026-11-28T16:00:00Z"}}]});
+        let m = m.as_object().cloned().unwrap_or_default();
+        assert!(encode("x", &m).is_ok());
+    }
+
+    #[test]
     fn nesting_up_to_the_limit_is_accepted() {
         let mut deep = json!(1);
         for _ in 0..MAX_BSON_DEPTH {

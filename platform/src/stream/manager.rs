@@ -516,12 +516,15 @@ async fn process(
     let raw = app.as_ref().is_some_and(|a| !a.shape.has_map);
     let max_deliveries = ctx.settings.max_deliveries.max(1);
     let mut exhausted = 0usize;
+    // Failed attempts are looked up only when this tenant has any: not once per message.
+    let remembered = ctx.has_attempts(tenant);
     let inputs: Vec<Input> = batch
         .iter()
         .map(|d| {
             let origin = message_id(d);
-            let value = if let Some(a) = ctx
-                .attempt(tenant, &origin)
+            let value = if let Some(a) = remembered
+                .then(|| ctx.attempt(tenant, &origin))
+                .flatten()
                 .filter(|a| a.failures >= max_deliveries)
             {
                 exhausted += 1;

@@ -65,25 +65,14 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         (Some("done"), Some(500)),
         "{f}"
     );
-    let db = t.database.clone();
-    let stored = eventually(Duration::from_secs(60), || {
-        let (uri, db) = (infra.mongodb_uri.clone(), db.clone());
-        async move { messages_stored(&uri, &db).await == (300, 300) }
-    })
-    .await;
-    assert!(
-        stored,
-        "300 messages stored once each, got {:?}",
-        messages_stored(&infra.mongodb_uri, &db).await
-    );
-    // The documents become visible before their log entries are written and before the
-    // stream process hears back from coredms and counts them: wait for the count, after
-    // which the log is complete too.
-    eventually(Duration::from_secs(30), || async {
-        c.stream_status(&t.name)
-            .await
-            .is_ok_and(|s| s["since_start"]["stored"] == 300)
-    })
+    messages_stored_once(
+        &infra,
+        &c,
+        &t.name,
+        &t.database,
+        300,
+        Duration::from_secs(60),
+    )
     .await;
     let status = c.stream_status(&t.name).await.expect("stream status");
     assert_eq!(status["consumers"], 1, "{status}");
@@ -206,22 +195,14 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
         .expect("count");
     assert_eq!((docs, ids), (3000, 3000), "every record stored once");
 
-    let db = t.database.clone();
-    let stored = eventually(Duration::from_secs(120), || {
-        let (uri, db) = (infra.mongodb_uri.clone(), db.clone());
-        async move { messages_stored(&uri, &db).await == (60, 60) }
-    })
-    .await;
-    assert!(
-        stored,
-        "60 messages stored once each, got {:?}",
-        messages_stored(&infra.mongodb_uri, &db).await
-    );
-    eventually(Duration::from_secs(30), || async {
-        c.stream_status(&t.name)
-            .await
-            .is_ok_and(|s| s["since_start"]["stored"] == 60)
-    })
+    messages_stored_once(
+        &infra,
+        &c,
+        &t.name,
+        &t.database,
+        60,
+        Duration::from_secs(120),
+    )
     .await;
     let logs = c.logs(&t.name, "").await.expect("logs");
     let logs: Vec<serde_json::Value> = serde_json::from_slice(&logs.body).expect("JSON");
@@ -281,4 +262,33 @@ async fn start(extra: &[&str]) -> (Infra, std::path::PathBuf, SplitProcesses) {
     .await
     .expect("every `mysimbdp serve <component>` becomes healthy");
     (infra, dir, components)
+}
+
+/// Waits until `n` messages are stored once each in `db`, then until the stream process
+/// has counted them: the documents become visible before their log entries are written and
+/// before the stream process hears back from coredms, so after the count the log is
+/// complete too.
+async fn messages_stored_once(
+    infra: &Infra,
+    c: &Client,
+    tenant: &str,
+    db: &str,
+    n: u64,
+    timeout: Duration,
+) {
+    let stored = eventually(timeout, || async {
+        messages_stored(&infra.mongodb_uri, db).await == (n, n)
+    })
+    .await;
+    assert!(
+        stored,
+        "{n} messages stored once each, got {:?}",
+        messages_stored(&infra.mongodb_uri, db).await
+    );
+    eventually(Duration::from_secs(30), || async {
+        c.stream_status(tenant)
+            .await
+            .is_ok_and(|s| s["since_start"]["stored"] == n)
+    })
+    .await;
 }
