@@ -43,9 +43,30 @@ pub struct FileRecord {
     pub sha256: String,
     pub state: FileState,
     pub collection: String,
+    /// Bumped each time a file of this name is staged: the version compare-and-set updates
+    /// name, so a job of an older upload cannot write over a newer one.
+    #[serde(default)]
+    pub version: u64,
+    /// The ingestion run: a new id each time the file is started, kept when a job resumes
+    /// or changes owner. Log entries of this file name it (`ingestion`), so entries written
+    /// again by a retried run are the same entries.
+    #[serde(default)]
+    pub job: String,
+    /// Records (inputs) read so far and what became of each: at least one document stored
+    /// and none failed (`ok`), every document already stored before (`duplicate`), nothing
+    /// to store (`skipped`: the app returned nothing), or failed (parse, app or a document).
     pub records_ok: u64,
     pub records_failed: u64,
     pub records_duplicate: u64,
+    #[serde(default)]
+    pub records_skipped: u64,
+    /// Documents the app produced, by what the database did with them.
+    #[serde(default)]
+    pub documents_stored: u64,
+    #[serde(default)]
+    pub documents_duplicate: u64,
+    #[serde(default)]
+    pub documents_failed: u64,
     /// Records before this index are stored and logged: where a resumed job starts.
     pub next_record: u64,
     #[serde(default)]
@@ -57,6 +78,20 @@ pub struct FileRecord {
 }
 
 impl FileRecord {
+    /// Clears the counters and the checkpoint for a new run `job`.
+    pub fn restart(&mut self, job: String) {
+        self.job = job;
+        self.records_ok = 0;
+        self.records_failed = 0;
+        self.records_duplicate = 0;
+        self.records_skipped = 0;
+        self.documents_stored = 0;
+        self.documents_duplicate = 0;
+        self.documents_failed = 0;
+        self.next_record = 0;
+        self.error = None;
+    }
+
     /// A freshly staged file: nothing ingested yet.
     pub fn staged(
         tenant: &TenantName,
@@ -75,9 +110,15 @@ impl FileRecord {
             sha256,
             state: FileState::Staged,
             collection,
+            version: 0,
+            job: String::new(),
             records_ok: 0,
             records_failed: 0,
             records_duplicate: 0,
+            records_skipped: 0,
+            documents_stored: 0,
+            documents_duplicate: 0,
+            documents_failed: 0,
             next_record: 0,
             error: None,
             app_version: None,
@@ -188,6 +229,14 @@ pub fn doc_id(origin: &str, record: u64, emitted: u32) -> String {
     } else {
         format!("{origin}:{record}:{emitted}")
     }
+}
+
+/// A new random id (16 bytes, hex): ingestion runs, leases.
+pub fn new_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
 }
 
 // ---- the clock ----

@@ -195,11 +195,7 @@ impl BatchManager {
             return Err(BatchError::Busy(name.to_owned()));
         }
         rec.state = FileState::Ingesting;
-        rec.records_ok = 0;
-        rec.records_failed = 0;
-        rec.records_duplicate = 0;
-        rec.next_record = 0;
-        rec.error = None;
+        rec.restart(crate::model::new_id());
         rec.updated_at = crate::model::rfc3339_now();
         self.coredms.put_file(&rec).await?;
         self.enqueue(rec.clone()).await?;
