@@ -10,7 +10,7 @@ use mysimbdp::batch::parse;
 use mysimbdp::config::{AppLimits, Format};
 use mysimbdp::coredms::{log_entries, prepare};
 use mysimbdp::logs::{Source, Status};
-use mysimbdp::model::{AppKind, BulkWrite};
+use mysimbdp::model::{AppKind, BulkWrite, InputRef};
 use mysimbdp::pipeline::{Input, transform};
 use mysimbdp::tenants::TenantName;
 
@@ -118,6 +118,11 @@ fn bulk(c: &mut Criterion) {
         .map(|(i, r)| Input {
             origin: "0123456789abcdef".into(),
             index: i as u64,
+            input: InputRef::Record {
+                job: "0123456789abcdef0123456789abcdef".into(),
+                record: i as u64,
+                line: Some(i as u64 + 2),
+            },
             bytes: 360,
             started_us: 0,
             data_name: "wq.csv".into(),
@@ -131,7 +136,7 @@ fn bulk(c: &mut Criterion) {
         data_name: "wq.csv".into(),
         app_version: None,
         docs: t.docs,
-        failures: vec![],
+        unstored: vec![],
     };
     let statuses = vec![Status::Success; write.docs.len()];
     let reasons = vec![None; write.docs.len()];

@@ -46,8 +46,11 @@ pub struct Counts {
     pub stored: u64,
     /// Failure entries in the tenant's log.
     pub failed: u64,
-    /// offered − stored − failed: inputs neither stored nor logged as failed. Negative:
-    /// something was counted twice.
+    /// Skipped entries in the tenant's log: inputs the app returned nothing for.
+    #[serde(default)]
+    pub skipped: u64,
+    /// offered − stored − failed − skipped: inputs neither stored nor logged as failed or
+    /// skipped. Negative: something was counted twice.
     pub lost: i64,
     /// Documents found for the offered inputs (an input may store several).
     pub documents: u64,
@@ -57,7 +60,8 @@ pub struct Counts {
 
 impl Counts {
     pub fn settle(mut self) -> Self {
-        self.lost = self.offered as i64 - self.stored as i64 - self.failed as i64;
+        self.lost =
+            self.offered as i64 - self.stored as i64 - self.failed as i64 - self.skipped as i64;
         self
     }
 
@@ -66,6 +70,7 @@ impl Counts {
         self.refused += o.refused;
         self.stored += o.stored;
         self.failed += o.failed;
+        self.skipped += o.skipped;
         self.lost += o.lost;
         self.documents += o.documents;
         self.logged_stored += o.logged_stored;
@@ -187,6 +192,7 @@ pub struct Tally {
     pub success: u64,
     pub duplicate: u64,
     pub failure: u64,
+    pub skipped: u64,
     pub reasons: BTreeMap<String, u64>,
     /// Batch: every entry's latency. Stream: successes, corrected for coordinated omission
     /// at the offered rate when one is given.
@@ -201,6 +207,7 @@ impl Default for Tally {
             success: 0,
             duplicate: 0,
             failure: 0,
+            skipped: 0,
             reasons: BTreeMap::new(),
             latency: hist(),
             uncorrected: hist(),
@@ -255,6 +262,7 @@ pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
         match &*l.status {
             "success" => p.success += 1,
             "duplicate" => p.duplicate += 1,
+            "skipped" => p.skipped += 1,
             "failure" => {
                 p.failure += 1;
                 let mut r: String = l
@@ -286,6 +294,62 @@ pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
     Ok(t)
 }
 
+/// How well a log covers the inputs of a run: inputs without any entry, entries twice.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Batch records (by index in the file) with no entry at all.
+    pub batch_unlogged: u64,
+    /// Stored stream messages (by id) with no entry at all.
+    pub stream_unlogged: u64,
+    /// Entries about the same thing written more than once: two `success` entries for one
+    /// document, or two entries of one status for one input of one ingestion.
+    pub logged_twice: u64,
+}
+
+/// Folds a log download against what was offered and stored: `batch_records` records of
+/// one file, and the ids of the stream messages found stored.
+pub fn coverage(
+    body: &[u8],
+    batch_records: u64,
+    stored_messages: &HashSet<String>,
+) -> Result<Coverage> {
+    let entries: Vec<Value> = serde_json::from_slice(body)?;
+    let mut records = vec![false; batch_records as usize];
+    let mut messages: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut c = Coverage::default();
+    for e in &entries {
+        let status = e["status"].as_str().unwrap_or("");
+        let doc = e["document_id"].as_str();
+        let input = match (e["record"].as_u64(), e["message_id"].as_str()) {
+            (Some(r), _) => {
+                if let Some(slot) = records.get_mut(r as usize) {
+                    *slot = true;
+                }
+                format!("r{r}")
+            }
+            (None, Some(m)) => {
+                messages.insert(m);
+                format!("m{m}")
+            }
+            (None, None) => "file".to_owned(),
+        };
+        let key = match (status, doc) {
+            ("success", Some(d)) => format!("s {} {d}", e["collection"]),
+            _ => format!("{status} {} {input} {}", e["ingestion"], doc.unwrap_or("-")),
+        };
+        if !seen.insert(key) {
+            c.logged_twice += 1;
+        }
+    }
+    c.batch_unlogged = records.iter().filter(|r| !**r).count() as u64;
+    c.stream_unlogged = stored_messages
+        .iter()
+        .filter(|m| !messages.contains(m.as_str()))
+        .count() as u64;
+    Ok(c)
+}
+
 /// One line per tenant and path that `--strict` refuses, and one per platform error.
 pub fn problems(report: &Value) -> Vec<String> {
     let mut out = Vec::new();
@@ -310,7 +374,14 @@ pub fn problems(report: &Value) -> Vec<String> {
         out.push(format!("platform: {}", condense(e.as_str().unwrap_or("?"))));
     }
     for f in report["faults"].as_array().into_iter().flatten() {
-        for key in ["stream_lost", "stream_duplicated", "batch_lost"] {
+        for key in [
+            "stream_lost",
+            "stream_duplicated",
+            "batch_lost",
+            "batch_unlogged",
+            "stream_unlogged",
+            "logged_twice",
+        ] {
             if let Some(n) = f[key].as_u64().filter(|n| *n > 0) {
                 out.push(format!(
                     "{}: {key} = {n}",
@@ -632,6 +703,30 @@ mod tests {
         assert_eq!(
             strip_ansi("\u{1b}[2m2026\u{1b}[0m INFO \u{1b}[3mtenant\u{1b}[0m=a"),
             "2026 INFO tenant=a"
+        );
+    }
+
+    #[test]
+    fn coverage_finds_inputs_without_entries_and_entries_written_twice() {
+        let log = serde_json::json!([
+            {"status": "success", "collection": "data", "document_id": "h:0", "record": 0, "ingestion": "j"},
+            {"status": "skipped", "collection": "data", "record": 1, "ingestion": "j"},
+            {"status": "failure", "collection": "data", "record": 1, "ingestion": "j"},
+            {"status": "success", "collection": "messages", "document_id": "m1:0", "message_id": "m1", "ingestion": "m1"},
+            // The same document's success written again by a retry: twice.
+            {"status": "success", "collection": "data", "document_id": "h:0", "record": 0, "ingestion": "j"},
+            // The tenant sent record 0 again in another run: not twice.
+            {"status": "duplicate", "collection": "data", "document_id": "h:0", "record": 0, "ingestion": "k"},
+        ]);
+        let stored: HashSet<String> = ["m1", "m2"].map(str::to_owned).into();
+        let c = coverage(log.to_string().as_bytes(), 3, &stored).expect("folds");
+        assert_eq!(
+            c,
+            Coverage {
+                batch_unlogged: 1,
+                stream_unlogged: 1,
+                logged_twice: 1
+            }
         );
     }
 

@@ -52,16 +52,20 @@ pub async fn raw_ceiling(
     .await?;
     let n = docs.len();
     let started = Instant::now();
-    for chunk in docs.chunks(batch) {
+    for (c, chunk) in docs.chunks(batch).enumerate() {
         data.insert_many(chunk.to_vec())
             .ordered(false)
             .write_concern(wc.clone())
             .await?;
         // Log entries of the platform's own shape, so both sides write the same bytes.
-        let log: Vec<Document> = chunk
-            .iter()
-            .map(|_| {
-                mysimbdp::logs::LogEntry {
+        let log: Vec<Document> = (0..chunk.len())
+            .map(|k| {
+                let record = (c * batch + k) as u64;
+                let document_id = format!("0123456789abcdef:{record}");
+                let mut entry = mongodb::bson::doc! {
+                    "_id": format!("raw/s/f0/{document_id}"),
+                };
+                let fields = mysimbdp::logs::LogEntry {
                     timestamp: mongodb::bson::DateTime::now(),
                     tenant: "raw".into(),
                     source: mysimbdp::logs::Source::Batch,
@@ -72,8 +76,15 @@ pub async fn raw_ceiling(
                     bytes: 360,
                     latency_us: 1000,
                     app_version: Some(1),
+                    ingestion: Some("0123456789abcdef0123456789abcdef".into()),
+                    record: Some(record),
+                    line: Some(record + 2),
+                    message_id: None,
+                    document_id: Some(document_id),
                 }
-                .to_document()
+                .to_document();
+                entry.extend(fields);
+                entry
             })
             .collect();
         logs.insert_many(log)

@@ -25,6 +25,14 @@ pub struct FaultFigures {
     pub batch_offered: u64,
     pub batch_stored: u64,
     pub batch_lost: u64,
+    /// Batch records and stored stream messages without any log entry, and log entries
+    /// written twice (all must be 0: every input accounted for in the log, once).
+    #[serde(default)]
+    pub batch_unlogged: u64,
+    #[serde(default)]
+    pub stream_unlogged: u64,
+    #[serde(default)]
+    pub logged_twice: u64,
     /// From the fault to the first document stored after it.
     pub recovery_ms: u64,
     pub total_s: f64,
@@ -43,6 +51,25 @@ async fn counts(uri: &str, db: &str) -> (u64, u64, u64) {
         .await
         .unwrap_or(0);
     (total, distinct, batch)
+}
+
+/// The ids of the stream messages a tenant's `messages` collection holds documents of.
+async fn stored_messages(uri: &str, db: &str) -> Result<std::collections::HashSet<String>> {
+    use futures::TryStreamExt;
+    let c = mongodb::Client::with_uri_str(uri).await?;
+    let mut cursor = c
+        .database(db)
+        .collection::<mongodb::bson::Document>("messages")
+        .find(mongodb::bson::doc! {})
+        .projection(mongodb::bson::doc! {"_id": 1})
+        .await?;
+    let mut ids = std::collections::HashSet::new();
+    while let Some(d) = cursor.try_next().await? {
+        if let Some((m, _)) = d.get_str("_id").ok().and_then(crate::accounting::split_id) {
+            ids.insert(m.to_owned());
+        }
+    }
+    Ok(ids)
 }
 
 /// Retries an API call while the platform restarts or reconnects (no answer, or 503):
@@ -172,6 +199,12 @@ async fn one_fault(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (total_docs, distinct, batch) = counts(&uri, &tdb).await;
     let _ = c.stream_stop(&t.name).await;
+    let log = retry(|| c.logs(&t.name, "")).await?;
+    let cover = crate::accounting::coverage(
+        &log.body,
+        batch_offered,
+        &stored_messages(&uri, &tdb).await?,
+    )?;
     drop(platform);
     let _ = std::fs::remove_dir_all(&staging);
     Ok(FaultFigures {
@@ -183,6 +216,9 @@ async fn one_fault(
         batch_offered,
         batch_stored: batch,
         batch_lost: batch_offered.saturating_sub(batch),
+        batch_unlogged: cover.batch_unlogged,
+        stream_unlogged: cover.stream_unlogged,
+        logged_twice: cover.logged_twice,
         recovery_ms: recovery.map_or(u64::MAX, |d| d.as_millis() as u64),
         total_s: started.elapsed().as_secs_f64(),
     })
@@ -224,13 +260,16 @@ pub async fn run(
         eprintln!("fault {kind}: running");
         let f = one_fault(kind, load, &settings, &dataset).await?;
         eprintln!(
-            "fault {kind}: stream {}/{} stored, {} duplicated, {} lost; batch {}/{}; recovered in {} ms",
+            "fault {kind}: stream {}/{} stored, {} duplicated, {} lost; batch {}/{}; unlogged {} + {}, logged twice {}; recovered in {} ms",
             f.stream_stored,
             f.stream_offered,
             f.stream_duplicated,
             f.stream_lost,
             f.batch_stored,
             f.batch_offered,
+            f.batch_unlogged,
+            f.stream_unlogged,
+            f.logged_twice,
             f.recovery_ms
         );
         figures.push(f);
@@ -252,24 +291,27 @@ pub async fn run(
     });
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&json)?)?;
     let mut md = format!(
-        "# Scenario `{name}` — run {run_id}\n\n{description}\n\nServer: {}; broker: {}.\n\n| fault | stream offered | stored | duplicated | lost | batch offered | stored | lost | recovery ms |\n|---|---|---|---|---|---|---|---|---|\n",
+        "# Scenario `{name}` — run {run_id}\n\n{description}\n\nServer: {}; broker: {}.\n\n| fault | stream offered | stored | duplicated | lost | without log entry | batch offered | stored | lost | without log entry | entries twice | recovery ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         versions.mongodb_server, versions.rabbitmq
     );
     for f in &figures {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             f.fault,
             f.stream_offered,
             f.stream_stored,
             f.stream_duplicated,
             f.stream_lost,
+            f.stream_unlogged,
             f.batch_offered,
             f.batch_stored,
             f.batch_lost,
+            f.batch_unlogged,
+            f.logged_twice,
             f.recovery_ms
         ));
     }
-    md.push_str("\nRecovery: from the fault to the first new stream document stored after it. Duplicated: documents beyond one per message.\n");
+    md.push_str("\nRecovery: from the fault to the first new stream document stored after it. Duplicated: documents beyond one per message. Without log entry: batch records, or stored stream messages, that no log entry names; entries twice: log entries about the same document or input written more than once (both must be 0).\n");
     std::fs::write(dir.join("report.md"), md)?;
     Ok(dir)
 }

@@ -62,6 +62,9 @@ pub struct MongoSettings {
     pub uri: String,
     /// `majority`, or a number of acknowledging nodes.
     pub write_concern: String,
+    /// Writes are acknowledged only once in the server's journal (`j: true`), so a message
+    /// is acked and a file marked done only after its documents and log entries would
+    /// survive a crash of the server. `false` trades that for speed.
     pub journal: bool,
     /// Kept small: every connection costs the server, and bulk writes need few.
     pub max_pool_size: u32,
@@ -73,7 +76,7 @@ impl Default for MongoSettings {
         Self {
             uri: String::new(),
             write_concern: "majority".into(),
-            journal: false,
+            journal: true,
             max_pool_size: 8,
             connect_timeout_ms: 5_000,
         }

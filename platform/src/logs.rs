@@ -18,8 +18,11 @@ pub enum Source {
 pub enum Status {
     Success,
     Failure,
-    /// The record was stored by an earlier attempt (a retry or a redelivery): nothing new.
+    /// The document was already stored by an earlier ingestion (the tenant sent the same
+    /// data again): nothing new.
     Duplicate,
+    /// The input stored nothing because the app returned nothing for it.
+    Skipped,
 }
 
 impl std::str::FromStr for Status {
@@ -29,8 +32,9 @@ impl std::str::FromStr for Status {
             "success" => Ok(Self::Success),
             "failure" => Ok(Self::Failure),
             "duplicate" => Ok(Self::Duplicate),
+            "skipped" => Ok(Self::Skipped),
             _ => Err(format!(
-                "unknown status `{s}`: use success, failure or duplicate"
+                "unknown status `{s}`: use success, failure, duplicate or skipped"
             )),
         }
     }
@@ -51,6 +55,21 @@ pub struct LogEntry {
     pub latency_us: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_version: Option<u32>,
+    /// The ingestion the entry belongs to: a batch run's job id, or the stream message id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingestion: Option<String>,
+    /// Batch: the record's index in its file (0-based) and, where the format has lines, its
+    /// line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<u64>,
+    /// Stream: the message's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<String>,
+    /// The stored (or duplicate, or refused) document's `_id` in `collection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_id: Option<String>,
 }
 
 impl LogEntry {
@@ -69,6 +88,21 @@ impl LogEntry {
         d.insert("latency_us", self.latency_us as i64);
         if let Some(v) = self.app_version {
             d.insert("app_version", i64::from(v));
+        }
+        if let Some(v) = &self.ingestion {
+            d.insert("ingestion", v.as_str());
+        }
+        if let Some(v) = self.record {
+            d.insert("record", v as i64);
+        }
+        if let Some(v) = self.line {
+            d.insert("line", v as i64);
+        }
+        if let Some(v) = &self.message_id {
+            d.insert("message_id", v.as_str());
+        }
+        if let Some(v) = &self.document_id {
+            d.insert("document_id", v.as_str());
         }
         d
     }
@@ -95,6 +129,21 @@ impl LogEntry {
         if let Some(a) = self.app_version {
             v["app_version"] = a.into();
         }
+        if let Some(x) = &self.ingestion {
+            v["ingestion"] = x.as_str().into();
+        }
+        if let Some(x) = self.record {
+            v["record"] = x.into();
+        }
+        if let Some(x) = self.line {
+            v["line"] = x.into();
+        }
+        if let Some(x) = &self.message_id {
+            v["message_id"] = x.as_str().into();
+        }
+        if let Some(x) = &self.document_id {
+            v["document_id"] = x.as_str().into();
+        }
         v
     }
 }
@@ -111,6 +160,7 @@ pub fn status_str(s: Status) -> &'static str {
         Status::Success => "success",
         Status::Failure => "failure",
         Status::Duplicate => "duplicate",
+        Status::Skipped => "skipped",
     }
 }
 
@@ -228,6 +278,8 @@ pub struct StreamPeriod {
     pub messages: u64,
     pub failures: u64,
     pub duplicates: u64,
+    #[serde(default)]
+    pub skipped: u64,
     pub bytes: u64,
     pub avg_ingestion_ms: f64,
     pub p99_ingestion_ms: f64,
@@ -236,7 +288,18 @@ pub struct StreamPeriod {
 /// Folds stream log entries into per-period figures with an HDR histogram per period.
 pub struct StreamReport {
     period_ms: i64,
-    periods: BTreeMap<i64, (u64, u64, u64, u64, hdrhistogram::Histogram<u64>)>,
+    periods: BTreeMap<i64, Period>,
+}
+
+/// One period's counts while folding: messages (successes), failures, duplicates, skipped,
+/// bytes, and the latency histogram.
+struct Period {
+    ok: u64,
+    failed: u64,
+    duplicates: u64,
+    skipped: u64,
+    bytes: u64,
+    latency: hdrhistogram::Histogram<u64>,
 }
 
 impl StreamReport {
@@ -250,40 +313,45 @@ impl StreamReport {
     pub fn add(&mut self, e: &LogEntry) {
         let ms = e.timestamp.timestamp_millis();
         let start = ms - ms.rem_euclid(self.period_ms);
-        let p = self.periods.entry(start).or_insert_with(|| {
-            (
-                0,
-                0,
-                0,
-                0,
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .expect("static histogram bounds are valid"),
-            )
+        let p = self.periods.entry(start).or_insert_with(|| Period {
+            ok: 0,
+            failed: 0,
+            duplicates: 0,
+            skipped: 0,
+            bytes: 0,
+            latency: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                .expect("static histogram bounds are valid"),
         });
         match e.status {
             Status::Success => {
-                p.0 += 1;
-                p.3 += e.bytes;
-                p.4.saturating_record(e.latency_us.max(1));
+                p.ok += 1;
+                p.bytes += e.bytes;
+                p.latency.saturating_record(e.latency_us.max(1));
             }
-            Status::Failure => p.1 += 1,
-            Status::Duplicate => p.2 += 1,
+            Status::Failure => p.failed += 1,
+            Status::Duplicate => p.duplicates += 1,
+            Status::Skipped => p.skipped += 1,
         }
     }
 
     pub fn periods(self) -> Vec<StreamPeriod> {
         self.periods
             .into_iter()
-            .map(|(start, (ok, failed, dup, bytes, h))| StreamPeriod {
+            .map(|(start, p)| StreamPeriod {
                 period_start: DateTime::from_millis(start)
                     .try_to_rfc3339_string()
                     .unwrap_or_default(),
-                messages: ok,
-                failures: failed,
-                duplicates: dup,
-                bytes,
-                avg_ingestion_ms: if h.is_empty() { 0.0 } else { h.mean() / 1000.0 },
-                p99_ingestion_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+                messages: p.ok,
+                failures: p.failed,
+                duplicates: p.duplicates,
+                skipped: p.skipped,
+                bytes: p.bytes,
+                avg_ingestion_ms: if p.latency.is_empty() {
+                    0.0
+                } else {
+                    p.latency.mean() / 1000.0
+                },
+                p99_ingestion_ms: p.latency.value_at_quantile(0.99) as f64 / 1000.0,
             })
             .collect()
     }
@@ -305,6 +373,11 @@ mod tests {
             bytes: 10,
             latency_us: 2000,
             app_version: Some(1),
+            ingestion: Some("m1".into()),
+            record: None,
+            line: None,
+            message_id: Some("m1".into()),
+            document_id: (status != Status::Failure).then(|| "m1".into()),
         }
     }
 

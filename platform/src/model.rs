@@ -176,6 +176,44 @@ pub fn check_collection(c: &str) -> Result<(), String> {
     }
 }
 
+/// Which input a document or log entry comes from: its identity in the log, so an entry
+/// written again by a retry is the same entry, never a second one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputRef {
+    /// Record `record` (0-based; `line` in the file where the format has lines) of the file
+    /// ingested by run `job` (see [`FileRecord::job`]).
+    Record {
+        job: String,
+        record: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        line: Option<u64>,
+    },
+    /// A whole file of run `job`: one that could not be read at all.
+    File { job: String },
+    /// A stream message, by the id the broker stamped (kept across redeliveries).
+    Message { id: String },
+}
+
+impl InputRef {
+    /// The ingestion this input belongs to: a batch run's `job`, or the message id.
+    pub fn ingestion(&self) -> &str {
+        match self {
+            Self::Record { job, .. } | Self::File { job } => job,
+            Self::Message { id } => id,
+        }
+    }
+
+    /// A key unique to this input among the tenant's inputs, for log entry ids.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Record { job, record, .. } => format!("r/{job}/{record}"),
+            Self::File { job } => format!("f/{job}"),
+            Self::Message { id } => format!("m/{id}"),
+        }
+    }
+}
+
 /// A batch of documents for one tenant, written in bulk with its log entries.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BulkWrite {
@@ -184,8 +222,9 @@ pub struct BulkWrite {
     pub data_name: String,
     pub app_version: Option<u32>,
     pub docs: Vec<DocWrite>,
-    /// Records that failed before reaching the database (parse errors, app errors).
-    pub failures: Vec<Failure>,
+    /// Inputs that store nothing: failed before reaching the database (parse errors, app
+    /// errors) or skipped (the app returned nothing). Each gets one log entry.
+    pub unstored: Vec<Unstored>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,6 +233,8 @@ pub struct DocWrite {
     pub id: String,
     pub collection: String,
     pub doc: serde_json::Map<String, serde_json::Value>,
+    /// The input it came from.
+    pub input: InputRef,
     /// Size of the input this document came from.
     pub bytes: u64,
     /// When ingestion of its input began (record read, or message published), Unix µs.
@@ -203,22 +244,30 @@ pub struct DocWrite {
     pub data_name: Option<String>,
 }
 
+/// An input that stores nothing, and why: `reason` is `None` when the app returned nothing
+/// for it (logged `skipped`), else why it failed (logged `failure`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Failure {
+pub struct Unstored {
+    pub input: InputRef,
     pub collection: String,
-    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     pub bytes: u64,
     pub started_us: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_name: Option<String>,
 }
 
-/// What a bulk write did, per document: `failed` holds (index into `docs`, reason).
+/// What a bulk write did, per document: `failed` holds (index into `docs`, reason),
+/// `duplicate` the indexes of documents an earlier ingestion had stored. The rest were
+/// stored by this ingestion (now, or by an earlier attempt of it that a retry completes).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BulkOutcome {
     pub inserted: u64,
     pub duplicates: u64,
     pub failed: Vec<(usize, String)>,
+    #[serde(default)]
+    pub duplicate: Vec<usize>,
 }
 
 /// A document id derived from where the record came from, never random: the same input

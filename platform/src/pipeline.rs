@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::apps::{AppFailure, AppHandle, Call, Outcome, compile};
 use crate::config::AppLimits;
 use crate::coredms::{CoreDms, CoreError};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, DocWrite, Failure, doc_id};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, DocWrite, InputRef, Unstored, doc_id};
 use crate::tenants::TenantName;
 
 pub use router::{AppsApi, router as apps_router};
@@ -106,19 +106,24 @@ pub struct Input {
     /// Stable origin of the input (file hash, message id): the prefix of its document ids.
     pub origin: String,
     pub index: u64,
+    /// The input's identity in the log.
+    pub input: InputRef,
     pub bytes: u64,
     pub started_us: i64,
     pub data_name: String,
     pub value: Result<serde_json::Value, String>,
 }
 
-/// Documents to write and failures to log, with which inputs failed (for dead-lettering).
+/// Documents to write and inputs that store nothing (to log), with which inputs failed (for
+/// dead-lettering) and which the app skipped.
 #[derive(Debug, Default)]
 pub struct Transformed {
     pub docs: Vec<DocWrite>,
-    pub failures: Vec<Failure>,
+    pub unstored: Vec<Unstored>,
     /// (index into the inputs, reason)
     pub failed_inputs: Vec<(usize, String)>,
+    /// Indexes of the inputs the app returned nothing for.
+    pub skipped_inputs: Vec<usize>,
     /// For each of `docs`, the index of the input it came from.
     pub doc_inputs: Vec<usize>,
 }
@@ -198,8 +203,14 @@ pub fn transform(
                         }),
                         log: None,
                     },
+                    // One outcome per call; were one missing, the record fails rather than
+                    // pass for skipped.
                     Ok(_) => ran.next().unwrap_or(Outcome {
-                        result: Ok(Vec::new()),
+                        result: Err(AppFailure {
+                            reason: "internal error: the app run gave no outcome for this record"
+                                .into(),
+                            limit: false,
+                        }),
                         log: None,
                     }),
                 })
@@ -207,14 +218,16 @@ pub fn transform(
         }
     };
     for (n, (input, outcome)) in inputs.iter().zip(outcomes).enumerate() {
+        let unstored = |reason: Option<String>| Unstored {
+            input: input.input.clone(),
+            collection: collection.to_owned(),
+            reason,
+            bytes: input.bytes,
+            started_us: input.started_us,
+            data_name: Some(input.data_name.clone()),
+        };
         let fail = |out: &mut Transformed, reason: String| {
-            out.failures.push(Failure {
-                collection: collection.to_owned(),
-                reason: reason.clone(),
-                bytes: input.bytes,
-                started_us: input.started_us,
-                data_name: Some(input.data_name.clone()),
-            });
+            out.unstored.push(unstored(Some(reason.clone())));
             out.failed_inputs.push((n, reason));
         };
         let docs = match outcome.result {
@@ -237,6 +250,11 @@ pub fn transform(
             );
             continue;
         }
+        if docs.is_empty() {
+            out.unstored.push(unstored(None));
+            out.skipped_inputs.push(n);
+            continue;
+        }
         let per_doc_bytes = input.bytes / (docs.len().max(1) as u64);
         for (k, (coll, doc)) in docs.into_iter().enumerate() {
             out.doc_inputs.push(n);
@@ -244,6 +262,7 @@ pub fn transform(
                 id: doc_id(&input.origin, input.index, k as u32),
                 collection: coll.unwrap_or_else(|| collection.to_owned()),
                 doc,
+                input: input.input.clone(),
                 bytes: per_doc_bytes,
                 started_us: input.started_us,
                 data_name: Some(input.data_name.clone()),
@@ -323,6 +342,11 @@ mod tests {
             .map(|(i, value)| Input {
                 origin: "h".into(),
                 index: i as u64,
+                input: InputRef::Record {
+                    job: "j".into(),
+                    record: i as u64,
+                    line: None,
+                },
                 bytes: 5,
                 started_us: 0,
                 data_name: "f".into(),
@@ -357,7 +381,7 @@ mod tests {
         assert_eq!(t.docs.len(), 1);
         assert_eq!(t.docs[0].id, "h:0");
         assert_eq!(t.failed_inputs.len(), 2);
-        assert_eq!(t.failures[1].reason, "line 3: bad");
+        assert_eq!(t.unstored[1].reason.as_deref(), Some("line 3: bad"));
     }
 
     #[test]
@@ -384,6 +408,27 @@ mod tests {
             "reason: {}",
             t.failed_inputs[1].1
         );
+    }
+
+    #[test]
+    fn an_input_the_app_returns_nothing_for_is_skipped_once_and_fan_outs_keep_their_input() {
+        let a = app("function map(r) if r.n == 1 then return nil end \
+             if r.n == 2 then return {{n = 20}, {n = 21}} end return {n = r.n} end");
+        let inputs = inputs(vec![
+            Ok(json!({"n": 0})),
+            Ok(json!({"n": 1})),
+            Ok(json!({"n": 2})),
+        ]);
+        let t = transform(Some(&a), "c", 1 << 20, &inputs);
+        assert!(t.failed_inputs.is_empty(), "{:?}", t.failed_inputs);
+        assert_eq!(t.skipped_inputs, [1]);
+        assert_eq!(t.unstored.len(), 1);
+        assert_eq!(t.unstored[0].reason, None);
+        assert_eq!(t.unstored[0].input, inputs[1].input);
+        let ids: Vec<&str> = t.docs.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["h:0", "h:2", "h:2:1"]);
+        assert_eq!(t.doc_inputs, [0, 2, 2]);
+        assert_eq!(t.docs[2].input, inputs[2].input);
     }
 
     #[test]

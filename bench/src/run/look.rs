@@ -60,11 +60,11 @@ pub(super) async fn look(
             let (Ok(f), Ok(l)) = (found, log) else {
                 return false;
             };
-            let (stored, failed) = match kind {
-                PathKind::Batch => (f.batch_stored, l.batch.failure),
-                PathKind::Stream => (f.stream_stored, l.stream.failure),
+            let (stored, logged) = match kind {
+                PathKind::Batch => (f.batch_stored, l.batch.failure + l.batch.skipped),
+                PathKind::Stream => (f.stream_stored, l.stream.failure + l.stream.skipped),
             };
-            stored + failed < r.offered
+            stored + logged < r.offered
         });
         if !lost || Instant::now() >= settle_until {
             return looked;

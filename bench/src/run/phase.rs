@@ -199,6 +199,7 @@ fn account(
             refused: r.refused,
             stored,
             failed: tally.failure,
+            skipped: tally.skipped,
             lost: 0,
             documents,
             logged_stored: tally.success + tally.duplicate,

@@ -25,7 +25,7 @@ use crate::coredms::{CoreDms, CoreError};
 use crate::events::Ingested;
 use crate::logs::Source;
 use crate::metrics::Metrics;
-use crate::model::{AppKind, BulkWrite, FileRecord, FileState, now_us};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, InputRef, now_us};
 use crate::pipeline::{AppCache, AppError, Input, transform, with_retry, write_with_retry};
 use crate::tenants::TenantName;
 
@@ -293,6 +293,7 @@ impl BatchManager {
         let app = job.app.clone();
         let batch = self.settings.batch_size;
         let origin = job.record.sha256.get(..16).unwrap_or("0").to_owned();
+        let run = job.record.job.clone();
         let collection = job.record.collection.clone();
         let data_name = job.record.name.clone();
         let max_doc = app
@@ -308,6 +309,11 @@ impl BatchManager {
                     Some(Ok(r)) => inputs.push(Input {
                         origin: origin.clone(),
                         index: r.index,
+                        input: InputRef::Record {
+                            job: run.clone(),
+                            record: r.index,
+                            line: Some(r.line),
+                        },
                         bytes: r.bytes,
                         started_us: now_us(),
                         data_name: data_name.clone(),
@@ -328,21 +334,30 @@ impl BatchManager {
         if inputs == 0 {
             return Ok(false);
         }
+        let doc_inputs = transformed.doc_inputs;
+        let failed_inputs: Vec<usize> = transformed.failed_inputs.iter().map(|(i, _)| *i).collect();
+        let skipped_inputs = transformed.skipped_inputs;
         let write = BulkWrite {
             tenant: job.tenant.clone(),
             source: Source::Batch,
             data_name: job.record.name.clone(),
             app_version: job.record.app_version,
             docs: transformed.docs,
-            failures: transformed.failures,
+            unstored: transformed.unstored,
         };
-        let failures = write.failures.len() as u64;
         let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
         let outcome = write_with_retry(&self.coredms, write, cancel).await?;
-        let failed = failures + outcome.failed.len() as u64;
-        job.record.records_ok += outcome.inserted;
-        job.record.records_duplicate += outcome.duplicates;
-        job.record.records_failed += failed;
+        let records = RecordCounts::of(
+            inputs,
+            &doc_inputs,
+            &failed_inputs,
+            &skipped_inputs,
+            &outcome,
+        );
+        records.add_to(&mut job.record);
+        job.record.documents_stored += outcome.inserted;
+        job.record.documents_duplicate += outcome.duplicates;
+        job.record.documents_failed += outcome.failed.len() as u64;
         job.record.next_record += inputs as u64;
         job.record.updated_at = crate::model::rfc3339_now();
         Ingested {
@@ -350,7 +365,7 @@ impl BatchManager {
             source: Source::Batch,
             stored: outcome.inserted,
             duplicates: outcome.duplicates,
-            failed,
+            failed: records.failed,
             bytes,
         }
         .emit(&self.metrics);
@@ -378,9 +393,12 @@ impl BatchManager {
                     data_name: job.record.name.clone(),
                     app_version: job.record.app_version,
                     docs: vec![],
-                    failures: vec![crate::model::Failure {
+                    unstored: vec![crate::model::Unstored {
+                        input: InputRef::File {
+                            job: job.record.job.clone(),
+                        },
                         collection: job.record.collection.clone(),
-                        reason: e.clone(),
+                        reason: Some(e.clone()),
                         bytes: job.record.bytes,
                         started_us: now_us(),
                         data_name: None,
@@ -406,6 +424,77 @@ impl BatchManager {
         {
             tracing::warn!(error = %e, "cannot record file status: gave up after 10 tries");
         }
+    }
+}
+
+/// What became of each record of one bulk: each counted once, as failed (its input or any
+/// of its documents), skipped (no documents), duplicate (every document already stored by
+/// another ingestion) or ok.
+#[derive(Debug, Default, PartialEq)]
+struct RecordCounts {
+    ok: u64,
+    failed: u64,
+    duplicate: u64,
+    skipped: u64,
+}
+
+impl RecordCounts {
+    fn of(
+        inputs: usize,
+        doc_inputs: &[usize],
+        failed_inputs: &[usize],
+        skipped_inputs: &[usize],
+        outcome: &BulkOutcome,
+    ) -> Self {
+        #[derive(Clone, Copy, PartialEq)]
+        enum R {
+            Ok,
+            AllDuplicate,
+            Failed,
+            Skipped,
+        }
+        let mut r = vec![None::<R>; inputs];
+        for &i in failed_inputs {
+            r[i] = Some(R::Failed);
+        }
+        for &i in skipped_inputs {
+            r[i] = Some(R::Skipped);
+        }
+        for &d in &outcome.duplicate {
+            if let Some(&i) = doc_inputs.get(d)
+                && r[i].is_none()
+            {
+                r[i] = Some(R::AllDuplicate);
+            }
+        }
+        for (d, &i) in doc_inputs.iter().enumerate() {
+            if outcome.duplicate.binary_search(&d).is_err() && r[i] == Some(R::AllDuplicate) {
+                // One document of it was stored by this ingestion.
+                r[i] = Some(R::Ok);
+            }
+        }
+        for (d, _) in &outcome.failed {
+            if let Some(&i) = doc_inputs.get(*d) {
+                r[i] = Some(R::Failed);
+            }
+        }
+        let mut c = Self::default();
+        for x in r {
+            match x.unwrap_or(R::Ok) {
+                R::Ok => c.ok += 1,
+                R::AllDuplicate => c.duplicate += 1,
+                R::Failed => c.failed += 1,
+                R::Skipped => c.skipped += 1,
+            }
+        }
+        c
+    }
+
+    fn add_to(&self, rec: &mut FileRecord) {
+        rec.records_ok += self.ok;
+        rec.records_failed += self.failed;
+        rec.records_duplicate += self.duplicate;
+        rec.records_skipped += self.skipped;
     }
 }
 
@@ -453,6 +542,29 @@ mod tests {
         std::iter::from_fn(|| s.pop())
             .map(|j| j.record.name)
             .collect()
+    }
+
+    #[test]
+    fn each_record_is_counted_once_by_what_became_of_it() {
+        // Records: 0 one doc stored; 1 failed parse; 2 skipped; 3 two docs, one duplicate
+        // (ok); 4 two docs both duplicate; 5 two docs, one refused (failed).
+        let doc_inputs = [0, 3, 3, 4, 4, 5, 5];
+        let outcome = BulkOutcome {
+            inserted: 3,
+            duplicates: 3,
+            failed: vec![(6, "refused".into())],
+            duplicate: vec![2, 3, 4],
+        };
+        let c = RecordCounts::of(6, &doc_inputs, &[1], &[2], &outcome);
+        assert_eq!(
+            c,
+            RecordCounts {
+                ok: 2,
+                failed: 2,
+                duplicate: 1,
+                skipped: 1
+            }
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub use remote::Remote;
 pub use router::{CoredmsApi, OnNewTenant, RPC_SLOTS, router, rpc_router};
 
 use crate::logs::{LogEntry, Status};
-use crate::model::{BulkWrite, now_us};
+use crate::model::{BulkWrite, InputRef, now_us};
 
 #[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
@@ -263,48 +263,153 @@ pub fn prepare(w: &BulkWrite) -> Prepared {
     }
 }
 
-/// The log entries of a finished bulk write: one per document and one per failure.
-pub fn log_entries(
+/// Fault injection for tests (feature `testing`): a bulk write that stops after its data and
+/// before its log entries, as in a process killed between the two.
+#[cfg(feature = "testing")]
+pub mod faults {
+    use std::collections::HashSet;
+    use std::sync::{LazyLock, Mutex};
+
+    static STALL_BEFORE_LOG: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+    /// The next bulk write of `tenant` (in any in-process coredms) writes its documents, then
+    /// never returns: the test kills the platform there.
+    pub fn stall_before_log(tenant: &str) {
+        if let Ok(mut s) = STALL_BEFORE_LOG.lock() {
+            s.insert(tenant.to_owned());
+        }
+    }
+
+    pub(crate) async fn before_log(tenant: &str) {
+        let stall = STALL_BEFORE_LOG
+            .lock()
+            .map(|mut s| s.remove(tenant))
+            .unwrap_or(false);
+        if stall {
+            tracing::warn!(
+                tenant,
+                "fault injected: stopping between the data and the log"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The `_id` of a log entry, derived from what it is about, never random: writing an entry
+/// again (a retry after a crash, a redelivery) writes the same id, and the log keeps one.
+///
+/// A stored document has one `success` entry, whichever ingestion stored it; the other
+/// entries are per (document or input, ingestion).
+pub fn log_id(
+    tenant: &str,
+    status: Status,
+    collection: &str,
+    doc: Option<&str>,
+    input: &InputRef,
+) -> String {
+    match (status, doc) {
+        (Status::Success, Some(doc)) => format!("{tenant}/s/{collection}/{doc}"),
+        (Status::Duplicate, Some(doc)) => format!("{tenant}/d/{collection}/{doc}/{}", input.key()),
+        (Status::Failure, Some(doc)) => format!("{tenant}/f/{collection}/{doc}/{}", input.key()),
+        (Status::Skipped, _) => format!("{tenant}/k/{}", input.key()),
+        (_, _) => format!("{tenant}/f/{}", input.key()),
+    }
+}
+
+/// What one log entry is about: an input, and for a document entry the document.
+struct About<'a> {
+    input: &'a InputRef,
+    data_name: Option<&'a String>,
+    collection: &'a str,
+    bytes: u64,
+    started_us: i64,
+    document_id: Option<&'a str>,
+}
+
+fn entry(
     w: &BulkWrite,
-    outcome_of: &[Status],
-    reasons: &[Option<String>],
-) -> Vec<Document> {
+    (now, now_us): (DateTime, i64),
+    about: About<'_>,
+    status: Status,
+    reason: Option<String>,
+) -> Document {
+    let About {
+        input,
+        data_name,
+        collection,
+        bytes,
+        started_us,
+        document_id,
+    } = about;
+    let (record, line, message_id) = match input {
+        InputRef::Record { record, line, .. } => (Some(*record), *line, None),
+        InputRef::File { .. } => (None, None, None),
+        InputRef::Message { id } => (None, None, Some(id.clone())),
+    };
+    let mut d = LogEntry {
+        timestamp: now,
+        tenant: w.tenant.to_string(),
+        source: w.source,
+        data_name: data_name.cloned().unwrap_or_else(|| w.data_name.clone()),
+        collection: collection.to_owned(),
+        status,
+        reason,
+        bytes,
+        latency_us: u64::try_from(now_us - started_us).unwrap_or(0),
+        app_version: w.app_version,
+        ingestion: Some(input.ingestion().to_owned()),
+        record,
+        line,
+        message_id,
+        document_id: document_id.map(str::to_owned),
+    }
+    .to_document();
+    let id = log_id(w.tenant.as_str(), status, collection, document_id, input);
+    // `_id` first, as the server would put it.
+    let mut out = Document::new();
+    out.insert("_id", id);
+    out.extend(std::mem::take(&mut d));
+    out
+}
+
+/// The log entries of a bulk write: one per document (with its outcome `status[i]`, and
+/// `reasons[i]` for a failed one) and one per input that stored nothing.
+pub fn log_entries(w: &BulkWrite, status: &[Status], reasons: &[Option<String>]) -> Vec<Document> {
     let now = DateTime::now();
     let now_us = now_us();
-    let mut out = Vec::with_capacity(w.docs.len() + w.failures.len());
+    let mut out = Vec::with_capacity(w.docs.len() + w.unstored.len());
     for (i, d) in w.docs.iter().enumerate() {
-        out.push(
-            LogEntry {
-                timestamp: now,
-                tenant: w.tenant.to_string(),
-                source: w.source,
-                data_name: d.data_name.clone().unwrap_or_else(|| w.data_name.clone()),
-                collection: d.collection.clone(),
-                status: outcome_of[i],
-                reason: reasons[i].clone(),
-                bytes: d.bytes,
-                latency_us: u64::try_from(now_us - d.started_us).unwrap_or(0),
-                app_version: w.app_version,
-            }
-            .to_document(),
-        );
+        let about = About {
+            input: &d.input,
+            data_name: d.data_name.as_ref(),
+            collection: &d.collection,
+            bytes: d.bytes,
+            started_us: d.started_us,
+            document_id: Some(&d.id),
+        };
+        out.push(entry(
+            w,
+            (now, now_us),
+            about,
+            status[i],
+            reasons[i].clone(),
+        ));
     }
-    for f in &w.failures {
-        out.push(
-            LogEntry {
-                timestamp: now,
-                tenant: w.tenant.to_string(),
-                source: w.source,
-                data_name: f.data_name.clone().unwrap_or_else(|| w.data_name.clone()),
-                collection: f.collection.clone(),
-                status: Status::Failure,
-                reason: Some(f.reason.clone()),
-                bytes: f.bytes,
-                latency_us: u64::try_from(now_us - f.started_us).unwrap_or(0),
-                app_version: w.app_version,
-            }
-            .to_document(),
-        );
+    for u in &w.unstored {
+        let status = if u.reason.is_some() {
+            Status::Failure
+        } else {
+            Status::Skipped
+        };
+        let about = About {
+            input: &u.input,
+            data_name: u.data_name.as_ref(),
+            collection: &u.collection,
+            bytes: u.bytes,
+            started_us: u.started_us,
+            document_id: None,
+        };
+        out.push(entry(w, (now, now_us), about, status, u.reason.clone()));
     }
     out
 }
@@ -344,7 +449,7 @@ pub(crate) fn bson_err(e: bson::ser::Error) -> CoreError {
 mod tests {
     use super::*;
     use crate::logs::Source;
-    use crate::model::{DocWrite, Failure, doc_id};
+    use crate::model::{DocWrite, Unstored, doc_id};
     use crate::tenants::TenantName;
     use serde_json::json;
 
@@ -361,12 +466,17 @@ mod tests {
                     id: doc_id("abc", i as u64, 0),
                     collection: if i % 2 == 0 { "a".into() } else { "b".into() },
                     doc: d.as_object().cloned().unwrap_or_default(),
+                    input: InputRef::Record {
+                        job: "j1".into(),
+                        record: i as u64,
+                        line: Some(i as u64 + 2),
+                    },
                     bytes: 3,
                     started_us: now_us(),
                     data_name: None,
                 })
                 .collect(),
-            failures: vec![],
+            unstored: vec![],
         }
     }
 
@@ -475,18 +585,58 @@ mod tests {
     }
 
     #[test]
-    fn every_document_and_failure_gets_a_log_entry() {
+    fn every_document_and_unstored_input_gets_one_entry_under_an_id_of_what_it_is_about() {
         let mut w = write(vec![json!({"x": 1}), json!({"x": 2})]);
-        w.failures.push(Failure {
-            collection: "a".into(),
-            reason: "line 4: bad".into(),
-            bytes: 1,
-            started_us: now_us(),
-            data_name: None,
-        });
+        let input = |record| InputRef::Record {
+            job: "j1".into(),
+            record,
+            line: None,
+        };
+        for (record, reason) in [(2, Some("line 4: bad")), (3, None)] {
+            w.unstored.push(Unstored {
+                input: input(record),
+                collection: "a".into(),
+                reason: reason.map(str::to_owned),
+                bytes: 1,
+                started_us: now_us(),
+                data_name: None,
+            });
+        }
         let logs = log_entries(&w, &[Status::Success, Status::Duplicate], &[None, None]);
-        assert_eq!(logs.len(), 3);
+        let ids: Vec<&str> = logs.iter().map(|d| d.get_str("_id").expect("id")).collect();
+        assert_eq!(
+            ids,
+            [
+                "alice/s/a/abc:0",
+                "alice/d/b/abc:1/r/j1/1",
+                "alice/f/r/j1/2",
+                "alice/k/r/j1/3"
+            ]
+        );
         assert_eq!(logs[1].get_str("status").expect("status"), "duplicate");
         assert_eq!(logs[2].get_str("reason").expect("reason"), "line 4: bad");
+        assert_eq!(logs[3].get_str("status").expect("status"), "skipped");
+        assert_eq!(logs[0].get_i64("record").expect("record"), 0);
+        assert_eq!(logs[0].get_i64("line").expect("line"), 2);
+        assert_eq!(logs[0].get_str("document_id").expect("doc"), "abc:0");
+        assert_eq!(logs[3].get_str("ingestion").expect("ingestion"), "j1");
+        // Built again (a retry), every entry has the same id.
+        let again = log_entries(&w, &[Status::Success, Status::Duplicate], &[None, None]);
+        let again: Vec<&str> = again
+            .iter()
+            .map(|d| d.get_str("_id").expect("id"))
+            .collect();
+        assert_eq!(ids, again);
+        // The one `success` entry of a document does not depend on which ingestion wrote it.
+        assert_eq!(
+            log_id(
+                "alice",
+                Status::Success,
+                "a",
+                Some("abc:0"),
+                &InputRef::Message { id: "m".into() }
+            ),
+            "alice/s/a/abc:0"
+        );
     }
 }

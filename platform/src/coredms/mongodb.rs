@@ -10,7 +10,7 @@ use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{CoreError, bson_err, log_entries, prepare};
+use super::{CoreError, bson_err, log_entries, log_id, prepare};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
 use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp};
@@ -239,9 +239,13 @@ impl MongoStore {
         Ok(tenant)
     }
 
-    /// Unordered bulk inserts per collection, then the log entries in bulk. A duplicate id is
-    /// an earlier attempt's document: counted, logged as `duplicate`, never an error. A
-    /// document the database would refuse fails alone: it is set aside before the write
+    /// Unordered bulk inserts per collection, then the log entries in bulk, each under an id
+    /// derived from what it is about ([`log_id`]), so a retry never adds an entry.
+    ///
+    /// A document the database already holds is this ingestion's when its `success` entry is
+    /// missing (an earlier attempt stopped between the data and the log: the retry completes
+    /// it) or names this ingestion; it is a `duplicate` only when another ingestion stored it.
+    /// A document the database would refuse fails alone: it is set aside before the write
     /// ([`prepare`]), or, when the server still rejects a whole insert, the insert is split
     /// until the document that causes it is isolated.
     pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
@@ -250,6 +254,9 @@ impl MongoStore {
         let mut reasons: Vec<Option<String>> = vec![None; w.docs.len()];
         let mut outcome = BulkOutcome::default();
         let mut rejected = prepared.invalid;
+        // Documents the database already had: claimed as this ingestion's until the log says
+        // another one stored them.
+        let mut already = vec![false; w.docs.len()];
         for (collection, idx, docs) in prepared.collections {
             let coll = self
                 .tenant_collection(&w.tenant, &collection)
@@ -258,11 +265,8 @@ impl MongoStore {
             for (k, r) in results.into_iter().enumerate() {
                 let i = idx[k];
                 match r {
-                    Inserted::Yes => outcome.inserted += 1,
-                    Inserted::Duplicate => {
-                        status[i] = Status::Duplicate;
-                        outcome.duplicates += 1;
-                    }
+                    Inserted::Yes => {}
+                    Inserted::Duplicate => already[i] = true,
                     Inserted::Rejected(reason) => {
                         rejected.push((i, format!("rejected by the database: {reason}")));
                     }
@@ -274,19 +278,99 @@ impl MongoStore {
             reasons[i] = Some(reason.clone());
             outcome.failed.push((i, reason));
         }
+        outcome.failed.sort_by_key(|(i, _)| *i);
+        #[cfg(feature = "testing")]
+        super::faults::before_log(w.tenant.as_str()).await;
         let logs = log_entries(w, &status, &reasons);
-        if !logs.is_empty() {
-            self.logs()
-                .insert_many(logs)
-                .with_options(
-                    mongodb::options::InsertManyOptions::builder()
-                        .ordered(false)
-                        .write_concern(self.write_concern.clone())
-                        .build(),
+        let existing = self.insert_log_entries(logs).await?;
+        // Claimed documents whose `success` entry was there already: whose is it?
+        let taken: Vec<usize> = existing
+            .into_iter()
+            .filter(|&k| k < w.docs.len() && already[k] && status[k] == Status::Success)
+            .collect();
+        if !taken.is_empty() {
+            let id_of = |i: usize| {
+                let d = &w.docs[i];
+                log_id(
+                    w.tenant.as_str(),
+                    Status::Success,
+                    &d.collection,
+                    Some(&d.id),
+                    &d.input,
                 )
+            };
+            let ids: Vec<String> = taken.iter().map(|&i| id_of(i)).collect();
+            let mut holders: HashMap<String, String> = HashMap::new();
+            let mut cursor = self
+                .logs()
+                .find(doc! {"_id": {"$in": &ids}})
+                .projection(doc! {"ingestion": 1})
                 .await?;
+            while let Some(d) = cursor.try_next().await? {
+                if let Ok(id) = d.get_str("_id") {
+                    let by = d.get_str("ingestion").unwrap_or_default();
+                    holders.insert(id.to_owned(), by.to_owned());
+                }
+            }
+            for i in taken {
+                let mine = holders
+                    .get(&id_of(i))
+                    .is_some_and(|by| by == w.docs[i].input.ingestion());
+                if !mine {
+                    status[i] = Status::Duplicate;
+                    outcome.duplicate.push(i);
+                }
+            }
+            if !outcome.duplicate.is_empty() {
+                let dup: Vec<Document> = log_entries(w, &status, &reasons)
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(k, _)| outcome.duplicate.binary_search(k).is_ok())
+                    .map(|(_, d)| d)
+                    .collect();
+                self.insert_log_entries(dup).await?;
+            }
         }
+        outcome.inserted = status.iter().filter(|s| **s == Status::Success).count() as u64;
+        outcome.duplicates = outcome.duplicate.len() as u64;
         Ok(outcome)
+    }
+
+    /// Inserts log entries unordered; an entry whose id is already in the log was written
+    /// before (by a retried attempt, or, for a `success` entry, by whichever ingestion stored
+    /// the document) and is left as it is. Returns the indexes of those.
+    async fn insert_log_entries(&self, logs: Vec<Document>) -> Result<Vec<usize>, CoreError> {
+        if logs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let e = match self
+            .logs()
+            .insert_many(logs)
+            .with_options(
+                mongodb::options::InsertManyOptions::builder()
+                    .ordered(false)
+                    .write_concern(self.write_concern.clone())
+                    .build(),
+            )
+            .await
+        {
+            Ok(_) => return Ok(Vec::new()),
+            Err(e) => e,
+        };
+        if let ErrorKind::InsertMany(ime) = e.kind.as_ref() {
+            let errors = ime.write_errors.as_deref().unwrap_or_default();
+            if ime.write_concern_error.is_some()
+                || errors.iter().any(|we| super::transient_code(we.code))
+            {
+                return Err(CoreError::Unavailable(e.to_string()));
+            }
+            if errors.iter().all(|we| we.code == DUPLICATE_KEY) {
+                let mut existing: Vec<usize> = errors.iter().map(|we| we.index).collect();
+                existing.sort_unstable();
+                return Ok(existing);
+            }
+        }
+        Err(CoreError::from(e))
     }
 
     /// Inserts `docs` unordered and says what became of each. A rejection of the whole insert

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 
 use super::{Call, CoreError};
 use crate::config::HttpSettings;
-use crate::model::{BulkOutcome, BulkWrite, DocWrite, Failure};
+use crate::model::{BulkOutcome, BulkWrite, DocWrite, Unstored};
 
 /// [`Call`]s that borrow what they carry, so a (retried) bulk write is serialized straight
 /// from the caller's data, never copied.
@@ -128,12 +128,13 @@ impl Remote {
                 .retain(|(i, _)| !unstorable.iter().any(|(j, _)| j == i));
         }
         let mut outcome = BulkOutcome::default();
-        let mut oversize: Vec<Failure> = Vec::new();
+        let mut oversize: Vec<Unstored> = Vec::new();
         let mut fail = |i: usize, reason: String| {
             let d = &write.docs[i];
-            oversize.push(Failure {
+            oversize.push(Unstored {
+                input: d.input.clone(),
                 collection: d.collection.clone(),
-                reason: reason.clone(),
+                reason: Some(reason.clone()),
                 bytes: d.bytes,
                 started_us: d.started_us,
                 data_name: d.data_name.clone(),
@@ -164,6 +165,7 @@ impl Remote {
             merge(&mut outcome, part, idx);
         }
         outcome.failed.sort_by_key(|(i, _)| *i);
+        outcome.duplicate.sort_unstable();
         Ok(outcome)
     }
 
@@ -172,7 +174,7 @@ impl Remote {
         &self,
         write: &BulkWrite,
         idx: &[usize],
-        oversize: &[Failure],
+        oversize: &[Unstored],
         last: bool,
     ) -> Result<BulkOutcome, CoreError> {
         let chunk = BulkWrite {
@@ -181,8 +183,8 @@ impl Remote {
             data_name: write.data_name.clone(),
             app_version: write.app_version,
             docs: idx.iter().map(|&i| write.docs[i].clone()).collect(),
-            failures: if last {
-                write.failures.iter().chain(oversize).cloned().collect()
+            unstored: if last {
+                write.unstored.iter().chain(oversize).cloned().collect()
             } else {
                 Vec::new()
             },
@@ -249,12 +251,14 @@ fn plan_chunks(docs: &[DocWrite], chunk_bytes: usize, max_doc_bytes: usize) -> P
     plan
 }
 
-/// Adds a chunk's outcome to the bulk's, mapping its `failed` indexes through `idx`.
+/// Adds a chunk's outcome to the bulk's, mapping its `failed` and `duplicate` indexes
+/// through `idx`.
 fn merge(total: &mut BulkOutcome, part: BulkOutcome, idx: &[usize]) {
     let BulkOutcome {
         inserted,
         duplicates,
         failed,
+        duplicate,
     } = part;
     total.inserted += inserted;
     total.duplicates += duplicates;
@@ -263,6 +267,9 @@ fn merge(total: &mut BulkOutcome, part: BulkOutcome, idx: &[usize]) {
             .into_iter()
             .filter_map(|(i, r)| Some((*idx.get(i)?, r))),
     );
+    total
+        .duplicate
+        .extend(duplicate.into_iter().filter_map(|i| idx.get(i).copied()));
 }
 
 #[cfg(test)]
@@ -277,6 +284,9 @@ mod tests {
             id: format!("h:{i}"),
             collection: "c".into(),
             doc: m,
+            input: crate::model::InputRef::Message {
+                id: format!("m{i}"),
+            },
             bytes: len as u64,
             started_us: 0,
             data_name: None,
@@ -302,7 +312,7 @@ mod tests {
             data_name: "f".into(),
             app_version: Some(3),
             docs: plan.chunks[0].iter().map(|&i| docs[i].clone()).collect(),
-            failures: vec![],
+            unstored: vec![],
         };
         let unchunked = serde_json::to_vec(&CallRef::BulkWrite { write: &w }).expect("json");
         let sent = serde_json::to_vec(&Call::bulk_write { write: w }).expect("json");
@@ -334,6 +344,7 @@ mod tests {
                 inserted: 2,
                 duplicates: 1,
                 failed: vec![(1, "bad".into())],
+                duplicate: vec![2],
             },
             &[0, 1, 2, 3],
         );
@@ -343,6 +354,7 @@ mod tests {
                 inserted: 1,
                 duplicates: 0,
                 failed: vec![(0, "worse".into())],
+                duplicate: vec![],
             },
             &[5, 6],
         );
@@ -352,6 +364,7 @@ mod tests {
                 inserted: 3,
                 duplicates: 1,
                 failed: vec![(1, "bad".into()), (5, "worse".into())],
+                duplicate: vec![2],
             }
         );
     }

@@ -19,7 +19,7 @@ use crate::coredms::{CoreDms, CoreError};
 use crate::events::{DeadLettered, Ingested};
 use crate::logs::Source;
 use crate::metrics::Metrics;
-use crate::model::{AppKind, BulkWrite, now_us};
+use crate::model::{AppKind, BulkWrite, InputRef, now_us};
 use crate::pipeline::{AppCache, AppError, Input, transform, write_with_retry};
 use crate::tenants::TenantName;
 
@@ -542,6 +542,7 @@ async fn process(
                 serde_json::from_slice(&d.data).map_err(|e| format!("invalid JSON message: {e}"))
             };
             Input {
+                input: InputRef::Message { id: origin.clone() },
                 origin,
                 index: 0,
                 bytes: d.data.len() as u64,
@@ -567,10 +568,10 @@ async fn process(
             .map_or_else(|| "message".into(), |i| i.data_name.clone()),
         app_version: app.as_ref().map(|a| a.version),
         docs: t.docs,
-        failures: t.failures,
+        unstored: t.unstored,
     };
     let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
-    let failed = write.failures.len() as u64;
+    let failed = t.failed_inputs.len() as u64;
     let outcome = match write_with_retry(&ctx.coredms, write, cancel).await {
         Ok(o) => o,
         // The batch is only messages that failed too often: they leave the queue for the

@@ -1,9 +1,10 @@
 use mysimbdp::coredms::MongoStore;
 use mysimbdp::logs::Source;
-use mysimbdp::model::{BulkWrite, DocWrite, doc_id, now_us};
+use mysimbdp::model::{BulkWrite, DocWrite, InputRef, doc_id, now_us};
 use mysimbdp::tenants::TenantName;
 use reqwest::Method;
 use serde_json::json;
+use std::time::Duration;
 
 use crate::harness::TestApp;
 
@@ -101,8 +102,35 @@ async fn concurrent_creation_of_one_name_yields_exactly_one_tenant() {
     assert_eq!((created, conflicts), (1, 7));
 }
 
+fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
+    BulkWrite {
+        tenant: tenant.clone(),
+        source: Source::Stream,
+        data_name: "gen".into(),
+        app_version: None,
+        docs: (0..n)
+            .map(|i| DocWrite {
+                id: doc_id("feed", i, 0),
+                collection: "items".into(),
+                doc: json!({"i": i, "s": format!("item {i}")})
+                    .as_object()
+                    .cloned()
+                    .expect("object"),
+                input: InputRef::Message {
+                    id: ingestion.to_owned(),
+                },
+                bytes: 20,
+                started_us: now_us(),
+                data_name: None,
+            })
+            .collect(),
+        unstored: vec![],
+    }
+}
+
 #[tokio::test]
-async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() {
+async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_another_ingestion_is_a_duplicate()
+ {
     let app = TestApp::spawn().await;
     let (name, alice) = app.tenant("bulk").await;
     let store = MongoStore::connect(
@@ -113,40 +141,30 @@ async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() 
     .await
     .expect("store");
     let tenant = TenantName::parse(&name).expect("valid");
-    let write = BulkWrite {
-        tenant: tenant.clone(),
-        source: Source::Batch,
-        data_name: "gen".into(),
-        app_version: None,
-        docs: (0..10_000u64)
-            .map(|i| DocWrite {
-                id: doc_id("feed", i, 0),
-                collection: "items".into(),
-                doc: json!({"i": i, "s": format!("item {i}")})
-                    .as_object()
-                    .cloned()
-                    .expect("object"),
-                bytes: 20,
-                started_us: now_us(),
-                data_name: None,
-            })
-            .collect(),
-        failures: vec![],
-    };
+    let write = bulk_of(&tenant, "first", 10_000);
     let first = store.bulk_write(&write).await.expect("first write");
     assert_eq!((first.inserted, first.duplicates), (10_000, 0));
-    let again = store.bulk_write(&write).await.expect("second write");
-    assert_eq!((again.inserted, again.duplicates), (0, 10_000));
+    // The same ingestion again (a retry after a lost answer): nothing new, in data or log.
+    let again = store.bulk_write(&write).await.expect("retried write");
+    assert_eq!((again.inserted, again.duplicates), (10_000, 0));
+    // Another ingestion of the same documents: the tenant sent them again.
+    let other = store
+        .bulk_write(&bulk_of(&tenant, "second", 10_000))
+        .await
+        .expect("second ingestion");
+    assert_eq!((other.inserted, other.duplicates), (0, 10_000));
+    assert_eq!(other.duplicate.len(), 10_000);
     assert_eq!(app.count(&name, "items").await, 10_000);
     let logs = app.logs(&alice, &name, "").await;
     assert_eq!(logs.len(), 20_000);
+    let of = |status: &str, by: &str| {
+        logs.iter()
+            .filter(|e| e["status"] == status && e["ingestion"] == by)
+            .count()
+    };
     assert_eq!(
-        logs.iter().filter(|e| e["status"] == "success").count(),
-        10_000
-    );
-    assert_eq!(
-        logs.iter().filter(|e| e["status"] == "duplicate").count(),
-        10_000
+        (of("success", "first"), of("duplicate", "second")),
+        (10_000, 10_000)
     );
     let docs = alice
         .documents(&name, "items", 5, 0)
@@ -154,6 +172,38 @@ async fn a_bulk_write_of_10000_documents_is_stored_once_and_logged_every_time() 
         .expect("read back");
     assert_eq!(docs["total"], 10_000);
     assert_eq!(docs["documents"].as_array().expect("array").len(), 5);
+}
+
+#[tokio::test]
+async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_as_success() {
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("halfway").await;
+    let store = MongoStore::connect(
+        &app.settings.mongodb.uri,
+        &app.settings.mongodb,
+        &app.namespace,
+    )
+    .await
+    .expect("store");
+    let tenant = TenantName::parse(&name).expect("valid");
+    let write = bulk_of(&tenant, "m1", 500);
+    mysimbdp::coredms::faults::stall_before_log(&name);
+    let stalled = tokio::time::timeout(Duration::from_secs(20), store.bulk_write(&write)).await;
+    assert!(stalled.is_err(), "the fault stops the write: {stalled:?}");
+    assert_eq!(app.count(&name, "items").await, 500, "the data is written");
+    assert!(
+        app.logs(&alice, &name, "").await.is_empty(),
+        "the log is not"
+    );
+    let retry = store.bulk_write(&write).await.expect("retry");
+    assert_eq!((retry.inserted, retry.duplicates), (500, 0), "{retry:?}");
+    let logs = app.logs(&alice, &name, "").await;
+    assert_eq!(logs.len(), 500);
+    assert!(
+        logs.iter().all(|e| e["status"] == "success"),
+        "{:?}",
+        logs[0]
+    );
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! compatible server and the real RabbitMQ named by `MONGODB_URI` and `AMQP_URI` (or
 //! containers when Docker answers). Each test gets its own namespace, so they run in parallel.
 
+mod accounting;
 mod apps;
 mod badinput;
 mod batch;

@@ -1,0 +1,238 @@
+//! Every input accounted for in the log, exactly once: records the app drops, fans out or
+//! fails, parse errors and refused documents, across re-ingestion and across a crash
+//! between the data and the log.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::{TestApp, eventually};
+
+/// Drops every record with `i % 10 == 3`, fans out `5` into two documents, fails `7` in the
+/// app, and makes one record in a thousand a document no database stores (refused as the
+/// app's output is read).
+const APP: &str = r#"
+function map(r)
+    local m = r.i % 10
+    if r.i % 1000 == 1 then return { ["$refused"] = 1 } end
+    if m == 3 then return nil end
+    if m == 5 then return { { i = r.i, k = 0 }, { i = r.i, k = 1 } } end
+    if m == 7 then error("record " .. r.i .. " is bad") end
+    return { i = r.i }
+end
+"#;
+
+/// 10,000 NDJSON lines; one in a thousand (`i % 1000 == 999`) is not JSON.
+fn file() -> String {
+    (0..10_000)
+        .map(|i| {
+            if i % 1000 == 999 {
+                "{not json\n".to_owned()
+            } else {
+                format!("{{\"i\": {i}}}\n")
+            }
+        })
+        .collect()
+}
+
+/// What each record should become: (stored documents, skipped, failed).
+fn expected(i: u64) -> (u64, bool, bool) {
+    match (i % 1000, i % 10) {
+        (999, _) | (1, _) => (0, false, true),
+        (_, 3) => (0, true, false),
+        (_, 5) => (2, false, false),
+        (_, 7) => (0, false, true),
+        _ => (1, false, false),
+    }
+}
+
+/// Checks one run's log entries (`ingestion` = the file's job) against the file: every
+/// record appears, as its documents' entries or one skipped/failed entry, and no entry
+/// twice. `stored` is the status its documents' entries must have.
+fn check_run(entries: &[&Value], stored: &str) {
+    let mut per_record: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+    let mut seen = HashSet::new();
+    for e in entries {
+        let record = e["record"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no record: {e}"));
+        assert_eq!(e["line"].as_u64(), Some(record + 1), "{e}");
+        let key = (
+            e["status"].to_string(),
+            record,
+            e["document_id"].to_string(),
+        );
+        assert!(seen.insert(key), "an entry written twice: {e}");
+        per_record.entry(record).or_default().push(e);
+    }
+    assert_eq!(per_record.len(), 10_000, "every record appears in the log");
+    for (record, es) in per_record {
+        let statuses: Vec<&str> = es.iter().filter_map(|e| e["status"].as_str()).collect();
+        match expected(record) {
+            (_, true, _) => assert_eq!(statuses, ["skipped"], "record {record}"),
+            (_, _, true) => assert_eq!(statuses, ["failure"], "record {record}: {es:?}"),
+            (n, _, _) => {
+                assert_eq!(statuses, vec![stored; n as usize], "record {record}");
+                assert!(
+                    es.iter()
+                        .all(|e| e["document_id"].is_string() && e["collection"] == "acc"),
+                    "{es:?}"
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_record_of_a_file_is_in_the_log_once_and_the_counts_match_the_file() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("acct").await;
+    c.upload_app(&t, "batch", APP).await.expect("app");
+    c.upload_file(&t, "acc.ndjson", file())
+        .await
+        .expect("stage");
+    c.ingest(&t, "acc.ndjson").await.expect("ingest");
+    let f = c
+        .wait_for_file(&t, "acc.ndjson", Duration::from_secs(300))
+        .await
+        .expect("status");
+    let counts = |f: &Value| {
+        [
+            "records_ok",
+            "records_skipped",
+            "records_failed",
+            "records_duplicate",
+            "documents_stored",
+            "documents_duplicate",
+            "documents_failed",
+        ]
+        .map(|k| f[k].as_u64().unwrap_or(u64::MAX))
+    };
+    // Skipped 1,000 (i % 10 == 3); failed 1,000 in the app, 10 not JSON, 10 refused;
+    // stored 7,980 records as 8,980 documents (1,000 fan-outs of two).
+    assert_eq!(f["state"], "done", "{f}");
+    assert_eq!(counts(&f), [7980, 1000, 1020, 0, 8980, 0, 0], "{f}");
+    assert_eq!(f["next_record"], 10_000);
+    assert_eq!(app.count(&t, "acc").await, 8980);
+    let first_job = f["job"].as_str().expect("job").to_owned();
+
+    let log = app.logs(&c, &t, "").await;
+    let run: Vec<&Value> = log.iter().filter(|e| e["ingestion"] == first_job).collect();
+    assert_eq!(run.len(), log.len(), "only this run's entries");
+    assert_eq!(log.len(), 8980 + 1000 + 1020);
+    check_run(&run, "success");
+    let refused: Vec<&&Value> = run
+        .iter()
+        .filter(|e| e["record"].as_u64().is_some_and(|r| r % 1000 == 1))
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .all(|e| e["reason"].as_str().is_some_and(|r| r.contains("$refused"))),
+        "{refused:?}"
+    );
+
+    // The tenant sends the same file again: its documents are duplicates, logged under the
+    // new run, and the first run's entries stay as they were.
+    c.ingest(&t, "acc.ndjson").await.expect("ingest again");
+    assert!(
+        eventually(Duration::from_secs(300), || async {
+            c.file(&t, "acc.ndjson")
+                .await
+                .is_ok_and(|f| f["state"] == "done" && f["job"] != first_job.as_str())
+        })
+        .await
+    );
+    let f = c.file(&t, "acc.ndjson").await.expect("status");
+    assert_eq!(counts(&f), [0, 1000, 1020, 7980, 0, 8980, 0], "{f}");
+    let log = app.logs(&c, &t, "").await;
+    assert_eq!(log.len(), 2 * (8980 + 1000 + 1020));
+    let second: Vec<&Value> = log.iter().filter(|e| e["ingestion"] == f["job"]).collect();
+    check_run(&second, "duplicate");
+    assert_eq!(app.count(&t, "acc").await, 8980);
+}
+
+/// Each stored document has exactly one `success` entry, and nothing else was logged.
+async fn one_success_per_document(app: &TestApp, t: &str, collection: &str, n: u64) {
+    let log = app.logs(&app.admin, t, "").await;
+    let docs: Vec<&str> = log
+        .iter()
+        .filter(|e| e["collection"] == collection)
+        .map(|e| {
+            assert_eq!(e["status"], "success", "{e}");
+            e["document_id"].as_str().expect("document id")
+        })
+        .collect();
+    let distinct: HashSet<&str> = docs.iter().copied().collect();
+    assert_eq!((docs.len(), distinct.len()), (n as usize, n as usize));
+    assert_eq!(app.count(t, collection).await, n);
+}
+
+#[tokio::test]
+async fn a_platform_killed_between_the_data_and_the_log_ends_with_one_success_per_document() {
+    // Batch: the job's first bulk stores its documents, then the process dies before their
+    // log entries; the resumed job writes the same documents again and must log them as
+    // this ingestion's successes, not as duplicates.
+    let mut app = TestApp::spawn_with(&["batch.batch_size=500"]).await;
+    let (t, c) = app.tenant("halt").await;
+    let rows: String = (0..3000).map(|i| format!("{{\"i\": {i}}}\n")).collect();
+    c.upload_file(&t, "rows.ndjson", rows).await.expect("stage");
+    mysimbdp::coredms::faults::stall_before_log(&t);
+    c.ingest(&t, "rows.ndjson").await.expect("ingest");
+    let reached = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "rows").await >= 500
+    })
+    .await;
+    assert!(reached, "the first bulk reaches the database");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        app.logs(&c, &t, "").await.is_empty(),
+        "stopped before the log"
+    );
+    app.kill();
+    let app = app.restart().await;
+    let f = app
+        .admin
+        .wait_for_file(&t, "rows.ndjson", Duration::from_secs(120))
+        .await
+        .expect("status");
+    assert_eq!(
+        (
+            f["state"].as_str(),
+            f["records_ok"].as_u64(),
+            f["records_duplicate"].as_u64()
+        ),
+        (Some("done"), Some(3000), Some(0)),
+        "{f}"
+    );
+    one_success_per_document(&app, &t, "rows", 3000).await;
+
+    // Stream: the same between a batch of messages' documents and their log entries; the
+    // messages, never acked, come back to the restarted platform.
+    let mut app = app;
+    let c = app.admin.clone();
+    let msgs: String = (0..300).map(|i| format!("{{\"m\": {i}}}\n")).collect();
+    c.publish(&t, "m", msgs).await.expect("publish");
+    mysimbdp::coredms::faults::stall_before_log(&t);
+    c.stream_start(&t, 1).await.expect("start");
+    let reached = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await > 0
+    })
+    .await;
+    assert!(reached, "the first batch reaches the database");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.kill();
+    let app = app.restart().await;
+    let c = app.admin.clone();
+    c.stream_start(&t, 1).await.expect("start again");
+    let all = eventually(Duration::from_secs(120), || async {
+        app.logs(&app.admin, &t, "").await.len() >= 3300
+    })
+    .await;
+    assert!(all, "every message logged");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stream_stop(&t).await.expect("stop");
+    one_success_per_document(&app, &t, "messages", 300).await;
+    one_success_per_document(&app, &t, "rows", 3000).await;
+}
