@@ -17,6 +17,7 @@ pub async fn raw_ceiling(
     b: &BatchLoad,
     batch: usize,
     wc: &str,
+    journal: bool,
 ) -> Result<Ceiling> {
     use mongodb::bson::Document;
     let files = make_files(b, b.files.min(2))?;
@@ -39,7 +40,10 @@ pub async fn raw_ceiling(
         Ok(n) => mongodb::options::Acknowledgment::Nodes(n),
         Err(_) => mongodb::options::Acknowledgment::Majority,
     };
-    let wc = mongodb::options::WriteConcern::builder().w(w).build();
+    let wc = mongodb::options::WriteConcern::builder()
+        .w(w)
+        .journal(journal)
+        .build();
     let db = client.database(&format!("{ns}ceiling"));
     let data = db.collection::<Document>("data");
     let logs = db.collection::<Document>("logs");
@@ -97,6 +101,6 @@ pub async fn raw_ceiling(
     Ok(Ceiling {
         documents: n as u64,
         records_per_s: n as f64 / elapsed.as_secs_f64(),
-        note: "raw driver: insert_many of the same records plus one log entry of the platform's shape each, unordered, same batch size and write concern".into(),
+        note: "raw driver: insert_many of the same records plus one log entry of the platform's shape each, unordered, same batch size and write concern (w, j)".into(),
     })
 }

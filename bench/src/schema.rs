@@ -137,6 +137,9 @@ pub struct PlatformCfg {
     pub stream_linger_ms: u64,
     pub prefetch: u16,
     pub write_concern: String,
+    /// Writes acknowledged by the server's journal (`j: true`, the platform's default);
+    /// `false` to measure what that durability costs. The raw ceiling uses the same.
+    pub journal: bool,
     /// `separate` only: caps each component's address space (MiB, `prlimit --as`), so a
     /// component that tenant code makes grow fails alone instead of exhausting the machine.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,6 +156,7 @@ impl Default for PlatformCfg {
             stream_linger_ms: 10,
             prefetch: 1000,
             write_concern: "1".into(),
+            journal: true,
             memory_limit_mb: None,
         }
     }

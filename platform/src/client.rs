@@ -76,7 +76,9 @@ fn component_of(path: &str) -> Option<&'static str> {
     match (segs.next(), segs.next()) {
         (Some("files"), _) | (Some("apps"), Some("batch")) => Some("batch"),
         (Some("stream"), Some("report")) => None,
-        (Some("messages" | "stream"), _) | (Some("apps"), Some("stream")) => Some("stream"),
+        (Some("messages" | "stream" | "dead-letters"), _) | (Some("apps"), Some("stream")) => {
+            Some("stream")
+        }
         _ => None,
     }
 }
@@ -359,6 +361,32 @@ impl Client {
             &format!("/v1/tenants/{}/stream/stop", enc(tenant)),
             None,
             Vec::new(),
+        )
+        .await
+    }
+
+    /// Up to `limit` dead letters, oldest first, left in the queue.
+    pub async fn dead_letters(&self, tenant: &str, limit: usize) -> Result<Value, ClientError> {
+        self.get(&format!(
+            "/v1/tenants/{}/dead-letters?limit={limit}",
+            enc(tenant)
+        ))
+        .await
+    }
+
+    /// Moves up to `limit` dead letters back to the tenant's queue.
+    pub async fn replay_dead_letters(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<Value, ClientError> {
+        self.json(
+            Method::POST,
+            &format!(
+                "/v1/tenants/{}/dead-letters/replay?limit={limit}",
+                enc(tenant)
+            ),
+            &Value::Null,
         )
         .await
     }

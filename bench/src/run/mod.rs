@@ -46,6 +46,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         format!("stream.prefetch={}", sc.platform.prefetch),
         format!("stream.linger_ms={}", sc.platform.stream_linger_ms),
         format!("mongodb.write_concern=\"{}\"", sc.platform.write_concern),
+        format!("mongodb.journal={}", sc.platform.journal),
         "mongodb.max_pool_size=4".into(),
         "limits.max_file_bytes=1000000000".into(),
     ];
@@ -102,6 +103,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
                     b,
                     sc.platform.batch_size,
                     &sc.platform.write_concern,
+                    sc.platform.journal,
                 )
                 .await?,
             ),

@@ -143,6 +143,19 @@ enum StreamCmd {
     Report {
         tenant: String,
     },
+    /// List dead-lettered messages with their reasons (they stay in the dead-letter queue).
+    DeadLetters {
+        tenant: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Move dead-lettered messages back to the queue, for the stream app running now (after
+    /// fixing it): each keeps its message id, so it is stored and logged once.
+    Replay {
+        tenant: String,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
 }
 
 fn print(v: &serde_json::Value) {
@@ -241,6 +254,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
             StreamCmd::Stop { tenant } => print(&client.stream_stop(&tenant).await?),
             StreamCmd::Report { tenant } => print(&client.stream_report(&tenant).await?),
+            StreamCmd::DeadLetters { tenant, limit } => {
+                print(&client.dead_letters(&tenant, limit).await?)
+            }
+            StreamCmd::Replay { tenant, limit } => {
+                print(&client.replay_dead_letters(&tenant, limit).await?)
+            }
         },
         Cmd::Logs {
             tenant,

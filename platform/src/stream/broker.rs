@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{
@@ -21,6 +21,12 @@ use crate::tenants::TenantName;
 pub const HEADER_PUBLISHED_US: &str = "x-published-us";
 pub const HEADER_DATA_NAME: &str = "x-data-name";
 pub const HEADER_REASON: &str = "x-mysimbdp-reason";
+/// How many times a message was replayed from the dead-letter queue.
+pub const HEADER_REPLAYS: &str = "x-mysimbdp-replays";
+/// Most dead letters one list or replay request handles.
+pub const MAX_DEAD_LETTERS_PER_REQUEST: usize = 1000;
+/// Bytes of a dead letter's body shown in a listing.
+const PREVIEW_BYTES: usize = 200;
 /// Channels used for publishing, each with its own confirm sequence.
 const PUBLISH_CHANNELS: usize = 4;
 
@@ -290,6 +296,178 @@ impl Broker {
             }
         }
         Ok(ids)
+    }
+}
+
+/// A message in a tenant's dead-letter queue, as the tenant lists it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeadLetter {
+    /// The message's id: its ingestion in the log, kept when it is replayed.
+    pub message_id: Option<String>,
+    pub data_name: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    pub bytes: u64,
+    /// The first bytes of its body (lossy UTF-8).
+    pub preview: String,
+    /// Times it was replayed before.
+    pub replays: u32,
+}
+
+fn header<'a>(d: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
+    d.properties.headers().as_ref()?.inner().get(name)
+}
+
+fn header_text(d: &lapin::message::Delivery, name: &str) -> Option<String> {
+    match header(d, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn header_u32(d: &lapin::message::Delivery, name: &str) -> Option<u32> {
+    match header(d, name)? {
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(*n),
+        _ => None,
+    }
+}
+
+impl DeadLetter {
+    fn of(d: &lapin::message::Delivery) -> Self {
+        let cut = d.data.len().min(PREVIEW_BYTES);
+        Self {
+            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+            data_name: header_text(d, HEADER_DATA_NAME),
+            reason: header_text(d, HEADER_REASON),
+            bytes: d.data.len() as u64,
+            preview: String::from_utf8_lossy(&d.data[..cut]).into_owned(),
+            replays: header_u32(d, HEADER_REPLAYS).unwrap_or(0),
+        }
+    }
+}
+
+impl Broker {
+    /// A channel of its own (not one of the publishing channels), closed by the caller.
+    async fn own_channel(&self) -> Result<Channel, BrokerError> {
+        let mut conn = self.conn.lock().await;
+        if !conn.as_ref().is_some_and(|c| c.status().connected()) {
+            let name = format!("mysimbdp-broker-{}", self.namespace);
+            *conn = Some(connect(&self.uri, &self.settings, &name).await?);
+        }
+        Ok(conn
+            .as_ref()
+            .ok_or_else(|| BrokerError::Unavailable("no connection".into()))?
+            .create_channel()
+            .await?)
+    }
+
+    /// Up to `limit` of a tenant's dead letters, oldest first, left in the queue: they are
+    /// taken unacknowledged and given back when the channel closes. `more`: others follow.
+    pub async fn dead_letters(
+        &self,
+        tenant: &TenantName,
+        limit: usize,
+    ) -> Result<(Vec<DeadLetter>, bool), BrokerError> {
+        let dlq = self.topology(tenant).dlq;
+        let ch = self.own_channel().await?;
+        let mut out = Vec::new();
+        let mut more = false;
+        let r = async {
+            while out.len() < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
+                match ch
+                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?
+                {
+                    Some(m) => {
+                        out.push(DeadLetter::of(&m.delivery));
+                        more = m.message_count > 0;
+                    }
+                    None => {
+                        more = false;
+                        break;
+                    }
+                }
+            }
+            Ok::<_, BrokerError>(())
+        }
+        .await;
+        // Closing the channel gives every message taken back to the queue, in its place.
+        let _ = ch.close(200, "listed".into()).await;
+        r.map(|()| (out, more))
+    }
+
+    /// Moves up to `limit` of a tenant's dead letters back to its queue, oldest first, for
+    /// the stream app running now. Each keeps its message id (so its documents and log
+    /// entries are those of its first ingestion) and leaves the dead-letter queue only once
+    /// the broker confirmed its copy in the queue. Returns how many moved.
+    pub async fn replay_dead_letters(
+        &self,
+        tenant: &TenantName,
+        limit: usize,
+    ) -> Result<u64, BrokerError> {
+        let t = self.topology(tenant);
+        let ch = self.own_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        let mut moved = 0u64;
+        let r = async {
+            while (moved as usize) < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
+                let Some(m) = ch
+                    .basic_get(t.dlq.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?
+                else {
+                    break;
+                };
+                let d = &m.delivery;
+                let mut headers = d.properties.headers().clone().unwrap_or_default();
+                let replays = header_u32(d, HEADER_REPLAYS).unwrap_or(0).saturating_add(1);
+                let mut kept = FieldTable::default();
+                for (k, v) in headers.inner() {
+                    if k.as_str() != HEADER_REASON && !k.as_str().starts_with("x-death") {
+                        kept.insert(k.clone(), v.clone());
+                    }
+                }
+                headers = kept;
+                headers.insert(HEADER_REPLAYS.into(), AMQPValue::LongInt(replays as i32));
+                // Its ingestion time in the log counts from the replay.
+                headers.insert(
+                    HEADER_PUBLISHED_US.into(),
+                    AMQPValue::LongLongInt(crate::model::now_us()),
+                );
+                let props = d.properties.clone().with_headers(headers);
+                let confirm = ch
+                    .basic_publish(
+                        "".into(),
+                        t.queue.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..Default::default()
+                        },
+                        &d.data,
+                        props,
+                    )
+                    .await?
+                    .await?;
+                match confirm {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => {
+                        d.acker.ack(BasicAckOptions::default()).await?;
+                        moved += 1;
+                    }
+                    _ => {
+                        return Err(BrokerError::Refused(format!(
+                            "queue `{}` refused a replayed message",
+                            t.queue
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        let _ = ch.close(200, "replayed".into()).await;
+        r.map(|()| moved)
     }
 }
 

@@ -57,6 +57,8 @@ pub fn router(state: StreamApi) -> Router {
         .route("/v1/tenants/{t}/stream", get(stream_status))
         .route("/v1/tenants/{t}/stream/start", post(start))
         .route("/v1/tenants/{t}/stream/stop", post(stop))
+        .route("/v1/tenants/{t}/dead-letters", get(dead_letters))
+        .route("/v1/tenants/{t}/dead-letters/replay", post(replay))
         .with_state(state)
 }
 
@@ -344,6 +346,51 @@ async fn stop(
     let t = caller.for_tenant(&t)?;
     let running = p.manager.scale(&t, 0).await;
     Ok(Json(json!({ "consumers": running })).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeadLetterQuery {
+    /// How many, 1 to 1,000 (default 100).
+    limit: Option<usize>,
+}
+
+impl DeadLetterQuery {
+    fn limit(&self) -> Result<usize, ApiError> {
+        match self.limit.unwrap_or(100) {
+            n @ 1..=broker::MAX_DEAD_LETTERS_PER_REQUEST => Ok(n),
+            n => Err(ApiError::bad_request(format!(
+                "limit must be 1 to {}, not {n}",
+                broker::MAX_DEAD_LETTERS_PER_REQUEST
+            ))),
+        }
+    }
+}
+
+/// The tenant's dead letters, oldest first, with why each failed; they stay in the queue.
+async fn dead_letters(
+    State(p): State<StreamApi>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+    QueryArgs(q): QueryArgs<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let (letters, more) = p.broker.dead_letters(&t, q.limit()?).await?;
+    Ok(Json(json!({ "dead_letters": letters, "more": more })).into_response())
+}
+
+/// Moves dead letters back to the tenant's queue, for the stream app running now: each
+/// keeps its message id, so what it stores and logs belongs to its first ingestion.
+async fn replay(
+    State(p): State<StreamApi>,
+    caller: Caller,
+    PathArgs(t): PathArgs<String>,
+    QueryArgs(q): QueryArgs<DeadLetterQuery>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    let replayed = p.broker.replay_dead_letters(&t, q.limit()?).await?;
+    tracing::info!(tenant = %t, replayed, "dead letters replayed");
+    Ok(Json(json!({ "replayed": replayed })).into_response())
 }
 
 async fn stream_status(

@@ -236,3 +236,97 @@ async fn a_platform_killed_between_the_data_and_the_log_ends_with_one_success_pe
     one_success_per_document(&app, &t, "messages", 300).await;
     one_success_per_document(&app, &t, "rows", 3000).await;
 }
+
+#[tokio::test]
+async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("replay").await;
+    c.upload_app(
+        &t,
+        "stream",
+        r#"function map(r) if r.bad then error("cannot read " .. r.n) end return { n = r.n } end"#,
+    )
+    .await
+    .expect("app v1");
+    let body: String = (0..100)
+        .map(|n| format!("{{\"n\": {n}, \"bad\": {}}}\n", n % 10 == 0))
+        .collect();
+    c.publish(&t, "reading", body).await.expect("publish");
+    c.stream_start(&t, 1).await.expect("start");
+    let logged = eventually(Duration::from_secs(60), || async {
+        app.logs(&c, &t, "").await.len() >= 100
+    })
+    .await;
+    assert!(logged, "every message logged");
+
+    // Listing leaves them where they are.
+    for _ in 0..2 {
+        let dl = c.dead_letters(&t, 100).await.expect("list");
+        let letters = dl["dead_letters"].as_array().expect("list");
+        assert_eq!(letters.len(), 10, "{dl}");
+        assert_eq!(dl["more"], false);
+        assert!(
+            letters.iter().all(|l| l["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("cannot read"))
+                && l["message_id"].is_string()
+                && l["data_name"] == "reading"),
+            "{dl}"
+        );
+    }
+    let r = c
+        .raw(
+            reqwest::Method::GET,
+            &format!("/v1/tenants/{t}/dead-letters?limit=0"),
+            None,
+            "",
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{:?}", r.json());
+
+    // The tenant fixes its app, then replays; running consumers pick the new version up
+    // within a second.
+    c.upload_app(
+        &t,
+        "stream",
+        "function map(r) return { n = r.n, fixed = true } end",
+    )
+    .await
+    .expect("app v2");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = c.replay_dead_letters(&t, 1000).await.expect("replay");
+    assert_eq!(r["replayed"], 10, "{r}");
+    let stored = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await >= 100
+    })
+    .await;
+    assert!(stored, "stored {}", app.count(&t, "messages").await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(app.count(&t, "messages").await, 100);
+    let log = app.logs(&c, &t, "").await;
+    assert_eq!(log.len(), 110, "100 successes and the 10 first failures");
+    let mut by_message: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for e in &log {
+        by_message
+            .entry(e["message_id"].as_str().expect("message id"))
+            .or_default()
+            .push(e["status"].as_str().expect("status"));
+    }
+    assert_eq!(by_message.len(), 100);
+    let replayed = by_message
+        .values()
+        .filter(|s| s.as_slice() == ["failure", "success"])
+        .count();
+    assert_eq!(replayed, 10, "{by_message:?}");
+    assert!(
+        by_message
+            .values()
+            .all(|s| s.as_slice() == ["success"] || s.as_slice() == ["failure", "success"])
+    );
+    let dl = c.dead_letters(&t, 100).await.expect("list");
+    assert_eq!(dl["dead_letters"].as_array().map(Vec::len), Some(0), "{dl}");
+    let r = c.replay_dead_letters(&t, 1000).await.expect("replay again");
+    assert_eq!(r["replayed"], 0);
+    c.stream_stop(&t).await.expect("stop");
+}
