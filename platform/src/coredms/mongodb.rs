@@ -716,6 +716,8 @@ fn is_duplicate(e: &mongodb::error::Error) -> bool {
             .write_errors
             .as_ref()
             .is_some_and(|w| w.iter().any(|we| we.code == DUPLICATE_KEY)),
+        // findAndModify reports it as a command error.
+        ErrorKind::Command(ce) => ce.code == DUPLICATE_KEY,
         _ => false,
     }
 }
