@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use router::{BatchApi, router};
-pub use staging::{Staged, Staging, check_file_name};
+pub use staging::{Staging, check_file_name};
 
 use crate::apps::AppHandle;
 use crate::config::BatchSettings;
@@ -217,12 +217,12 @@ impl BatchManager {
         let lease_ms = self.settings.lease_ms;
         let every = Duration::from_millis(lease_ms / 3);
         loop {
-            if !self.held_keys().is_empty()
+            if self.held_count() > 0
                 && let Err(e) = self.coredms.renew_leases(&self.owner, lease_ms).await
             {
                 tracing::warn!(error = %e, "cannot renew job leases");
             }
-            let free = self.settings.workers.saturating_sub(self.held_keys().len());
+            let free = self.settings.workers.saturating_sub(self.held_count());
             if free > 0 {
                 match self
                     .coredms
@@ -251,8 +251,8 @@ impl BatchManager {
         }
     }
 
-    fn held_keys(&self) -> HashSet<String> {
-        self.held.lock().map(|h| h.clone()).unwrap_or_default()
+    fn held_count(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
     }
 
     /// Marks `rec`'s job as held here; false if it already was.
@@ -283,6 +283,8 @@ impl BatchManager {
         if sweep.parts_removed > 0 {
             tracing::info!(files = sweep.parts_removed, "removed partial uploads");
         }
+        // The copies each tenant's records name, read once per tenant.
+        let mut named: HashMap<String, HashSet<(String, String)>> = HashMap::new();
         for (tenant, name, upload) in sweep.copies {
             let Ok(t) = TenantName::parse(&tenant) else {
                 continue;
@@ -290,17 +292,25 @@ impl BatchManager {
             if check_file_name(&name).is_err() {
                 continue;
             }
-            match self.coredms.file(&t, &name).await {
-                Ok(Some(r)) if r.upload == upload => {}
-                Ok(_) => {
-                    tracing::info!(tenant = %t, file = %name, upload = %upload, "removing a staged copy no record names");
-                    if let Err(e) = self.staging.remove(&t, &name, &upload).await {
-                        tracing::warn!(error = %e, "cannot remove a stale staged copy");
+            if !named.contains_key(&tenant) {
+                match self.coredms.files(&t).await {
+                    Ok(files) => {
+                        let copies = files.into_iter().map(|f| (f.name, f.upload)).collect();
+                        named.insert(tenant.clone(), copies);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check staged copies against their records");
+                        return;
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot check staged copies against their records");
-                    return;
+            }
+            if named
+                .get(&tenant)
+                .is_some_and(|n| !n.contains(&(name.clone(), upload.clone())))
+            {
+                tracing::info!(tenant = %t, file = %name, upload = %upload, "removing a staged copy no record names");
+                if let Err(e) = self.staging.remove(&t, &name, &upload).await {
+                    tracing::warn!(error = %e, "cannot remove a stale staged copy");
                 }
             }
         }
