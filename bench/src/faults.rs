@@ -240,6 +240,9 @@ pub async fn run(
             "stream.batch_size=100".into(),
             "batch.batch_size=250".into(),
             "batch.workers=1".into(),
+            // A killed platform's jobs are resumed once their lease expires: short here, so
+            // recovery measures the platform, not the default 30 s lease.
+            "batch.lease_ms=3000".into(),
             "mongodb.max_pool_size=4".into(),
         ],
     )?;

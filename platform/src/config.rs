@@ -329,6 +329,10 @@ pub struct BatchSettings {
     pub batch_size: usize,
     /// Ingestion jobs running at once, across tenants.
     pub workers: usize,
+    /// How long a batch manager holds a job without renewing it (it renews every third of
+    /// this, and at each checkpoint). A manager that dies loses its jobs to another after
+    /// this long; shorter hands them over sooner and costs more renewals.
+    pub lease_ms: u64,
 }
 
 impl Default for BatchSettings {
@@ -336,6 +340,7 @@ impl Default for BatchSettings {
         Self {
             batch_size: 1000,
             workers: 2,
+            lease_ms: 30_000,
         }
     }
 }
@@ -448,6 +453,12 @@ impl Settings {
             return Err(ConfigError::Invalid(format!(
                 "http.rpc_chunk_bytes ({}) must be at most half of http.max_rpc_bytes ({})",
                 self.http.rpc_chunk_bytes, self.http.max_rpc_bytes
+            )));
+        }
+        if self.batch.lease_ms < 300 {
+            return Err(ConfigError::Invalid(format!(
+                "batch.lease_ms must be at least 300, not {}",
+                self.batch.lease_ms
             )));
         }
         if self.mongodb.write_concern != "majority"

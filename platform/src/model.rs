@@ -43,6 +43,12 @@ pub struct FileRecord {
     pub sha256: String,
     pub state: FileState,
     pub collection: String,
+    /// The staged copy on disk this record describes (`<name>~<upload>` in the tenant's
+    /// staging folder): each upload writes a file of its own, so a record and the file it
+    /// names never disagree, whichever of two racing uploads wins. Empty for a file staged
+    /// before uploads had ids (its copy is `<name>`).
+    #[serde(default)]
+    pub upload: String,
     /// Bumped each time a file of this name is staged: the version compare-and-set updates
     /// name, so a job of an older upload cannot write over a newer one.
     #[serde(default)]
@@ -73,8 +79,20 @@ pub struct FileRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub app_version: Option<u32>,
+    /// While `ingesting`: the batch manager that runs the job, until when. Internal: never
+    /// shown to tenants.
+    #[serde(default)]
+    pub lease: Option<Lease>,
     pub staged_at: String,
     pub updated_at: String,
+}
+
+/// A batch manager's hold on a job: `owner` (one id per manager process) runs it until
+/// `expires_us` (Unix µs, coredms' clock) unless it renews; after that another may claim it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lease {
+    pub owner: String,
+    pub expires_us: i64,
 }
 
 impl FileRecord {
@@ -100,6 +118,7 @@ impl FileRecord {
         bytes: u64,
         sha256: String,
         collection: String,
+        upload: String,
     ) -> Self {
         let now = rfc3339_now();
         Self {
@@ -110,6 +129,7 @@ impl FileRecord {
             sha256,
             state: FileState::Staged,
             collection,
+            upload,
             version: 0,
             job: String::new(),
             records_ok: 0,
@@ -122,6 +142,7 @@ impl FileRecord {
             next_record: 0,
             error: None,
             app_version: None,
+            lease: None,
             staged_at: now.clone(),
             updated_at: now,
         }

@@ -1,15 +1,22 @@
 //! The batch ingest manager: stages uploaded files, runs ingestion jobs over them (file →
 //! parse → tenant app → bulk write through coredms), and records per-file status.
 //!
-//! Jobs checkpoint after every bulk write; on start the manager resumes any file left
-//! `ingesting` from its checkpoint. Ids derive from (content hash, record index), so records
-//! written again after a crash are duplicates, never new documents.
+//! Every change of a file's record is a compare-and-set through coredms: staging a new
+//! version (not while it is ingesting), starting a job (on the version read, not twice),
+//! each checkpoint and the finish (only by the manager holding the job, on the same version
+//! and job). A job belongs to one manager at a time through a lease in its record (owner =
+//! this process's id, expiry renewed at each checkpoint and by a heartbeat every third of
+//! `batch.lease_ms`); the heartbeat also claims `ingesting` files whose lease expired (their
+//! manager died), as many as this manager has free workers, so N replicas over one staging
+//! directory share the work and resume each other's from the last checkpoint. A job that
+//! loses its compare-and-set stops without writing. Ids derive from (content hash, record
+//! index), so records written again after a crash are duplicates, never new documents.
 
 pub mod parse;
 mod router;
 mod staging;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +38,10 @@ use crate::tenants::TenantName;
 
 /// Bulk writes a job runs before yielding its worker to another tenant.
 const SLICE_BATCHES: usize = 4;
+
+/// A partial upload (or a staged copy no record names) not written to for this long is left
+/// over from an upload that died, not one in progress in some replica: removed at start.
+const STALE_AFTER: Duration = Duration::from_secs(15 * 60);
 
 /// A running job: the open file and where it is.
 struct Job {
@@ -106,6 +117,10 @@ pub struct BatchManager {
     settings: BatchSettings,
     scheduler: Scheduler,
     metrics: Arc<Metrics>,
+    /// This manager's id as the owner of job leases: one per process (per manager).
+    owner: String,
+    /// The files (`tenant/name`) whose jobs this manager holds, queued or running.
+    held: Mutex<HashSet<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +131,11 @@ pub enum BatchError {
     NotStaged(String),
     #[error("file `{0}` is already being ingested")]
     Busy(String),
+    /// `start` lost its compare-and-set to another start or a new upload of the name.
+    #[error(
+        "file `{0}` changed while its ingestion was starting (another start or upload came first); read its status and retry"
+    )]
+    Raced(String),
     #[error("cannot read staged file: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -136,6 +156,10 @@ pub enum JobError {
     /// The parsing/transforming task panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
+    /// This manager no longer holds the job (its lease was taken over, or the file was
+    /// staged again): it stops without writing the record.
+    #[error("the job was taken over")]
+    Lost,
 }
 
 impl BatchManager {
@@ -153,22 +177,16 @@ impl BatchManager {
             settings,
             scheduler: Scheduler::default(),
             metrics,
+            owner: crate::model::new_id(),
+            held: Mutex::new(HashSet::new()),
         }
     }
 
-    /// Runs the worker pool until `cancel`; first re-queues jobs a previous run left unfinished.
+    /// Runs the worker pool and the lease heartbeat until `cancel`, after sweeping what dead
+    /// uploads left in the staging directory; then lets go of the jobs left unfinished.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        match self.coredms.files_in_state(FileState::Ingesting).await {
-            Ok(files) => {
-                for rec in files {
-                    tracing::info!(tenant = %rec.tenant, file = %rec.name, from = rec.next_record, "resuming interrupted ingestion");
-                    if let Err(e) = self.enqueue(rec).await {
-                        tracing::warn!(error = %e, "cannot resume ingestion");
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot look for interrupted ingestions"),
-        }
+        self.sweep().await;
+        let heartbeat = tokio::spawn(self.clone().heartbeat(cancel.clone()));
         let mut workers = Vec::new();
         for _ in 0..self.settings.workers {
             let me = self.clone();
@@ -181,6 +199,152 @@ impl BatchManager {
         }
         for w in workers {
             let _ = w.await;
+        }
+        let _ = heartbeat.await;
+        // Unfinished jobs stay `ingesting` at their checkpoint; released, another manager
+        // (or this one, restarted) resumes them now rather than when the lease runs out.
+        match self.coredms.release_leases(&self.owner).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "released unfinished jobs"),
+            Err(e) => tracing::warn!(error = %e, "cannot release job leases; they expire"),
+        }
+    }
+
+    /// Every third of the lease: renews the leases of the jobs held, then claims expired
+    /// ones (a dead manager's, or left by a stopped one) for the workers that are free.
+    /// The first beat, at start, resumes only such jobs, never one another manager holds.
+    async fn heartbeat(self: Arc<Self>, cancel: CancellationToken) {
+        let lease_ms = self.settings.lease_ms;
+        let every = Duration::from_millis(lease_ms / 3);
+        loop {
+            if self.held_count() > 0
+                && let Err(e) = self.coredms.renew_leases(&self.owner, lease_ms).await
+            {
+                tracing::warn!(error = %e, "cannot renew job leases");
+            }
+            let free = self.settings.workers.saturating_sub(self.held_count());
+            if free > 0 {
+                match self
+                    .coredms
+                    .claim_files(&self.owner, lease_ms, free as u64)
+                    .await
+                {
+                    Ok(files) => {
+                        for rec in files {
+                            if !self.hold(&rec) {
+                                // Ours already: its lease had lapsed and is ours again.
+                                continue;
+                            }
+                            tracing::info!(tenant = %rec.tenant, file = %rec.name, from = rec.next_record, "resuming interrupted ingestion");
+                            if let Err(e) = self.enqueue(rec).await {
+                                tracing::warn!(error = %e, "cannot resume ingestion");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot look for interrupted ingestions"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    fn held_count(&self) -> usize {
+        self.held.lock().map(|h| h.len()).unwrap_or(0)
+    }
+
+    /// Marks `rec`'s job as held here; false if it already was.
+    fn hold(&self, rec: &FileRecord) -> bool {
+        self.held
+            .lock()
+            .is_ok_and(|mut h| h.insert(format!("{}/{}", rec.tenant, rec.name)))
+    }
+
+    fn let_go(&self, rec: &FileRecord) {
+        if let Ok(mut h) = self.held.lock() {
+            h.remove(&format!("{}/{}", rec.tenant, rec.name));
+        }
+    }
+
+    /// Removes partial uploads left by uploads that died, and staged copies no record names
+    /// (an upload that died between writing its copy and its record, or a replaced copy
+    /// whose removal failed), when not written to for [`STALE_AFTER`]: an upload in
+    /// progress in another replica sharing the directory is never touched.
+    async fn sweep(&self) {
+        let sweep = match self.staging.sweep(STALE_AFTER).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sweep the staging directory");
+                return;
+            }
+        };
+        if sweep.parts_removed > 0 {
+            tracing::info!(files = sweep.parts_removed, "removed partial uploads");
+        }
+        // The copies each tenant's records name, read once per tenant.
+        let mut named: HashMap<String, HashSet<(String, String)>> = HashMap::new();
+        for (tenant, name, upload) in sweep.copies {
+            let Ok(t) = TenantName::parse(&tenant) else {
+                continue;
+            };
+            if check_file_name(&name).is_err() {
+                continue;
+            }
+            if !named.contains_key(&tenant) {
+                match self.coredms.files(&t).await {
+                    Ok(files) => {
+                        let copies = files.into_iter().map(|f| (f.name, f.upload)).collect();
+                        named.insert(tenant.clone(), copies);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot check staged copies against their records");
+                        return;
+                    }
+                }
+            }
+            if named
+                .get(&tenant)
+                .is_some_and(|n| !n.contains(&(name.clone(), upload.clone())))
+            {
+                tracing::info!(tenant = %t, file = %name, upload = %upload, "removing a staged copy no record names");
+                if let Err(e) = self.staging.remove(&t, &name, &upload).await {
+                    tracing::warn!(error = %e, "cannot remove a stale staged copy");
+                }
+            }
+        }
+    }
+
+    /// Records `rec`, a new upload whose copy is in place, as the next version of its name
+    /// (409 while the name is being ingested), then removes the copy it replaced. On a
+    /// lost or failed compare-and-set the new copy goes, unless the record names it after
+    /// all (the answer, not the write, was lost).
+    pub async fn stage(&self, mut rec: FileRecord) -> Result<FileRecord, BatchError> {
+        let tenant = TenantName::parse(&rec.tenant)
+            .map_err(|e| BatchError::Core(CoreError::Invalid(e.to_string())))?;
+        match self.coredms.stage_file(&rec).await {
+            Ok(replaced) => {
+                rec.version = replaced.as_ref().map_or(1, |p| p.version + 1);
+                if let Some(old) = replaced
+                    && old.upload != rec.upload
+                    && let Err(e) = self.staging.remove(&tenant, &old.name, &old.upload).await
+                {
+                    tracing::warn!(error = %e, tenant = %tenant, file = %rec.name, "cannot remove a replaced staged copy");
+                }
+                Ok(rec)
+            }
+            Err(e) => {
+                match self.coredms.file(&tenant, &rec.name).await {
+                    Ok(Some(r)) if r.upload == rec.upload => {}
+                    Ok(_) => {
+                        let _ = self.staging.remove(&tenant, &rec.name, &rec.upload).await;
+                    }
+                    // Unknown: left for the sweep at the next start.
+                    Err(_) => {}
+                }
+                Err(e.into())
+            }
         }
     }
 
@@ -197,8 +361,19 @@ impl BatchManager {
         rec.state = FileState::Ingesting;
         rec.restart(crate::model::new_id());
         rec.updated_at = crate::model::rfc3339_now();
-        self.coredms.put_file(&rec).await?;
-        self.enqueue(rec.clone()).await?;
+        rec.lease = None;
+        if !self
+            .coredms
+            .start_file(&rec, &self.owner, self.settings.lease_ms)
+            .await?
+        {
+            return Err(BatchError::Raced(name.to_owned()));
+        }
+        self.hold(&rec);
+        if let Err(e) = self.enqueue(rec.clone()).await {
+            self.let_go(&rec);
+            return Err(e);
+        }
         Ok(rec)
     }
 
@@ -258,7 +433,9 @@ impl BatchManager {
         })
         .await?;
         job.record.app_version = job.app.as_ref().map(|a| a.version);
-        let path = self.staging.path(&job.tenant, &job.record.name);
+        let path = self
+            .staging
+            .path(&job.tenant, &job.record.name, &job.record.upload);
         let format = job.record.format;
         let skip = job.record.next_record;
         let whole = job.app.as_ref().is_some_and(|a| !a.shape.has_map);
@@ -369,21 +546,36 @@ impl BatchManager {
             bytes,
         }
         .emit(&self.metrics);
-        let record = &job.record;
-        with_retry(cancel, || self.coredms.put_file(record)).await?;
+        let (record, owner, lease_ms) = (&job.record, &self.owner, self.settings.lease_ms);
+        if !with_retry(cancel, || {
+            self.coredms.checkpoint_file(record, owner, lease_ms)
+        })
+        .await?
+        {
+            return Err(JobError::Lost);
+        }
         Ok(more)
     }
 
     async fn finish(&self, mut job: Job, error: Option<JobError>) {
+        if matches!(error, Some(JobError::Lost)) {
+            tracing::info!(tenant = %job.tenant, file = %job.record.name, "job taken over or file staged again: stopping");
+            self.let_go(&job.record);
+            return;
+        }
         // The reason as the tenant reads it, in the log entry and the file's status.
         let error = error.map(|e| e.to_string());
-        job.record.state = if error.is_some() {
-            FileState::Failed
-        } else {
-            FileState::Done
-        };
         if let Some(e) = &error {
             tracing::warn!(tenant = %job.tenant, file = %job.record.name, error = %e, "ingestion failed");
+            // Only the job's holder logs its failure: one that lost it says nothing.
+            if let Ok(false) = self
+                .coredms
+                .checkpoint_file(&job.record, &self.owner, self.settings.lease_ms)
+                .await
+            {
+                self.let_go(&job.record);
+                return;
+            }
             // A file that could not be processed at all still gets its one log entry.
             let _ = self
                 .coredms
@@ -409,6 +601,11 @@ impl BatchManager {
             tracing::info!(tenant = %job.tenant, file = %job.record.name, ok = job.record.records_ok,
                 failed = job.record.records_failed, duplicates = job.record.records_duplicate, "ingestion done");
         }
+        job.record.state = if error.is_some() {
+            FileState::Failed
+        } else {
+            FileState::Done
+        };
         job.record.error = error;
         job.record.updated_at = crate::model::rfc3339_now();
         // Ten tries, 200 ms apart at first, doubling up to 6.4 s.
@@ -417,13 +614,20 @@ impl BatchManager {
             .with_max_delay(Duration::from_millis(6400))
             .with_max_times(9);
         let record = &job.record;
-        if let Err(e) = backon::Retryable::retry(|| self.coredms.put_file(record), backoff)
+        match backon::Retryable::retry(|| self.coredms.finish_file(record, &self.owner), backoff)
             .sleep(tokio::time::sleep)
             .notify(|e, delay| tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot record file status"))
             .await
         {
-            tracing::warn!(error = %e, "cannot record file status: gave up after 10 tries");
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(tenant = %job.tenant, file = %job.record.name, "job taken over before its end was recorded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record file status: gave up after 10 tries");
+            }
         }
+        self.let_go(&job.record);
     }
 }
 
@@ -530,7 +734,15 @@ mod tests {
     fn job(tenant: &str, name: &str) -> Job {
         let t = TenantName::parse(tenant).expect("valid");
         Job {
-            record: FileRecord::staged(&t, name, Format::Csv, 0, String::new(), "c".into()),
+            record: FileRecord::staged(
+                &t,
+                name,
+                Format::Csv,
+                0,
+                String::new(),
+                "c".into(),
+                String::new(),
+            ),
             tenant: t,
             source: None,
             app: None,

@@ -52,7 +52,9 @@ impl From<BatchError> for ApiError {
         match e {
             BatchError::Core(c) => c.into(),
             BatchError::NotStaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            BatchError::Busy(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+            BatchError::Busy(_) | BatchError::Raced(_) => {
+                ApiError::new(StatusCode::CONFLICT, e.to_string())
+            }
             BatchError::Io(io) => {
                 tracing::error!(error = %io, "staging io error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
@@ -111,6 +113,7 @@ async fn upload(
             format!("format {format} is not accepted for tenant `{t}`"),
         ));
     }
+    // Saves reading a body only to refuse it; the compare-and-set below is what decides.
     if let Some(rec) = p.coredms.file(&t, &name).await?
         && rec.state == FileState::Ingesting
     {
@@ -119,8 +122,8 @@ async fn upload(
             format!("file `{name}` is being ingested; upload it again when it is done"),
         ));
     }
-    let replacing = m.staging.exists(&t, &name).await;
-    if !replacing && m.staging.count(&t).await.map_err(BatchError::Io)? >= c.max_staged_files {
+    let names = m.staging.names(&t).await.map_err(BatchError::Io)?;
+    if !names.contains(&name) && names.len() >= c.max_staged_files as usize {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -138,14 +141,24 @@ async fn upload(
             UploadError::Body(_) | UploadError::Empty => ApiError::bad_request(e.to_string()),
             UploadError::Io(io) => BatchError::Io(io).into(),
         })?;
-    let rec = FileRecord::staged(&t, &name, format, staged.bytes, staged.sha256, collection);
-    p.coredms.put_file(&rec).await?;
+    let rec = FileRecord::staged(
+        &t,
+        &name,
+        format,
+        staged.bytes,
+        staged.sha256,
+        collection,
+        staged.upload,
+    );
+    // The copy is in place under its own upload id; the record now names it, or (409, the
+    // name went `ingesting` meanwhile) the copy goes and the record is untouched.
+    let rec = m.stage(rec).await?;
     let rec = if profile.auto_ingest {
         m.start(&t, &name).await?
     } else {
         rec
     };
-    Ok((StatusCode::CREATED, Json(rec)).into_response())
+    Ok((StatusCode::CREATED, Json(public(rec))).into_response())
 }
 
 async fn ingest(
@@ -158,7 +171,7 @@ async fn ingest(
     let rec = p.manager.start(&t, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": format!("{t}/{name}"), "file": rec })),
+        Json(json!({ "job": format!("{t}/{name}"), "file": public(rec) })),
     )
         .into_response())
 }
@@ -171,7 +184,7 @@ async fn status(
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     match p.coredms.file(&t, &name).await? {
-        Some(rec) => Ok(Json(rec).into_response()),
+        Some(rec) => Ok(Json(public(rec)).into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("file `{name}` is not staged"),
@@ -185,7 +198,8 @@ async fn list(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t: TenantName = caller.for_tenant(&t)?;
-    Ok(Json(json!({ "files": p.coredms.files(&t).await? })).into_response())
+    let files: Vec<FileRecord> = p.coredms.files(&t).await?.into_iter().map(public).collect();
+    Ok(Json(json!({ "files": files })).into_response())
 }
 
 async fn remove(
@@ -195,20 +209,25 @@ async fn remove(
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
-    let m = &p.manager;
-    match p.coredms.file(&t, &name).await? {
+    // The record goes first, if no job holds it (409); then its copy.
+    match p.coredms.delete_file(&t, &name).await? {
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("file `{name}` is not staged"),
         )),
-        Some(r) if r.state == FileState::Ingesting => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            format!("file `{name}` is being ingested"),
-        )),
-        Some(_) => {
-            m.staging.remove(&t, &name).await.map_err(BatchError::Io)?;
-            p.coredms.delete_file(&t, &name).await?;
+        Some(r) => {
+            p.manager
+                .staging
+                .remove(&t, &name, &r.upload)
+                .await
+                .map_err(BatchError::Io)?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+/// A file record as tenants see it: which manager holds its job is the platform's business.
+fn public(mut rec: FileRecord) -> FileRecord {
+    rec.lease = None;
+    rec
 }

@@ -1,8 +1,13 @@
-//! The staging directory: `<dir>/<tenant>/<file>`, with names checked so no request can
-//! name a path outside its tenant's folder. Uploads stream to a temporary file and are
-//! renamed into place only when complete and within limits.
+//! The staging directory: `<dir>/<tenant>/<file>~<upload>`, with names checked so no request
+//! can name a path outside its tenant's folder. Uploads stream to a temporary file
+//! (`.<file>.<random>.part`) and are renamed into place only when complete and within
+//! limits. Each upload gets a copy of its own, named by its upload id: the file record says
+//! which copy it describes, so two racing uploads of one name, or an upload racing an
+//! ingestion, can never leave a record naming bytes it did not hash (see `batch::router`).
 
+use std::collections::HashSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -55,6 +60,25 @@ impl Drop for PartFile {
 pub struct Staged {
     pub bytes: u64,
     pub sha256: String,
+    /// The upload's id: its copy is `<file>~<upload>`.
+    pub upload: String,
+}
+
+/// What [`Staging::sweep`] found: staged copies old enough to be checked against their
+/// records (tenant folder, file name, upload id).
+pub struct Sweep {
+    pub parts_removed: u64,
+    pub copies: Vec<(String, String, String)>,
+}
+
+/// The file name and upload id of a staged copy's name, `<file>~<upload>`; a copy staged
+/// before uploads had ids is `<file>`, with an empty upload id. `None` for what is not a
+/// staged copy (dot files: partial uploads).
+fn parse_copy(entry: &str) -> Option<(&str, &str)> {
+    if entry.starts_with('.') {
+        return None;
+    }
+    Some(entry.rsplit_once('~').unwrap_or((entry, "")))
 }
 
 #[derive(Debug, Clone)]
@@ -72,35 +96,84 @@ impl Staging {
         self.root.join(tenant.as_str())
     }
 
-    /// The path of a staged file; `name` must have passed [`check_file_name`].
-    pub fn path(&self, tenant: &TenantName, name: &str) -> PathBuf {
-        self.dir(tenant).join(name)
+    /// The path of upload `upload` of a staged file; `name` must have passed
+    /// [`check_file_name`] (which allows no `~`), `upload` be a [`Staged::upload`] or empty.
+    pub fn path(&self, tenant: &TenantName, name: &str, upload: &str) -> PathBuf {
+        if upload.is_empty() {
+            self.dir(tenant).join(name)
+        } else {
+            self.dir(tenant).join(format!("{name}~{upload}"))
+        }
     }
 
-    /// Staged files of a tenant (completed uploads only).
-    pub async fn count(&self, tenant: &TenantName) -> std::io::Result<u32> {
-        let mut n = 0;
+    /// The names of a tenant's staged files (completed uploads only; a name with two copies
+    /// for a moment, while one replaces the other, is one name).
+    pub async fn names(&self, tenant: &TenantName) -> std::io::Result<HashSet<String>> {
+        let mut names = HashSet::new();
         let mut rd = match tokio::fs::read_dir(self.dir(tenant)).await {
             Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
             Err(e) => return Err(e),
         };
         while let Some(e) = rd.next_entry().await? {
-            if !e.file_name().to_string_lossy().starts_with('.') {
-                n += 1;
+            if let Some((name, _)) = parse_copy(&e.file_name().to_string_lossy()) {
+                names.insert(name.to_owned());
             }
         }
-        Ok(n)
+        Ok(names)
     }
 
-    pub async fn exists(&self, tenant: &TenantName, name: &str) -> bool {
-        tokio::fs::try_exists(self.path(tenant, name))
-            .await
-            .unwrap_or(false)
+    /// Removes partial uploads not written to for `grace` (an upload in progress, here or
+    /// in another replica sharing the directory, writes to its part file all along), and
+    /// lists the staged copies older than `grace`, for the caller to remove those no record
+    /// names (an upload that died between its rename and its record).
+    pub async fn sweep(&self, grace: Duration) -> std::io::Result<Sweep> {
+        let mut sweep = Sweep {
+            parts_removed: 0,
+            copies: Vec::new(),
+        };
+        let mut tenants = tokio::fs::read_dir(&self.root).await?;
+        while let Some(t) = tenants.next_entry().await? {
+            if !t.file_type().await?.is_dir() {
+                continue;
+            }
+            let tenant = t.file_name().to_string_lossy().into_owned();
+            let mut rd = tokio::fs::read_dir(t.path()).await?;
+            while let Some(e) = rd.next_entry().await? {
+                let old = e
+                    .metadata()
+                    .await
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age > grace);
+                if !old {
+                    continue;
+                }
+                let entry = e.file_name().to_string_lossy().into_owned();
+                match parse_copy(&entry) {
+                    None if entry.ends_with(".part") => {
+                        match tokio::fs::remove_file(e.path()).await {
+                            Ok(()) => sweep.parts_removed += 1,
+                            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    None => {}
+                    Some((name, upload)) => {
+                        sweep
+                            .copies
+                            .push((tenant.clone(), name.to_owned(), upload.to_owned()))
+                    }
+                }
+            }
+        }
+        Ok(sweep)
     }
 
     /// Streams `body` to disk, hashing as it goes; over `max_bytes` it stops, removes what
-    /// it wrote, and fails. Nothing appears under `name` unless the whole upload succeeded.
+    /// it wrote, and fails. Nothing appears under `name` unless the whole upload succeeded,
+    /// and then as a new copy of its own (`<name>~<upload>`), beside any earlier one.
     pub async fn write<S, E>(
         &self,
         tenant: &TenantName,
@@ -138,12 +211,13 @@ impl Staging {
             Ok(Staged {
                 bytes: total,
                 sha256: hex::encode(hash.finalize()),
+                upload: crate::model::new_id(),
             })
         }
         .await;
         match result {
             Ok(s) => {
-                tokio::fs::rename(&tmp, self.path(tenant, name)).await?;
+                tokio::fs::rename(&tmp, self.path(tenant, name, &s.upload)).await?;
                 part.0 = None;
                 Ok(s)
             }
@@ -154,8 +228,14 @@ impl Staging {
         }
     }
 
-    pub async fn remove(&self, tenant: &TenantName, name: &str) -> std::io::Result<()> {
-        match tokio::fs::remove_file(self.path(tenant, name)).await {
+    /// Removes one staged copy (gone already is fine).
+    pub async fn remove(
+        &self,
+        tenant: &TenantName,
+        name: &str,
+        upload: &str,
+    ) -> std::io::Result<()> {
+        match tokio::fs::remove_file(self.path(tenant, name, upload)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -185,5 +265,66 @@ mod tests {
         ] {
             assert!(check_file_name(bad).is_err(), "{bad}");
         }
+        // A staged copy's name cannot be taken for another file's.
+        assert!(check_file_name("a.csv~0123").is_err());
+    }
+
+    #[test]
+    fn a_copy_name_gives_its_file_and_upload() {
+        assert_eq!(parse_copy("a.csv~00ff"), Some(("a.csv", "00ff")));
+        assert_eq!(parse_copy("a.csv"), Some(("a.csv", "")));
+        assert_eq!(parse_copy(".a.csv.123.part"), None);
+    }
+
+    #[tokio::test]
+    async fn each_upload_is_a_copy_of_its_own_and_old_parts_are_swept_but_fresh_ones_kept() {
+        let root =
+            std::env::temp_dir().join(format!("mysimbdp-staging-{}", crate::model::new_id()));
+        let staging = Staging::new(root.clone()).expect("dir");
+        let t = TenantName::parse("alice").expect("valid");
+        let body = |s: &'static str| {
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from_static(
+                s.as_bytes(),
+            ))])
+        };
+        let one = staging
+            .write(&t, "a.csv", body("x\n1\n"), 100)
+            .await
+            .expect("one");
+        let two = staging
+            .write(&t, "a.csv", body("x\n2\n"), 100)
+            .await
+            .expect("two");
+        assert_ne!(one.upload, two.upload);
+        for s in [&one, &two] {
+            assert!(staging.path(&t, "a.csv", &s.upload).exists());
+        }
+        assert_eq!(staging.names(&t).await.expect("names").len(), 1);
+
+        let dir = root.join("alice");
+        let stale = dir.join(".a.csv.1.part");
+        let fresh = dir.join(".a.csv.2.part");
+        std::fs::write(&stale, "partial").expect("part");
+        std::fs::write(&fresh, "partial").expect("part");
+        let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        for p in [&stale, &staging.path(&t, "a.csv", &one.upload)] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .and_then(|f| f.set_modified(hour_ago))
+                .expect("backdated");
+        }
+        let sweep = staging
+            .sweep(Duration::from_secs(600))
+            .await
+            .expect("sweep");
+        assert_eq!(sweep.parts_removed, 1);
+        assert!(!stale.exists() && fresh.exists());
+        assert_eq!(
+            sweep.copies,
+            [("alice".to_owned(), "a.csv".to_owned(), one.upload.clone())],
+            "only the old copy is offered for checking"
+        );
+        let _ = std::fs::remove_dir_all(root);
     }
 }

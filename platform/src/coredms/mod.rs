@@ -31,6 +31,9 @@ pub enum CoreError {
     TenantExists(String),
     #[error("{0}")]
     Invalid(String),
+    /// A compare-and-set lost: the record is not in the state the caller expected.
+    #[error("{0}")]
+    Conflict(String),
     /// MongoDB (or the coredms service) cannot be reached now; the caller may retry.
     #[error("database unavailable: {0}")]
     Unavailable(String),

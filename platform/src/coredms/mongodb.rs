@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt;
 use mongodb::bson::{self, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
-use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, WriteConcern};
+use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{CoreError, bson_err, log_entries, log_id, prepare};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp, now_us};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName, hash_token, new_token};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -474,15 +474,162 @@ impl MongoStore {
             .transpose()
     }
 
-    pub async fn put_file(&self, rec: &FileRecord) -> Result<(), CoreError> {
-        let mut d = bson::to_document(rec).map_err(bson_err)?;
-        let id = format!("{}/{}", rec.tenant, rec.name);
-        d.insert("_id", &id);
-        self.file_status()
-            .replace_one(doc! {"_id": &id}, d)
+    // ---- file records: every change after staging is a compare-and-set ----
+
+    /// Stages `rec`, a new upload, as the next version of its name (`version` + 1), unless a
+    /// job is ingesting the name: then nothing changes and the answer is `Conflict`. Returns
+    /// the record it replaced, whose staged copy the caller removes.
+    pub async fn stage_file(&self, rec: &FileRecord) -> Result<Option<FileRecord>, CoreError> {
+        let id = file_id(&rec.tenant, &rec.name);
+        let mut set = bson::to_document(rec).map_err(bson_err)?;
+        set.remove("version");
+        set.insert("lease", bson::Bson::Null);
+        let r = self
+            .file_status()
+            .find_one_and_update(
+                doc! {"_id": &id, "state": {"$ne": FileState::Ingesting.as_str()}},
+                doc! {"$set": set, "$inc": {"version": 1_i64}},
+            )
             .upsert(true)
+            .return_document(ReturnDocument::Before)
+            .write_concern(self.write_concern.clone())
+            .await;
+        match r {
+            Ok(prev) => prev.map(decode_file).transpose(),
+            // The record exists and is `ingesting`, so the upsert's insert collided.
+            Err(e) if is_duplicate(&e) => Err(CoreError::Conflict(format!(
+                "file `{}` is being ingested; upload it again when it is done",
+                rec.name
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts the job `rec` describes (state `ingesting`, a new `job`, counters cleared) under
+    /// a lease of `owner`, if the stored record is still the version `rec` was read at and
+    /// not ingesting. False when it lost: another start won, or the name was staged again.
+    pub async fn start_file(
+        &self,
+        rec: &FileRecord,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<bool, CoreError> {
+        let mut set = bson::to_document(rec).map_err(bson_err)?;
+        set.insert("lease", lease_doc(owner, lease_ms));
+        let r = self
+            .file_status()
+            .update_one(
+                doc! {
+                    "_id": file_id(&rec.tenant, &rec.name),
+                    "version": rec.version as i64,
+                    "state": {"$ne": FileState::Ingesting.as_str()},
+                },
+                doc! {"$set": set},
+            )
+            .write_concern(self.write_concern.clone())
             .await?;
-        Ok(())
+        Ok(r.matched_count == 1)
+    }
+
+    /// Stores a running job's progress and renews its lease, if `owner` still holds the job
+    /// (same version, same job, still `ingesting`). False when it lost: the job must stop.
+    pub async fn checkpoint_file(
+        &self,
+        rec: &FileRecord,
+        owner: &str,
+        lease_ms: u64,
+    ) -> Result<bool, CoreError> {
+        self.update_held(rec, owner, lease_doc(owner, lease_ms))
+            .await
+    }
+
+    /// Ends a job: `rec` carries its final state (`done` or `failed`) and counts; the lease
+    /// goes. False when `owner` no longer held the job, and nothing was written.
+    pub async fn finish_file(&self, rec: &FileRecord, owner: &str) -> Result<bool, CoreError> {
+        self.update_held(rec, owner, bson::Bson::Null).await
+    }
+
+    async fn update_held(
+        &self,
+        rec: &FileRecord,
+        owner: &str,
+        lease: bson::Bson,
+    ) -> Result<bool, CoreError> {
+        let mut set = bson::to_document(rec).map_err(bson_err)?;
+        set.insert("lease", lease);
+        let r = self
+            .file_status()
+            .update_one(
+                doc! {
+                    "_id": file_id(&rec.tenant, &rec.name),
+                    "version": rec.version as i64,
+                    "job": &rec.job,
+                    "state": FileState::Ingesting.as_str(),
+                    "lease.owner": owner,
+                },
+                doc! {"$set": set},
+            )
+            .write_concern(self.write_concern.clone())
+            .await?;
+        Ok(r.matched_count == 1)
+    }
+
+    /// Claims for `owner`, one at a time, up to `limit` `ingesting` files whose lease has
+    /// expired (their manager died or stalled) or that have none (left by a version without
+    /// leases). Each claim is atomic: two managers never claim the same file.
+    pub async fn claim_files(
+        &self,
+        owner: &str,
+        lease_ms: u64,
+        limit: u64,
+    ) -> Result<Vec<FileRecord>, CoreError> {
+        let mut claimed = Vec::new();
+        while (claimed.len() as u64) < limit {
+            let d = self
+                .file_status()
+                .find_one_and_update(
+                    doc! {
+                        "state": FileState::Ingesting.as_str(),
+                        "$or": [{"lease": null}, {"lease.expires_us": {"$lt": now_us()}}],
+                    },
+                    doc! {"$set": {"lease": lease_doc(owner, lease_ms)}},
+                )
+                .return_document(ReturnDocument::After)
+                .write_concern(self.write_concern.clone())
+                .await?;
+            match d {
+                Some(d) => claimed.push(decode_file(d)?),
+                None => break,
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Extends the lease of every job `owner` holds; the number it still holds.
+    pub async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, CoreError> {
+        let r = self
+            .file_status()
+            .update_many(
+                doc! {"state": FileState::Ingesting.as_str(), "lease.owner": owner},
+                doc! {"$set": {"lease.expires_us": now_us() + lease_ms_us(lease_ms)}},
+            )
+            .write_concern(self.write_concern.clone())
+            .await?;
+        Ok(r.matched_count)
+    }
+
+    /// Lets go of every job `owner` holds (a manager stopping), so another claims them at
+    /// once; their checkpoints stay.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, CoreError> {
+        let r = self
+            .file_status()
+            .update_many(
+                doc! {"state": FileState::Ingesting.as_str(), "lease.owner": owner},
+                doc! {"$set": {"lease.expires_us": 0_i64}},
+            )
+            .write_concern(self.write_concern.clone())
+            .await?;
+        Ok(r.matched_count)
     }
 
     pub async fn file(
@@ -492,18 +639,13 @@ impl MongoStore {
     ) -> Result<Option<FileRecord>, CoreError> {
         let d = self
             .file_status()
-            .find_one(doc! {"_id": format!("{tenant}/{name}")})
+            .find_one(doc! {"_id": file_id(tenant.as_str(), name)})
             .await?;
-        d.map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
-            .transpose()
+        d.map(decode_file).transpose()
     }
 
     pub async fn files(&self, tenant: &TenantName) -> Result<Vec<FileRecord>, CoreError> {
         self.find_files(doc! {"tenant": tenant.as_str()}).await
-    }
-
-    pub async fn files_in_state(&self, state: FileState) -> Result<Vec<FileRecord>, CoreError> {
-        self.find_files(doc! {"state": state.as_str()}).await
     }
 
     async fn find_files(&self, filter: Document) -> Result<Vec<FileRecord>, CoreError> {
@@ -514,16 +656,31 @@ impl MongoStore {
             .await?
             .try_collect()
             .await?;
-        docs.into_iter()
-            .map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
-            .collect()
+        docs.into_iter().map(decode_file).collect()
     }
 
-    pub async fn delete_file(&self, tenant: &TenantName, name: &str) -> Result<(), CoreError> {
-        self.file_status()
-            .delete_one(doc! {"_id": format!("{tenant}/{name}")})
+    /// Removes a file's record unless a job is ingesting it (`Conflict`); returns the record
+    /// removed (`None`: there was none), whose staged copy the caller removes.
+    pub async fn delete_file(
+        &self,
+        tenant: &TenantName,
+        name: &str,
+    ) -> Result<Option<FileRecord>, CoreError> {
+        let id = file_id(tenant.as_str(), name);
+        let gone = self
+            .file_status()
+            .find_one_and_delete(doc! {"_id": &id, "state": {"$ne": FileState::Ingesting.as_str()}})
+            .write_concern(self.write_concern.clone())
             .await?;
-        Ok(())
+        if let Some(d) = gone {
+            return Ok(Some(decode_file(d)?));
+        }
+        match self.file(tenant, name).await? {
+            Some(_) => Err(CoreError::Conflict(format!(
+                "file `{name}` is being ingested"
+            ))),
+            None => Ok(None),
+        }
     }
 
     /// A cursor over log entries, a tenant's in time order; callers stream it, never collect
@@ -619,6 +776,23 @@ enum Inserted {
     Rejected(String),
 }
 
+fn file_id(tenant: &str, name: &str) -> String {
+    format!("{tenant}/{name}")
+}
+
+fn decode_file(d: Document) -> Result<FileRecord, CoreError> {
+    bson::from_document(d).map_err(|e| CoreError::Database(e.to_string()))
+}
+
+fn lease_ms_us(lease_ms: u64) -> i64 {
+    i64::try_from(lease_ms.saturating_mul(1000)).unwrap_or(i64::MAX / 2)
+}
+
+/// A lease of `owner` from now, on this process's clock: coredms is the one that compares.
+fn lease_doc(owner: &str, lease_ms: u64) -> bson::Bson {
+    bson::Bson::Document(doc! {"owner": owner, "expires_us": now_us() + lease_ms_us(lease_ms)})
+}
+
 fn is_duplicate(e: &mongodb::error::Error) -> bool {
     match e.kind.as_ref() {
         ErrorKind::Write(mongodb::error::WriteFailure::WriteError(we)) => we.code == DUPLICATE_KEY,
@@ -626,6 +800,8 @@ fn is_duplicate(e: &mongodb::error::Error) -> bool {
             .write_errors
             .as_ref()
             .is_some_and(|w| w.iter().any(|we| we.code == DUPLICATE_KEY)),
+        // findAndModify reports it as a command error.
+        ErrorKind::Command(ce) => ce.code == DUPLICATE_KEY,
         _ => false,
     }
 }

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{CoreDms, CoreError, MongoStore};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, StoredApp};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
 
 /// How an argument that travels as `Self` is passed to the methods, and taken back.
@@ -58,7 +58,7 @@ macro_rules! by_value {
 }
 
 by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord);
-by_value!(Constraints, AdminPatch, AppKind, FileState, i64, u64);
+by_value!(Constraints, AdminPatch, AppKind, i64, u64);
 
 macro_rules! operations {
     (@remote $r:ident, $name:ident, [], $($arg:ident: $ty:ty),*) => {
@@ -121,11 +121,23 @@ operations! {
     fn bulk_write(write: BulkWrite) -> BulkOutcome, remote: bulk_write;
     fn save_app(tenant: TenantName, kind: AppKind, source: String) -> u32;
     fn active_app(tenant: TenantName, kind: AppKind) -> Option<StoredApp>;
-    fn put_file(record: FileRecord) -> ();
+    /// Stages a new upload as the next version of its name unless it is being ingested
+    /// (`Conflict`); the record it replaced.
+    fn stage_file(record: FileRecord) -> Option<FileRecord>;
+    /// Starts a job on the version read, under `owner`'s lease; false if that lost a race.
+    fn start_file(record: FileRecord, owner: String, lease_ms: u64) -> bool;
+    /// A job's progress and its lease renewed, if `owner` still holds it.
+    fn checkpoint_file(record: FileRecord, owner: String, lease_ms: u64) -> bool;
+    /// A job's end (done or failed), if `owner` still holds it.
+    fn finish_file(record: FileRecord, owner: String) -> bool;
+    /// Up to `limit` ingesting files whose lease expired, now `owner`'s.
+    fn claim_files(owner: String, lease_ms: u64, limit: u64) -> Vec<FileRecord>;
+    fn renew_leases(owner: String, lease_ms: u64) -> u64;
+    fn release_leases(owner: String) -> u64;
     fn file(tenant: TenantName, name: String) -> Option<FileRecord>;
     fn files(tenant: TenantName) -> Vec<FileRecord>;
-    fn files_in_state(state: FileState) -> Vec<FileRecord>;
-    fn delete_file(tenant: TenantName, name: String) -> ();
+    /// Removes a file's record unless it is being ingested (`Conflict`); the record removed.
+    fn delete_file(tenant: TenantName, name: String) -> Option<FileRecord>;
     fn ping() -> ();
     /// A page of a tenant's documents in id order, as JSON (ids and dates as strings).
     fn documents(tenant: TenantName, collection: String, limit: i64, skip: u64) -> Vec<serde_json::Value>;

@@ -30,6 +30,7 @@ impl From<CoreError> for ApiError {
             CoreError::TenantNotFound(t) => Self::tenant_not_found(t),
             CoreError::TenantExists(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
             CoreError::Invalid(_) => Self::bad_request(e.to_string()),
+            CoreError::Conflict(_) => Self::new(StatusCode::CONFLICT, e.to_string()),
             CoreError::Unavailable(detail) => {
                 tracing::warn!(error = %detail, "database unavailable");
                 Self::new(

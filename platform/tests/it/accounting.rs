@@ -174,7 +174,7 @@ async fn a_platform_killed_between_the_data_and_the_log_ends_with_one_success_pe
     // Batch: the job's first bulk stores its documents, then the process dies before their
     // log entries; the resumed job writes the same documents again and must log them as
     // this ingestion's successes, not as duplicates.
-    let mut app = TestApp::spawn_with(&["batch.batch_size=500"]).await;
+    let mut app = TestApp::spawn_with(&["batch.batch_size=500", "batch.lease_ms=2000"]).await;
     let (t, c) = app.tenant("halt").await;
     let rows: String = (0..3000).map(|i| format!("{{\"i\": {i}}}\n")).collect();
     c.upload_file(&t, "rows.ndjson", rows).await.expect("stage");

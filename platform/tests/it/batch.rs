@@ -178,7 +178,9 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
 
 #[tokio::test]
 async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_documents() {
-    let app = TestApp::spawn_with(&["batch.batch_size=250"]).await;
+    // The killed platform's lease on the job runs out 2 s after its last renewal; then the
+    // restarted one claims it.
+    let app = TestApp::spawn_with(&["batch.batch_size=250", "batch.lease_ms=2000"]).await;
     let (t, c) = app.tenant("crashy").await;
     let body = std::fs::read(water_quality()).expect("dataset");
     c.upload_file(&t, "wq.csv", body).await.expect("stage");

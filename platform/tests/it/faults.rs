@@ -47,6 +47,9 @@ async fn spawn_serve(namespace: &str, staging: &std::path::Path) -> Proc {
             "stream.batch_size=100",
             "--set",
             "batch.batch_size=250",
+            // The killed process's job lease runs out soon, so the restarted one resumes it.
+            "--set",
+            "batch.lease_ms=2000",
         ])
         .env("MYSIMBDP_LISTEN", format!("127.0.0.1:{port}"))
         .env("MYSIMBDP_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -12,6 +12,7 @@ mod foundation;
 mod harness;
 mod http_limits;
 mod poison;
+mod replicas;
 mod sandbox;
 mod split;
 mod stream;

@@ -1,0 +1,675 @@
+//! File state by compare-and-set and job leases: racing uploads and starts end consistent
+//! (the loser gets 409), and batch managers in separate processes over one staging directory
+//! share the work, each file ingested once, a killed one's job taken over after its lease.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use mongodb::bson::{Document, doc};
+use mysimbdp::client::{Client, Split};
+use mysimbdp::config::{Format, MongoSettings, Settings};
+use mysimbdp::coredms::{CoreError, MongoStore};
+use mysimbdp::infra::Infra;
+use mysimbdp::model::{FileRecord, FileState};
+use mysimbdp::tenants::TenantName;
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+
+use crate::harness::{ADMIN_TOKEN, TestApp, eventually, unique, water_quality};
+
+fn mongodb_uri() -> String {
+    std::env::var("MONGODB_URI").unwrap_or_else(|_| {
+        panic!(
+            "MONGODB_URI is not set: {}",
+            mysimbdp::infra::HOW_TO_PROVIDE
+        )
+    })
+}
+
+/// The store's operations one by one, as two managers would interleave them.
+#[tokio::test]
+async fn file_records_move_only_by_compare_and_set_and_a_lease_passes_only_once_expired() {
+    let ns = unique("r") + "_";
+    let store = MongoStore::connect(&mongodb_uri(), &MongoSettings::default(), &ns)
+        .await
+        .expect("store connects");
+    let t = TenantName::parse("alice").expect("valid");
+    let staged = |upload: &str| {
+        FileRecord::staged(
+            &t,
+            "f.csv",
+            Format::Csv,
+            3,
+            format!("sha-{upload}"),
+            "f".into(),
+            upload.into(),
+        )
+    };
+    assert_eq!(store.stage_file(&staged("u1")).await, Ok(None));
+    let replaced = store.stage_file(&staged("u2")).await.expect("staged again");
+    assert_eq!(
+        replaced.map(|r| (r.upload, r.version)),
+        Some(("u1".into(), 1))
+    );
+    let mut rec = store.file(&t, "f.csv").await.expect("read").expect("there");
+    assert_eq!((rec.upload.as_str(), rec.version), ("u2", 2));
+
+    let lease = 400;
+    let mut old = rec.clone();
+    old.version = 1;
+    old.state = FileState::Ingesting;
+    assert_eq!(
+        store.start_file(&old, "a", lease).await,
+        Ok(false),
+        "a stale version"
+    );
+    rec.state = FileState::Ingesting;
+    rec.restart("job-1".into());
+    assert_eq!(store.start_file(&rec, "a", lease).await, Ok(true));
+    assert_eq!(
+        store.start_file(&rec, "b", lease).await,
+        Ok(false),
+        "started twice"
+    );
+    let r = store.stage_file(&staged("u3")).await;
+    assert!(matches!(r, Err(CoreError::Conflict(_))), "{r:?}");
+    let r = store.delete_file(&t, "f.csv").await;
+    assert!(matches!(r, Err(CoreError::Conflict(_))), "{r:?}");
+    let now = store.file(&t, "f.csv").await.expect("read").expect("there");
+    assert_eq!(
+        (now.upload.as_str(), now.state),
+        ("u2", FileState::Ingesting)
+    );
+
+    rec.next_record = 10;
+    assert_eq!(
+        store.checkpoint_file(&rec, "b", lease).await,
+        Ok(false),
+        "not b's"
+    );
+    assert_eq!(store.checkpoint_file(&rec, "a", lease).await, Ok(true));
+    assert_eq!(
+        store.claim_files("b", lease, 10).await,
+        Ok(vec![]),
+        "a's lease holds"
+    );
+
+    // a stops renewing: once its lease runs out, b claims the job where a left it.
+    tokio::time::sleep(Duration::from_millis(lease + 200)).await;
+    let claimed = store.claim_files("b", lease, 10).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        (claimed[0].job.as_str(), claimed[0].next_record),
+        ("job-1", 10)
+    );
+    assert_eq!(
+        claimed[0].lease.as_ref().map(|l| l.owner.as_str()),
+        Some("b")
+    );
+    assert_eq!(
+        store.claim_files("c", lease, 10).await,
+        Ok(vec![]),
+        "claimed once"
+    );
+    rec.next_record = 20;
+    assert_eq!(
+        store.checkpoint_file(&rec, "a", lease).await,
+        Ok(false),
+        "a lost it"
+    );
+    rec.state = FileState::Done;
+    assert_eq!(
+        store.finish_file(&rec, "a",).await,
+        Ok(false),
+        "a cannot finish it"
+    );
+
+    // b stops cleanly: it lets go, and c resumes at once.
+    assert_eq!(store.renew_leases("b", lease).await, Ok(1));
+    assert_eq!(store.release_leases("b").await, Ok(1));
+    assert_eq!(
+        store.claim_files("c", lease, 10).await.map(|v| v.len()),
+        Ok(1)
+    );
+    assert_eq!(store.finish_file(&rec, "c").await, Ok(true));
+    let done = store.file(&t, "f.csv").await.expect("read").expect("there");
+    assert_eq!(
+        (done.state, done.next_record, done.lease),
+        (FileState::Done, 20, None)
+    );
+
+    let replaced = store
+        .stage_file(&staged("u4"))
+        .await
+        .expect("staged after the job");
+    assert_eq!(replaced.map(|r| r.version), Some(2));
+    let gone = store.delete_file(&t, "f.csv").await.expect("deleted");
+    assert_eq!(gone.map(|r| (r.upload, r.version)), Some(("u4".into(), 3)));
+    assert_eq!(store.delete_file(&t, "f.csv").await, Ok(None));
+}
+
+/// The copies of `name` in the tenant's staging folder: (upload id, sha-256 of the bytes).
+fn copies(staging: &Path, tenant: &str, name: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(staging.join(tenant)).expect("tenant folder") {
+        let e = e.expect("entry");
+        let entry = e.file_name().to_string_lossy().into_owned();
+        if let Some(upload) = entry.strip_prefix(&format!("{name}~")) {
+            let bytes = std::fs::read(e.path()).expect("copy");
+            out.push((upload.to_owned(), hex::encode(Sha256::digest(&bytes))));
+        }
+    }
+    out
+}
+
+/// The record and the one copy on disk agree: same upload, same bytes.
+async fn record_matches_disk(app: &TestApp, c: &Client, t: &str, name: &str) -> serde_json::Value {
+    let f = c.file(t, name).await.expect("status");
+    let on_disk = copies(&app.staging, t, name);
+    assert_eq!(
+        on_disk,
+        [(
+            f["upload"].as_str().unwrap_or("").to_owned(),
+            f["sha256"].as_str().unwrap_or("").to_owned()
+        )],
+        "one copy on disk, the one the record describes: {f}"
+    );
+    assert!(
+        f.get("lease").is_none_or(|l| l.is_null()),
+        "no lease shown: {f}"
+    );
+    f
+}
+
+fn conflict(r: &Result<serde_json::Value, mysimbdp::client::ClientError>) -> bool {
+    matches!(r, Err(e) if e.status() == Some(StatusCode::CONFLICT))
+}
+
+#[tokio::test]
+async fn racing_uploads_and_ingest_requests_end_consistent_and_the_losers_get_409() {
+    let app = TestApp::spawn_with(&["batch.batch_size=10"]).await;
+    let (t, c) = app.tenant("racer").await;
+    let body = std::fs::read(water_quality()).expect("dataset");
+    c.upload_file(&t, "wq.csv", body.clone())
+        .await
+        .expect("stage");
+
+    // Two ingest requests at once: one job.
+    let (a, b) = tokio::join!(c.ingest(&t, "wq.csv"), c.ingest(&t, "wq.csv"));
+    assert!(
+        a.is_ok() != b.is_ok() && (conflict(&a) || conflict(&b)),
+        "one 202 and one 409: {a:?} {b:?}"
+    );
+    // A new version while it runs: refused, nothing changes.
+    let staged = c.file(&t, "wq.csv").await.expect("status");
+    assert_eq!(staged["state"], "ingesting", "{staged}");
+    let r = c.upload_file(&t, "wq.csv", "x\n1\n").await;
+    assert!(conflict(&r), "an upload while ingesting: {r:?}");
+    let r = c.ingest(&t, "wq.csv").await;
+    assert!(conflict(&r), "an ingest while ingesting: {r:?}");
+    let r = c
+        .raw(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenants/{t}/files/wq.csv"),
+            None,
+            Vec::new(),
+        )
+        .await
+        .expect("delete answers");
+    assert_eq!(r.status, StatusCode::CONFLICT, "a delete while ingesting");
+
+    let f = c
+        .wait_for_file(&t, "wq.csv", Duration::from_secs(300))
+        .await
+        .expect("status");
+    assert_eq!(
+        (
+            f["state"].as_str(),
+            f["records_ok"].as_u64(),
+            f["version"].as_u64()
+        ),
+        (Some("done"), Some(9999), Some(1)),
+        "{f}"
+    );
+    assert_eq!(f["sha256"], hex::encode(Sha256::digest(&body)));
+    record_matches_disk(&app, &c, &t, "wq.csv").await;
+    assert_eq!(app.count(&t, "wq").await, 9999);
+    let logs = app.logs(&c, &t, "").await;
+    let success = logs.iter().filter(|e| e["status"] == "success").count();
+    assert_eq!((success, logs.len()), (9999, 9999), "ingested once");
+
+    // An upload racing an ingest request, round after round: whoever wins, the record, the
+    // copy on disk and what was ingested agree. Small versions, so each round is quick.
+    c.upload_file(&t, "wq.csv", "k\na\nb\n")
+        .await
+        .expect("a small version");
+    let mongo = app.mongo().await;
+    let wq = mongo
+        .database(&format!("{}tenant_{t}", app.namespace))
+        .collection::<Document>("wq");
+    let mut version = 2;
+    for round in 0..6_u64 {
+        let content = format!("k\n{}\n{}\n", round * 10, round * 10 + 1);
+        let sha = hex::encode(Sha256::digest(content.as_bytes()));
+        let before = c.file(&t, "wq.csv").await.expect("status");
+        let old_sha = before["sha256"].as_str().unwrap_or("").to_owned();
+        let (up, ing) = tokio::join!(c.upload_file(&t, "wq.csv", content), c.ingest(&t, "wq.csv"));
+        assert!(up.is_ok() || conflict(&up), "round {round}: {up:?}");
+        assert!(ing.is_ok() || conflict(&ing), "round {round}: {ing:?}");
+        assert!(up.is_ok() || ing.is_ok(), "round {round}: someone wins");
+        if up.is_ok() {
+            version += 1;
+        }
+        let settled = eventually(Duration::from_secs(120), || async {
+            c.file(&t, "wq.csv")
+                .await
+                .is_ok_and(|f| f["state"] != "ingesting")
+        })
+        .await;
+        assert!(settled, "round {round}: the job ends");
+        let f = c.file(&t, "wq.csv").await.expect("status");
+        assert_eq!(f["version"].as_u64(), Some(version), "round {round}: {f}");
+        let expect_sha = if up.is_ok() {
+            sha.clone()
+        } else {
+            old_sha.clone()
+        };
+        assert_eq!(
+            f["sha256"].as_str(),
+            Some(expect_sha.as_str()),
+            "round {round}: {f}"
+        );
+        if let Ok(started) = &ing {
+            // The job ran on the version its answer named: the one recorded, or the one
+            // before if the job was done before the upload's compare-and-set.
+            let ran = started["file"]["sha256"].as_str().unwrap_or("").to_owned();
+            if ran == expect_sha {
+                assert_eq!(f["state"], "done", "round {round}: {f}");
+            } else {
+                assert!(
+                    up.is_ok() && ran == old_sha,
+                    "round {round}: ran {ran}, {f}"
+                );
+                assert_eq!(f["state"], "staged", "round {round}: {f}");
+            }
+            let ids: Vec<String> = (0..2).map(|i| format!("{}:{i}", &ran[..16])).collect();
+            let n = wq
+                .count_documents(doc! {"_id": {"$in": ids}})
+                .await
+                .expect("count");
+            assert_eq!(n, 2, "round {round}: the version it ran is stored");
+        }
+        record_matches_disk(&app, &c, &t, "wq.csv").await;
+    }
+}
+
+// ---- several batch managers, each its own process ----
+
+/// A `mysimbdp serve <component>` child process, killed if dropped.
+struct Proc {
+    child: tokio::process::Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Proc {
+    async fn start(component: &str, overrides: &[String], infra: &Infra, log: PathBuf) -> Self {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().expect("addr").to_string()
+        };
+        let out = std::fs::File::create(&log).expect("log file");
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_mysimbdp"));
+        cmd.args(["serve", component]);
+        for o in overrides
+            .iter()
+            .cloned()
+            .chain([format!("http.listen=\"{addr}\"")])
+        {
+            cmd.arg("--set").arg(o);
+        }
+        let child = cmd
+            .env("MONGODB_URI", &infra.mongodb_uri)
+            .env("AMQP_URI", &infra.amqp_uri)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("`mysimbdp serve` starts");
+        let mut p = Self { child, addr, log };
+        let http = reqwest::Client::new();
+        let healthy = eventually(Duration::from_secs(60), || {
+            let url = format!("http://{}/healthz", p.addr);
+            let http = http.clone();
+            async move {
+                http.get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        assert!(
+            healthy && p.child.try_wait().expect("state").is_none(),
+            "`serve {component}` did not become healthy; its log:\n{}",
+            std::fs::read_to_string(&p.log).unwrap_or_default()
+        );
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// coredms and `n` batch managers sharing one staging directory, in their own namespace.
+struct Replicas {
+    infra: Infra,
+    ns: String,
+    dir: PathBuf,
+    coredms: Proc,
+    batch: Vec<Proc>,
+    overrides: Vec<String>,
+}
+
+impl Replicas {
+    async fn start(n: usize, extra: &[&str]) -> Self {
+        let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+            .collect();
+        let settings = Settings::load_from(None, &env, &[]).expect("settings");
+        let infra = Infra::provision(&settings).await.unwrap_or_else(|e| {
+            panic!(
+                "{e}\nIntegration tests need MongoDB and RabbitMQ: {}",
+                mysimbdp::infra::HOW_TO_PROVIDE
+            )
+        });
+        let ns = unique("rep") + "_";
+        let dir = std::env::temp_dir().join(format!("mysimbdp-it-replicas-{ns}"));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let mut overrides = vec![
+            format!("platform.namespace={ns}"),
+            format!("staging.dir={}", dir.join("staging").display()),
+            format!("auth.admin_token={ADMIN_TOKEN}"),
+            "mongodb.max_pool_size=4".to_owned(),
+        ];
+        overrides.extend(extra.iter().map(|s| (*s).to_owned()));
+        let coredms = Proc::start("coredms", &overrides, &infra, dir.join("coredms.log")).await;
+        overrides.push(format!("http.coredms_url=\"{}\"", coredms.url()));
+        let mut me = Self {
+            infra,
+            ns,
+            dir,
+            coredms,
+            batch: Vec::new(),
+            overrides,
+        };
+        for _ in 0..n {
+            me.add_batch().await;
+        }
+        me
+    }
+
+    /// One more batch manager over the same coredms and staging directory.
+    async fn add_batch(&mut self) {
+        let log = self.dir.join(format!("batch-{}.log", self.batch.len()));
+        let p = Proc::start("batch", &self.overrides, &self.infra, log).await;
+        self.batch.push(p);
+    }
+
+    /// A client whose file requests go to batch manager `i`.
+    fn client(&self, i: usize, token: &str) -> Client {
+        let b = self.batch[i].url();
+        Client::split(
+            &self.coredms.url(),
+            Split {
+                batch: b.clone(),
+                stream: b,
+            },
+            Some(token),
+        )
+    }
+
+    async fn files(&self) -> mongodb::Collection<Document> {
+        mongodb::Client::with_uri_str(&self.infra.mongodb_uri)
+            .await
+            .expect("driver")
+            .database(&format!("{}customers", self.ns))
+            .collection("files")
+    }
+
+    async fn documents(&self, db: &str, collection: &str) -> (u64, usize) {
+        let c = mongodb::Client::with_uri_str(&self.infra.mongodb_uri)
+            .await
+            .expect("driver")
+            .database(db)
+            .collection::<Document>(collection);
+        let n = c.count_documents(doc! {}).await.expect("count");
+        let ids = c.distinct("_id", doc! {}).await.expect("distinct").len();
+        (n, ids)
+    }
+
+    fn logs_of_all(&self) -> String {
+        let mut out = String::new();
+        for i in 0..self.batch.len() {
+            let p = self.dir.join(format!("batch-{i}.log"));
+            out.push_str(&format!(
+                "--- batch-{i}:\n{}\n",
+                std::fs::read_to_string(p).unwrap_or_default()
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Replicas {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn csv(file: usize, rows: usize) -> String {
+    let mut s = String::from("file,row\n");
+    for r in 0..rows {
+        s.push_str(&format!("{file},{r}\n"));
+    }
+    s
+}
+
+async fn log_statuses(c: &Client, t: &str) -> (usize, usize, usize) {
+    let r = c.logs(t, "").await.expect("log download");
+    let logs: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("JSON");
+    let n = |s: &str| logs.iter().filter(|e| e["status"] == s).count();
+    (n("success"), n("duplicate"), logs.len())
+}
+
+#[tokio::test]
+async fn three_batch_managers_in_separate_processes_ingest_thirty_files_once_each() {
+    let mut r = Replicas::start(2, &["batch.batch_size=25", "batch.lease_ms=3000"]).await;
+    let admin = r.client(0, ADMIN_TOKEN);
+    let tenant = admin
+        .create_tenant("shared", serde_json::json!({}))
+        .await
+        .expect("tenant");
+    let mut clients: Vec<Client> = (0..2).map(|i| r.client(i, &tenant.token)).collect();
+    let (files, rows) = (30, 100);
+    for f in 0..files {
+        if f == 20 {
+            // A manager joining while the others' jobs run resumes none of them: they are
+            // under live leases. It gets its share of what comes next.
+            r.add_batch().await;
+            clients.push(r.client(2, &tenant.token));
+        }
+        let c = &clients[f % clients.len()];
+        let name = format!("f{f}.csv");
+        c.upload_file(&tenant.name, &name, csv(f, rows))
+            .await
+            .expect("stage");
+        c.ingest(&tenant.name, &name).await.expect("ingest");
+    }
+    for f in 0..files {
+        let s = clients[0]
+            .wait_for_file(&tenant.name, &format!("f{f}.csv"), Duration::from_secs(300))
+            .await
+            .expect("status");
+        assert_eq!(
+            (
+                s["state"].as_str(),
+                s["records_ok"].as_u64(),
+                s["records_duplicate"].as_u64(),
+                s["next_record"].as_u64()
+            ),
+            (Some("done"), Some(rows as u64), Some(0), Some(rows as u64)),
+            "f{f}.csv: {s}\n{}",
+            r.logs_of_all()
+        );
+    }
+    let total = files * rows;
+    let mut stored = (0, 0);
+    for f in 0..files {
+        let (n, ids) = r.documents(&tenant.database, &format!("f{f}")).await;
+        stored = (stored.0 + n as usize, stored.1 + ids);
+    }
+    assert_eq!(stored, (total, total), "every record stored once");
+    assert_eq!(
+        log_statuses(&clients[1], &tenant.name).await,
+        (total, 0, total),
+        "one success entry per record, no duplicate: no job ran twice"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_manager_killed_mid_file_loses_its_jobs_to_the_others_once_its_lease_expires() {
+    let lease_ms = 1500_i64;
+    let r = Replicas::start(
+        3,
+        &[
+            "batch.batch_size=20",
+            "batch.workers=1",
+            &format!("batch.lease_ms={lease_ms}"),
+        ],
+    )
+    .await;
+    let admin = r.client(0, ADMIN_TOKEN);
+    let tenant = admin
+        .create_tenant("orphan", serde_json::json!({}))
+        .await
+        .expect("tenant");
+    let c0 = r.client(0, &tenant.token);
+    let c1 = r.client(1, &tenant.token);
+    // All jobs started through manager 0: it holds them all, one running, the rest queued.
+    let (files, rows) = (6, 600);
+    for f in 0..files {
+        let name = format!("f{f}.csv");
+        c0.upload_file(&tenant.name, &name, csv(f, rows))
+            .await
+            .expect("stage");
+        c0.ingest(&tenant.name, &name).await.expect("ingest");
+    }
+    let coll = r.files().await;
+    let running = || async {
+        coll.find_one(doc! {"state": "ingesting", "next_record": {"$gte": 40}})
+            .await
+            .expect("files")
+    };
+    let mid = eventually(Duration::from_secs(120), || async {
+        running().await.is_some()
+    })
+    .await;
+    assert!(mid, "manager 0 got into a file\n{}", r.logs_of_all());
+    let mut r = r;
+    let mut victim = r.batch.remove(0);
+    victim.child.kill().await.expect("SIGKILL");
+    let killed_at = Instant::now();
+
+    // Its jobs, as it left them: under its lease, which nobody renews now.
+    let held: Vec<Document> = {
+        use futures::TryStreamExt;
+        coll.find(doc! {"state": "ingesting"})
+            .await
+            .expect("find")
+            .try_collect()
+            .await
+            .expect("files")
+    };
+    assert!(!held.is_empty());
+    let owner = |d: &Document| {
+        d.get_document("lease")
+            .ok()
+            .and_then(|l| l.get_str("owner").ok())
+            .map(str::to_owned)
+    };
+    let expiry = |d: &Document| {
+        d.get_document("lease")
+            .ok()
+            .and_then(|l| l.get_i64("expires_us").ok())
+            .unwrap_or(0)
+    };
+    let dead = owner(&held[0]).expect("a lease");
+    assert!(
+        held.iter()
+            .all(|d| owner(d).as_deref() == Some(dead.as_str())),
+        "all manager 0's"
+    );
+    let expired_at: std::collections::HashMap<String, i64> = held
+        .iter()
+        .map(|d| (d.get_str("_id").expect("id").to_owned(), expiry(d)))
+        .collect();
+
+    // Another manager takes a job over, and not before its lease ran out.
+    let until = Instant::now() + Duration::from_secs(60);
+    let taken = loop {
+        let d = coll
+            .find_one(doc! {"state": "ingesting", "lease.owner": {"$ne": &dead}})
+            .await
+            .expect("files");
+        if d.is_some() || Instant::now() > until {
+            break d;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(taken.is_some(), "a job taken over\n{}", r.logs_of_all());
+    println!(
+        "a job taken over {:?} after the kill (lease {lease_ms} ms)",
+        killed_at.elapsed()
+    );
+    let d = taken.expect("checked");
+    let id = d.get_str("_id").expect("id").to_owned();
+    assert!(
+        expiry(&d) - lease_ms * 1000 >= expired_at[&id],
+        "claimed only after the dead manager's lease expired: {d}"
+    );
+
+    for f in 0..files {
+        let s = c1
+            .wait_for_file(&tenant.name, &format!("f{f}.csv"), Duration::from_secs(300))
+            .await
+            .expect("status");
+        assert_eq!(
+            (s["state"].as_str(), s["next_record"].as_u64()),
+            (Some("done"), Some(rows as u64)),
+            "f{f}.csv: {s}\n{}",
+            r.logs_of_all()
+        );
+    }
+    let total = files * rows;
+    let mut stored = (0, 0);
+    for f in 0..files {
+        let (n, ids) = r.documents(&tenant.database, &format!("f{f}")).await;
+        stored = (stored.0 + n as usize, stored.1 + ids);
+    }
+    assert_eq!(stored, (total, total), "every record stored once");
+    let (success, duplicate, all) = log_statuses(&c1, &tenant.name).await;
+    // The bulk in flight at the kill (after the last checkpoint) is written again by the
+    // job's new owner, under the same job: its documents are this ingestion's, and their
+    // log entries (ids derived from what they are about) are written once, whether the kill
+    // came before or after them.
+    assert_eq!(
+        (success, duplicate, all),
+        (total, 0, total),
+        "one success entry per record, none twice"
+    );
+}
