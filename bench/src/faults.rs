@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
+use mysimbdp::model::FileState;
+use mysimbdp::tenants::AdminPatch;
 use mysimbdp::testing::{
     InProcess, MONGOD_COMMAND_VAR, OwnMongo, Runtime, cut_connections, messages_stored,
 };
@@ -92,7 +94,7 @@ async fn one_fault(
     let mut platform = InProcess::start(settings.clone(), 0, own).await?;
     let port = platform.addr.port();
     let admin = Client::new(&platform.url(), Some(&settings.auth.admin_token));
-    let t = admin.create_tenant("faulty", serde_json::json!({})).await?;
+    let t = admin.create_tenant("faulty", AdminPatch::default()).await?;
     let c = admin.with_token(Some(&t.token));
     let tdb = format!("{ns}tenant_faulty");
     c.upload_file(&t.name, "data.csv", dataset.to_vec()).await?;
@@ -158,7 +160,7 @@ async fn one_fault(
         let file_done = c
             .file(&t.name, "data.csv")
             .await
-            .is_ok_and(|f| matches!(f["state"].as_str(), Some("done" | "failed")));
+            .is_ok_and(|f| matches!(f.state, FileState::Done | FileState::Failed));
         if (distinct >= u64::from(total) && file_done && publisher.is_finished())
             || Instant::now() > deadline
         {

@@ -18,7 +18,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -58,14 +57,35 @@ impl ApiError {
     }
 }
 
+/// Every error answer: the message, and details some errors add beside it (such as
+/// `published` for a refused publish, `line`/`column` for an app that does not compile).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.message });
-        if let (Some(serde_json::Value::Object(d)), Some(b)) = (self.details, body.as_object_mut())
-        {
-            b.extend(d);
-        }
+        let details = match self.details {
+            Some(serde_json::Value::Object(d)) => d,
+            _ => serde_json::Map::new(),
+        };
+        let body = ErrorBody {
+            error: self.message,
+            details,
+        };
         (self.status, Json(body)).into_response()
+    }
+}
+
+/// A handler's blocking task that panicked (or was cancelled): a bug, logged here and
+/// answered with the same 500 wherever it happens, its detail never sent.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        tracing::error!(error = %e, "request task failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 }
 

@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::staging::UploadError;
 use super::{BatchError, BatchManager, check_file_name};
+use crate::api::{FileList, IngestStarted};
 use crate::config::Format;
 use crate::coredms::CoreDms;
 use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
@@ -158,7 +158,10 @@ async fn ingest(
     let rec = p.manager.start(&t, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": format!("{t}/{name}"), "file": rec })),
+        Json(IngestStarted {
+            job: format!("{t}/{name}"),
+            file: rec,
+        }),
     )
         .into_response())
 }
@@ -185,7 +188,8 @@ async fn list(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t: TenantName = caller.for_tenant(&t)?;
-    Ok(Json(json!({ "files": p.coredms.files(&t).await? })).into_response())
+    let files = p.coredms.files(&t).await?;
+    Ok(Json(FileList { files }).into_response())
 }
 
 async fn remove(

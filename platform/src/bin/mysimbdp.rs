@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use mysimbdp::Component;
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
+use mysimbdp::tenants::AdminPatch;
 
 #[derive(Parser)]
 #[command(version, about = "mysimbdp: multi-tenant big-data ingestion platform")]
@@ -145,7 +146,8 @@ enum StreamCmd {
     },
 }
 
-fn print(v: &serde_json::Value) {
+/// An answer, as JSON (the wire form of its type).
+fn print(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -165,11 +167,9 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 max_file_bytes,
             } => {
-                let limits = serde_json::json!({ "max_file_bytes": max_file_bytes });
-                let limits = if max_file_bytes.is_some() {
-                    limits
-                } else {
-                    serde_json::json!({})
+                let limits = AdminPatch {
+                    max_file_bytes,
+                    ..AdminPatch::default()
                 };
                 let t = client.create_tenant(&name, limits).await?;
                 println!("tenant {} created, database {}", t.name, t.database);
@@ -214,7 +214,7 @@ async fn run(cli: Cli) -> Result<()> {
                         .await?,
                 ),
                 Some(n) => print(&client.file(&tenant, &n).await?),
-                None => print(&client.get(&format!("/v1/tenants/{tenant}/files")).await?),
+                None => print(&client.files(&tenant).await?),
             },
         },
         Cmd::Publish {
@@ -233,7 +233,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let r = client.publish(&tenant, &data_name, data).await?;
-            println!("published {} messages", r["published"]);
+            println!("published {} messages", r.published);
         }
         Cmd::Stream { cmd } => match cmd {
             StreamCmd::Start { tenant, consumers } => {
@@ -255,7 +255,7 @@ async fn run(cli: Cli) -> Result<()> {
                     q.push(format!("{k}={v}"));
                 }
             }
-            let r = client.logs(&tenant, &q.join("&")).await?;
+            let r = client.logs_raw(&tenant, &q.join("&")).await?;
             std::fs::write(&out, &r.body)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("wrote {} bytes to {}", r.body.len(), out.display());

@@ -18,6 +18,7 @@ use serde_json::json;
 pub use broker::{Broker, BrokerError, Topology};
 pub use manager::StreamManager;
 
+use crate::api::{self, Consumers, SinceStart, StartConsumers, StreamStatus};
 use crate::config::StreamSettings;
 use crate::coredms::CoreDms;
 use crate::events::Published;
@@ -262,8 +263,7 @@ async fn publish(
         tokio::task::spawn_blocking(move || {
             check_messages(&split_messages(&body, framing), framing)
         })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .await?
     };
     checked.map_err(|reason| {
         ApiError::bad_request(format!("{reason} (nothing of this request was published)"))
@@ -288,15 +288,12 @@ async fn publish(
     .emit(&p.metrics);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "published": ids.len(), "ids": ids })),
+        Json(api::Published {
+            published: ids.len() as u64,
+            ids,
+        }),
     )
         .into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Start {
-    consumers: Option<u32>,
 }
 
 async fn start(
@@ -307,8 +304,8 @@ async fn start(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // The body is optional: no body starts one consumer.
-    let body: Start = if body.iter().all(u8::is_ascii_whitespace) {
-        Start::default()
+    let body: StartConsumers = if body.iter().all(u8::is_ascii_whitespace) {
+        StartConsumers::default()
     } else if !headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -332,8 +329,8 @@ async fn start(
             "consumers must be between 1 and {max}"
         )));
     }
-    let running = m.scale(&t, want).await;
-    Ok(Json(json!({ "consumers": running })).into_response())
+    let consumers = m.scale(&t, want).await;
+    Ok(Json(Consumers { consumers }).into_response())
 }
 
 async fn stop(
@@ -342,8 +339,8 @@ async fn stop(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = p.manager.scale(&t, 0).await;
-    Ok(Json(json!({ "consumers": running })).into_response())
+    let consumers = p.manager.scale(&t, 0).await;
+    Ok(Json(Consumers { consumers }).into_response())
 }
 
 async fn stream_status(
@@ -352,19 +349,17 @@ async fn stream_status(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = p.manager.running(&t).await;
+    let consumers = p.manager.running(&t).await;
     let count = |name, status| p.metrics.get(name, t.as_str(), "stream", status);
-    Ok(Json(json!({
-        "consumers": running,
-        // What this process's consumers did since it started: a cheap live view. The log
-        // (`/stream/report`, `/logs`) is the record.
-        "since_start": {
-            "stored": count("mysimbdp_ingested_total", "success"),
-            "duplicates": count("mysimbdp_ingested_total", "duplicate"),
-            "failed": count("mysimbdp_ingested_total", "failure"),
-            "dead_lettered": count("mysimbdp_dead_lettered_total", "failure"),
-        }
-    }))
+    Ok(Json(StreamStatus {
+        consumers,
+        since_start: SinceStart {
+            stored: count("mysimbdp_ingested_total", "success"),
+            duplicates: count("mysimbdp_ingested_total", "duplicate"),
+            failed: count("mysimbdp_ingested_total", "failure"),
+            dead_lettered: count("mysimbdp_dead_lettered_total", "failure"),
+        },
+    })
     .into_response())
 }
 
