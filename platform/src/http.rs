@@ -563,7 +563,7 @@ async fn metrics(State(p): State<Edge>, headers: axum::http::HeaderMap) -> Respo
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         )],
         p.metrics.render(is_admin),
     )
