@@ -42,8 +42,9 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
+    /// A 400 whose message is the error's own text (a tenant-facing check's error).
+    pub fn bad_request(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message.to_string())
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> Self {

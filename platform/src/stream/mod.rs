@@ -99,8 +99,41 @@ enum Framing {
     Bytes,
 }
 
+/// A publish request's content type the broker does not take (answered 415).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentTypeError {
+    #[error(
+        "content type `{0}` is not accepted: send application/json (one message), application/x-ndjson (one per line), or, for stream apps that define `ingest`, text/plain or application/octet-stream (one message, published as sent)"
+    )]
+    Type(String),
+    #[error("charset `{0}` is not accepted: send UTF-8")]
+    Charset(String),
+}
+
+impl From<ContentTypeError> for ApiError {
+    fn from(e: ContentTypeError) -> Self {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string())
+    }
+}
+
+/// A message that is not what its content type declares; `line` is the NDJSON line.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("{}invalid UTF-8 at byte {at} of the message", line_prefix(*.line))]
+    Utf8 { line: Option<usize>, at: usize },
+    #[error("{}invalid JSON: {error}", line_prefix(*.line))]
+    Json {
+        line: Option<usize>,
+        error: serde_json::Error,
+    },
+}
+
+fn line_prefix(line: Option<usize>) -> String {
+    line.map(|l| format!("line {l}: ")).unwrap_or_default()
+}
+
 impl Framing {
-    fn of(content_type: &str) -> Result<Self, ApiError> {
+    fn of(content_type: &str) -> Result<Self, ContentTypeError> {
         let mut parts = content_type.split(';');
         let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let charset = parts
@@ -112,24 +145,14 @@ impl Framing {
             "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Self::Ndjson,
             "text/plain" => Self::Text,
             "application/octet-stream" => Self::Bytes,
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!(
-                        "content type `{other}` is not accepted: send application/json (one message), application/x-ndjson (one per line), or, for stream apps that define `ingest`, text/plain or application/octet-stream (one message, published as sent)"
-                    ),
-                ));
-            }
+            other => return Err(ContentTypeError::Type(other.to_owned())),
         };
         if framing != Self::Bytes
             && let Some(c) = charset
             && c != "utf-8"
             && c != "utf8"
         {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("charset `{c}` is not accepted: send UTF-8"),
-            ));
+            return Err(ContentTypeError::Charset(c));
         }
         Ok(framing)
     }
@@ -153,27 +176,21 @@ fn split_messages(body: &[u8], framing: Framing) -> Vec<(usize, &[u8])> {
 /// Checks that each message is what its content type declares, before anything is
 /// published: UTF-8 JSON for the JSON types (the error names the NDJSON line), UTF-8 for
 /// `text/plain`. Bytes are not checked.
-fn check_messages(messages: &[(usize, &[u8])], framing: Framing) -> Result<(), String> {
-    let at = |line: usize| match framing {
-        Framing::Ndjson => format!("line {line}: "),
-        _ => String::new(),
-    };
+fn check_messages(messages: &[(usize, &[u8])], framing: Framing) -> Result<(), MessageError> {
     for &(line, m) in messages {
+        let line = (framing == Framing::Ndjson).then_some(line);
         let text = match framing {
             Framing::Bytes => continue,
-            _ => std::str::from_utf8(m).map_err(|e| {
-                format!(
-                    "{}invalid UTF-8 at byte {} of the message",
-                    at(line),
-                    e.valid_up_to()
-                )
+            _ => std::str::from_utf8(m).map_err(|e| MessageError::Utf8 {
+                line,
+                at: e.valid_up_to(),
             })?,
         };
         if matches!(framing, Framing::Json | Framing::Ndjson) {
             // Parsed as the consumer will parse it (a lone surrogate escape, which a
             // validating skip lets through, fails there), then dropped.
             serde_json::from_str::<serde_json::Value>(text)
-                .map_err(|e| format!("{}invalid JSON: {e}", at(line)))?;
+                .map_err(|error| MessageError::Json { line, error })?;
         }
     }
     Ok(())
@@ -368,9 +385,11 @@ mod tests {
     use super::*;
 
     fn check(body: &[u8], ct: &str) -> Result<usize, String> {
-        let f = Framing::of(ct).map_err(|e| e.message)?;
+        let f = Framing::of(ct).map_err(|e| e.to_string())?;
         let m = split_messages(body, f);
-        check_messages(&m, f).map(|()| m.len())
+        check_messages(&m, f)
+            .map(|()| m.len())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
