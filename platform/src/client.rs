@@ -30,6 +30,9 @@ pub enum ClientError {
         status: StatusCode,
         error: serde_json::Error,
     },
+    /// A request body that could not be written as JSON.
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot reach the platform: {0}")]
     Transport(#[from] reqwest::Error),
 }
@@ -38,7 +41,7 @@ impl ClientError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
             Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
-            Self::Transport(_) => None,
+            Self::Encode(_) | Self::Transport(_) => None,
         }
     }
 
@@ -226,10 +229,7 @@ impl Client {
         path: &str,
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
-        let body = serde_json::to_vec(body).map_err(|error| ClientError::Decode {
-            status: StatusCode::OK,
-            error,
-        })?;
+        let body = serde_json::to_vec(body).map_err(ClientError::Encode)?;
         self.call(method, path, &[("content-type", JSON)], body)
             .await
     }
@@ -466,6 +466,16 @@ impl Client {
     }
 }
 
+/// A query string (`k=v&k2=v2`) with each value percent-encoded, for [`Client::logs`] and
+/// [`Client::summary`]: an RFC 3339 time's `+` stays a `+`.
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// A path segment or query value as sent: everything but unreserved characters
 /// (`A-Z a-z 0-9 - . _ ~`) percent-encoded, so a name holding `/`, `?`, `#`, `&` or a space
 /// reaches the server as one value.
@@ -488,6 +498,13 @@ mod tests {
             "a%20b%2F..%2Fc%3Fd%23e%25f%26g%3Dh"
         );
         assert_eq!(super::enc("é"), "%C3%A9");
+        assert_eq!(
+            super::query(&[
+                ("since", "2026-12-01T20:00:00+01:00"),
+                ("status", "failure")
+            ]),
+            "since=2026-12-01T20%3A00%3A00%2B01%3A00&status=failure"
+        );
     }
 
     use super::*;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mysimbdp::Component;
-use mysimbdp::client::Client;
+use mysimbdp::client::{Client, query};
 use mysimbdp::config::Settings;
 use mysimbdp::tenants::AdminPatch;
 
@@ -249,23 +249,23 @@ async fn run(cli: Cli) -> Result<()> {
             until,
             status,
         } => {
-            let mut q = Vec::new();
-            for (k, v) in [("since", since), ("until", until), ("status", status)] {
-                if let Some(v) = v {
-                    q.push(format!("{k}={v}"));
-                }
-            }
-            let r = client.logs_raw(&tenant, &q.join("&")).await?;
+            let pairs: Vec<(&str, &str)> =
+                [("since", &since), ("until", &until), ("status", &status)]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+                    .collect();
+            let r = client.logs_raw(&tenant, &query(&pairs)).await?;
             std::fs::write(&out, &r.body)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("wrote {} bytes to {}", r.body.len(), out.display());
         }
         Cmd::Summary { since, bucket_s } => {
-            let mut q = format!("bucket_s={bucket_s}");
-            if let Some(s) = since {
-                q.push_str(&format!("&since={s}"));
+            let bucket_s = bucket_s.to_string();
+            let mut pairs = vec![("bucket_s", bucket_s.as_str())];
+            if let Some(s) = &since {
+                pairs.push(("since", s));
             }
-            print(&client.summary(&q).await?);
+            print(&client.summary(&query(&pairs)).await?);
         }
     }
     Ok(())

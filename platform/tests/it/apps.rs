@@ -179,8 +179,8 @@ async fn hostile_apps_are_stopped_with_named_reasons_while_others_are_served() {
             .await
             .expect("status");
         assert_eq!(
-            (Some(f.state.as_str()), Some(f.records_failed)),
-            (Some("done"), Some(2)),
+            (f.state.as_str(), f.records_failed),
+            ("done", 2),
             "{name}: {f:?}"
         );
         let logs = app.logs(&bc, &bad, "status=failure").await;

@@ -23,12 +23,8 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .await
         .expect("status");
     assert_eq!(
-        (
-            Some(f.state.as_str()),
-            Some(f.records_ok),
-            Some(f.records_failed)
-        ),
-        (Some("done"), Some(9999), Some(0)),
+        (f.state.as_str(), f.records_ok, f.records_failed),
+        ("done", 9999, 0),
         "{f:?}"
     );
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
@@ -48,11 +44,7 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .wait_for_file(&t, "water-quality-10k.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!(
-        (Some(f.records_ok), Some(f.records_duplicate)),
-        (Some(0), Some(9999)),
-        "{f:?}"
-    );
+    assert_eq!((f.records_ok, f.records_duplicate), (0, 9999), "{f:?}");
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
 }
 
@@ -167,11 +159,7 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
         .wait_for_file(&t, "lines.ndjson", Duration::from_secs(60))
         .await
         .expect("status");
-    assert_eq!(
-        (Some(f.records_ok), Some(f.records_failed)),
-        (Some(2), Some(2)),
-        "{f:?}"
-    );
+    assert_eq!((f.records_ok, f.records_failed), (2, 2), "{f:?}");
     assert_eq!(app.count(&t, "lines").await, 2);
 }
 
@@ -235,11 +223,7 @@ async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved
         .wait_for_file(&b, "s.csv", Duration::from_secs(120))
         .await
         .expect("status");
-    assert_eq!(
-        (Some(f.state.as_str()), Some(f.records_ok)),
-        (Some("done"), Some(3)),
-        "{f:?}"
-    );
+    assert_eq!((f.state.as_str(), f.records_ok), ("done", 3), "{f:?}");
     let mut busy_done = 0;
     for k in 0..3 {
         let f = ca.file(&a, &format!("f{k}.csv")).await.expect("status");
@@ -254,11 +238,7 @@ async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved
             .wait_for_file(&a, &format!("f{k}.csv"), Duration::from_secs(300))
             .await
             .expect("status");
-        assert_eq!(
-            (Some(f.state.as_str()), Some(f.records_ok)),
-            (Some("done"), Some(9999)),
-            "{f:?}"
-        );
+        assert_eq!((f.state.as_str(), f.records_ok), ("done", 9999), "{f:?}");
     }
     assert_eq!(
         app.count(&a, "f0").await + app.count(&a, "f1").await + app.count(&a, "f2").await,

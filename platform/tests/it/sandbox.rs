@@ -115,8 +115,8 @@ async fn bystander_done(app: &TestApp, t: &Tenants, file: &str) {
             .await
             .expect("B's status");
     assert_eq!(
-        (Some(f.state.as_str()), Some(f.records_ok)),
-        (Some("done"), Some(B_ROWS as u64)),
+        (f.state.as_str(), f.records_ok),
+        ("done", B_ROWS as u64),
         "B's file {file}: {f:?}"
     );
     let collection = file.trim_end_matches(".csv");
@@ -146,12 +146,8 @@ async fn map_attack(app: &TestApp, t: &Tenants, name: &str, attack: &str, reason
         peak_rss()
     );
     assert_eq!(
-        (
-            Some(f.state.as_str()),
-            Some(f.records_ok),
-            Some(f.records_failed)
-        ),
-        (Some("done"), Some(A_ROWS as u64 - 1), Some(1)),
+        (f.state.as_str(), f.records_ok, f.records_failed),
+        ("done", A_ROWS as u64 - 1, 1),
         "{name}: A's file was not done within {ATTACK_BOUND:?}: {f:?}"
     );
     healthy(app).await;
@@ -284,11 +280,7 @@ async fn emitted_bombs_fail_their_input_and_the_next_file_is_stored_once() {
         started.elapsed(),
         peak_rss()
     );
-    assert_eq!(
-        (Some(f.state.as_str()), Some(f.records_failed)),
-        (Some("done"), Some(1)),
-        "{f:?}"
-    );
+    assert_eq!((f.state.as_str(), f.records_failed), ("done", 1), "{f:?}");
     healthy(&app).await;
     let logs = app.logs(&t.ac, &t.a, "status=failure").await;
     let reason = logs
