@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::Result;
 use hdrhistogram::Histogram;
+use mysimbdp::logs::{Source, Status};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -231,12 +232,14 @@ pub struct LogTally {
     pub stream: Tally,
 }
 
+/// The part of a downloaded `mysimbdp::logs::LogEntry` the tally reads, borrowed from the
+/// body: a large run's log is millions of entries, and owning each entry's strings would
+/// double the memory the download already takes. Source and status are the platform's own
+/// enums, so a new status is a compile error here, not a silent skip.
 #[derive(Deserialize)]
 struct Line<'a> {
-    #[serde(borrow)]
-    source: Cow<'a, str>,
-    #[serde(borrow)]
-    status: Cow<'a, str>,
+    source: Source,
+    status: Status,
     #[serde(default)]
     latency_us: u64,
     #[serde(default, borrow)]
@@ -253,17 +256,16 @@ pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
     let lines: Vec<Line> = serde_json::from_slice(body)?;
     let mut t = LogTally::default();
     for l in lines {
-        let (p, stream) = match &*l.source {
-            "batch" => (&mut t.batch, false),
-            "stream" => (&mut t.stream, true),
-            _ => continue,
+        let (p, stream) = match l.source {
+            Source::Batch => (&mut t.batch, false),
+            Source::Stream => (&mut t.stream, true),
         };
         let v = l.latency_us.max(1);
-        match &*l.status {
-            "success" => p.success += 1,
-            "duplicate" => p.duplicate += 1,
-            "skipped" => p.skipped += 1,
-            "failure" => {
+        match l.status {
+            Status::Success => p.success += 1,
+            Status::Duplicate => p.duplicate += 1,
+            Status::Skipped => p.skipped += 1,
+            Status::Failure => {
                 p.failure += 1;
                 let mut r: String = l
                     .reason
@@ -277,11 +279,10 @@ pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
                 }
                 *p.reasons.entry(r).or_default() += 1;
             }
-            _ => {}
         }
         if !stream {
             p.latency.saturating_record(v);
-        } else if l.status == "success" {
+        } else if l.status == Status::Success {
             p.uncorrected.saturating_record(v);
             match stream_interval_us {
                 Some(i) => {

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
+use mysimbdp::model::FileState;
+use mysimbdp::tenants::AdminPatch;
 use mysimbdp::testing::{
     InProcess, MONGOD_COMMAND_VAR, OwnMongo, Runtime, cut_connections, messages_stored,
 };
@@ -119,7 +121,7 @@ async fn one_fault(
     let mut platform = InProcess::start(settings.clone(), 0, own).await?;
     let port = platform.addr.port();
     let admin = Client::new(&platform.url(), Some(&settings.auth.admin_token));
-    let t = admin.create_tenant("faulty", serde_json::json!({})).await?;
+    let t = admin.create_tenant("faulty", AdminPatch::default()).await?;
     let c = admin.with_token(Some(&t.token));
     let tdb = format!("{ns}tenant_faulty");
     c.upload_file(&t.name, "data.csv", dataset.to_vec()).await?;
@@ -185,7 +187,7 @@ async fn one_fault(
         let file_done = c
             .file(&t.name, "data.csv")
             .await
-            .is_ok_and(|f| matches!(f["state"].as_str(), Some("done" | "failed")));
+            .is_ok_and(|f| matches!(f.state, FileState::Done | FileState::Failed));
         if (distinct >= u64::from(total) && file_done && publisher.is_finished())
             || Instant::now() > deadline
         {
@@ -199,7 +201,7 @@ async fn one_fault(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (total_docs, distinct, batch) = counts(&uri, &tdb).await;
     let _ = c.stream_stop(&t.name).await;
-    let log = retry(|| c.logs(&t.name, "")).await?;
+    let log = retry(|| c.logs_raw(&t.name, "")).await?;
     let cover = crate::accounting::coverage(
         &log.body,
         batch_offered,

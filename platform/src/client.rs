@@ -1,19 +1,38 @@
 //! A typed client for the HTTP API, used by the `mysimbdp` CLI, the tests and the workbench.
+//! Requests and answers are the wire types of [`crate::api`], the structs the handlers
+//! serialize; [`Client::raw`] is the escape hatch for calls that check statuses and bodies
+//! themselves.
 
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
-use serde::Deserialize;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
+
+use crate::api::{
+    ActiveApp, AppUploaded, Consumers, CreateTenant, CreatedTenant, DeadLetters, DocumentsPage,
+    ErrorBody, FileList, IngestStarted, LogEntry, Published, Replayed, StartConsumers,
+    StreamReportAnswer, StreamStatus, SummaryAnswer,
+};
+use crate::model::{FileRecord, FileState};
+use crate::tenants::{AdminPatch, Profile};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("{status}: {message}")]
-    Api {
+    /// A non-2xx answer, with its error body (`{"error": ..., details}`; a body that is not
+    /// one has its text as the message).
+    #[error("{status}: {}", body.error)]
+    Api { status: StatusCode, body: ErrorBody },
+    /// A 2xx answer that is not the expected type: client and server disagree.
+    #[error("unexpected answer ({status}): {error}")]
+    Decode {
         status: StatusCode,
-        message: String,
-        body: Value,
+        error: serde_json::Error,
     },
+    /// A request body that could not be written as JSON.
+    #[error("cannot encode the request: {0}")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot reach the platform: {0}")]
     Transport(#[from] reqwest::Error),
 }
@@ -21,17 +40,18 @@ pub enum ClientError {
 impl ClientError {
     pub fn status(&self) -> Option<StatusCode> {
         match self {
-            Self::Api { status, .. } => Some(*status),
-            Self::Transport(_) => None,
+            Self::Api { status, .. } | Self::Decode { status, .. } => Some(*status),
+            Self::Encode(_) | Self::Transport(_) => None,
         }
     }
-}
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct CreatedTenant {
-    pub name: String,
-    pub database: String,
-    pub token: String,
+    /// The error message of an API answer.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            Self::Api { body, .. } => Some(&body.error),
+            _ => None,
+        }
+    }
 }
 
 /// What an HTTP call returned, for callers that check statuses themselves.
@@ -45,6 +65,30 @@ pub struct Raw {
 impl Raw {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The answer as `T` if it is a 2xx, else [`ClientError::Api`].
+    pub fn into_typed<T: DeserializeOwned>(self) -> Result<T, ClientError> {
+        let Raw { status, body, .. } = self.success()?;
+        serde_json::from_slice(&body).map_err(|error| ClientError::Decode { status, error })
+    }
+
+    /// The answer itself if it is a 2xx, else [`ClientError::Api`].
+    pub fn success(self) -> Result<Self, ClientError> {
+        if self.status.is_success() {
+            return Ok(self);
+        }
+        let body = serde_json::from_slice::<ErrorBody>(&self.body).unwrap_or_else(|_| ErrorBody {
+            error: String::from_utf8_lossy(&self.body)
+                .chars()
+                .take(500)
+                .collect(),
+            details: serde_json::Map::new(),
+        });
+        Err(ClientError::Api {
+            status: self.status,
+            body,
+        })
     }
 }
 
@@ -82,6 +126,8 @@ fn component_of(path: &str) -> Option<&'static str> {
         _ => None,
     }
 }
+
+const JSON: &str = "application/json";
 
 impl Client {
     pub fn new(base: &str, token: Option<&str>) -> Self {
@@ -131,6 +177,7 @@ impl Client {
         &self.base
     }
 
+    /// Any request, its answer as it came (whatever the status).
     pub async fn raw(
         &self,
         method: Method,
@@ -164,71 +211,64 @@ impl Client {
         })
     }
 
-    /// A request whose non-2xx answers become [`ClientError::Api`].
-    async fn call_with(
+    /// A request whose 2xx answer is read as `T` and whose other answers become
+    /// [`ClientError::Api`].
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         headers: &[(&str, &str)],
         body: impl Into<reqwest::Body>,
-    ) -> Result<Value, ClientError> {
-        let r = self.request(method, path, headers, body).await?;
-        let v = r.json();
-        if r.status.is_success() {
-            Ok(v)
-        } else {
-            Err(ClientError::Api {
-                status: r.status,
-                message: v["error"].as_str().unwrap_or("no error message").to_owned(),
-                body: v,
-            })
-        }
+    ) -> Result<T, ClientError> {
+        self.request(method, path, headers, body)
+            .await?
+            .into_typed()
     }
 
-    async fn call(
+    async fn send_json<T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
-        content_type: Option<&str>,
-        body: impl Into<reqwest::Body>,
-    ) -> Result<Value, ClientError> {
-        let ct = content_type.map(|ct| ("content-type", ct));
-        self.call_with(method, path, ct.as_slice(), body).await
-    }
-
-    async fn json(&self, method: Method, path: &str, body: &Value) -> Result<Value, ClientError> {
-        self.call(method, path, Some("application/json"), body.to_string())
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(ClientError::Encode)?;
+        self.call(method, path, &[("content-type", JSON)], body)
             .await
     }
 
-    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.call(Method::GET, path, None, Vec::new()).await
+    async fn get_as<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, &[], Vec::new()).await
     }
 
+    /// Any GET whose answer is JSON, untyped: for paths this client has no method for.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.get_as(path).await
+    }
+
+    /// Creates a tenant (admin) with `limits` changed from the defaults.
     pub async fn create_tenant(
         &self,
         name: &str,
-        limits: Value,
+        limits: AdminPatch,
     ) -> Result<CreatedTenant, ClientError> {
-        let mut body = limits;
-        if !body.is_object() {
-            body = serde_json::json!({});
-        }
-        body["name"] = name.into();
-        let v = self.json(Method::POST, "/v1/tenants", &body).await?;
-        serde_json::from_value(v).map_err(|e| ClientError::Api {
-            status: StatusCode::OK,
-            message: format!("unexpected response: {e}"),
-            body: Value::Null,
-        })
+        let req = CreateTenant {
+            name: name.to_owned(),
+            limits,
+        };
+        self.send_json(Method::POST, "/v1/tenants", &req).await
     }
 
-    pub async fn tenant(&self, name: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{}", enc(name))).await
+    pub async fn tenant(&self, name: &str) -> Result<Profile, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}", enc(name))).await
     }
 
-    pub async fn patch_tenant(&self, name: &str, patch: &Value) -> Result<Value, ClientError> {
-        self.json(Method::PATCH, &format!("/v1/tenants/{}", enc(name)), patch)
+    /// Changes a profile: a tenant may send only the [`crate::tenants::ProfilePatch`] part.
+    pub async fn patch_tenant(
+        &self,
+        name: &str,
+        patch: &AdminPatch,
+    ) -> Result<Profile, ClientError> {
+        self.send_json(Method::PATCH, &format!("/v1/tenants/{}", enc(name)), patch)
             .await
     }
 
@@ -237,14 +277,20 @@ impl Client {
         tenant: &str,
         kind: &str,
         source: &str,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<AppUploaded, ClientError> {
         self.call(
             Method::PUT,
             &format!("/v1/tenants/{}/apps/{}", enc(tenant), enc(kind)),
-            Some("text/plain"),
+            &[("content-type", "text/plain")],
             source.to_owned(),
         )
         .await
+    }
+
+    /// The active app version of a kind.
+    pub async fn app(&self, tenant: &str, kind: &str) -> Result<ActiveApp, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}/apps/{}", enc(tenant), enc(kind)))
+            .await
     }
 
     pub async fn upload_file(
@@ -252,43 +298,50 @@ impl Client {
         tenant: &str,
         name: &str,
         body: impl Into<reqwest::Body>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<FileRecord, ClientError> {
         self.call(
             Method::PUT,
             &format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)),
-            Some("application/octet-stream"),
+            &[("content-type", "application/octet-stream")],
             body,
         )
         .await
     }
 
-    pub async fn ingest(&self, tenant: &str, name: &str) -> Result<Value, ClientError> {
+    pub async fn ingest(&self, tenant: &str, name: &str) -> Result<IngestStarted, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/tenants/{}/files/{}/ingest", enc(tenant), enc(name)),
-            None,
+            &[],
             Vec::new(),
         )
         .await
     }
 
-    pub async fn file(&self, tenant: &str, name: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)))
+    pub async fn file(&self, tenant: &str, name: &str) -> Result<FileRecord, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)))
             .await
     }
 
-    /// Polls a file until its ingestion is done or failed.
+    pub async fn files(&self, tenant: &str) -> Result<FileList, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}/files", enc(tenant)))
+            .await
+    }
+
+    /// Polls a file until its ingestion is done or failed, or `timeout` passed (then the
+    /// record as it is).
     pub async fn wait_for_file(
         &self,
         tenant: &str,
         name: &str,
         timeout: Duration,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<FileRecord, ClientError> {
         let until = tokio::time::Instant::now() + timeout;
         loop {
             let f = self.file(tenant, name).await?;
-            let state = f["state"].as_str().unwrap_or("");
-            if state == "done" || state == "failed" || tokio::time::Instant::now() > until {
+            if matches!(f.state, FileState::Done | FileState::Failed)
+                || tokio::time::Instant::now() > until
+            {
                 return Ok(f);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -301,7 +354,7 @@ impl Client {
         tenant: &str,
         data_name: &str,
         ndjson: impl Into<reqwest::Body>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<Published, ClientError> {
         self.call(
             Method::POST,
             &format!(
@@ -309,7 +362,7 @@ impl Client {
                 enc(tenant),
                 enc(data_name)
             ),
-            Some("application/x-ndjson"),
+            &[("content-type", "application/x-ndjson")],
             ndjson,
         )
         .await
@@ -323,8 +376,8 @@ impl Client {
         data_name: &str,
         key: &str,
         ndjson: impl Into<reqwest::Body>,
-    ) -> Result<Value, ClientError> {
-        self.call_with(
+    ) -> Result<Published, ClientError> {
+        self.call(
             Method::POST,
             &format!(
                 "/v1/tenants/{}/messages?data_name={}",
@@ -341,33 +394,43 @@ impl Client {
     }
 
     /// Consumers running and what they ingested since the stream component started.
-    pub async fn stream_status(&self, tenant: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{}/stream", enc(tenant)))
+    pub async fn stream_status(&self, tenant: &str) -> Result<StreamStatus, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}/stream", enc(tenant)))
             .await
     }
 
-    pub async fn stream_start(&self, tenant: &str, consumers: u32) -> Result<Value, ClientError> {
-        self.json(
+    pub async fn stream_start(
+        &self,
+        tenant: &str,
+        consumers: u32,
+    ) -> Result<Consumers, ClientError> {
+        self.send_json(
             Method::POST,
             &format!("/v1/tenants/{}/stream/start", enc(tenant)),
-            &serde_json::json!({ "consumers": consumers }),
+            &StartConsumers {
+                consumers: Some(consumers),
+            },
         )
         .await
     }
 
-    pub async fn stream_stop(&self, tenant: &str) -> Result<Value, ClientError> {
+    pub async fn stream_stop(&self, tenant: &str) -> Result<Consumers, ClientError> {
         self.call(
             Method::POST,
             &format!("/v1/tenants/{}/stream/stop", enc(tenant)),
-            None,
+            &[],
             Vec::new(),
         )
         .await
     }
 
     /// Up to `limit` dead letters, oldest first, left in the queue.
-    pub async fn dead_letters(&self, tenant: &str, limit: usize) -> Result<Value, ClientError> {
-        self.get(&format!(
+    pub async fn dead_letters(
+        &self,
+        tenant: &str,
+        limit: usize,
+    ) -> Result<DeadLetters, ClientError> {
+        self.get_as(&format!(
             "/v1/tenants/{}/dead-letters?limit={limit}",
             enc(tenant)
         ))
@@ -379,43 +442,40 @@ impl Client {
         &self,
         tenant: &str,
         limit: usize,
-    ) -> Result<Value, ClientError> {
-        self.json(
+    ) -> Result<Replayed, ClientError> {
+        self.call(
             Method::POST,
             &format!(
                 "/v1/tenants/{}/dead-letters/replay?limit={limit}",
                 enc(tenant)
             ),
-            &Value::Null,
+            &[],
+            Vec::new(),
         )
         .await
     }
 
-    pub async fn stream_report(&self, tenant: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/tenants/{}/stream/report", enc(tenant)))
+    pub async fn stream_report(&self, tenant: &str) -> Result<StreamReportAnswer, ClientError> {
+        self.get_as(&format!("/v1/tenants/{}/stream/report", enc(tenant)))
             .await
     }
 
-    /// The tenant's log file (a JSON array), filtered by a query string such as `status=failure`.
-    pub async fn logs(&self, tenant: &str, query: &str) -> Result<Raw, ClientError> {
-        let r = self
-            .raw(
-                Method::GET,
-                &format!("/v1/tenants/{}/logs?{query}", enc(tenant)),
-                None,
-                Vec::new(),
-            )
-            .await?;
-        if r.status.is_success() {
-            Ok(r)
-        } else {
-            let v = r.json();
-            Err(ClientError::Api {
-                status: r.status,
-                message: v["error"].as_str().unwrap_or("").to_owned(),
-                body: v,
-            })
-        }
+    /// The tenant's log file (a JSON array), filtered by a query string such as
+    /// `status=failure`, as it came (for its headers, or to save it as it is).
+    pub async fn logs_raw(&self, tenant: &str, query: &str) -> Result<Raw, ClientError> {
+        self.request(
+            Method::GET,
+            &format!("/v1/tenants/{}/logs?{query}", enc(tenant)),
+            &[],
+            Vec::new(),
+        )
+        .await?
+        .success()
+    }
+
+    /// The tenant's log entries, filtered by a query string such as `status=failure`.
+    pub async fn logs(&self, tenant: &str, query: &str) -> Result<Vec<LogEntry>, ClientError> {
+        self.logs_raw(tenant, query).await?.into_typed()
     }
 
     pub async fn documents(
@@ -424,8 +484,8 @@ impl Client {
         collection: &str,
         limit: u32,
         skip: u64,
-    ) -> Result<Value, ClientError> {
-        self.get(&format!(
+    ) -> Result<DocumentsPage, ClientError> {
+        self.get_as(&format!(
             "/v1/tenants/{}/collections/{}/documents?limit={limit}&skip={skip}",
             enc(tenant),
             enc(collection)
@@ -433,9 +493,20 @@ impl Client {
         .await
     }
 
-    pub async fn summary(&self, query: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/logs/summary?{query}")).await
+    /// The operator's analytics (admin), filtered by a query string such as `bucket_s=10`.
+    pub async fn summary(&self, query: &str) -> Result<SummaryAnswer, ClientError> {
+        self.get_as(&format!("/v1/logs/summary?{query}")).await
     }
+}
+
+/// A query string (`k=v&k2=v2`) with each value percent-encoded, for [`Client::logs`] and
+/// [`Client::summary`]: an RFC 3339 time's `+` stays a `+`.
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", enc(v)))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// A path segment or query value as sent: everything but unreserved characters
@@ -460,6 +531,13 @@ mod tests {
             "a%20b%2F..%2Fc%3Fd%23e%25f%26g%3Dh"
         );
         assert_eq!(super::enc("é"), "%C3%A9");
+        assert_eq!(
+            super::query(&[
+                ("since", "2026-12-01T20:00:00+01:00"),
+                ("status", "failure")
+            ]),
+            "since=2026-12-01T20%3A00%3A00%2B01%3A00&status=failure"
+        );
     }
 
     use super::*;

@@ -18,7 +18,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -43,8 +42,9 @@ impl ApiError {
         }
     }
 
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
+    /// A 400 whose message is the error's own text (a tenant-facing check's error).
+    pub fn bad_request(message: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message.to_string())
     }
 
     pub fn with_details(mut self, details: serde_json::Value) -> Self {
@@ -58,14 +58,35 @@ impl ApiError {
     }
 }
 
+/// Every error answer: the message, and details some errors add beside it (such as
+/// `published` for a refused publish, `line`/`column` for an app that does not compile).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(flatten)]
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.message });
-        if let (Some(serde_json::Value::Object(d)), Some(b)) = (self.details, body.as_object_mut())
-        {
-            b.extend(d);
-        }
+        let details = match self.details {
+            Some(serde_json::Value::Object(d)) => d,
+            _ => serde_json::Map::new(),
+        };
+        let body = ErrorBody {
+            error: self.message,
+            details,
+        };
         (self.status, Json(body)).into_response()
+    }
+}
+
+/// A handler's blocking task that panicked (or was cancelled): a bug, logged here and
+/// answered with the same 500 wherever it happens, its detail never sent.
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        tracing::error!(error = %e, "request task failed");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 }
 
@@ -543,7 +564,7 @@ async fn metrics(State(p): State<Edge>, headers: axum::http::HeaderMap) -> Respo
     (
         [(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
         )],
         p.metrics.render(is_admin),
     )

@@ -5,6 +5,7 @@
 //! The library does the work; the `mysimbdp` binary parses flags and calls [`start`] and
 //! [`serve`]. See ARCHITECTURE.md for the map.
 
+pub mod api;
 pub mod apps;
 pub mod batch;
 pub mod client;

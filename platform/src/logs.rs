@@ -43,6 +43,8 @@ impl std::str::FromStr for Status {
 /// One ingestion, as stored in the `logs` database.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LogEntry {
+    /// A BSON date where stored, RFC 3339 in JSON (the download): see [`timestamp`].
+    #[serde(with = "timestamp")]
     pub timestamp: DateTime,
     pub tenant: String,
     pub source: Source,
@@ -107,44 +109,59 @@ impl LogEntry {
         d
     }
 
-    /// The entry as tenants download it: RFC 3339 timestamps, no internal ids.
+    /// The entry as tenants download it: RFC 3339 timestamps, no internal ids. The same
+    /// serde form the client reads back as a `LogEntry`.
     pub fn to_json(&self) -> serde_json::Value {
-        let ts = self
-            .timestamp
-            .try_to_rfc3339_string()
-            .unwrap_or_else(|_| self.timestamp.timestamp_millis().to_string());
-        let mut v = serde_json::json!({
-            "timestamp": ts,
-            "tenant": self.tenant,
-            "source": self.source,
-            "data_name": self.data_name,
-            "collection": self.collection,
-            "status": self.status,
-            "bytes": self.bytes,
-            "latency_us": self.latency_us,
-        });
-        if let Some(r) = &self.reason {
-            v["reason"] = r.as_str().into();
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A log entry's time: written as a BSON date for the database (whose raw serializer is
+/// not human-readable) and as an RFC 3339 string in JSON (the download the tenant reads);
+/// read back from either. `bson::to_document` is human-readable by default: entries are
+/// stored through [`LogEntry::to_document`], not through it.
+pub mod timestamp {
+    use std::fmt;
+
+    use mongodb::bson::DateTime;
+    use serde::de::{self, Error, MapAccess, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            // Out of RFC 3339's range (past year 9999): the milliseconds, as text.
+            let text = t
+                .try_to_rfc3339_string()
+                .unwrap_or_else(|_| t.timestamp_millis().to_string());
+            s.serialize_str(&text)
+        } else {
+            t.serialize(s)
         }
-        if let Some(a) = self.app_version {
-            v["app_version"] = a.into();
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime, D::Error> {
+        d.deserialize_any(Time)
+    }
+
+    struct Time;
+
+    impl<'de> Visitor<'de> for Time {
+        type Value = DateTime;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a BSON date or an RFC 3339 time")
         }
-        if let Some(x) = &self.ingestion {
-            v["ingestion"] = x.as_str().into();
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<DateTime, E> {
+            DateTime::parse_rfc3339_str(text)
+                .or_else(|_| text.parse::<i64>().map(DateTime::from_millis))
+                .map_err(|_| E::custom(format!("`{text}` is not an RFC 3339 time")))
         }
-        if let Some(x) = self.record {
-            v["record"] = x.into();
+
+        /// A BSON date, as the BSON deserializers present it (`{"$date": ...}`).
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<DateTime, A::Error> {
+            DateTime::deserialize(de::value::MapAccessDeserializer::new(map))
         }
-        if let Some(x) = self.line {
-            v["line"] = x.into();
-        }
-        if let Some(x) = &self.message_id {
-            v["message_id"] = x.as_str().into();
-        }
-        if let Some(x) = &self.document_id {
-            v["document_id"] = x.as_str().into();
-        }
-        v
     }
 }
 
@@ -379,6 +396,25 @@ mod tests {
             message_id: Some("m1".into()),
             document_id: (status != Status::Failure).then(|| "m1".into()),
         }
+    }
+
+    #[test]
+    fn an_entry_is_a_bson_date_where_stored_and_rfc3339_where_downloaded() {
+        let e = entry(1_764_600_000_123, Status::Failure, Some("line 2: bad"));
+        let json = e.to_json();
+        assert_eq!(json["timestamp"], "2025-12-01T14:40:00.123Z");
+        assert_eq!(json["reason"], "line 2: bad");
+        let back: LogEntry = serde_json::from_value(json).expect("the download reads back");
+        assert_eq!(back, e);
+        // What the driver does with a stored entry: raw BSON in, not human-readable.
+        let raw = bson::to_vec(&e.to_document()).expect("bson");
+        let stored: LogEntry = bson::from_slice(&raw).expect("a stored entry reads back");
+        assert_eq!(stored, e);
+        let stored: LogEntry = bson::from_document(e.to_document()).expect("from a document");
+        assert_eq!(stored, e);
+        let raw = bson::to_vec(&e).expect("serialized as BSON");
+        let doc: bson::Document = bson::from_slice(&raw).expect("a document");
+        assert!(doc.get_datetime("timestamp").is_ok(), "{doc}");
     }
 
     #[test]

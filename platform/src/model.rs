@@ -179,8 +179,13 @@ pub struct StoredApp {
 
 // ---- bulk writes ----
 
+/// A collection name tenants may not write to (its first 80 characters).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid collection name `{0}`: use 1-64 of [A-Za-z0-9_.-], not starting with `system.`")]
+pub struct InvalidCollection(pub String);
+
 /// A collection name tenants may write to.
-pub fn check_collection(c: &str) -> Result<(), String> {
+pub fn check_collection(c: &str) -> Result<(), InvalidCollection> {
     let ok = !c.is_empty()
         && c.len() <= 64
         && !c.starts_with("system.")
@@ -190,10 +195,7 @@ pub fn check_collection(c: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid collection name `{}`: use 1-64 of [A-Za-z0-9_.-], not starting with `system.`",
-            c.chars().take(80).collect::<String>()
-        ))
+        Err(InvalidCollection(c.chars().take(80).collect()))
     }
 }
 

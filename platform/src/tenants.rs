@@ -89,7 +89,9 @@ pub struct Profile {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfilePatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_ingest: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
@@ -99,9 +101,13 @@ pub struct ProfilePatch {
 pub struct AdminPatch {
     #[serde(flatten)]
     pub tenant: ProfilePatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_file_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_staged_files: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formats: Option<Vec<Format>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_limits: Option<AppLimits>,
 }
 

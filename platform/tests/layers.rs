@@ -14,20 +14,24 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     ("configuration", &["config"]),
     (
-        "vocabulary: tenant names, log entries, counters, the HTTP client",
-        &["tenants", "logs", "metrics", "client"],
+        "vocabulary: tenant names, log entries, counters",
+        &["tenants", "logs", "metrics"],
     ),
     (
         "the stored model; the servers; the HTTP edge (auth, errors, limits)",
         &["model", "infra", "http"],
     ),
     (
-        "storage, the pure apps runtime, ingestion events, local processes",
-        &["coredms", "apps", "events", "processes"],
+        "the HTTP API's wire types, shared by the handlers and the client",
+        &["api"],
     ),
     (
-        "the ingestion pipeline shared by batch and stream",
-        &["pipeline"],
+        "storage, the pure apps runtime, ingestion events, the HTTP client",
+        &["coredms", "apps", "events", "client"],
+    ),
+    (
+        "the ingestion pipeline shared by batch and stream; local processes (through the client)",
+        &["pipeline", "processes"],
     ),
     ("the components", &["batch", "stream"]),
     ("the process that assembles what it runs", &["lib"]),

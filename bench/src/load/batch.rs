@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use mysimbdp::model::FileState;
+
 use super::{PathRun, SILENCE, TenantCtx, bounded, limit, short};
 use crate::accounting::{FileOutcome, hist};
 use crate::dataset::GroupFiles;
@@ -80,16 +82,16 @@ pub async fn drive_batch(
             match bounded(Duration::from_secs(10), t.client.file(&t.name, &name)).await {
                 Ok(f) => {
                     heard = Instant::now();
-                    let s = f["state"].as_str().unwrap_or("?").to_owned();
-                    if s == "done" || s == "failed" {
+                    let s = f.state.as_str().to_owned();
+                    if matches!(f.state, FileState::Done | FileState::Failed) {
                         if let Some(h) = &mut run.file_hist {
                             h.saturating_record(t0.elapsed().as_micros() as u64);
                         }
-                        run.files[i].error = f["error"].as_str().map(str::to_owned);
+                        run.files[i].error = f.error;
                         run.files[i].state = s;
                         finished += run.files[i].inputs;
                     } else {
-                        let n = f["next_record"].as_u64().unwrap_or(next);
+                        let n = f.next_record;
                         in_flight += n.min(run.files[i].inputs);
                         still.push((i, t0, s, n));
                     }

@@ -76,12 +76,8 @@ async fn publish_one(
     p.sent += 1;
     match res {
         Ok(v) => {
-            p.run.offered += v["published"].as_u64().unwrap_or(0);
-            for id in v["ids"].as_array().into_iter().flatten() {
-                if let Some(id) = id.as_str() {
-                    p.run.ids.insert(id.to_owned());
-                }
-            }
+            p.run.offered += v.published;
+            p.run.ids.extend(v.ids);
         }
         Err(f) => p.run.refuse(r.messages, "publish", f),
     }
@@ -193,11 +189,8 @@ pub async fn drive_stream(
         // consumer is stuck); the end from the log, which is the record.
         let mut live = 0u64;
         if let Ok(st) = bounded(Duration::from_secs(2), t.client.stream_status(&t.name)).await {
-            let n = &st["since_start"];
-            live = ["stored", "duplicates", "failed"]
-                .iter()
-                .map(|k| n[k].as_u64().unwrap_or(0))
-                .sum();
+            let n = st.since_start;
+            live = n.stored + n.duplicates + n.failed;
         }
         let now = live.max(logged).min(offered);
         track.add(now.saturating_sub(shown));
@@ -210,16 +203,10 @@ pub async fn drive_stream(
         match bounded(Duration::from_secs(10), t.client.stream_report(&t.name)).await {
             Ok(r) => {
                 heard = Instant::now();
-                logged = r["periods"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        ["messages", "duplicates", "failures"]
-                            .iter()
-                            .map(|k| p[k].as_u64().unwrap_or(0))
-                            .sum::<u64>()
-                    })
+                logged = r
+                    .periods
+                    .iter()
+                    .map(|p| p.messages + p.duplicates + p.failures)
                     .sum();
                 if logged >= offered {
                     break;

@@ -94,7 +94,7 @@ async fn scan(db: &mongodb::Database, mut m: Matcher) -> Result<Found> {
 
 /// Downloads and folds a tenant's whole log.
 async fn read_log(c: &Client, tenant: &str, stream_interval_us: Option<u64>) -> Result<LogTally> {
-    let r = tokio::time::timeout(Duration::from_secs(300), c.logs(tenant, ""))
+    let r = tokio::time::timeout(Duration::from_secs(300), c.logs_raw(tenant, ""))
         .await
         .map_err(|_| anyhow::anyhow!("the log download did not finish within 300 s"))??;
     tally(&r.body, stream_interval_us)

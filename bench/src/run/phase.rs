@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use mysimbdp::client::Client;
+use mysimbdp::tenants::AdminPatch;
 
 use super::PhaseSpec;
 use super::look::{Looked, look};
@@ -52,7 +53,7 @@ async fn tenants(
             let name = format!("{}{}{}{i}", ph.prefix, g.name, g.separator);
             let t = load::bounded(
                 Duration::from_secs(60),
-                admin.create_tenant(&name, serde_json::json!({})),
+                admin.create_tenant(&name, AdminPatch::default()),
             )
             .await
             .map_err(|e| anyhow::anyhow!("cannot create tenant {name}: {e}"))?;
@@ -69,7 +70,7 @@ async fn tenants(
                         anyhow::anyhow!("group `{}`: the {kind} app was not accepted: {e}", g.name)
                     })?;
                     if kind == "batch" {
-                        whole_file = v["functions"]["map"] == false;
+                        whole_file = !v.functions.map;
                     }
                 }
             }

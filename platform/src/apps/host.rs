@@ -111,7 +111,7 @@ pub(super) fn install_host_api(lua: &Lua, budget: &Arc<Budget>) -> mlua::Result<
             if let Some(c) = &collection
                 && let Err(e) = check_collection(c)
             {
-                st.emit_error = Some(e.clone());
+                st.emit_error = Some(e.to_string());
                 return Err(mlua::Error::runtime(e));
             }
             st.meter.start_document();

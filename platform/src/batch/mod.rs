@@ -494,7 +494,7 @@ impl BatchManager {
                         bytes: r.bytes,
                         started_us: now_us(),
                         data_name: data_name.clone(),
-                        value: r.value,
+                        value: r.value.map_err(|e| e.to_string()),
                     }),
                     Some(Err(e)) => return Err(JobError::Read(e)),
                     None => {
@@ -716,7 +716,7 @@ impl parse::RecordSource for WholeFile {
         let bytes = buf.len() as u64;
         let value = String::from_utf8(buf)
             .map(serde_json::Value::String)
-            .map_err(|_| "file is not valid UTF-8".to_owned());
+            .map_err(|_| parse::ParseErrorKind::NotUtf8.into());
         Some(Ok(parse::Record {
             index: 0,
             line: 1,

@@ -15,7 +15,63 @@ pub struct Record {
     /// 1-based line where the record starts.
     pub line: u64,
     pub bytes: u64,
-    pub value: Result<Value, String>,
+    pub value: Result<Value, ParseError>,
+}
+
+/// Why a record could not be read: the reason logged for it, after its line where the
+/// error has one (`line 3: expected 2 fields, found 3`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{kind}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+pub struct ParseError {
+    pub line: Option<u64>,
+    pub kind: ParseErrorKind,
+}
+
+impl ParseError {
+    fn at(line: u64, kind: ParseErrorKind) -> Self {
+        Self {
+            line: Some(line),
+            kind,
+        }
+    }
+}
+
+impl From<ParseErrorKind> for ParseError {
+    fn from(kind: ParseErrorKind) -> Self {
+        Self { line: None, kind }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseErrorKind {
+    /// A CSV header field (1-based) that is not UTF-8.
+    #[error("header {0} is not valid UTF-8")]
+    HeaderUtf8(usize),
+    #[error("unreadable CSV header: {0}")]
+    Header(String),
+    /// The CSV field under this header is not UTF-8.
+    #[error("field `{0}` is not valid UTF-8")]
+    FieldUtf8(String),
+    #[error("expected {expected} fields, found {found}")]
+    FieldCount { expected: u64, found: u64 },
+    /// Any other CSV error, in the reader's words.
+    #[error("{0}")]
+    Csv(String),
+    #[error("record exceeds {MAX_RECORD_BYTES} bytes")]
+    TooLarge,
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    #[error("truncated JSON")]
+    Truncated,
+    #[error("unexpected data after the JSON value")]
+    Trailing,
+    #[error("empty file: expected a JSON array or object")]
+    Empty,
+    #[error("truncated JSON array: missing `]`")]
+    UnclosedArray,
+    /// A whole file given to an `ingest` app that is not text.
+    #[error("file is not valid UTF-8")]
+    NotUtf8,
 }
 
 /// Longest single record (a CSV row, an NDJSON line, a JSON array element).
@@ -41,7 +97,7 @@ pub fn open<R: BufRead + Send + 'static>(format: Format, reader: R) -> Box<dyn R
 
 pub struct CsvSource<R: Read> {
     reader: csv::Reader<R>,
-    headers: Option<Result<Vec<String>, String>>,
+    headers: Option<Result<Vec<String>, ParseErrorKind>>,
     record: csv::ByteRecord,
     index: u64,
 }
@@ -59,7 +115,7 @@ impl<R: Read> CsvSource<R> {
         }
     }
 
-    fn headers(&mut self) -> Result<Vec<String>, String> {
+    fn headers(&mut self) -> Result<Vec<String>, ParseErrorKind> {
         if self.headers.is_none() {
             let h = match self.reader.byte_headers() {
                 Ok(h) => h
@@ -73,16 +129,16 @@ impl<R: Read> CsvSource<R> {
                         };
                         std::str::from_utf8(f)
                             .map(str::to_owned)
-                            .map_err(|_| format!("header {} is not valid UTF-8", i + 1))
+                            .map_err(|_| ParseErrorKind::HeaderUtf8(i + 1))
                     })
                     .collect(),
-                Err(e) => Err(format!("unreadable CSV header: {e}")),
+                Err(e) => Err(ParseErrorKind::Header(e.to_string())),
             };
             self.headers = Some(h);
         }
         self.headers
             .clone()
-            .unwrap_or_else(|| Err("no header".into()))
+            .unwrap_or_else(|| Err(ParseErrorKind::Header("no header".into())))
     }
 }
 
@@ -100,7 +156,7 @@ impl<R: Read + Send> RecordSource for CsvSource<R> {
                     index: 0,
                     line: 1,
                     bytes: 0,
-                    value: Err(e),
+                    value: Err(e.into()),
                 }));
             }
         };
@@ -122,7 +178,10 @@ impl<R: Read + Send> RecordSource for CsvSource<R> {
                                 index,
                                 line,
                                 bytes,
-                                value: Err(format!("line {line}: field `{h}` is not valid UTF-8")),
+                                value: Err(ParseError::at(
+                                    line,
+                                    ParseErrorKind::FieldUtf8(h.clone()),
+                                )),
                             }));
                         }
                     }
@@ -140,17 +199,20 @@ impl<R: Read + Send> RecordSource for CsvSource<R> {
                     return Some(Err(std::io::Error::other(e.to_string())));
                 }
                 self.index += 1;
-                let reason = match e.kind() {
+                let kind = match e.kind() {
                     csv::ErrorKind::UnequalLengths {
                         expected_len, len, ..
-                    } => format!("line {line}: expected {expected_len} fields, found {len}"),
-                    _ => format!("line {line}: {e}"),
+                    } => ParseErrorKind::FieldCount {
+                        expected: *expected_len,
+                        found: *len,
+                    },
+                    _ => ParseErrorKind::Csv(e.to_string()),
                 };
                 Some(Ok(Record {
                     index,
                     line,
                     bytes: 0,
-                    value: Err(reason),
+                    value: Err(ParseError::at(line, kind)),
                 }))
             }
         }
@@ -199,9 +261,7 @@ impl<R: BufRead + Send> RecordSource for NdjsonSource<R> {
                     index,
                     line,
                     bytes: n as u64,
-                    value: Err(format!(
-                        "line {line}: record exceeds {MAX_RECORD_BYTES} bytes"
-                    )),
+                    value: Err(ParseError::at(line, ParseErrorKind::TooLarge)),
                 }));
             }
             let mut text: &[u8] = &self.buf;
@@ -214,7 +274,7 @@ impl<R: BufRead + Send> RecordSource for NdjsonSource<R> {
             let index = self.index;
             self.index += 1;
             let value = serde_json::from_slice::<Value>(text)
-                .map_err(|e| format!("line {line}: invalid JSON: {e}"));
+                .map_err(|e| ParseError::at(line, ParseErrorKind::Json(e.to_string())));
             return Some(Ok(Record {
                 index,
                 line,
@@ -279,7 +339,7 @@ impl<R: BufRead> JsonSource<R> {
     }
 
     /// Reads one JSON value's bytes into `buf`, stopping before a top-level `,` or `]`.
-    fn read_element(&mut self) -> std::io::Result<Result<(), String>> {
+    fn read_element(&mut self) -> std::io::Result<Result<(), ParseErrorKind>> {
         self.buf.clear();
         let (mut depth, mut in_str, mut esc) = (0i32, false, false);
         loop {
@@ -287,7 +347,7 @@ impl<R: BufRead> JsonSource<R> {
                 return Ok(if depth == 0 && !in_str && !self.buf.is_empty() {
                     Ok(())
                 } else {
-                    Err("truncated JSON".into())
+                    Err(ParseErrorKind::Truncated)
                 });
             };
             if !in_str && depth == 0 && (c == b',' || c == b']') {
@@ -295,7 +355,7 @@ impl<R: BufRead> JsonSource<R> {
             }
             self.bump()?;
             if self.buf.len() >= MAX_RECORD_BYTES {
-                return Ok(Err(format!("record exceeds {MAX_RECORD_BYTES} bytes")));
+                return Ok(Err(ParseErrorKind::TooLarge));
             }
             self.buf.push(c);
             if in_str {
@@ -333,8 +393,7 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                         Err(e) => return Some(Err(e)),
                         Ok(None) => {
                             self.state = JsonState::Done;
-                            return Some(Ok(self
-                                .failed(0, "empty file: expected a JSON array or object".into())));
+                            return Some(Ok(self.failed(0, ParseErrorKind::Empty)));
                         }
                         Ok(Some(b'[')) => {
                             let _ = self.bump();
@@ -351,7 +410,7 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                             let bytes = self.buf.len() as u64;
                             let value = r.and_then(|()| {
                                 serde_json::from_slice::<Value>(&self.buf)
-                                    .map_err(|e| format!("invalid JSON: {e}"))
+                                    .map_err(|e| ParseErrorKind::Json(e.to_string()))
                             });
                             let trailing = match self.skip_ws() {
                                 Ok(Some(_)) => true,
@@ -359,9 +418,7 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                                 Err(e) => return Some(Err(e)),
                             };
                             let value = match value {
-                                Ok(_) if trailing => {
-                                    Err("unexpected data after the JSON value".into())
-                                }
+                                Ok(_) if trailing => Err(ParseErrorKind::Trailing),
                                 v => v,
                             };
                             self.index += 1;
@@ -369,7 +426,7 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                                 index: 0,
                                 line,
                                 bytes,
-                                value: value.map_err(|e| format!("line {line}: {e}")),
+                                value: value.map_err(|e| ParseError::at(line, e)),
                             }));
                         }
                     }
@@ -380,9 +437,7 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                         Ok(None) => {
                             self.state = JsonState::Done;
                             let i = self.index;
-                            return Some(Ok(
-                                self.failed(i, "truncated JSON array: missing `]`".into())
-                            ));
+                            return Some(Ok(self.failed(i, ParseErrorKind::UnclosedArray)));
                         }
                         Ok(Some(b']')) => {
                             self.state = JsonState::Done;
@@ -409,13 +464,13 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
                             Err(e)
                         }
                         Ok(()) => serde_json::from_slice::<Value>(&self.buf)
-                            .map_err(|e| format!("invalid JSON: {e}")),
+                            .map_err(|e| ParseErrorKind::Json(e.to_string())),
                     };
                     return Some(Ok(Record {
                         index,
                         line,
                         bytes,
-                        value: value.map_err(|e| format!("line {line}: {e}")),
+                        value: value.map_err(|e| ParseError::at(line, e)),
                     }));
                 }
             }
@@ -424,13 +479,13 @@ impl<R: BufRead + Send> RecordSource for JsonSource<R> {
 }
 
 impl<R> JsonSource<R> {
-    fn failed(&mut self, index: u64, reason: String) -> Record {
+    fn failed(&mut self, index: u64, kind: ParseErrorKind) -> Record {
         self.index = index + 1;
         Record {
             index,
             line: self.line,
             bytes: 0,
-            value: Err(format!("line {}: {reason}", self.line)),
+            value: Err(ParseError::at(self.line, kind)),
         }
     }
 }
@@ -456,10 +511,17 @@ mod tests {
         assert_eq!(recs[0].value.as_ref().expect("ok")["a.b"], "x, y");
         assert_eq!(recs[1].index, 1);
         let err = recs[1].value.as_ref().expect_err("bad row");
-        assert!(
-            err.contains("line 3") && err.contains("expected 2 fields"),
-            "{err}"
+        assert_eq!(
+            err,
+            &ParseError::at(
+                3,
+                ParseErrorKind::FieldCount {
+                    expected: 2,
+                    found: 1
+                }
+            )
         );
+        assert_eq!(err.to_string(), "line 3: expected 2 fields, found 1");
         assert_eq!(recs[2].value.as_ref().expect("ok")["a.b"], "q\"uote");
     }
 
@@ -472,7 +534,14 @@ mod tests {
             .map(|r| r.expect("io"))
             .collect();
         assert_eq!(recs.len(), 3);
-        assert!(recs[1].value.as_ref().expect_err("bad").contains("UTF-8"));
+        assert!(
+            recs[1]
+                .value
+                .as_ref()
+                .expect_err("bad")
+                .to_string()
+                .contains("UTF-8")
+        );
         assert!(recs[2].value.is_ok());
     }
 
@@ -486,6 +555,7 @@ mod tests {
                 .value
                 .as_ref()
                 .expect_err("bad")
+                .to_string()
                 .starts_with("line 3: invalid JSON")
         );
         assert_eq!(recs[2].value.as_ref().expect("ok")["a"], 2);
@@ -514,6 +584,7 @@ mod tests {
             t[1].value
                 .as_ref()
                 .expect_err("truncated")
+                .to_string()
                 .contains("truncated")
         );
         let e = all(Format::Json, "");
@@ -521,6 +592,7 @@ mod tests {
             e[0].value
                 .as_ref()
                 .expect_err("empty")
+                .to_string()
                 .contains("empty file")
         );
         assert!(all(Format::Json, "[]").is_empty());
@@ -568,6 +640,7 @@ mod fuzz {
             for (i, r) in recs.iter().enumerate() {
                 prop_assert_eq!(r.index, i as u64);
                 if let Err(e) = &r.value {
+                    let e = e.to_string();
                     prop_assert!(e.starts_with("line ") || e.starts_with("unreadable") || e.starts_with("header"), "{}", e);
                 }
             }

@@ -9,10 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
-use serde_json::json;
 
 use super::staging::UploadError;
 use super::{BatchError, BatchManager, check_file_name};
+use crate::api::{FileList, IngestStarted};
 use crate::config::Format;
 use crate::coredms::CoreDms;
 use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
@@ -171,7 +171,10 @@ async fn ingest(
     let rec = p.manager.start(&t, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": format!("{t}/{name}"), "file": public(rec) })),
+        Json(IngestStarted {
+            job: format!("{t}/{name}"),
+            file: public(rec),
+        }),
     )
         .into_response())
 }
@@ -199,7 +202,7 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let t: TenantName = caller.for_tenant(&t)?;
     let files: Vec<FileRecord> = p.coredms.files(&t).await?.into_iter().map(public).collect();
-    Ok(Json(json!({ "files": files })).into_response())
+    Ok(Json(FileList { files }).into_response())
 }
 
 async fn remove(

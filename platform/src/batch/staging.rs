@@ -15,8 +15,15 @@ use tokio::io::AsyncWriteExt;
 
 use crate::tenants::TenantName;
 
+/// A file name tenants may not stage (its first 80 characters).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid file name `{0}`: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit, without `..`"
+)]
+pub struct InvalidFileName(pub String);
+
 /// A file name tenants may stage: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`, with no `..`.
-pub fn check_file_name(name: &str) -> Result<(), String> {
+pub fn check_file_name(name: &str) -> Result<(), InvalidFileName> {
     let b = name.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 128
@@ -27,10 +34,7 @@ pub fn check_file_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid file name `{}`: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit, without `..`",
-            name.chars().take(80).collect::<String>()
-        ))
+        Err(InvalidFileName(name.chars().take(80).collect()))
     }
 }
 
@@ -245,6 +249,25 @@ impl Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_names_are_quoted_cut_to_80_characters_in_the_tenants_words() {
+        assert_eq!(
+            check_file_name("../x").expect_err("dots").to_string(),
+            "invalid file name `../x`: use 1-128 of [A-Za-z0-9._-], starting with a letter or digit, without `..`"
+        );
+        let long = "é".repeat(200);
+        assert_eq!(
+            check_file_name(&long).expect_err("long"),
+            InvalidFileName("é".repeat(80))
+        );
+        assert_eq!(
+            crate::model::check_collection("system.users")
+                .expect_err("reserved")
+                .to_string(),
+            "invalid collection name `system.users`: use 1-64 of [A-Za-z0-9_.-], not starting with `system.`"
+        );
+    }
 
     #[test]
     fn hostile_names_are_rejected() {

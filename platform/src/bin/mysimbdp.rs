@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use mysimbdp::Component;
-use mysimbdp::client::Client;
+use mysimbdp::client::{Client, query};
 use mysimbdp::config::Settings;
+use mysimbdp::tenants::AdminPatch;
 
 #[derive(Parser)]
 #[command(version, about = "mysimbdp: multi-tenant big-data ingestion platform")]
@@ -158,7 +159,8 @@ enum StreamCmd {
     },
 }
 
-fn print(v: &serde_json::Value) {
+/// An answer, as JSON (the wire form of its type).
+fn print(v: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
@@ -178,11 +180,9 @@ async fn run(cli: Cli) -> Result<()> {
                 name,
                 max_file_bytes,
             } => {
-                let limits = serde_json::json!({ "max_file_bytes": max_file_bytes });
-                let limits = if max_file_bytes.is_some() {
-                    limits
-                } else {
-                    serde_json::json!({})
+                let limits = AdminPatch {
+                    max_file_bytes,
+                    ..AdminPatch::default()
                 };
                 let t = client.create_tenant(&name, limits).await?;
                 println!("tenant {} created, database {}", t.name, t.database);
@@ -227,7 +227,7 @@ async fn run(cli: Cli) -> Result<()> {
                         .await?,
                 ),
                 Some(n) => print(&client.file(&tenant, &n).await?),
-                None => print(&client.get(&format!("/v1/tenants/{tenant}/files")).await?),
+                None => print(&client.files(&tenant).await?),
             },
         },
         Cmd::Publish {
@@ -246,7 +246,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             };
             let r = client.publish(&tenant, &data_name, data).await?;
-            println!("published {} messages", r["published"]);
+            println!("published {} messages", r.published);
         }
         Cmd::Stream { cmd } => match cmd {
             StreamCmd::Start { tenant, consumers } => {
@@ -268,23 +268,23 @@ async fn run(cli: Cli) -> Result<()> {
             until,
             status,
         } => {
-            let mut q = Vec::new();
-            for (k, v) in [("since", since), ("until", until), ("status", status)] {
-                if let Some(v) = v {
-                    q.push(format!("{k}={v}"));
-                }
-            }
-            let r = client.logs(&tenant, &q.join("&")).await?;
+            let pairs: Vec<(&str, &str)> =
+                [("since", &since), ("until", &until), ("status", &status)]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+                    .collect();
+            let r = client.logs_raw(&tenant, &query(&pairs)).await?;
             std::fs::write(&out, &r.body)
                 .with_context(|| format!("cannot write {}", out.display()))?;
             println!("wrote {} bytes to {}", r.body.len(), out.display());
         }
         Cmd::Summary { since, bucket_s } => {
-            let mut q = format!("bucket_s={bucket_s}");
-            if let Some(s) = since {
-                q.push_str(&format!("&since={s}"));
+            let bucket_s = bucket_s.to_string();
+            let mut pairs = vec![("bucket_s", bucket_s.as_str())];
+            if let Some(s) = &since {
+                pairs.push(("since", s));
             }
-            print(&client.summary(&q).await?);
+            print(&client.summary(&query(&pairs)).await?);
         }
     }
     Ok(())

@@ -137,29 +137,52 @@ impl Serialize for WithId<'_> {
     }
 }
 
+/// Why a document cannot be stored: the reason logged for it (the first 80 characters of
+/// a key it names).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DocumentError {
+    /// A key holding a NUL byte (shown as `\0`).
+    #[error("key `{0}` holds a NUL byte, which the database cannot store")]
+    NulInKey(String),
+    #[error("document nests deeper than {MAX_BSON_DEPTH} levels, MongoDB's documented limit")]
+    TooDeep,
+    /// A value BSON cannot hold (such as an integer over `i64`).
+    #[error("field `{field}` cannot be stored: {reason}")]
+    Field { field: String, reason: String },
+    /// A `$` key left once Extended JSON was read.
+    #[error(
+        "key `{0}` starts with `$`: only MongoDB Extended JSON ($date, $oid, $numberLong, …) may"
+    )]
+    DollarKey(String),
+    #[error("document is {0} bytes as BSON, over the database's {MAX_BSON_BYTES} bytes limit")]
+    TooLarge(usize),
+    /// The BSON encoder refused it.
+    #[error("document cannot be stored: {0}")]
+    Encoding(String),
+}
+
 /// Why a document cannot be stored, found without asking the database: a key holding a NUL
 /// byte, nesting deeper than [`MAX_BSON_DEPTH`]. `Ok(true)` when it has `$`-prefixed keys,
 /// which are stored only as MongoDB Extended JSON (`{"$date": …}`, `{"$oid": …}`, …).
-pub fn check_document(doc: &serde_json::Map<String, serde_json::Value>) -> Result<bool, String> {
-    fn key(k: &str, dollar: &mut bool) -> Result<(), String> {
+pub fn check_document(
+    doc: &serde_json::Map<String, serde_json::Value>,
+) -> Result<bool, DocumentError> {
+    fn key(k: &str, dollar: &mut bool) -> Result<(), DocumentError> {
         if k.contains('\0') {
-            return Err(format!(
-                "key `{}` holds a NUL byte, which the database cannot store",
-                k.replace('\0', "\\0").chars().take(80).collect::<String>()
+            return Err(DocumentError::NulInKey(
+                k.replace('\0', "\\0").chars().take(80).collect(),
             ));
         }
         *dollar |= k.starts_with('$');
         Ok(())
     }
-    fn walk(v: &serde_json::Value, depth: usize, dollar: &mut bool) -> Result<(), String> {
+    fn walk(v: &serde_json::Value, depth: usize, dollar: &mut bool) -> Result<(), DocumentError> {
         let nested = matches!(
             v,
             serde_json::Value::Object(_) | serde_json::Value::Array(_)
         );
         if nested && depth > MAX_BSON_DEPTH {
-            return Err(format!(
-                "document nests deeper than {MAX_BSON_DEPTH} levels, MongoDB's documented limit"
-            ));
+            return Err(DocumentError::TooDeep);
         }
         match v {
             serde_json::Value::Object(m) => m.iter().try_for_each(|(k, v)| {
@@ -206,7 +229,8 @@ fn first_dollar_key(doc: &Document) -> Option<String> {
 pub fn encode(
     id: &str,
     doc: &serde_json::Map<String, serde_json::Value>,
-) -> Result<RawDocumentBuf, String> {
+) -> Result<RawDocumentBuf, DocumentError> {
+    let encoding = |e: bson::ser::Error| DocumentError::Encoding(e.to_string());
     let bytes = if check_document(doc)? {
         // Extended JSON: `{"$date": "…"}` becomes a date, as the driver reads it.
         let mut d = Document::new();
@@ -215,27 +239,23 @@ pub fn encode(
             if k == "_id" {
                 continue;
             }
-            let b = Bson::try_from(v.clone())
-                .map_err(|e| format!("field `{k}` cannot be stored: {e}"))?;
+            let b = Bson::try_from(v.clone()).map_err(|e| DocumentError::Field {
+                field: k.clone(),
+                reason: e.to_string(),
+            })?;
             d.insert(k.as_str(), b);
         }
         if let Some(k) = first_dollar_key(&d) {
-            return Err(format!(
-                "key `{}` starts with `$`: only MongoDB Extended JSON ($date, $oid, $numberLong, …) may",
-                k.chars().take(80).collect::<String>()
-            ));
+            return Err(DocumentError::DollarKey(k.chars().take(80).collect()));
         }
-        bson::to_vec(&d).map_err(|e| format!("document cannot be stored: {e}"))?
+        bson::to_vec(&d).map_err(encoding)?
     } else {
-        bson::to_vec(&WithId { id, doc }).map_err(|e| format!("document cannot be stored: {e}"))?
+        bson::to_vec(&WithId { id, doc }).map_err(encoding)?
     };
     if bytes.len() > MAX_BSON_BYTES {
-        return Err(format!(
-            "document is {} bytes as BSON, over the database's {MAX_BSON_BYTES} bytes limit",
-            bytes.len()
-        ));
+        return Err(DocumentError::TooLarge(bytes.len()));
     }
-    RawDocumentBuf::from_bytes(bytes).map_err(|e| format!("document cannot be stored: {e}"))
+    RawDocumentBuf::from_bytes(bytes).map_err(|e| DocumentError::Encoding(e.to_string()))
 }
 
 /// Encodes a bulk write's documents as BSON with their ids, and sets aside each document the
@@ -248,7 +268,7 @@ pub fn prepare(w: &BulkWrite) -> Prepared {
         let doc = match encode(&d.id, &d.doc) {
             Ok(doc) => doc,
             Err(reason) => {
-                invalid.push((i, reason));
+                invalid.push((i, reason.to_string()));
                 continue;
             }
         };

@@ -105,7 +105,11 @@ impl Remote {
             .docs
             .iter()
             .enumerate()
-            .filter_map(|(i, d)| super::check_document(&d.doc).err().map(|r| (i, r)))
+            .filter_map(|(i, d)| {
+                super::check_document(&d.doc)
+                    .err()
+                    .map(|r| (i, r.to_string()))
+            })
             .collect();
         if unstorable.is_empty() {
             let body = serde_json::to_vec(&CallRef::BulkWrite { write })

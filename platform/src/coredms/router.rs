@@ -12,10 +12,10 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::Call;
 use super::{CoreDms, CoreError, MongoStore};
+use crate::api::{CreateTenant, CreatedTenant, DocumentsPage, StreamReportAnswer, SummaryAnswer};
 use crate::config::Settings;
 use crate::http::{
     ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
@@ -124,14 +124,6 @@ pub fn rpc_router(state: CoredmsApi) -> Router {
         .with_state(state)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateTenant {
-    name: String,
-    #[serde(flatten)]
-    limits: AdminPatch,
-}
-
 async fn create_tenant(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -177,12 +169,12 @@ async fn create_tenant(
     tracing::info!(tenant = %name, "tenant created");
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "name": profile.name,
-            "database": profile.database,
-            "token": token,
-            "profile": profile,
-        })),
+        Json(CreatedTenant {
+            name: profile.name.to_string(),
+            database: profile.database.clone(),
+            token,
+            profile,
+        }),
     )
         .into_response())
 }
@@ -266,7 +258,7 @@ fn log_array_stream(
                 Some(Ok(e)) => {
                     out.push(if started { b',' } else { b'[' });
                     started = true;
-                    if let Err(e) = serde_json::to_writer(&mut out, &e.to_json()) {
+                    if let Err(e) = serde_json::to_writer(&mut out, &e) {
                         return Some((Err(std::io::Error::other(e)), St::Done));
                     }
                 }
@@ -296,7 +288,11 @@ async fn summary(
         total += 1;
         s.add(&e);
     }
-    Ok(Json(json!({ "entries": total, "groups": s.rows() })).into_response())
+    Ok(Json(SummaryAnswer {
+        entries: total,
+        groups: s.rows(),
+    })
+    .into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -327,7 +323,11 @@ async fn stream_report(
     while let Some(e) = cursor.next().await {
         r.add(&e.map_err(CoreError::from)?);
     }
-    Ok(Json(json!({ "tenant": t, "periods": r.periods() })).into_response())
+    Ok(Json(StreamReportAnswer {
+        tenant: t.to_string(),
+        periods: r.periods(),
+    })
+    .into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -358,7 +358,11 @@ async fn documents(
         .documents(&t, &c, limit, page.skip.unwrap_or(0))
         .await?;
     let total = p.coredms.count_documents(&t, &c).await?;
-    Ok(Json(json!({ "total": total, "documents": docs })).into_response())
+    Ok(Json(DocumentsPage {
+        total,
+        documents: docs,
+    })
+    .into_response())
 }
 
 /// Bodies above this are decoded off the async threads.
@@ -393,9 +397,7 @@ async fn rpc(
     let call = if body.len() <= RPC_INLINE_DECODE {
         decode(&body)?
     } else {
-        tokio::task::spawn_blocking(move || decode(&body))
-            .await
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+        tokio::task::spawn_blocking(move || decode(&body)).await??
     };
     Ok(call.serve(&p.store).await)
 }

@@ -8,6 +8,7 @@ use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::api::{ActiveApp, AppFunctions, AppUploaded};
 use crate::apps::{MAX_SOURCE_BYTES, compile};
 use crate::coredms::CoreDms;
 use crate::http::{ApiError, Auth, Caller, PathArgs};
@@ -63,8 +64,7 @@ async fn upload(
     let limits = profile.constraints.app_limits;
     let src = source.clone();
     let compiled = tokio::task::spawn_blocking(move || compile(&src, &limits))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error"))?
+        .await?
         .map_err(|e| {
             let at = match (e.line, e.column) {
                 (Some(l), Some(c)) => format!(" at line {l}, column {c}"),
@@ -76,14 +76,14 @@ async fn upload(
         })?;
     let version = p.coredms.save_app(&t, kind, &source).await?;
     tracing::info!(tenant = %t, kind = kind.as_str(), version, "app uploaded");
-    Ok(Json(json!({
-        "version": version,
-        "kind": kind,
-        "functions": {
-            "map": compiled.shape.has_map,
-            "ingest": compiled.shape.has_ingest,
+    Ok(Json(AppUploaded {
+        version,
+        kind,
+        functions: AppFunctions {
+            map: compiled.shape.has_map,
+            ingest: compiled.shape.has_ingest,
         },
-    }))
+    })
     .into_response())
 }
 
@@ -95,12 +95,12 @@ async fn current(
     let t = caller.for_tenant(&t)?;
     let kind = kind(&k)?;
     match p.coredms.active_app(&t, kind).await? {
-        Some(app) => Ok(Json(json!({
-            "version": app.version,
-            "kind": kind,
-            "source": app.source,
-            "created_at": app.created_at,
-        }))
+        Some(app) => Ok(Json(ActiveApp {
+            version: app.version,
+            kind,
+            source: app.source,
+            created_at: app.created_at,
+        })
         .into_response()),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

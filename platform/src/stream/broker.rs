@@ -15,6 +15,7 @@ use lapin::{
 use rand::RngCore;
 use tokio::sync::Mutex;
 
+use crate::api::DeadLetter;
 use crate::config::AmqpSettings;
 use crate::tenants::TenantName;
 
@@ -299,21 +300,6 @@ impl Broker {
     }
 }
 
-/// A message in a tenant's dead-letter queue, as the tenant lists it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct DeadLetter {
-    /// The message's id: its ingestion in the log, kept when it is replayed.
-    pub message_id: Option<String>,
-    pub data_name: Option<String>,
-    /// Why it was dead-lettered.
-    pub reason: Option<String>,
-    pub bytes: u64,
-    /// The first bytes of its body (lossy UTF-8).
-    pub preview: String,
-    /// Times it was replayed before.
-    pub replays: u32,
-}
-
 fn header<'a>(d: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
     d.properties.headers().as_ref()?.inner().get(name)
 }
@@ -335,17 +321,16 @@ fn header_u32(d: &lapin::message::Delivery, name: &str) -> Option<u32> {
     }
 }
 
-impl DeadLetter {
-    fn of(d: &lapin::message::Delivery) -> Self {
-        let cut = d.data.len().min(PREVIEW_BYTES);
-        Self {
-            message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
-            data_name: header_text(d, HEADER_DATA_NAME),
-            reason: header_text(d, HEADER_REASON),
-            bytes: d.data.len() as u64,
-            preview: String::from_utf8_lossy(&d.data[..cut]).into_owned(),
-            replays: header_u32(d, HEADER_REPLAYS).unwrap_or(0),
-        }
+/// A dead letter as the tenant lists it.
+fn listed(d: &lapin::message::Delivery) -> DeadLetter {
+    let cut = d.data.len().min(PREVIEW_BYTES);
+    DeadLetter {
+        message_id: d.properties.message_id().as_ref().map(|m| m.to_string()),
+        data_name: header_text(d, HEADER_DATA_NAME),
+        reason: header_text(d, HEADER_REASON),
+        bytes: d.data.len() as u64,
+        preview: String::from_utf8_lossy(&d.data[..cut]).into_owned(),
+        replays: header_u32(d, HEADER_REPLAYS).unwrap_or(0),
     }
 }
 
@@ -382,7 +367,7 @@ impl Broker {
                     .await?
                 {
                     Some(m) => {
-                        out.push(DeadLetter::of(&m.delivery));
+                        out.push(listed(&m.delivery));
                         more = m.message_count > 0;
                     }
                     None => {

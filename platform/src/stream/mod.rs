@@ -18,6 +18,9 @@ use serde_json::json;
 pub use broker::{Broker, BrokerError, Topology};
 pub use manager::StreamManager;
 
+use crate::api::{
+    self, Consumers, DeadLetters, Replayed, SinceStart, StartConsumers, StreamStatus,
+};
 use crate::config::StreamSettings;
 use crate::coredms::CoreDms;
 use crate::events::Published;
@@ -100,8 +103,41 @@ enum Framing {
     Bytes,
 }
 
+/// A publish request's content type the broker does not take (answered 415).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContentTypeError {
+    #[error(
+        "content type `{0}` is not accepted: send application/json (one message), application/x-ndjson (one per line), or, for stream apps that define `ingest`, text/plain or application/octet-stream (one message, published as sent)"
+    )]
+    Type(String),
+    #[error("charset `{0}` is not accepted: send UTF-8")]
+    Charset(String),
+}
+
+impl From<ContentTypeError> for ApiError {
+    fn from(e: ContentTypeError) -> Self {
+        ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string())
+    }
+}
+
+/// A message that is not what its content type declares; `line` is the NDJSON line.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    #[error("{}invalid UTF-8 at byte {at} of the message", line_prefix(*.line))]
+    Utf8 { line: Option<usize>, at: usize },
+    #[error("{}invalid JSON: {error}", line_prefix(*.line))]
+    Json {
+        line: Option<usize>,
+        error: serde_json::Error,
+    },
+}
+
+fn line_prefix(line: Option<usize>) -> String {
+    line.map(|l| format!("line {l}: ")).unwrap_or_default()
+}
+
 impl Framing {
-    fn of(content_type: &str) -> Result<Self, ApiError> {
+    fn of(content_type: &str) -> Result<Self, ContentTypeError> {
         let mut parts = content_type.split(';');
         let mime = parts.next().unwrap_or("").trim().to_ascii_lowercase();
         let charset = parts
@@ -113,24 +149,14 @@ impl Framing {
             "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Self::Ndjson,
             "text/plain" => Self::Text,
             "application/octet-stream" => Self::Bytes,
-            other => {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    format!(
-                        "content type `{other}` is not accepted: send application/json (one message), application/x-ndjson (one per line), or, for stream apps that define `ingest`, text/plain or application/octet-stream (one message, published as sent)"
-                    ),
-                ));
-            }
+            other => return Err(ContentTypeError::Type(other.to_owned())),
         };
         if framing != Self::Bytes
             && let Some(c) = charset
             && c != "utf-8"
             && c != "utf8"
         {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("charset `{c}` is not accepted: send UTF-8"),
-            ));
+            return Err(ContentTypeError::Charset(c));
         }
         Ok(framing)
     }
@@ -154,27 +180,21 @@ fn split_messages(body: &[u8], framing: Framing) -> Vec<(usize, &[u8])> {
 /// Checks that each message is what its content type declares, before anything is
 /// published: UTF-8 JSON for the JSON types (the error names the NDJSON line), UTF-8 for
 /// `text/plain`. Bytes are not checked.
-fn check_messages(messages: &[(usize, &[u8])], framing: Framing) -> Result<(), String> {
-    let at = |line: usize| match framing {
-        Framing::Ndjson => format!("line {line}: "),
-        _ => String::new(),
-    };
+fn check_messages(messages: &[(usize, &[u8])], framing: Framing) -> Result<(), MessageError> {
     for &(line, m) in messages {
+        let line = (framing == Framing::Ndjson).then_some(line);
         let text = match framing {
             Framing::Bytes => continue,
-            _ => std::str::from_utf8(m).map_err(|e| {
-                format!(
-                    "{}invalid UTF-8 at byte {} of the message",
-                    at(line),
-                    e.valid_up_to()
-                )
+            _ => std::str::from_utf8(m).map_err(|e| MessageError::Utf8 {
+                line,
+                at: e.valid_up_to(),
             })?,
         };
         if matches!(framing, Framing::Json | Framing::Ndjson) {
             // Parsed as the consumer will parse it (a lone surrogate escape, which a
             // validating skip lets through, fails there), then dropped.
             serde_json::from_str::<serde_json::Value>(text)
-                .map_err(|e| format!("{}invalid JSON: {e}", at(line)))?;
+                .map_err(|error| MessageError::Json { line, error })?;
         }
     }
     Ok(())
@@ -264,8 +284,7 @@ async fn publish(
         tokio::task::spawn_blocking(move || {
             check_messages(&split_messages(&body, framing), framing)
         })
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .await?
     };
     checked.map_err(|reason| {
         ApiError::bad_request(format!("{reason} (nothing of this request was published)"))
@@ -290,15 +309,12 @@ async fn publish(
     .emit(&p.metrics);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "published": ids.len(), "ids": ids })),
+        Json(api::Published {
+            published: ids.len() as u64,
+            ids,
+        }),
     )
         .into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Start {
-    consumers: Option<u32>,
 }
 
 async fn start(
@@ -309,8 +325,8 @@ async fn start(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     // The body is optional: no body starts one consumer.
-    let body: Start = if body.iter().all(u8::is_ascii_whitespace) {
-        Start::default()
+    let body: StartConsumers = if body.iter().all(u8::is_ascii_whitespace) {
+        StartConsumers::default()
     } else if !headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -334,8 +350,8 @@ async fn start(
             "consumers must be between 1 and {max}"
         )));
     }
-    let running = m.scale(&t, want).await;
-    Ok(Json(json!({ "consumers": running })).into_response())
+    let consumers = m.scale(&t, want).await;
+    Ok(Json(Consumers { consumers }).into_response())
 }
 
 async fn stop(
@@ -344,8 +360,8 @@ async fn stop(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = p.manager.scale(&t, 0).await;
-    Ok(Json(json!({ "consumers": running })).into_response())
+    let consumers = p.manager.scale(&t, 0).await;
+    Ok(Json(Consumers { consumers }).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -376,7 +392,11 @@ async fn dead_letters(
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     let (letters, more) = p.broker.dead_letters(&t, q.limit()?).await?;
-    Ok(Json(json!({ "dead_letters": letters, "more": more })).into_response())
+    Ok(Json(DeadLetters {
+        dead_letters: letters,
+        more,
+    })
+    .into_response())
 }
 
 /// Moves dead letters back to the tenant's queue, for the stream app running now: each
@@ -390,7 +410,7 @@ async fn replay(
     let t = caller.for_tenant(&t)?;
     let replayed = p.broker.replay_dead_letters(&t, q.limit()?).await?;
     tracing::info!(tenant = %t, replayed, "dead letters replayed");
-    Ok(Json(json!({ "replayed": replayed })).into_response())
+    Ok(Json(Replayed { replayed }).into_response())
 }
 
 async fn stream_status(
@@ -399,19 +419,17 @@ async fn stream_status(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let running = p.manager.running(&t).await;
+    let consumers = p.manager.running(&t).await;
     let count = |name, status| p.metrics.get(name, t.as_str(), "stream", status);
-    Ok(Json(json!({
-        "consumers": running,
-        // What this process's consumers did since it started: a cheap live view. The log
-        // (`/stream/report`, `/logs`) is the record.
-        "since_start": {
-            "stored": count("mysimbdp_ingested_total", "success"),
-            "duplicates": count("mysimbdp_ingested_total", "duplicate"),
-            "failed": count("mysimbdp_ingested_total", "failure"),
-            "dead_lettered": count("mysimbdp_dead_lettered_total", "failure"),
-        }
-    }))
+    Ok(Json(StreamStatus {
+        consumers,
+        since_start: SinceStart {
+            stored: count("mysimbdp_ingested_total", "success"),
+            duplicates: count("mysimbdp_ingested_total", "duplicate"),
+            failed: count("mysimbdp_ingested_total", "failure"),
+            dead_lettered: count("mysimbdp_dead_lettered_total", "failure"),
+        },
+    })
     .into_response())
 }
 
@@ -420,9 +438,11 @@ mod tests {
     use super::*;
 
     fn check(body: &[u8], ct: &str) -> Result<usize, String> {
-        let f = Framing::of(ct).map_err(|e| e.message)?;
+        let f = Framing::of(ct).map_err(|e| e.to_string())?;
         let m = split_messages(body, f);
-        check_messages(&m, f).map(|()| m.len())
+        check_messages(&m, f)
+            .map(|()| m.len())
+            .map_err(|e| e.to_string())
     }
 
     #[test]

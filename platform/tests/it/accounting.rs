@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use serde_json::Value;
+use mysimbdp::api::LogEntry;
+use mysimbdp::logs::Status;
+use mysimbdp::model::{FileRecord, FileState};
 
 use crate::harness::{TestApp, eventually};
 
@@ -50,38 +52,46 @@ fn expected(i: u64) -> (u64, bool, bool) {
 /// Checks one run's log entries (`ingestion` = the file's job) against the file: every
 /// record appears, as its documents' entries or one skipped/failed entry, and no entry
 /// twice. `stored` is the status its documents' entries must have.
-fn check_run(entries: &[&Value], stored: &str) {
-    let mut per_record: BTreeMap<u64, Vec<&Value>> = BTreeMap::new();
+fn check_run(entries: &[&LogEntry], stored: Status) {
+    let mut per_record: BTreeMap<u64, Vec<&LogEntry>> = BTreeMap::new();
     let mut seen = HashSet::new();
     for e in entries {
-        let record = e["record"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no record: {e}"));
-        assert_eq!(e["line"].as_u64(), Some(record + 1), "{e}");
-        let key = (
-            e["status"].to_string(),
-            record,
-            e["document_id"].to_string(),
-        );
-        assert!(seen.insert(key), "an entry written twice: {e}");
+        let record = e.record.unwrap_or_else(|| panic!("no record: {e:?}"));
+        assert_eq!(e.line, Some(record + 1), "{e:?}");
+        let key = (e.status, record, e.document_id.clone());
+        assert!(seen.insert(key), "an entry written twice: {e:?}");
         per_record.entry(record).or_default().push(e);
     }
     assert_eq!(per_record.len(), 10_000, "every record appears in the log");
     for (record, es) in per_record {
-        let statuses: Vec<&str> = es.iter().filter_map(|e| e["status"].as_str()).collect();
+        let statuses: Vec<Status> = es.iter().map(|e| e.status).collect();
         match expected(record) {
-            (_, true, _) => assert_eq!(statuses, ["skipped"], "record {record}"),
-            (_, _, true) => assert_eq!(statuses, ["failure"], "record {record}: {es:?}"),
+            (_, true, _) => assert_eq!(statuses, [Status::Skipped], "record {record}"),
+            (_, _, true) => assert_eq!(statuses, [Status::Failure], "record {record}: {es:?}"),
             (n, _, _) => {
                 assert_eq!(statuses, vec![stored; n as usize], "record {record}");
                 assert!(
                     es.iter()
-                        .all(|e| e["document_id"].is_string() && e["collection"] == "acc"),
+                        .all(|e| e.document_id.is_some() && e.collection == "acc"),
                     "{es:?}"
                 );
             }
         }
     }
+}
+
+/// A file's counters: records ok, skipped, failed, duplicate; documents stored, duplicate,
+/// failed.
+fn counts(f: &FileRecord) -> [u64; 7] {
+    [
+        f.records_ok,
+        f.records_skipped,
+        f.records_failed,
+        f.records_duplicate,
+        f.documents_stored,
+        f.documents_duplicate,
+        f.documents_failed,
+    ]
 }
 
 #[tokio::test]
@@ -97,39 +107,30 @@ async fn every_record_of_a_file_is_in_the_log_once_and_the_counts_match_the_file
         .wait_for_file(&t, "acc.ndjson", Duration::from_secs(300))
         .await
         .expect("status");
-    let counts = |f: &Value| {
-        [
-            "records_ok",
-            "records_skipped",
-            "records_failed",
-            "records_duplicate",
-            "documents_stored",
-            "documents_duplicate",
-            "documents_failed",
-        ]
-        .map(|k| f[k].as_u64().unwrap_or(u64::MAX))
-    };
     // Skipped 1,000 (i % 10 == 3); failed 1,000 in the app, 10 not JSON, 10 refused;
     // stored 7,980 records as 8,980 documents (1,000 fan-outs of two).
-    assert_eq!(f["state"], "done", "{f}");
-    assert_eq!(counts(&f), [7980, 1000, 1020, 0, 8980, 0, 0], "{f}");
-    assert_eq!(f["next_record"], 10_000);
+    assert_eq!(f.state, FileState::Done, "{f:?}");
+    assert_eq!(counts(&f), [7980, 1000, 1020, 0, 8980, 0, 0], "{f:?}");
+    assert_eq!(f.next_record, 10_000);
     assert_eq!(app.count(&t, "acc").await, 8980);
-    let first_job = f["job"].as_str().expect("job").to_owned();
+    let first_job = f.job.clone();
 
     let log = app.logs(&c, &t, "").await;
-    let run: Vec<&Value> = log.iter().filter(|e| e["ingestion"] == first_job).collect();
+    let run: Vec<&LogEntry> = log
+        .iter()
+        .filter(|e| e.ingestion.as_deref() == Some(first_job.as_str()))
+        .collect();
     assert_eq!(run.len(), log.len(), "only this run's entries");
     assert_eq!(log.len(), 8980 + 1000 + 1020);
-    check_run(&run, "success");
-    let refused: Vec<&&Value> = run
+    check_run(&run, Status::Success);
+    let refused: Vec<&&LogEntry> = run
         .iter()
-        .filter(|e| e["record"].as_u64().is_some_and(|r| r % 1000 == 1))
+        .filter(|e| e.record.is_some_and(|r| r % 1000 == 1))
         .collect();
     assert!(
         refused
             .iter()
-            .all(|e| e["reason"].as_str().is_some_and(|r| r.contains("$refused"))),
+            .all(|e| e.reason.as_deref().is_some_and(|r| r.contains("$refused"))),
         "{refused:?}"
     );
 
@@ -140,16 +141,19 @@ async fn every_record_of_a_file_is_in_the_log_once_and_the_counts_match_the_file
         eventually(Duration::from_secs(300), || async {
             c.file(&t, "acc.ndjson")
                 .await
-                .is_ok_and(|f| f["state"] == "done" && f["job"] != first_job.as_str())
+                .is_ok_and(|f| f.state == FileState::Done && f.job != first_job)
         })
         .await
     );
     let f = c.file(&t, "acc.ndjson").await.expect("status");
-    assert_eq!(counts(&f), [0, 1000, 1020, 7980, 0, 8980, 0], "{f}");
+    assert_eq!(counts(&f), [0, 1000, 1020, 7980, 0, 8980, 0], "{f:?}");
     let log = app.logs(&c, &t, "").await;
     assert_eq!(log.len(), 2 * (8980 + 1000 + 1020));
-    let second: Vec<&Value> = log.iter().filter(|e| e["ingestion"] == f["job"]).collect();
-    check_run(&second, "duplicate");
+    let second: Vec<&LogEntry> = log
+        .iter()
+        .filter(|e| e.ingestion.as_deref() == Some(f.job.as_str()))
+        .collect();
+    check_run(&second, Status::Duplicate);
     assert_eq!(app.count(&t, "acc").await, 8980);
 }
 
@@ -158,10 +162,10 @@ async fn one_success_per_document(app: &TestApp, t: &str, collection: &str, n: u
     let log = app.logs(&app.admin, t, "").await;
     let docs: Vec<&str> = log
         .iter()
-        .filter(|e| e["collection"] == collection)
+        .filter(|e| e.collection == collection)
         .map(|e| {
-            assert_eq!(e["status"], "success", "{e}");
-            e["document_id"].as_str().expect("document id")
+            assert_eq!(e.status, Status::Success, "{e:?}");
+            e.document_id.as_deref().expect("document id")
         })
         .collect();
     let distinct: HashSet<&str> = docs.iter().copied().collect();
@@ -198,13 +202,9 @@ async fn a_platform_killed_between_the_data_and_the_log_ends_with_one_success_pe
         .await
         .expect("status");
     assert_eq!(
-        (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["records_duplicate"].as_u64()
-        ),
-        (Some("done"), Some(3000), Some(0)),
-        "{f}"
+        (f.state, f.records_ok, f.records_duplicate),
+        (FileState::Done, 3000, 0),
+        "{f:?}"
     );
     one_success_per_document(&app, &t, "rows", 3000).await;
 
@@ -262,16 +262,16 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     // Listing leaves them where they are.
     for _ in 0..2 {
         let dl = c.dead_letters(&t, 100).await.expect("list");
-        let letters = dl["dead_letters"].as_array().expect("list");
-        assert_eq!(letters.len(), 10, "{dl}");
-        assert_eq!(dl["more"], false);
+        assert_eq!(dl.dead_letters.len(), 10, "{dl:?}");
+        assert!(!dl.more);
         assert!(
-            letters.iter().all(|l| l["reason"]
-                .as_str()
+            dl.dead_letters.iter().all(|l| l
+                .reason
+                .as_deref()
                 .is_some_and(|r| r.contains("cannot read"))
-                && l["message_id"].is_string()
-                && l["data_name"] == "reading"),
-            "{dl}"
+                && l.message_id.is_some()
+                && l.data_name.as_deref() == Some("reading")),
+            "{dl:?}"
         );
     }
     let r = c
@@ -296,7 +296,7 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     .expect("app v2");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let r = c.replay_dead_letters(&t, 1000).await.expect("replay");
-    assert_eq!(r["replayed"], 10, "{r}");
+    assert_eq!(r.replayed, 10, "{r:?}");
     let stored = eventually(Duration::from_secs(60), || async {
         app.count(&t, "messages").await >= 100
     })
@@ -306,27 +306,28 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     assert_eq!(app.count(&t, "messages").await, 100);
     let log = app.logs(&c, &t, "").await;
     assert_eq!(log.len(), 110, "100 successes and the 10 first failures");
-    let mut by_message: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    let mut by_message: BTreeMap<&str, Vec<Status>> = BTreeMap::new();
     for e in &log {
         by_message
-            .entry(e["message_id"].as_str().expect("message id"))
+            .entry(e.message_id.as_deref().expect("message id"))
             .or_default()
-            .push(e["status"].as_str().expect("status"));
+            .push(e.status);
     }
     assert_eq!(by_message.len(), 100);
+    let fixed = [Status::Failure, Status::Success];
     let replayed = by_message
         .values()
-        .filter(|s| s.as_slice() == ["failure", "success"])
+        .filter(|s| s.as_slice() == fixed)
         .count();
     assert_eq!(replayed, 10, "{by_message:?}");
     assert!(
         by_message
             .values()
-            .all(|s| s.as_slice() == ["success"] || s.as_slice() == ["failure", "success"])
+            .all(|s| s.as_slice() == [Status::Success] || s.as_slice() == fixed)
     );
     let dl = c.dead_letters(&t, 100).await.expect("list");
-    assert_eq!(dl["dead_letters"].as_array().map(Vec::len), Some(0), "{dl}");
+    assert!(dl.dead_letters.is_empty(), "{dl:?}");
     let r = c.replay_dead_letters(&t, 1000).await.expect("replay again");
-    assert_eq!(r["replayed"], 0);
+    assert_eq!(r.replayed, 0);
     c.stream_stop(&t).await.expect("stop");
 }

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use crate::harness::TestApp;
+use crate::harness::patch;
 
 const MAP_APP: &str = r#"
 function map(r)
@@ -15,10 +16,7 @@ async fn a_map_app_transforms_every_record_and_new_versions_apply_to_the_next_fi
     let app = TestApp::spawn().await;
     let (t, c) = app.tenant("mapper").await;
     let v = c.upload_app(&t, "batch", MAP_APP).await.expect("upload");
-    assert_eq!(
-        (v["version"].as_u64(), v["functions"]["map"].as_bool()),
-        (Some(1), Some(true))
-    );
+    assert_eq!((v.version, v.functions.map), (1, true));
     c.upload_file(
         &t,
         "s.csv",
@@ -33,14 +31,14 @@ async fn a_map_app_transforms_every_record_and_new_versions_apply_to_the_next_fi
         .expect("status");
     assert_eq!(
         (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["app_version"].as_u64()
+            Some(f.state.as_str()),
+            Some(f.records_ok),
+            f.app_version.map(u64::from)
         ),
         (Some("done"), Some(1), Some(1))
     );
     let docs = c.documents(&t, "s", 10, 0).await.expect("docs");
-    let d = &docs["documents"][0];
+    let d = &docs.documents[0];
     assert_eq!(
         (d["site"].as_str(), d["value"].as_f64()),
         (Some("AN-1"), Some(7.5))
@@ -54,14 +52,14 @@ async fn a_map_app_transforms_every_record_and_new_versions_apply_to_the_next_fi
         )
         .await
         .expect("second version");
-    assert_eq!(v2["version"], 2);
+    assert_eq!(v2.version, 2);
     c.upload_file(&t, "t.csv", "k\nabc\n").await.expect("stage");
     c.ingest(&t, "t.csv").await.expect("ingest");
     c.wait_for_file(&t, "t.csv", Duration::from_secs(60))
         .await
         .expect("status");
     let docs = c.documents(&t, "t", 10, 0).await.expect("docs");
-    assert_eq!(docs["documents"][0]["upper"], "ABC");
+    assert_eq!(docs.documents[0]["upper"], "ABC");
 }
 
 #[tokio::test]
@@ -78,16 +76,13 @@ async fn a_syntax_error_is_a_400_with_the_line_and_the_previous_version_stays() 
         .await
         .expect_err("syntax error");
     assert_eq!(e.status(), Some(reqwest::StatusCode::BAD_REQUEST));
-    let mysimbdp::client::ClientError::Api { body, message, .. } = e else {
+    let mysimbdp::client::ClientError::Api { body, .. } = e else {
         panic!("api error expected")
     };
-    assert_eq!(body["line"], 3, "{body}");
-    assert!(message.contains("line 3"), "{message}");
-    let cur = c
-        .get(&format!("/v1/tenants/{t}/apps/stream"))
-        .await
-        .expect("current app");
-    assert_eq!(cur["version"], 1);
+    assert_eq!(body.details["line"], 3, "{body:?}");
+    assert!(body.error.contains("line 3"), "{}", body.error);
+    let cur = c.app(&t, "stream").await.expect("current app");
+    assert_eq!(cur.version, 1);
     let e = c
         .upload_app(&t, "nonsense", MAP_APP)
         .await
@@ -122,7 +117,7 @@ async fn an_ingest_app_emits_many_documents_into_two_collections() {
         .wait_for_file(&t, "r.json", Duration::from_secs(60))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done", "{f}");
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
     assert_eq!(app.count(&t, "readings").await, 10);
     assert_eq!(app.count(&t, "alerts").await, 5);
 }
@@ -184,23 +179,23 @@ async fn hostile_apps_are_stopped_with_named_reasons_while_others_are_served() {
             .await
             .expect("status");
         assert_eq!(
-            (f["state"].as_str(), f["records_failed"].as_u64()),
-            (Some("done"), Some(2)),
-            "{name}: {f}"
+            (f.state.as_str(), f.records_failed),
+            ("done", 2),
+            "{name}: {f:?}"
         );
         let logs = app.logs(&bc, &bad, "status=failure").await;
         let last = logs.last().expect("a failure entry");
-        let r = last["reason"].as_str().unwrap_or("");
+        let r = last.reason.as_deref().unwrap_or("");
         let limit_reason =
             r.contains(reason) || (name == "loop" && r.contains("instruction budget"));
-        assert!(limit_reason, "{name}: reason was `{r}`");
+        assert!(limit_reason, "{name}: reason was `{r:?}`");
     }
     let f = gc
         .wait_for_file(&good, "wq.csv", Duration::from_secs(120))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done", "{f}");
-    assert_eq!(f["records_failed"], 0);
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
+    assert_eq!(f.records_failed, 0);
 }
 
 #[tokio::test]
@@ -211,7 +206,7 @@ async fn a_million_emits_fail_that_file_only() {
     app.admin
         .patch_tenant(
             &t,
-            &serde_json::json!({"app_limits": {"max_emits": 1000, "time_ms": 10000}}),
+            &patch(serde_json::json!({"app_limits": {"max_emits": 1000, "time_ms": 10000}})),
         )
         .await
         .expect("admin sets app limits");
@@ -228,12 +223,13 @@ async fn a_million_emits_fail_that_file_only() {
         .wait_for_file(&t, "x.json", Duration::from_secs(60))
         .await
         .expect("status");
-    assert_eq!(f["records_failed"], 1, "{f}");
+    assert_eq!(f.records_failed, 1, "{f:?}");
     let logs = app.logs(&c, &t, "status=failure").await;
     assert!(
-        logs[0]["reason"]
-            .as_str()
-            .unwrap_or("")
+        logs[0]
+            .reason
+            .as_deref()
+            .unwrap_or_default()
             .contains("1000 emitted documents limit"),
         "{logs:?}"
     );

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use reqwest::Method;
 
+use crate::harness::patch;
 use crate::harness::{TestApp, eventually, water_quality};
 
 #[tokio::test]
@@ -13,28 +14,25 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .upload_file(&t, "water-quality-10k.csv", body)
         .await
         .expect("stage");
-    assert_eq!(staged["state"], "staged");
-    assert_eq!(staged["collection"], "water-quality-10k");
+    assert_eq!(staged.state.as_str(), "staged");
+    assert_eq!(staged.collection, "water-quality-10k");
     let r = c.ingest(&t, "water-quality-10k.csv").await.expect("ingest");
-    assert_eq!(r["job"], format!("{t}/water-quality-10k.csv"));
+    assert_eq!(r.job, format!("{t}/water-quality-10k.csv"));
     let f = c
         .wait_for_file(&t, "water-quality-10k.csv", Duration::from_secs(180))
         .await
         .expect("status");
     assert_eq!(
-        (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["records_failed"].as_u64()
-        ),
-        (Some("done"), Some(9999), Some(0)),
-        "{f}"
+        (f.state.as_str(), f.records_ok, f.records_failed),
+        ("done", 9999, 0),
+        "{f:?}"
     );
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
     let doc = &c
         .documents(&t, "water-quality-10k", 1, 0)
         .await
-        .expect("docs")["documents"][0];
+        .expect("docs")
+        .documents[0];
     assert!(
         doc["sample.samplingPoint.notation"].is_string(),
         "dotted headers are kept: {doc}"
@@ -46,11 +44,7 @@ async fn the_water_quality_file_yields_9999_documents_and_reingesting_adds_none(
         .wait_for_file(&t, "water-quality-10k.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!(
-        (f["records_ok"].as_u64(), f["records_duplicate"].as_u64()),
-        (Some(0), Some(9999)),
-        "{f}"
-    );
+    assert_eq!((f.records_ok, f.records_duplicate), (0, 9999), "{f:?}");
     assert_eq!(app.count(&t, "water-quality-10k").await, 9999);
 }
 
@@ -59,7 +53,7 @@ async fn bad_uploads_get_the_right_status_and_leave_nothing_staged() {
     let app = TestApp::spawn().await;
     let (t, c) = app.tenant("strict").await;
     app.admin
-        .patch_tenant(&t, &serde_json::json!({"max_file_bytes": 1000, "max_staged_files": 2, "formats": ["csv", "ndjson"]}))
+        .patch_tenant(&t, &patch(serde_json::json!({"max_file_bytes": 1000, "max_staged_files": 2, "formats": ["csv", "ndjson"]})))
         .await
         .expect("limits");
     let big = vec![b'a'; 5000];
@@ -138,11 +132,11 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
         .wait_for_file(&t, "rows.csv", Duration::from_secs(60))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done");
+    assert_eq!(f.state.as_str(), "done");
     let failures = app.logs(&c, &t, "status=failure").await;
     let reasons: Vec<&str> = failures
         .iter()
-        .filter_map(|e| e["reason"].as_str())
+        .filter_map(|e| e.reason.as_deref())
         .collect();
     assert!(
         reasons
@@ -150,11 +144,8 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
             .any(|r| r.starts_with("line 3: expected 2 fields")),
         "{reasons:?}"
     );
-    assert!(f["records_ok"].as_u64().expect("ok count") >= 1);
-    assert_eq!(
-        f["records_ok"].as_u64().expect("ok") + f["records_failed"].as_u64().expect("failed"),
-        f["next_record"].as_u64().expect("records")
-    );
+    assert!(f.records_ok >= 1);
+    assert_eq!(f.records_ok + f.records_failed, f.next_record);
 
     c.upload_file(
         &t,
@@ -168,11 +159,7 @@ async fn broken_rows_fail_alone_with_their_line_numbers() {
         .wait_for_file(&t, "lines.ndjson", Duration::from_secs(60))
         .await
         .expect("status");
-    assert_eq!(
-        (f["records_ok"].as_u64(), f["records_failed"].as_u64()),
-        (Some(2), Some(2)),
-        "{f}"
-    );
+    assert_eq!((f.records_ok, f.records_failed), (2, 2), "{f:?}");
     assert_eq!(app.count(&t, "lines").await, 2);
 }
 
@@ -187,7 +174,7 @@ async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_docume
     c.ingest(&t, "wq.csv").await.expect("ingest");
     let started = eventually(Duration::from_secs(60), || async {
         let f = c.file(&t, "wq.csv").await.expect("status");
-        f["next_record"].as_u64().unwrap_or(0) >= 500
+        f.next_record >= 500
     })
     .await;
     assert!(started, "ingestion made progress before the kill");
@@ -201,7 +188,7 @@ async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_docume
         .wait_for_file(&t, "wq.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done", "{f}");
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
     assert_eq!(app.count(&t, "wq").await, 9999);
 }
 
@@ -238,15 +225,11 @@ async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved
         .wait_for_file(&b, "s.csv", Duration::from_secs(120))
         .await
         .expect("status");
-    assert_eq!(
-        (f["state"].as_str(), f["records_ok"].as_u64()),
-        (Some("done"), Some(3)),
-        "{f}"
-    );
+    assert_eq!((f.state.as_str(), f.records_ok), ("done", 3), "{f:?}");
     let mut busy_done = 0;
     for k in 0..3 {
         let f = ca.file(&a, &format!("f{k}.csv")).await.expect("status");
-        busy_done += f["next_record"].as_u64().unwrap_or(0);
+        busy_done += f.next_record;
     }
     assert!(
         busy_done < 3 * 9999,
@@ -257,11 +240,7 @@ async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved
             .wait_for_file(&a, &format!("f{k}.csv"), Duration::from_secs(300))
             .await
             .expect("status");
-        assert_eq!(
-            (f["state"].as_str(), f["records_ok"].as_u64()),
-            (Some("done"), Some(9999)),
-            "{f}"
-        );
+        assert_eq!((f.state.as_str(), f.records_ok), ("done", 9999), "{f:?}");
     }
     assert_eq!(
         app.count(&a, "f0").await + app.count(&a, "f1").await + app.count(&a, "f2").await,

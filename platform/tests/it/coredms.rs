@@ -7,57 +7,65 @@ use serde_json::json;
 use std::time::Duration;
 
 use crate::harness::TestApp;
+use crate::harness::patch;
+use mysimbdp::api::LogEntry;
+use mysimbdp::logs::Status;
+use mysimbdp::tenants::AdminPatch;
 
 #[tokio::test]
 async fn tenants_are_created_read_and_modified_with_clear_errors() {
     let app = TestApp::spawn().await;
     let (name, alice) = app.tenant("alice").await;
     let p = alice.tenant(&name).await.expect("own profile");
-    assert_eq!(p["database"], format!("{}tenant_alice", app.namespace));
-    assert_eq!(p["constraints"]["max_staged_files"], 100);
+    assert_eq!(p.database, format!("{}tenant_alice", app.namespace));
+    assert_eq!(p.constraints.max_staged_files, 100);
+    let raw = alice
+        .get(&format!("/v1/tenants/{name}"))
+        .await
+        .expect("own profile");
     assert!(
-        p.get("token_sha256").is_none(),
+        raw.get("token_sha256").is_none(),
         "the token hash never leaves coredms"
     );
 
     let p = alice
         .patch_tenant(
             &name,
-            &json!({"description": "water data", "auto_ingest": true}),
+            &patch(json!({"description": "water data", "auto_ingest": true})),
         )
         .await
         .expect("tenant edits its profile");
     assert_eq!(
-        (p["description"].as_str(), p["auto_ingest"].as_bool()),
-        (Some("water data"), Some(true))
+        (p.description.as_str(), p.auto_ingest),
+        ("water data", true)
     );
     let e = alice
-        .patch_tenant(&name, &json!({"max_file_bytes": 1}))
+        .patch_tenant(&name, &patch(json!({"max_file_bytes": 1})))
         .await
         .expect_err("limits are the admin's");
     assert_eq!(e.status(), Some(reqwest::StatusCode::FORBIDDEN));
     let p = app
         .admin
-        .patch_tenant(&name, &json!({"max_file_bytes": 1024}))
+        .patch_tenant(&name, &patch(json!({"max_file_bytes": 1024})))
         .await
         .expect("admin changes limits");
-    assert_eq!(p["constraints"]["max_file_bytes"], 1024);
+    assert_eq!(p.constraints.max_file_bytes, 1024);
 
     let e = app
         .admin
-        .create_tenant("alice", json!({}))
+        .create_tenant("alice", AdminPatch::default())
         .await
         .expect_err("duplicate");
     assert_eq!(e.status(), Some(reqwest::StatusCode::CONFLICT));
     let e = app
         .admin
-        .create_tenant("Bad/Name", json!({}))
+        .create_tenant("Bad/Name", AdminPatch::default())
         .await
         .expect_err("invalid");
     assert_eq!(e.status(), Some(reqwest::StatusCode::BAD_REQUEST));
     assert!(e.to_string().contains("[a-z0-9][a-z0-9_-]{0,31}"), "{e}");
     let e = alice
-        .create_tenant("bob", json!({}))
+        .create_tenant("bob", AdminPatch::default())
         .await
         .expect_err("tenants cannot create tenants");
     assert_eq!(e.status(), Some(reqwest::StatusCode::FORBIDDEN));
@@ -90,7 +98,7 @@ async fn tenants_are_created_read_and_modified_with_clear_errors() {
 #[tokio::test]
 async fn concurrent_creation_of_one_name_yields_exactly_one_tenant() {
     let app = TestApp::spawn().await;
-    let attempts = (0..8).map(|_| app.admin.create_tenant("same", json!({})));
+    let attempts = (0..8).map(|_| app.admin.create_tenant("same", AdminPatch::default()));
     let results = futures::future::join_all(attempts).await;
     let created = results.iter().filter(|r| r.is_ok()).count();
     let conflicts = results
@@ -157,21 +165,24 @@ async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_anot
     assert_eq!(app.count(&name, "items").await, 10_000);
     let logs = app.logs(&alice, &name, "").await;
     assert_eq!(logs.len(), 20_000);
-    let of = |status: &str, by: &str| {
+    let of = |status: Status, by: &str| {
         logs.iter()
-            .filter(|e| e["status"] == status && e["ingestion"] == by)
+            .filter(|e| e.status == status && e.ingestion.as_deref() == Some(by))
             .count()
     };
     assert_eq!(
-        (of("success", "first"), of("duplicate", "second")),
+        (
+            of(Status::Success, "first"),
+            of(Status::Duplicate, "second")
+        ),
         (10_000, 10_000)
     );
     let docs = alice
         .documents(&name, "items", 5, 0)
         .await
         .expect("read back");
-    assert_eq!(docs["total"], 10_000);
-    assert_eq!(docs["documents"].as_array().expect("array").len(), 5);
+    assert_eq!(docs.total, 10_000);
+    assert_eq!(docs.documents.len(), 5);
 }
 
 #[tokio::test]
@@ -200,7 +211,7 @@ async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_
     let logs = app.logs(&alice, &name, "").await;
     assert_eq!(logs.len(), 500);
     assert!(
-        logs.iter().all(|e| e["status"] == "success"),
+        logs.iter().all(|e| e.status == Status::Success),
         "{:?}",
         logs[0]
     );
@@ -295,22 +306,23 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
             .wait_for_file(t, f, std::time::Duration::from_secs(60))
             .await
             .expect("status");
-        assert_eq!(s["state"], "done", "{s}");
+        assert_eq!(s.state.as_str(), "done", "{s:?}");
     }
-    let r = alice.logs(&a, "").await.expect("download");
+    let r = alice.logs_raw(&a, "").await.expect("download");
     let cd = r
         .headers
         .get("content-disposition")
         .expect("attachment header");
     assert!(cd.to_str().expect("ascii").starts_with("attachment"));
-    let entries: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("JSON");
+    let entries: Vec<LogEntry> = r.into_typed().expect("a JSON array of log entries");
     assert_eq!(entries.len(), 3);
-    assert!(entries.iter().all(|e| e["tenant"] == a.as_str()));
+    assert!(entries.iter().all(|e| e.tenant == a));
     let failures = app.logs(&alice, &a, "status=failure").await;
     assert_eq!(failures.len(), 1);
     assert!(
-        failures[0]["reason"]
-            .as_str()
+        failures[0]
+            .reason
+            .as_deref()
             .expect("reason")
             .starts_with("line 3: invalid JSON")
     );
@@ -323,19 +335,18 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
     assert_eq!(bad.status(), Some(reqwest::StatusCode::BAD_REQUEST));
 
     let s = app.admin.summary("bucket_s=3600").await.expect("summary");
-    let groups = s["groups"].as_array().expect("groups");
-    let count = |t: &str, st: &str| -> u64 {
-        groups
+    let count = |t: &str, st: Status| -> u64 {
+        s.groups
             .iter()
-            .filter(|g| g["tenant"] == t && g["status"] == st)
-            .map(|g| g["count"].as_u64().unwrap_or(0))
+            .filter(|g| g.tenant == t && g.status == st)
+            .map(|g| g.count)
             .sum()
     };
     assert_eq!(
         (
-            count(&a, "success"),
-            count(&a, "failure"),
-            count(&b, "success")
+            count(&a, Status::Success),
+            count(&a, Status::Failure),
+            count(&b, Status::Success)
         ),
         (2, 1, 1)
     );

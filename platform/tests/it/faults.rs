@@ -16,6 +16,7 @@ use mysimbdp::testing::{
 };
 
 use crate::harness::{ADMIN_TOKEN, TestApp, eventually, messages_stored, unique, water_quality};
+use mysimbdp::tenants::AdminPatch;
 
 fn ndjson(from: usize, to: usize) -> Vec<u8> {
     (from..to)
@@ -82,7 +83,7 @@ async fn the_platform_process_sigkilled_under_load_loses_and_duplicates_nothing(
     let mut p = spawn_serve(&ns, &staging).await;
     let t = p
         .client
-        .create_tenant("victim", serde_json::json!({}))
+        .create_tenant("victim", AdminPatch::default())
         .await
         .expect("tenant");
     let c = p.client.with_token(Some(&t.token));
@@ -125,9 +126,13 @@ async fn the_platform_process_sigkilled_under_load_loses_and_duplicates_nothing(
         .wait_for_file(&t.name, "wq.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done", "the interrupted batch job resumed: {f}");
+    assert_eq!(
+        f.state.as_str(),
+        "done",
+        "the interrupted batch job resumed: {f:?}"
+    );
     let docs = c.documents(&t.name, "wq", 1, 0).await.expect("docs");
-    assert_eq!(docs["total"], 9999);
+    assert_eq!(docs.total, 9999);
     drop(p);
     let _ = std::fs::remove_dir_all(&staging);
 }
@@ -241,6 +246,6 @@ async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
         .wait_for_file(&t, "wq.csv", Duration::from_secs(180))
         .await
         .expect("status");
-    assert_eq!(f["state"], "done", "{f}");
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
     assert_eq!(app.count(&t, "wq").await, 9999);
 }

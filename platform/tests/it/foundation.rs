@@ -18,12 +18,26 @@ async fn platform_answers_health_and_metrics_and_knows_server_versions() {
         .await
         .expect("healthz");
     assert_eq!(h.status, 200);
+    let (t, c) = app.tenant(&unique("metered")).await;
+    c.publish(&t, "m", "{\"a\":1}\n").await.expect("publish");
     let m = app
         .admin
         .raw(reqwest::Method::GET, "/metrics", None, Vec::new())
         .await
         .expect("metrics");
-    assert!(String::from_utf8_lossy(&m.body).contains("# TYPE mysimbdp_ingested_total counter"));
+    let text = String::from_utf8_lossy(&m.body);
+    assert!(
+        text.contains("# TYPE mysimbdp_published counter")
+            && text.contains(&format!(
+                "mysimbdp_published_total{{tenant=\"{t}\",source=\"stream\",status=\"success\"}} 1\n"
+            ))
+            && text.ends_with("# EOF\n"),
+        "{text}"
+    );
+    assert_eq!(
+        m.headers.get("content-type").and_then(|v| v.to_str().ok()),
+        Some(mysimbdp::metrics::CONTENT_TYPE)
+    );
     assert!(!app.versions.mongodb.is_empty() && app.versions.mongodb != "unknown");
     assert!(
         app.versions.rabbitmq.contains("RabbitMQ"),

@@ -4,9 +4,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mysimbdp::api::LogEntry;
 use mysimbdp::client::Client;
 use mysimbdp::config::Settings;
 use mysimbdp::infra::ServerVersions;
+use mysimbdp::tenants::AdminPatch;
 pub use mysimbdp::testing::messages_stored;
 use mysimbdp::testing::{InProcess, Runtime};
 
@@ -87,7 +89,7 @@ impl TestApp {
     pub async fn tenant(&self, name: &str) -> (String, Client) {
         let t = self
             .admin
-            .create_tenant(name, serde_json::json!({}))
+            .create_tenant(name, AdminPatch::default())
             .await
             .expect("tenant created");
         (t.name, self.admin.with_token(Some(&t.token)))
@@ -130,10 +132,8 @@ impl TestApp {
     }
 
     /// The tenant's downloaded log, parsed.
-    pub async fn logs(&self, client: &Client, tenant: &str, query: &str) -> Vec<serde_json::Value> {
-        let r = client.logs(tenant, query).await.expect("log download");
-        serde_json::from_slice::<Vec<serde_json::Value>>(&r.body)
-            .expect("the log file is a JSON array")
+    pub async fn logs(&self, client: &Client, tenant: &str, query: &str) -> Vec<LogEntry> {
+        client.logs(tenant, query).await.expect("log download")
     }
 }
 
@@ -145,6 +145,11 @@ impl Drop for TestApp {
             let _ = std::fs::remove_dir_all(&self.staging);
         }
     }
+}
+
+/// A profile change, written as the JSON an admin would send.
+pub fn patch(v: serde_json::Value) -> AdminPatch {
+    serde_json::from_value(v).expect("a valid profile change")
 }
 
 /// Polls `f` until it returns true or `timeout` passes; returns the last answer.

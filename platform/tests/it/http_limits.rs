@@ -10,6 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::harness::{TestApp, eventually, unique};
+use mysimbdp::logs::Status;
+use mysimbdp::tenants::AdminPatch;
 
 /// A response read off a raw connection.
 struct RawAnswer {
@@ -119,7 +121,7 @@ async fn slow_uploads_of_one_tenant_hold_neither_other_tenants_nor_healthz_and_a
     let addr = app.admin.base().trim_start_matches("http://").to_owned();
     let a = app
         .admin
-        .create_tenant(&unique("slowa"), serde_json::json!({}))
+        .create_tenant(&unique("slowa"), AdminPatch::default())
         .await
         .expect("tenant a");
     let (b, bc) = app.tenant(&unique("fastb")).await;
@@ -172,7 +174,7 @@ async fn slow_uploads_of_one_tenant_hold_neither_other_tenants_nor_healthz_and_a
         .wait_for_file(&b, "b.csv", Duration::from_secs(30))
         .await
         .expect("file status");
-    assert_eq!(f["records_ok"], 2, "B's ingestion goes on: {f}");
+    assert_eq!(f.records_ok, 2, "B's ingestion goes on: {f:?}");
 
     let mut answers = Vec::new();
     for s in slow {
@@ -226,11 +228,8 @@ async fn slow_uploads_of_one_tenant_hold_neither_other_tenants_nor_healthz_and_a
     ac.upload_file(&a.name, "ok.csv", "id\n1\n")
         .await
         .expect("A uploads again once its slow requests are gone");
-    let files = ac
-        .get(&format!("/v1/tenants/{}/files", a.name))
-        .await
-        .expect("files");
-    assert_eq!(files["files"].as_array().map(Vec::len), Some(1), "{files}");
+    let files = ac.files(&a.name).await.expect("files");
+    assert_eq!(files.files.len(), 1, "{files:?}");
     let m = text(&app.admin, "/metrics").await;
     assert!(
         m.contains("mysimbdp_http_rejected_total{tenant=")
@@ -249,7 +248,7 @@ async fn a_handler_slower_than_the_request_timeout_gets_503_with_retry_after() {
     let addr = app.admin.base().trim_start_matches("http://").to_owned();
     let t = app
         .admin
-        .create_tenant(&unique("stuck"), serde_json::json!({}))
+        .create_tenant(&unique("stuck"), AdminPatch::default())
         .await
         .expect("tenant");
     let r = slow_upload(
@@ -350,7 +349,7 @@ async fn without_an_admin_token_the_admin_api_is_off_and_says_so() {
     assert!(app.settings.auth.admin_token.is_empty());
     let e = app
         .admin
-        .create_tenant("nobody", serde_json::json!({}))
+        .create_tenant("nobody", AdminPatch::default())
         .await
         .expect_err("no admin");
     assert_eq!(e.status(), Some(reqwest::StatusCode::FORBIDDEN));
@@ -412,7 +411,7 @@ async fn settled(
     c: &mysimbdp::client::Client,
     t: &str,
     entries: usize,
-) -> Vec<serde_json::Value> {
+) -> Vec<mysimbdp::api::LogEntry> {
     let done = eventually(Duration::from_secs(60), || async {
         app.logs(c, t, "").await.len() >= entries
     })
@@ -502,20 +501,21 @@ async fn the_broker_refuses_json_that_is_not_json_naming_the_line_and_publishes_
     tokio::time::sleep(Duration::from_millis(500)).await;
     let logs_after = app.logs(&c, &t, "").await;
     assert_eq!(logs_after.len(), 2, "{logs_after:?}");
-    let statuses: Vec<&str> = logs.iter().filter_map(|e| e["status"].as_str()).collect();
+    let statuses: Vec<Status> = logs.iter().map(|e| e.status).collect();
     assert!(
-        statuses.contains(&"success") && statuses.contains(&"failure"),
+        statuses.contains(&Status::Success) && statuses.contains(&Status::Failure),
         "{logs:?}"
     );
     let failure = logs
         .iter()
-        .find(|e| e["status"] == "failure")
+        .find(|e| e.status == Status::Failure)
         .expect("failure entry");
     assert!(
-        failure["reason"]
-            .as_str()
+        failure
+            .reason
+            .as_deref()
             .is_some_and(|r| r.starts_with("invalid JSON message")),
-        "{failure}"
+        "{failure:?}"
     );
     assert_eq!(app.count(&t, "messages").await, 1);
     c.stream_stop(&t).await.expect("stop");
@@ -552,9 +552,8 @@ async fn raw_payloads_reach_an_ingest_app_as_sent() {
     .await;
     assert!(stored, "stored {}", app.count(&t, "messages").await);
     let docs = c.documents(&t, "messages", 10, 0).await.expect("documents");
-    let mut raws: Vec<String> = docs["documents"]
-        .as_array()
-        .expect("documents")
+    let mut raws: Vec<String> = docs
+        .documents
         .iter()
         .map(|d| d["raw"].as_str().expect("raw").to_owned())
         .collect();

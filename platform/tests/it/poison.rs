@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::harness::patch;
 use crate::harness::{self, TestApp, eventually, messages_stored};
 
 /// NDJSON lines: `n` good messages with a `seq`, and after every tenth a document the
@@ -81,11 +82,7 @@ async fn stream_documents_the_database_would_refuse_are_dead_lettered_and_the_re
         .wait_for_file(&b, "rows.csv", Duration::from_secs(60))
         .await
         .expect("B's file");
-    assert_eq!(
-        (f["state"].as_str(), f["records_ok"].as_u64()),
-        (Some("done"), Some(500)),
-        "{f}"
-    );
+    assert_eq!((f.state.as_str(), f.records_ok), ("done", 500), "{f:?}");
     let b_stored = eventually(Duration::from_secs(30), || async {
         app.count(&b, "messages").await >= 300
     })
@@ -123,7 +120,7 @@ async fn stream_documents_the_database_would_refuse_are_dead_lettered_and_the_re
     let logs = app.logs(&c, &t, "status=failure").await;
     let reasons: Vec<String> = logs
         .iter()
-        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .filter_map(|e| e.reason.as_deref().map(str::to_owned))
         .collect();
     assert_eq!(
         reasons.len(),
@@ -174,21 +171,20 @@ async fn batch_documents_the_database_would_refuse_fail_alone_and_the_file_compl
         .wait_for_file(&t, "mixed.ndjson", Duration::from_secs(60))
         .await
         .expect("file finishes");
-    assert_eq!(f["state"], "done", "{f}");
-    assert_eq!(f["records_ok"], 600, "{f}");
-    assert_eq!(f["records_failed"], bad as u64, "{f}");
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
+    assert_eq!(f.records_ok, 600, "{f:?}");
+    assert_eq!(f.records_failed, bad as u64, "{f:?}");
     let logs = app.logs(&c, &t, "status=failure").await;
     assert_eq!(logs.len(), bad);
     assert!(
         logs.iter().all(
-            |e| e["reason"].as_str().is_some_and(|r| r.contains("NUL byte")
+            |e| e.reason.as_deref().is_some_and(|r| r.contains("NUL byte")
                 || r.contains("starts with `$`")
                 || r.contains("deeper than 100"))
         ),
         "{logs:?}"
     );
-    let collection = f["collection"].as_str().unwrap_or("records").to_owned();
-    assert_eq!(app.count(&t, &collection).await, 600);
+    assert_eq!(app.count(&t, &f.collection).await, 600);
 }
 
 #[tokio::test]
@@ -209,7 +205,7 @@ async fn a_stored_stream_app_that_can_no_longer_load_dead_letters_its_messages_i
     app.admin
         .patch_tenant(
             &t,
-            &json!({"app_limits": {"memory_bytes": 2 * 1024 * 1024}}),
+            &patch(json!({"app_limits": {"memory_bytes": 2 * 1024 * 1024}})),
         )
         .await
         .expect("lower the memory limit");
@@ -231,8 +227,9 @@ async fn a_stored_stream_app_that_can_no_longer_load_dead_letters_its_messages_i
     let logs = app.logs(&c, &t, "status=failure").await;
     assert_eq!(logs.len(), 20, "one entry each, no loop: {logs:?}");
     assert!(
-        logs.iter().all(|e| e["reason"]
-            .as_str()
+        logs.iter().all(|e| e
+            .reason
+            .as_deref()
             .is_some_and(|r| r.contains("memory limit"))),
         "{logs:?}"
     );
@@ -286,8 +283,9 @@ async fn a_message_whose_document_the_database_rejects_is_dead_lettered_not_drop
     let logs = app.logs(&c, &t, "status=failure").await;
     assert_eq!(logs.len(), 50, "{logs:?}");
     assert!(
-        logs.iter().all(|e| e["reason"]
-            .as_str()
+        logs.iter().all(|e| e
+            .reason
+            .as_deref()
             .is_some_and(|r| r.starts_with("rejected by the database"))),
         "{logs:?}"
     );
@@ -344,8 +342,9 @@ async fn a_message_that_keeps_failing_its_batch_is_dead_lettered_after_its_deliv
         "the good messages around the poison are stored and logged"
     );
     let dead = eventually(Duration::from_secs(60), || async {
-        let s = c.stream_status(&t).await.unwrap_or_default();
-        s["since_start"]["dead_lettered"].as_u64().unwrap_or(0) >= 1
+        c.stream_status(&t)
+            .await
+            .is_ok_and(|s| s.since_start.dead_lettered >= 1)
     })
     .await;
     assert!(dead, "the poison message leaves the queue");

@@ -11,8 +11,9 @@ use mysimbdp::client::{Client, Split};
 use mysimbdp::config::{Format, MongoSettings, Settings};
 use mysimbdp::coredms::{CoreError, MongoStore};
 use mysimbdp::infra::Infra;
+use mysimbdp::logs::Status;
 use mysimbdp::model::{FileRecord, FileState};
-use mysimbdp::tenants::TenantName;
+use mysimbdp::tenants::{AdminPatch, TenantName};
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
@@ -164,25 +165,19 @@ fn copies(staging: &Path, tenant: &str, name: &str) -> Vec<(String, String)> {
 }
 
 /// The record and the one copy on disk agree: same upload, same bytes.
-async fn record_matches_disk(app: &TestApp, c: &Client, t: &str, name: &str) -> serde_json::Value {
+async fn record_matches_disk(app: &TestApp, c: &Client, t: &str, name: &str) -> FileRecord {
     let f = c.file(t, name).await.expect("status");
     let on_disk = copies(&app.staging, t, name);
     assert_eq!(
         on_disk,
-        [(
-            f["upload"].as_str().unwrap_or("").to_owned(),
-            f["sha256"].as_str().unwrap_or("").to_owned()
-        )],
-        "one copy on disk, the one the record describes: {f}"
+        [(f.upload.clone(), f.sha256.clone())],
+        "one copy on disk, the one the record describes: {f:?}"
     );
-    assert!(
-        f.get("lease").is_none_or(|l| l.is_null()),
-        "no lease shown: {f}"
-    );
+    assert!(f.lease.is_none(), "no lease shown: {f:?}");
     f
 }
 
-fn conflict(r: &Result<serde_json::Value, mysimbdp::client::ClientError>) -> bool {
+fn conflict<T>(r: &Result<T, mysimbdp::client::ClientError>) -> bool {
     matches!(r, Err(e) if e.status() == Some(StatusCode::CONFLICT))
 }
 
@@ -203,7 +198,7 @@ async fn racing_uploads_and_ingest_requests_end_consistent_and_the_losers_get_40
     );
     // A new version while it runs: refused, nothing changes.
     let staged = c.file(&t, "wq.csv").await.expect("status");
-    assert_eq!(staged["state"], "ingesting", "{staged}");
+    assert_eq!(staged.state, FileState::Ingesting, "{staged:?}");
     let r = c.upload_file(&t, "wq.csv", "x\n1\n").await;
     assert!(conflict(&r), "an upload while ingesting: {r:?}");
     let r = c.ingest(&t, "wq.csv").await;
@@ -224,19 +219,15 @@ async fn racing_uploads_and_ingest_requests_end_consistent_and_the_losers_get_40
         .await
         .expect("status");
     assert_eq!(
-        (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["version"].as_u64()
-        ),
-        (Some("done"), Some(9999), Some(1)),
-        "{f}"
+        (f.state, f.records_ok, f.version),
+        (FileState::Done, 9999, 1),
+        "{f:?}"
     );
-    assert_eq!(f["sha256"], hex::encode(Sha256::digest(&body)));
+    assert_eq!(f.sha256, hex::encode(Sha256::digest(&body)));
     record_matches_disk(&app, &c, &t, "wq.csv").await;
     assert_eq!(app.count(&t, "wq").await, 9999);
     let logs = app.logs(&c, &t, "").await;
-    let success = logs.iter().filter(|e| e["status"] == "success").count();
+    let success = logs.iter().filter(|e| e.status == Status::Success).count();
     assert_eq!((success, logs.len()), (9999, 9999), "ingested once");
 
     // An upload racing an ingest request, round after round: whoever wins, the record, the
@@ -253,7 +244,7 @@ async fn racing_uploads_and_ingest_requests_end_consistent_and_the_losers_get_40
         let content = format!("k\n{}\n{}\n", round * 10, round * 10 + 1);
         let sha = hex::encode(Sha256::digest(content.as_bytes()));
         let before = c.file(&t, "wq.csv").await.expect("status");
-        let old_sha = before["sha256"].as_str().unwrap_or("").to_owned();
+        let old_sha = before.sha256.clone();
         let (up, ing) = tokio::join!(c.upload_file(&t, "wq.csv", content), c.ingest(&t, "wq.csv"));
         assert!(up.is_ok() || conflict(&up), "round {round}: {up:?}");
         assert!(ing.is_ok() || conflict(&ing), "round {round}: {ing:?}");
@@ -264,34 +255,30 @@ async fn racing_uploads_and_ingest_requests_end_consistent_and_the_losers_get_40
         let settled = eventually(Duration::from_secs(120), || async {
             c.file(&t, "wq.csv")
                 .await
-                .is_ok_and(|f| f["state"] != "ingesting")
+                .is_ok_and(|f| f.state != FileState::Ingesting)
         })
         .await;
         assert!(settled, "round {round}: the job ends");
         let f = c.file(&t, "wq.csv").await.expect("status");
-        assert_eq!(f["version"].as_u64(), Some(version), "round {round}: {f}");
+        assert_eq!(f.version, version, "round {round}: {f:?}");
         let expect_sha = if up.is_ok() {
             sha.clone()
         } else {
             old_sha.clone()
         };
-        assert_eq!(
-            f["sha256"].as_str(),
-            Some(expect_sha.as_str()),
-            "round {round}: {f}"
-        );
+        assert_eq!(f.sha256, expect_sha, "round {round}: {f:?}");
         if let Ok(started) = &ing {
             // The job ran on the version its answer named: the one recorded, or the one
             // before if the job was done before the upload's compare-and-set.
-            let ran = started["file"]["sha256"].as_str().unwrap_or("").to_owned();
+            let ran = started.file.sha256.clone();
             if ran == expect_sha {
-                assert_eq!(f["state"], "done", "round {round}: {f}");
+                assert_eq!(f.state, FileState::Done, "round {round}: {f:?}");
             } else {
                 assert!(
                     up.is_ok() && ran == old_sha,
-                    "round {round}: ran {ran}, {f}"
+                    "round {round}: ran {ran}, {f:?}"
                 );
-                assert_eq!(f["state"], "staged", "round {round}: {f}");
+                assert_eq!(f.state, FileState::Staged, "round {round}: {f:?}");
             }
             let ids: Vec<String> = (0..2).map(|i| format!("{}:{i}", &ran[..16])).collect();
             let n = wq
@@ -480,10 +467,9 @@ fn csv(file: usize, rows: usize) -> String {
 }
 
 async fn log_statuses(c: &Client, t: &str) -> (usize, usize, usize) {
-    let r = c.logs(t, "").await.expect("log download");
-    let logs: Vec<serde_json::Value> = serde_json::from_slice(&r.body).expect("JSON");
-    let n = |s: &str| logs.iter().filter(|e| e["status"] == s).count();
-    (n("success"), n("duplicate"), logs.len())
+    let logs = c.logs(t, "").await.expect("log download");
+    let n = |s: Status| logs.iter().filter(|e| e.status == s).count();
+    (n(Status::Success), n(Status::Duplicate), logs.len())
 }
 
 #[tokio::test]
@@ -491,7 +477,7 @@ async fn three_batch_managers_in_separate_processes_ingest_thirty_files_once_eac
     let mut r = Replicas::start(2, &["batch.batch_size=25", "batch.lease_ms=3000"]).await;
     let admin = r.client(0, ADMIN_TOKEN);
     let tenant = admin
-        .create_tenant("shared", serde_json::json!({}))
+        .create_tenant("shared", AdminPatch::default())
         .await
         .expect("tenant");
     let mut clients: Vec<Client> = (0..2).map(|i| r.client(i, &tenant.token)).collect();
@@ -516,14 +502,9 @@ async fn three_batch_managers_in_separate_processes_ingest_thirty_files_once_eac
             .await
             .expect("status");
         assert_eq!(
-            (
-                s["state"].as_str(),
-                s["records_ok"].as_u64(),
-                s["records_duplicate"].as_u64(),
-                s["next_record"].as_u64()
-            ),
-            (Some("done"), Some(rows as u64), Some(0), Some(rows as u64)),
-            "f{f}.csv: {s}\n{}",
+            (s.state, s.records_ok, s.records_duplicate, s.next_record),
+            (FileState::Done, rows as u64, 0, rows as u64),
+            "f{f}.csv: {s:?}\n{}",
             r.logs_of_all()
         );
     }
@@ -555,7 +536,7 @@ async fn a_batch_manager_killed_mid_file_loses_its_jobs_to_the_others_once_its_l
     .await;
     let admin = r.client(0, ADMIN_TOKEN);
     let tenant = admin
-        .create_tenant("orphan", serde_json::json!({}))
+        .create_tenant("orphan", AdminPatch::default())
         .await
         .expect("tenant");
     let c0 = r.client(0, &tenant.token);
@@ -649,9 +630,9 @@ async fn a_batch_manager_killed_mid_file_loses_its_jobs_to_the_others_once_its_l
             .await
             .expect("status");
         assert_eq!(
-            (s["state"].as_str(), s["next_record"].as_u64()),
-            (Some("done"), Some(rows as u64)),
-            "f{f}.csv: {s}\n{}",
+            (s.state, s.next_record),
+            (FileState::Done, rows as u64),
+            "f{f}.csv: {s:?}\n{}",
             r.logs_of_all()
         );
     }

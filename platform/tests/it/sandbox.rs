@@ -115,9 +115,9 @@ async fn bystander_done(app: &TestApp, t: &Tenants, file: &str) {
             .await
             .expect("B's status");
     assert_eq!(
-        (f["state"].as_str(), f["records_ok"].as_u64()),
-        (Some("done"), Some(B_ROWS as u64)),
-        "B's file {file}: {f}"
+        (f.state.as_str(), f.records_ok),
+        ("done", B_ROWS as u64),
+        "B's file {file}: {f:?}"
     );
     let collection = file.trim_end_matches(".csv");
     assert_eq!(app.count(&t.b, collection).await, B_ROWS as u64);
@@ -146,23 +146,19 @@ async fn map_attack(app: &TestApp, t: &Tenants, name: &str, attack: &str, reason
         peak_rss()
     );
     assert_eq!(
-        (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["records_failed"].as_u64()
-        ),
-        (Some("done"), Some(A_ROWS as u64 - 1), Some(1)),
-        "{name}: A's file was not done within {ATTACK_BOUND:?}: {f}"
+        (f.state.as_str(), f.records_ok, f.records_failed),
+        ("done", A_ROWS as u64 - 1, 1),
+        "{name}: A's file was not done within {ATTACK_BOUND:?}: {f:?}"
     );
     healthy(app).await;
-    let failures: Vec<serde_json::Value> = app
+    let failures: Vec<mysimbdp::api::LogEntry> = app
         .logs(&t.ac, &t.a, "status=failure")
         .await
         .into_iter()
-        .filter(|e| e["data_name"] == file.as_str())
+        .filter(|e| e.data_name == file.as_str())
         .collect();
     assert_eq!(failures.len(), 1, "{name}: {failures:?}");
-    let logged = failures[0]["reason"].as_str().unwrap_or("");
+    let logged = failures[0].reason.as_deref().unwrap_or_default();
     assert!(
         logged.contains(reason),
         "{name}: the logged reason `{logged}` does not name `{reason}`"
@@ -284,17 +280,13 @@ async fn emitted_bombs_fail_their_input_and_the_next_file_is_stored_once() {
         started.elapsed(),
         peak_rss()
     );
-    assert_eq!(
-        (f["state"].as_str(), f["records_failed"].as_u64()),
-        (Some("done"), Some(1)),
-        "{f}"
-    );
+    assert_eq!((f.state.as_str(), f.records_failed), ("done", 1), "{f:?}");
     healthy(&app).await;
     let logs = app.logs(&t.ac, &t.a, "status=failure").await;
     let reason = logs
         .iter()
-        .find(|e| e["data_name"] == "bomb.ndjson")
-        .and_then(|e| e["reason"].as_str())
+        .find(|e| e.data_name == "bomb.ndjson")
+        .and_then(|e| e.reason.as_deref())
         .unwrap_or("");
     assert!(
         reason.contains("1048576 bytes document limit"),
@@ -315,7 +307,7 @@ async fn emitted_bombs_fail_their_input_and_the_next_file_is_stored_once() {
         t.ac.wait_for_file(&t.a, "good.ndjson", ATTACK_BOUND)
             .await
             .expect("status");
-    assert_eq!(f["state"], "done", "{f}");
+    assert_eq!(f.state.as_str(), "done", "{f:?}");
     assert_eq!(
         distinct(&app, &t.a, "rows", "n").await,
         (A_ROWS as u64, A_ROWS)
@@ -373,7 +365,7 @@ async fn a_stream_app_caught_in_a_pcall_loop_is_dead_lettered_without_blocking_o
     );
     healthy(&app).await;
     let logs = app.logs(&t.ac, &t.a, "status=failure").await;
-    let reason = logs[0]["reason"].as_str().unwrap_or("");
+    let reason = logs[0].reason.as_deref().unwrap_or_default();
     assert!(
         reason.contains("time limit") || reason.contains("instruction budget"),
         "reason `{reason}`"

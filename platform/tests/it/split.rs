@@ -11,13 +11,15 @@ use mysimbdp::processes::SplitProcesses;
 use mysimbdp::tenants::TenantName;
 
 use crate::harness::{ADMIN_TOKEN, eventually, messages_stored, unique};
+use mysimbdp::logs::{Source, Status};
+use mysimbdp::tenants::AdminPatch;
 
 #[tokio::test]
 async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
     let (infra, dir, components) = start(&[]).await;
     let admin = components.client(Some(ADMIN_TOKEN));
     let t = admin
-        .create_tenant("split", serde_json::json!({}))
+        .create_tenant("split", AdminPatch::default())
         .await
         .expect("coredms creates the tenant");
     let c = admin.with_token(Some(&t.token));
@@ -60,11 +62,7 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         .wait_for_file(&t.name, "readings.csv", Duration::from_secs(120))
         .await
         .expect("file status");
-    assert_eq!(
-        (f["state"].as_str(), f["records_ok"].as_u64()),
-        (Some("done"), Some(500)),
-        "{f}"
-    );
+    assert_eq!((f.state.as_str(), f.records_ok), ("done", 500), "{f:?}");
     messages_stored_once(
         &infra,
         &c,
@@ -75,18 +73,18 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
     )
     .await;
     let status = c.stream_status(&t.name).await.expect("stream status");
-    assert_eq!(status["consumers"], 1, "{status}");
-    assert_eq!(status["since_start"]["stored"], 300, "{status}");
+    assert_eq!(status.consumers, 1, "{status:?}");
+    assert_eq!(status.since_start.stored, 300, "{status:?}");
 
     // The log, kept by coredms, has every ingestion of both managers.
     let logs = c.logs(&t.name, "status=success").await.expect("logs");
-    let logs: Vec<serde_json::Value> = serde_json::from_slice(&logs.body).expect("JSON");
-    let by = |s: &str| logs.iter().filter(|e| e["source"] == s).count();
-    assert_eq!((by("batch"), by("stream")), (500, 300));
+    let by = |s: Source| logs.iter().filter(|e| e.source == s).count();
+    assert_eq!((by(Source::Batch), by(Source::Stream)), (500, 300));
     let doc = &c
         .documents(&t.name, "readings", 1, 0)
         .await
-        .expect("documents")["documents"][0];
+        .expect("documents")
+        .documents[0];
     assert_eq!(doc["seen"], t.name.as_str(), "the app ran: {doc}");
     // Any component reads documents through coredms' interface, over the internal RPC.
     let core = components.addr("coredms").expect("coredms runs");
@@ -108,12 +106,8 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
         .documents(&t.name, "readings", 2, 1)
         .await
         .expect("documents");
-    assert_eq!(
-        serde_json::Value::Array(page),
-        endpoint["documents"],
-        "the same page as the endpoint's"
-    );
-    assert_eq!(endpoint["documents"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page, endpoint.documents, "the same page as the endpoint's");
+    assert_eq!(endpoint.documents.len(), 2);
 
     c.stream_stop(&t.name).await.expect("stop consumers");
     // SIGTERM to each, coredms last; each must drain and exit 0.
@@ -139,7 +133,7 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
     .await;
     let admin = components.client(Some(ADMIN_TOKEN));
     let t = admin
-        .create_tenant("bulky", serde_json::json!({}))
+        .create_tenant("bulky", AdminPatch::default())
         .await
         .expect("coredms creates the tenant");
     let c = admin.with_token(Some(&t.token));
@@ -170,13 +164,9 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
         .await
         .expect("file status");
     assert_eq!(
-        (
-            f["state"].as_str(),
-            f["records_ok"].as_u64(),
-            f["records_failed"].as_u64()
-        ),
-        (Some("done"), Some(3000), Some(0)),
-        "{f}"
+        (f.state.as_str(), f.records_ok, f.records_failed),
+        ("done", 3000, 0),
+        "{f:?}"
     );
     let mongo = mongodb::Client::with_uri_str(&infra.mongodb_uri)
         .await
@@ -205,21 +195,23 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
     )
     .await;
     let logs = c.logs(&t.name, "").await.expect("logs");
-    let logs: Vec<serde_json::Value> = serde_json::from_slice(&logs.body).expect("JSON");
-    let count = |source: &str, status: &str| {
+    let count = |source: Source, status: Status| {
         logs.iter()
-            .filter(|e| e["source"] == source && e["status"] == status)
+            .filter(|e| e.source == source && e.status == status)
             .count()
     };
     assert_eq!(
-        (count("batch", "success"), count("stream", "success")),
+        (
+            count(Source::Batch, Status::Success),
+            count(Source::Stream, Status::Success)
+        ),
         (3000, 60)
     );
     assert_eq!(
         logs.len(),
         3060,
         "no failures or duplicates: {:?}",
-        logs.iter().find(|e| e["status"] != "success")
+        logs.iter().find(|e| e.status != Status::Success)
     );
 
     c.stream_stop(&t.name).await.expect("stop consumers");
@@ -288,7 +280,7 @@ async fn messages_stored_once(
     eventually(Duration::from_secs(30), || async {
         c.stream_status(tenant)
             .await
-            .is_ok_and(|s| s["since_start"]["stored"] == n)
+            .is_ok_and(|s| s.since_start.stored == n)
     })
     .await;
 }

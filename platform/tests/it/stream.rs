@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use mysimbdp::logs::Status;
+
 use crate::harness::{TestApp, eventually, messages_stored};
 
 fn ndjson(from: usize, to: usize) -> Vec<u8> {
@@ -24,7 +26,7 @@ async fn ten_thousand_messages_published_before_any_consumer_are_all_stored_once
             .publish(&t, "reading", ndjson(chunk * 1000, (chunk + 1) * 1000))
             .await
             .expect("published with confirms");
-        assert_eq!(r["published"], 1000);
+        assert_eq!(r.published, 1000);
     }
     c.stream_start(&t, 2).await.expect("start");
     let all = eventually(Duration::from_secs(120), || async {
@@ -35,19 +37,9 @@ async fn ten_thousand_messages_published_before_any_consumer_are_all_stored_once
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(distinct_seqs(&app, &t).await, (10_000, 10_000));
     let report = c.stream_report(&t).await.expect("report");
-    let total: u64 = report["periods"]
-        .as_array()
-        .expect("periods")
-        .iter()
-        .map(|p| p["messages"].as_u64().unwrap_or(0))
-        .sum();
+    let total: u64 = report.periods.iter().map(|p| p.messages).sum();
     assert_eq!(total, 10_000);
-    assert!(
-        report["periods"][0]["avg_ingestion_ms"]
-            .as_f64()
-            .unwrap_or(0.0)
-            > 0.0
-    );
+    assert!(report.periods[0].avg_ingestion_ms > 0.0);
     c.stream_stop(&t).await.expect("stop");
 }
 
@@ -106,7 +98,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_the_queue_keeps_movi
     .await;
     assert!(failures);
     let logs = app.logs(&c, &t, "status=failure").await;
-    let reasons: Vec<&str> = logs.iter().filter_map(|e| e["reason"].as_str()).collect();
+    let reasons: Vec<&str> = logs.iter().filter_map(|e| e.reason.as_deref()).collect();
     assert_eq!(
         reasons
             .iter()
@@ -241,7 +233,7 @@ async fn a_publish_retried_with_the_same_idempotency_key_is_stored_once() {
         .await
         .expect("retry");
     assert_eq!(
-        first["ids"], again["ids"],
+        first.ids, again.ids,
         "the same key gives the same message ids"
     );
     c.publish_idempotent(&t, "reading", "batch-2", ndjson(50, 60))
@@ -258,7 +250,7 @@ async fn a_publish_retried_with_the_same_idempotency_key_is_stored_once() {
     let all_delivered = eventually(Duration::from_secs(30), || async {
         c.stream_status(&t)
             .await
-            .is_ok_and(|s| s["since_start"]["stored"].as_u64() >= Some(110))
+            .is_ok_and(|s| s.since_start.stored >= 110)
     })
     .await;
     assert!(all_delivered, "the consumer took all 110 deliveries");
@@ -266,7 +258,11 @@ async fn a_publish_retried_with_the_same_idempotency_key_is_stored_once() {
     assert_eq!(distinct_seqs(&app, &t).await, (60, 60));
     let log = app.logs(&c, &t, "").await;
     assert_eq!(log.len(), 60, "one entry per message");
-    assert!(log.iter().all(|e| e["status"] == "success"), "{:?}", log[0]);
+    assert!(
+        log.iter().all(|e| e.status == Status::Success),
+        "{:?}",
+        log[0]
+    );
     let r = c
         .raw(
             reqwest::Method::POST,
@@ -296,5 +292,5 @@ async fn a_data_name_with_reserved_characters_arrives_whole() {
     assert!(logged);
     c.stream_stop(&t).await.expect("stop");
     let logs = app.logs(&c, &t, "status=success").await;
-    assert_eq!(logs[0]["data_name"], name, "{logs:?}");
+    assert_eq!(logs[0].data_name, name, "{logs:?}");
 }

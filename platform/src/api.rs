@@ -1,0 +1,160 @@
+//! The public HTTP API's wire types: the requests and answers the handlers serialize and
+//! [`crate::client`] reads back. Both sides use these structs, so they cannot drift.
+//!
+//! The stored records travel as they are: a file's status is [`FileRecord`], a tenant's
+//! profile [`Profile`], a downloaded log entry [`LogEntry`] (its timestamp in RFC 3339).
+//! Error answers are `{"error": "<message>", ...details}` ([`ErrorBody`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::logs::{StreamPeriod, SummaryRow};
+use crate::model::{AppKind, FileRecord};
+use crate::tenants::{AdminPatch, Profile};
+
+pub use crate::http::ErrorBody;
+pub use crate::logs::LogEntry;
+
+/// `POST /v1/tenants` (admin): the name and, flattened, the limits and profile to start
+/// with.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub name: String,
+    #[serde(flatten)]
+    pub limits: AdminPatch,
+}
+
+/// The answer to `POST /v1/tenants`: the only time the token is shown.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreatedTenant {
+    pub name: String,
+    pub database: String,
+    pub token: String,
+    pub profile: Profile,
+}
+
+/// `GET /v1/tenants/{t}/files`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileList {
+    pub files: Vec<FileRecord>,
+}
+
+/// The answer to `POST /v1/tenants/{t}/files/{name}/ingest`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IngestStarted {
+    /// `<tenant>/<file name>`.
+    pub job: String,
+    pub file: FileRecord,
+}
+
+/// The answer to `PUT /v1/tenants/{t}/apps/{kind}`: the new active version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppUploaded {
+    pub version: u32,
+    pub kind: AppKind,
+    pub functions: AppFunctions,
+}
+
+/// Which entry points an uploaded app defines.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AppFunctions {
+    pub map: bool,
+    pub ingest: bool,
+}
+
+/// `GET /v1/tenants/{t}/apps/{kind}`: the active version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ActiveApp {
+    pub version: u32,
+    pub kind: AppKind,
+    pub source: String,
+    pub created_at: String,
+}
+
+/// The answer to `POST /v1/tenants/{t}/messages`: the ids of the messages published, in
+/// request order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Published {
+    pub published: u64,
+    pub ids: Vec<String>,
+}
+
+/// `POST /v1/tenants/{t}/stream/start`: how many consumers to run (default 1).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartConsumers {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<u32>,
+}
+
+/// The answer to `stream/start` and `stream/stop`: the consumers now running.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Consumers {
+    pub consumers: u32,
+}
+
+/// `GET /v1/tenants/{t}/stream`: consumers running and what this process's consumers did
+/// since it started (a cheap live view; the log is the record).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamStatus {
+    pub consumers: u32,
+    pub since_start: SinceStart,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SinceStart {
+    pub stored: u64,
+    pub duplicates: u64,
+    pub failed: u64,
+    pub dead_lettered: u64,
+}
+
+/// A message in a tenant's dead-letter queue, as the tenant lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The message's id: its ingestion in the log, kept when it is replayed.
+    pub message_id: Option<String>,
+    pub data_name: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: Option<String>,
+    pub bytes: u64,
+    /// The first bytes of its body (lossy UTF-8).
+    pub preview: String,
+    /// Times it was replayed before.
+    pub replays: u32,
+}
+
+/// `GET /v1/tenants/{t}/dead-letters`: the oldest dead letters, left in the queue; `more`
+/// when others follow.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeadLetters {
+    pub dead_letters: Vec<DeadLetter>,
+    pub more: bool,
+}
+
+/// `POST /v1/tenants/{t}/dead-letters/replay`: how many moved back to the queue.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Replayed {
+    pub replayed: u64,
+}
+
+/// `GET /v1/tenants/{t}/stream/report`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StreamReportAnswer {
+    pub tenant: String,
+    pub periods: Vec<StreamPeriod>,
+}
+
+/// `GET /v1/logs/summary` (admin).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SummaryAnswer {
+    pub entries: u64,
+    pub groups: Vec<SummaryRow>,
+}
+
+/// `GET /v1/tenants/{t}/collections/{c}/documents`: one page, and the collection's size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DocumentsPage {
+    pub total: u64,
+    pub documents: Vec<serde_json::Value>,
+}
