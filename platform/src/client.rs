@@ -318,6 +318,21 @@ impl Client {
         .await
     }
 
+    /// Re-ingests the failed records of the file's last run, with the current app.
+    pub async fn replay_file(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<IngestStarted, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/tenants/{}/files/{}/replay", enc(tenant), enc(name)),
+            &[],
+            Vec::new(),
+        )
+        .await
+    }
+
     pub async fn file(&self, tenant: &str, name: &str) -> Result<FileRecord, ClientError> {
         self.get_as(&format!("/v1/tenants/{}/files/{}", enc(tenant), enc(name)))
             .await

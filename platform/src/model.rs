@@ -79,6 +79,11 @@ pub struct FileRecord {
     pub error: Option<String>,
     #[serde(default)]
     pub app_version: Option<u32>,
+    /// The running job is a replay of run `job`: it ingests only the records its log does
+    /// not show settled (failed ones, and any never reached), with the tenant's current
+    /// app, under the same `job`; the counters are recounted from the log when it ends.
+    #[serde(default)]
+    pub replay: bool,
     /// While `ingesting`: the batch manager that runs the job, until when. Internal: never
     /// shown to tenants.
     #[serde(default)]
@@ -108,6 +113,7 @@ impl FileRecord {
         self.documents_failed = 0;
         self.next_record = 0;
         self.error = None;
+        self.replay = false;
     }
 
     /// A freshly staged file: nothing ingested yet.
@@ -142,6 +148,7 @@ impl FileRecord {
             next_record: 0,
             error: None,
             app_version: None,
+            replay: false,
             lease: None,
             staged_at: now.clone(),
             updated_at: now,
@@ -300,6 +307,42 @@ pub fn doc_id(origin: &str, record: u64, emitted: u32) -> String {
         format!("{origin}:{record}")
     } else {
         format!("{origin}:{record}:{emitted}")
+    }
+}
+
+/// What a batch run's log says of its records: each record's outcome counted once (as in
+/// [`FileRecord`]), and the records settled (stored, duplicate or skipped; not failed) as
+/// sorted, disjoint `[start, end)` ranges. A record with no entry is neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobRecords {
+    pub records_ok: u64,
+    pub records_failed: u64,
+    pub records_duplicate: u64,
+    pub records_skipped: u64,
+    pub documents_stored: u64,
+    pub documents_duplicate: u64,
+    pub documents_failed: u64,
+    pub settled: Vec<(u64, u64)>,
+}
+
+impl JobRecords {
+    /// Whether `record` is settled.
+    pub fn is_settled(&self, record: u64) -> bool {
+        let i = self.settled.partition_point(|(_, end)| *end <= record);
+        self.settled
+            .get(i)
+            .is_some_and(|(start, _)| *start <= record)
+    }
+
+    /// Sets the counters of `rec` to these.
+    pub fn count_into(&self, rec: &mut FileRecord) {
+        rec.records_ok = self.records_ok;
+        rec.records_failed = self.records_failed;
+        rec.records_duplicate = self.records_duplicate;
+        rec.records_skipped = self.records_skipped;
+        rec.documents_stored = self.documents_stored;
+        rec.documents_duplicate = self.documents_duplicate;
+        rec.documents_failed = self.documents_failed;
     }
 }
 

@@ -32,7 +32,9 @@ use crate::coredms::{CoreDms, CoreError};
 use crate::events::Ingested;
 use crate::logs::Source;
 use crate::metrics::Metrics;
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, InputRef, now_us};
+use crate::model::{
+    AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, InputRef, JobRecords, now_us,
+};
 use crate::pipeline::{AppCache, AppError, Input, transform, with_retry, write_with_retry};
 use crate::tenants::TenantName;
 
@@ -50,6 +52,8 @@ struct Job {
     source: Option<Box<dyn parse::RecordSource>>,
     app: Option<Arc<AppHandle>>,
     started: bool,
+    /// A replay: the records its log shows settled, passed over.
+    settled: Option<Arc<JobRecords>>,
 }
 
 /// Round-robin over tenants with pending jobs, so one tenant's huge file does not starve
@@ -131,6 +135,8 @@ pub enum BatchError {
     NotStaged(String),
     #[error("file `{0}` is already being ingested")]
     Busy(String),
+    #[error("file `{0}` has not been ingested since it was staged: ingest it first")]
+    NeverIngested(String),
     /// `start` lost its compare-and-set to another start or a new upload of the name.
     #[error(
         "file `{0}` changed while its ingestion was starting (another start or upload came first); read its status and retry"
@@ -377,6 +383,44 @@ impl BatchManager {
         Ok(rec)
     }
 
+    /// Re-ingests, with the tenant's current app, the records of the file's last run that
+    /// its log shows failed (or never reached), under the same run: what they store and log
+    /// belongs to that ingestion, and the records already settled are not read again.
+    pub async fn replay(&self, tenant: &TenantName, name: &str) -> Result<FileRecord, BatchError> {
+        let mut rec = self
+            .coredms
+            .file(tenant, name)
+            .await?
+            .ok_or_else(|| BatchError::NotStaged(name.to_owned()))?;
+        match rec.state {
+            FileState::Ingesting => return Err(BatchError::Busy(name.to_owned())),
+            FileState::Staged => return Err(BatchError::NeverIngested(name.to_owned())),
+            FileState::Done | FileState::Failed if rec.job.is_empty() => {
+                return Err(BatchError::NeverIngested(name.to_owned()));
+            }
+            FileState::Done | FileState::Failed => {}
+        }
+        rec.state = FileState::Ingesting;
+        rec.replay = true;
+        rec.next_record = 0;
+        rec.error = None;
+        rec.updated_at = crate::model::rfc3339_now();
+        rec.lease = None;
+        if !self
+            .coredms
+            .start_file(&rec, &self.owner, self.settings.lease_ms)
+            .await?
+        {
+            return Err(BatchError::Raced(name.to_owned()));
+        }
+        self.hold(&rec);
+        if let Err(e) = self.enqueue(rec.clone()).await {
+            self.let_go(&rec);
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
     async fn enqueue(&self, record: FileRecord) -> Result<(), BatchError> {
         let tenant = TenantName::parse(&record.tenant)
             .map_err(|e| BatchError::Core(CoreError::Invalid(e.to_string())))?;
@@ -386,6 +430,7 @@ impl BatchManager {
             source: None,
             app: None,
             started: false,
+            settled: None,
         });
         Ok(())
     }
@@ -433,6 +478,11 @@ impl BatchManager {
         })
         .await?;
         job.record.app_version = job.app.as_ref().map(|a| a.version);
+        if job.record.replay {
+            let (tenant, run) = (&job.tenant, &job.record.job);
+            let settled = with_retry(cancel, || self.coredms.job_records(tenant, run)).await?;
+            job.settled = Some(Arc::new(settled));
+        }
         let path = self
             .staging
             .path(&job.tenant, &job.record.name, &job.record.upload);
@@ -471,6 +521,7 @@ impl BatchManager {
         let batch = self.settings.batch_size;
         let origin = job.record.sha256.get(..16).unwrap_or("0").to_owned();
         let run = job.record.job.clone();
+        let settled = job.settled.clone();
         let collection = job.record.collection.clone();
         let data_name = job.record.name.clone();
         let max_doc = app
@@ -478,11 +529,16 @@ impl BatchManager {
             .map_or(crate::config::AppLimits::default().max_doc_bytes, |a| {
                 a.limits().max_doc_bytes
             });
-        let (source, inputs, transformed, more) = tokio::task::spawn_blocking(move || {
+        let (source, read, inputs, transformed, more) = tokio::task::spawn_blocking(move || {
             let mut inputs = Vec::with_capacity(batch);
             let mut more = true;
+            // Records read: a replay passes over the settled ones without an input.
+            let mut read = 0u64;
             while inputs.len() < batch {
                 match source.next_record() {
+                    Some(Ok(r)) if settled.as_ref().is_some_and(|s| s.is_settled(r.index)) => {
+                        read += 1;
+                    }
                     Some(Ok(r)) => inputs.push(Input {
                         origin: origin.clone(),
                         index: r.index,
@@ -503,13 +559,19 @@ impl BatchManager {
                     }
                 }
             }
+            read += inputs.len() as u64;
             let t = transform(app.as_deref(), &collection, max_doc, &inputs);
-            Ok((source, inputs.len(), t, more))
+            Ok((source, read, inputs.len(), t, more))
         })
         .await??;
         job.source = Some(source);
-        if inputs == 0 {
+        if read == 0 {
             return Ok(false);
+        }
+        if inputs == 0 {
+            // Only settled records: nothing to write, the checkpoint moves on.
+            job.record.next_record += read;
+            return self.checkpoint(job, cancel).await.map(|()| more);
         }
         let doc_inputs = transformed.doc_inputs;
         let failed_inputs: Vec<usize> = transformed.failed_inputs.iter().map(|(i, _)| *i).collect();
@@ -531,12 +593,15 @@ impl BatchManager {
             &skipped_inputs,
             &outcome,
         );
-        records.add_to(&mut job.record);
-        job.record.documents_stored += outcome.inserted;
-        job.record.documents_duplicate += outcome.duplicates;
-        job.record.documents_failed += outcome.failed.len() as u64;
-        job.record.next_record += inputs as u64;
-        job.record.updated_at = crate::model::rfc3339_now();
+        // A replay's counts are recounted from the log when it ends: its records were
+        // counted once already.
+        if !job.record.replay {
+            records.add_to(&mut job.record);
+            job.record.documents_stored += outcome.inserted;
+            job.record.documents_duplicate += outcome.duplicates;
+            job.record.documents_failed += outcome.failed.len() as u64;
+        }
+        job.record.next_record += read;
         Ingested {
             tenant: &job.record.tenant,
             source: Source::Batch,
@@ -546,15 +611,23 @@ impl BatchManager {
             bytes,
         }
         .emit(&self.metrics);
+        self.checkpoint(job, cancel).await?;
+        Ok(more)
+    }
+
+    /// Stores the job's progress (and renews its lease) unless it lost the job.
+    async fn checkpoint(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
+        job.record.updated_at = crate::model::rfc3339_now();
         let (record, owner, lease_ms) = (&job.record, &self.owner, self.settings.lease_ms);
-        if !with_retry(cancel, || {
+        if with_retry(cancel, || {
             self.coredms.checkpoint_file(record, owner, lease_ms)
         })
         .await?
         {
-            return Err(JobError::Lost);
+            Ok(())
+        } else {
+            Err(JobError::Lost)
         }
-        Ok(more)
     }
 
     async fn finish(&self, mut job: Job, error: Option<JobError>) {
@@ -600,6 +673,17 @@ impl BatchManager {
         } else {
             tracing::info!(tenant = %job.tenant, file = %job.record.name, ok = job.record.records_ok,
                 failed = job.record.records_failed, duplicates = job.record.records_duplicate, "ingestion done");
+        }
+        if job.record.replay {
+            // The file's counts as its log now tells them, replayed records included.
+            let (tenant, run) = (&job.tenant, &job.record.job);
+            match self.coredms.job_records(tenant, run).await {
+                Ok(counts) => counts.count_into(&mut job.record),
+                Err(e) => {
+                    tracing::warn!(tenant = %job.tenant, file = %job.record.name, error = %e, "cannot recount the replayed file: its counts are those before the replay");
+                }
+            }
+            job.record.replay = false;
         }
         job.record.state = if error.is_some() {
             FileState::Failed
@@ -747,6 +831,7 @@ mod tests {
             source: None,
             app: None,
             started: false,
+            settled: None,
         }
     }
 

@@ -44,6 +44,7 @@ pub fn router(state: BatchApi) -> Router {
                 .layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .route("/v1/tenants/{t}/files/{name}/ingest", post(ingest))
+        .route("/v1/tenants/{t}/files/{name}/replay", post(replay))
         .with_state(state)
 }
 
@@ -52,7 +53,7 @@ impl From<BatchError> for ApiError {
         match e {
             BatchError::Core(c) => c.into(),
             BatchError::NotStaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            BatchError::Busy(_) | BatchError::Raced(_) => {
+            BatchError::Busy(_) | BatchError::Raced(_) | BatchError::NeverIngested(_) => {
                 ApiError::new(StatusCode::CONFLICT, e.to_string())
             }
             BatchError::Io(io) => {
@@ -169,6 +170,26 @@ async fn ingest(
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     let rec = p.manager.start(&t, &name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(IngestStarted {
+            job: format!("{t}/{name}"),
+            file: public(rec),
+        }),
+    )
+        .into_response())
+}
+
+/// Re-ingests the failed records of the file's last run with the current app, under that
+/// run: 202 with the file, 409 while it is ingesting or before it ever was.
+async fn replay(
+    State(p): State<BatchApi>,
+    caller: Caller,
+    PathArgs((t, name)): PathArgs<(String, String)>,
+) -> Result<Response, ApiError> {
+    let t = caller.for_tenant(&t)?;
+    check_file_name(&name).map_err(ApiError::bad_request)?;
+    let rec = p.manager.replay(&t, &name).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(IngestStarted {

@@ -117,6 +117,12 @@ enum FileCmd {
         #[arg(long)]
         ingest: bool,
     },
+    /// Re-ingest the records of the file's last run that failed, with the current app (after
+    /// fixing it), under the same run: logged under their first ingestion.
+    Replay {
+        tenant: String,
+        name: String,
+    },
     Ingest {
         tenant: String,
         name: String,
@@ -220,6 +226,7 @@ async fn run(cli: Cli) -> Result<()> {
                 }
             }
             FileCmd::Ingest { tenant, name } => print(&client.ingest(&tenant, &name).await?),
+            FileCmd::Replay { tenant, name } => print(&client.replay_file(&tenant, &name).await?),
             FileCmd::Status { tenant, name, wait } => match name {
                 Some(n) if wait => print(
                     &client

@@ -13,7 +13,9 @@ use mongodb::{Client, Collection, IndexModel};
 use super::{CoreError, bson_err, log_entries, log_id, prepare};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, StoredApp, now_us};
+use crate::model::{
+    AppKind, BulkOutcome, BulkWrite, FileRecord, FileState, JobRecords, StoredApp, now_us,
+};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName, hash_token, new_token};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -681,6 +683,96 @@ impl MongoStore {
             ))),
             None => Ok(None),
         }
+    }
+
+    /// What the log says of batch run `job`'s records, folded from its entries: a record is
+    /// failed while it has a document failure no later entry of the same document
+    /// supersedes, or a record failure and nothing else; otherwise skipped, duplicate
+    /// (documents stored by another ingestion only) or ok. Memory: a few words per record.
+    pub async fn job_records(
+        &self,
+        tenant: &TenantName,
+        job: &str,
+    ) -> Result<JobRecords, CoreError> {
+        #[derive(Default, Clone, Copy)]
+        struct Seen {
+            stored: u32,
+            duplicate: u32,
+            skipped: bool,
+            failed: bool,
+        }
+        let filter = doc! {"tenant": tenant.as_str(), "source": "batch", "ingestion": job};
+        let mut records: HashMap<u64, Seen> = HashMap::new();
+        // Documents that failed, until an entry of the same document says it was stored.
+        let mut failed_docs: HashMap<(u64, String), bool> = HashMap::new();
+        let mut cursor = self
+            .logs()
+            .find(filter)
+            .projection(doc! {"_id": 0, "record": 1, "status": 1, "document_id": 1})
+            .batch_size(5000)
+            .await?;
+        while let Some(e) = cursor.try_next().await? {
+            let Some(record) = e.get_i64("record").ok().and_then(|r| u64::try_from(r).ok()) else {
+                continue;
+            };
+            let doc = e.get_str("document_id").ok();
+            let seen = records.entry(record).or_default();
+            match (e.get_str("status").unwrap_or(""), doc) {
+                ("success", d) => {
+                    seen.stored += 1;
+                    if let Some(d) = d {
+                        failed_docs.insert((record, d.to_owned()), false);
+                    }
+                }
+                ("duplicate", d) => {
+                    seen.duplicate += 1;
+                    if let Some(d) = d {
+                        failed_docs.insert((record, d.to_owned()), false);
+                    }
+                }
+                ("skipped", _) => seen.skipped = true,
+                ("failure", Some(d)) => {
+                    failed_docs.entry((record, d.to_owned())).or_insert(true);
+                }
+                ("failure", None) => seen.failed = true,
+                _ => {}
+            }
+        }
+        let mut out = JobRecords::default();
+        let mut doc_failed: HashMap<u64, u32> = HashMap::new();
+        for ((record, _), failed) in failed_docs {
+            if failed {
+                *doc_failed.entry(record).or_default() += 1;
+            }
+        }
+        let mut settled: Vec<u64> = Vec::new();
+        for (record, seen) in &records {
+            let docs_failed = doc_failed.get(record).copied().unwrap_or(0);
+            out.documents_stored += u64::from(seen.stored);
+            out.documents_duplicate += u64::from(seen.duplicate);
+            out.documents_failed += u64::from(docs_failed);
+            let stored_any = seen.stored + seen.duplicate > 0;
+            if docs_failed > 0 || (seen.failed && !stored_any && !seen.skipped) {
+                out.records_failed += 1;
+                continue;
+            }
+            if seen.skipped && !stored_any {
+                out.records_skipped += 1;
+            } else if seen.stored == 0 && seen.duplicate > 0 {
+                out.records_duplicate += 1;
+            } else {
+                out.records_ok += 1;
+            }
+            settled.push(*record);
+        }
+        settled.sort_unstable();
+        for r in settled {
+            match out.settled.last_mut() {
+                Some((_, end)) if *end == r => *end = r + 1,
+                _ => out.settled.push((r, r + 1)),
+            }
+        }
+        Ok(out)
     }
 
     /// A cursor over log entries, a tenant's in time order; callers stream it, never collect

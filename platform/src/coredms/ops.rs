@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{CoreDms, CoreError, MongoStore};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, StoredApp};
+use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, JobRecords, StoredApp};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
 
 /// How an argument that travels as `Self` is passed to the methods, and taken back.
@@ -134,6 +134,8 @@ operations! {
     fn claim_files(owner: String, lease_ms: u64, limit: u64) -> Vec<FileRecord>;
     fn renew_leases(owner: String, lease_ms: u64) -> u64;
     fn release_leases(owner: String) -> u64;
+    /// What the log says of batch run `job`'s records: counts, and the records settled.
+    fn job_records(tenant: TenantName, job: String) -> JobRecords;
     fn file(tenant: TenantName, name: String) -> Option<FileRecord>;
     fn files(tenant: TenantName) -> Vec<FileRecord>;
     /// Removes a file's record unless it is being ingested (`Conflict`); the record removed.

@@ -258,6 +258,14 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     })
     .await;
     assert!(logged, "every message logged");
+    // Their failure entries are written before they reach the dead-letter queue.
+    let all_dead = eventually(Duration::from_secs(30), || async {
+        c.dead_letters(&t, 100)
+            .await
+            .is_ok_and(|dl| dl.dead_letters.len() == 10)
+    })
+    .await;
+    assert!(all_dead, "ten dead letters");
 
     // Listing leaves them where they are.
     for _ in 0..2 {
@@ -330,4 +338,141 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     let r = c.replay_dead_letters(&t, 1000).await.expect("replay again");
     assert_eq!(r.replayed, 0);
     c.stream_stop(&t).await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_file_replayed_after_an_app_fix_ingests_its_failed_records_only_under_its_run() {
+    let app = TestApp::spawn_with(&["batch.batch_size=300"]).await;
+    let (t, c) = app.tenant("refile").await;
+    let v1 = "function map(r) if r.i % 7 == 0 then error('bad ' .. r.i) end \
+              if r.i % 10 == 3 then return nil end return { i = r.i } end";
+    let v2 = "function map(r) if r.i % 10 == 3 then return nil end return { i = r.i, v = 2 } end";
+    c.upload_app(&t, "batch", v1).await.expect("app v1");
+    let not_json = |i: u64| i % 500 == 499;
+    let body: String = (0..2000)
+        .map(|i| {
+            if not_json(i) {
+                "{oops\n".to_owned()
+            } else {
+                format!("{{\"i\": {i}}}\n")
+            }
+        })
+        .collect();
+    // What each record should be: failed, skipped or ok, with v1 and then with v2.
+    let outcome = |i: u64, fixed: bool| -> Status {
+        if not_json(i) || (!fixed && i % 7 == 0) {
+            Status::Failure
+        } else if i % 10 == 3 {
+            Status::Skipped
+        } else {
+            Status::Success
+        }
+    };
+    let expect = |fixed: bool| {
+        let n = |s| (0..2000).filter(|&i| outcome(i, fixed) == s).count() as u64;
+        (n(Status::Success), n(Status::Skipped), n(Status::Failure))
+    };
+    let r = c.replay_file(&t, "nothing.ndjson").await;
+    assert!(r.is_err(), "no such file: {r:?}");
+    c.upload_file(&t, "r.ndjson", body).await.expect("stage");
+    let r = c.replay_file(&t, "r.ndjson").await;
+    assert_eq!(
+        r.as_ref().err().and_then(|e| e.status()),
+        Some(reqwest::StatusCode::CONFLICT),
+        "never ingested: {r:?}"
+    );
+    c.ingest(&t, "r.ndjson").await.expect("ingest");
+    let f = c
+        .wait_for_file(&t, "r.ndjson", Duration::from_secs(120))
+        .await
+        .expect("status");
+    let (ok, skipped, failed) = expect(false);
+    assert_eq!(
+        (f.records_ok, f.records_skipped, f.records_failed),
+        (ok, skipped, failed),
+        "{f:?}"
+    );
+    let job = f.job.clone();
+    let before = app.logs(&c, &t, "").await;
+    assert_eq!(before.len(), 2000);
+
+    c.upload_app(&t, "batch", v2).await.expect("app v2");
+    let started = c.replay_file(&t, "r.ndjson").await.expect("replay");
+    assert_eq!(started.file.job, job, "the same run");
+    let done = eventually(Duration::from_secs(120), || async {
+        c.file(&t, "r.ndjson")
+            .await
+            .is_ok_and(|f| f.state == FileState::Done && !f.replay)
+    })
+    .await;
+    assert!(done, "the replay ends");
+    let f = c.file(&t, "r.ndjson").await.expect("status");
+    let (ok, skipped, failed) = expect(true);
+    assert_eq!(
+        (
+            f.records_ok,
+            f.records_skipped,
+            f.records_failed,
+            f.documents_stored,
+            f.job.as_str()
+        ),
+        (ok, skipped, failed, ok, job.as_str()),
+        "recounted from the log: {f:?}"
+    );
+    assert_eq!(app.count(&t, "r").await, ok);
+
+    // Every entry belongs to the first run; the records that failed in it and were fixed have
+    // their failure and then their new outcome; the rest have exactly what they had.
+    let log = app.logs(&c, &t, "").await;
+    let mut per_record: BTreeMap<u64, Vec<Status>> = BTreeMap::new();
+    for e in &log {
+        assert_eq!(e.ingestion.as_deref(), Some(job.as_str()), "{e:?}");
+        per_record
+            .entry(e.record.expect("record"))
+            .or_default()
+            .push(e.status);
+    }
+    assert_eq!(per_record.len(), 2000);
+    for (i, statuses) in &per_record {
+        let (was, now) = (outcome(*i, false), outcome(*i, true));
+        let want = if was == now {
+            vec![was]
+        } else {
+            vec![was, now]
+        };
+        assert_eq!(statuses, &want, "record {i}");
+    }
+    // The v2 documents are the replayed records'; the others kept their v1 form.
+    let replayed = app
+        .mongo()
+        .await
+        .database(&format!("{}tenant_{t}", app.namespace))
+        .collection::<mongodb::bson::Document>("r")
+        .count_documents(mongodb::bson::doc! {"v": 2})
+        .await
+        .expect("count");
+    let fixed = (0..2000)
+        .filter(|&i| outcome(i, false) == Status::Failure && outcome(i, true) == Status::Success)
+        .count() as u64;
+    assert_eq!(replayed, fixed);
+
+    // Replaying again changes nothing: no record is failed but the unreadable ones.
+    c.replay_file(&t, "r.ndjson").await.expect("replay again");
+    let done = eventually(Duration::from_secs(120), || async {
+        c.file(&t, "r.ndjson")
+            .await
+            .is_ok_and(|f| f.state == FileState::Done && !f.replay)
+    })
+    .await;
+    assert!(done);
+    let again = c.file(&t, "r.ndjson").await.expect("status");
+    assert_eq!(
+        (
+            again.records_ok,
+            again.records_skipped,
+            again.records_failed
+        ),
+        (ok, skipped, failed)
+    );
+    assert_eq!(app.logs(&c, &t, "").await.len(), log.len());
 }
