@@ -280,6 +280,10 @@ pub struct DocWrite {
 pub struct Unstored {
     pub input: InputRef,
     pub collection: String,
+    /// The document that failed, for a failure of one document of the input (one too large
+    /// to send to coredms, say): logged per document, as the database's refusals are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     pub bytes: u64,

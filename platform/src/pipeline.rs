@@ -221,6 +221,7 @@ pub fn transform(
         let unstored = |reason: Option<String>| Unstored {
             input: input.input.clone(),
             collection: collection.to_owned(),
+            document_id: None,
             reason,
             bytes: input.bytes,
             started_us: input.started_us,

@@ -137,6 +137,8 @@ pub enum BatchError {
     Busy(String),
     #[error("file `{0}` has not been ingested since it was staged: ingest it first")]
     NeverIngested(String),
+    #[error("file `{0}` has no failed records to replay")]
+    NothingToReplay(String),
     /// `start` lost its compare-and-set to another start or a new upload of the name.
     #[error(
         "file `{0}` changed while its ingestion was starting (another start or upload came first); read its status and retry"
@@ -223,8 +225,16 @@ impl BatchManager {
         let lease_ms = self.settings.lease_ms;
         let every = Duration::from_millis(lease_ms / 3);
         loop {
-            if self.held_count() > 0
-                && let Err(e) = self.coredms.renew_leases(&self.owner, lease_ms).await
+            let held: Vec<String> = self
+                .held
+                .lock()
+                .map(|h| h.iter().cloned().collect())
+                .unwrap_or_default();
+            if !held.is_empty()
+                && let Err(e) = self
+                    .coredms
+                    .renew_leases(&self.owner, lease_ms, &held)
+                    .await
             {
                 tracing::warn!(error = %e, "cannot renew job leases");
             }
@@ -397,6 +407,9 @@ impl BatchManager {
             FileState::Staged => return Err(BatchError::NeverIngested(name.to_owned())),
             FileState::Done | FileState::Failed if rec.job.is_empty() => {
                 return Err(BatchError::NeverIngested(name.to_owned()));
+            }
+            FileState::Done if rec.records_failed == 0 => {
+                return Err(BatchError::NothingToReplay(name.to_owned()));
             }
             FileState::Done | FileState::Failed => {}
         }
@@ -640,36 +653,45 @@ impl BatchManager {
         let error = error.map(|e| e.to_string());
         if let Some(e) = &error {
             tracing::warn!(tenant = %job.tenant, file = %job.record.name, error = %e, "ingestion failed");
-            // Only the job's holder logs its failure: one that lost it says nothing.
-            if let Ok(false) = self
+            // Only the job's holder logs its failure: one that lost it says nothing, and one
+            // that cannot tell (coredms unreachable) logs nothing either; its `finish_file`
+            // below is a compare-and-set too.
+            let holds = match self
                 .coredms
                 .checkpoint_file(&job.record, &self.owner, self.settings.lease_ms)
                 .await
             {
-                self.let_go(&job.record);
-                return;
-            }
+                Ok(true) => true,
+                Ok(false) => {
+                    self.let_go(&job.record);
+                    return;
+                }
+                Err(_) => false,
+            };
             // A file that could not be processed at all still gets its one log entry.
-            let _ = self
-                .coredms
-                .bulk_write(&BulkWrite {
-                    tenant: job.tenant.clone(),
-                    source: Source::Batch,
-                    data_name: job.record.name.clone(),
-                    app_version: job.record.app_version,
-                    docs: vec![],
-                    unstored: vec![crate::model::Unstored {
-                        input: InputRef::File {
-                            job: job.record.job.clone(),
-                        },
-                        collection: job.record.collection.clone(),
-                        reason: Some(e.clone()),
-                        bytes: job.record.bytes,
-                        started_us: now_us(),
-                        data_name: None,
-                    }],
-                })
-                .await;
+            if holds {
+                let _ = self
+                    .coredms
+                    .bulk_write(&BulkWrite {
+                        tenant: job.tenant.clone(),
+                        source: Source::Batch,
+                        data_name: job.record.name.clone(),
+                        app_version: job.record.app_version,
+                        docs: vec![],
+                        unstored: vec![crate::model::Unstored {
+                            input: InputRef::File {
+                                job: job.record.job.clone(),
+                            },
+                            collection: job.record.collection.clone(),
+                            document_id: None,
+                            reason: Some(e.clone()),
+                            bytes: job.record.bytes,
+                            started_us: now_us(),
+                            data_name: None,
+                        }],
+                    })
+                    .await;
+            }
         } else {
             tracing::info!(tenant = %job.tenant, file = %job.record.name, ok = job.record.records_ok,
                 failed = job.record.records_failed, duplicates = job.record.records_duplicate, "ingestion done");

@@ -53,9 +53,10 @@ impl From<BatchError> for ApiError {
         match e {
             BatchError::Core(c) => c.into(),
             BatchError::NotStaged(_) => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
-            BatchError::Busy(_) | BatchError::Raced(_) | BatchError::NeverIngested(_) => {
-                ApiError::new(StatusCode::CONFLICT, e.to_string())
-            }
+            BatchError::Busy(_)
+            | BatchError::Raced(_)
+            | BatchError::NeverIngested(_)
+            | BatchError::NothingToReplay(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             BatchError::Io(io) => {
                 tracing::error!(error = %io, "staging io error");
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")

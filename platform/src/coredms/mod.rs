@@ -430,7 +430,7 @@ pub fn log_entries(w: &BulkWrite, status: &[Status], reasons: &[Option<String>])
             collection: &u.collection,
             bytes: u.bytes,
             started_us: u.started_us,
-            document_id: None,
+            document_id: u.document_id.as_deref(),
         };
         out.push(entry(w, (now, now_us), about, status, u.reason.clone()));
     }
@@ -619,6 +619,7 @@ mod tests {
             w.unstored.push(Unstored {
                 input: input(record),
                 collection: "a".into(),
+                document_id: None,
                 reason: reason.map(str::to_owned),
                 bytes: 1,
                 started_us: now_us(),

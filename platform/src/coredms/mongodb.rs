@@ -256,9 +256,6 @@ impl MongoStore {
         let mut reasons: Vec<Option<String>> = vec![None; w.docs.len()];
         let mut outcome = BulkOutcome::default();
         let mut rejected = prepared.invalid;
-        // Documents the database already had: claimed as this ingestion's until the log says
-        // another one stored them.
-        let mut already = vec![false; w.docs.len()];
         for (collection, idx, docs) in prepared.collections {
             let coll = self
                 .tenant_collection(&w.tenant, &collection)
@@ -267,8 +264,9 @@ impl MongoStore {
             for (k, r) in results.into_iter().enumerate() {
                 let i = idx[k];
                 match r {
-                    Inserted::Yes => {}
-                    Inserted::Duplicate => already[i] = true,
+                    // A document the database already had is claimed as this ingestion's
+                    // until the log says another one stored it (below).
+                    Inserted::Yes | Inserted::Duplicate => {}
                     Inserted::Rejected(reason) => {
                         rejected.push((i, format!("rejected by the database: {reason}")));
                     }
@@ -285,10 +283,12 @@ impl MongoStore {
         super::faults::before_log(w.tenant.as_str()).await;
         let logs = log_entries(w, &status, &reasons);
         let existing = self.insert_log_entries(logs).await?;
-        // Claimed documents whose `success` entry was there already: whose is it?
+        // Documents whose `success` entry was there already: whose is it? (Not only those
+        // the database already had: two runs storing the same document at once may see
+        // one insert it and the other claim its entry first.)
         let taken: Vec<usize> = existing
             .into_iter()
-            .filter(|&k| k < w.docs.len() && already[k] && status[k] == Status::Success)
+            .filter(|&k| k < w.docs.len() && status[k] == Status::Success)
             .collect();
         if !taken.is_empty() {
             let id_of = |i: usize| {
@@ -608,11 +608,22 @@ impl MongoStore {
     }
 
     /// Extends the lease of every job `owner` holds; the number it still holds.
-    pub async fn renew_leases(&self, owner: &str, lease_ms: u64) -> Result<u64, CoreError> {
+    pub async fn renew_leases(
+        &self,
+        owner: &str,
+        lease_ms: u64,
+        files: &[String],
+    ) -> Result<u64, CoreError> {
+        // Only the jobs it still runs: one it gave up on (its end could not be recorded)
+        // must expire, for another manager to claim.
         let r = self
             .file_status()
             .update_many(
-                doc! {"state": FileState::Ingesting.as_str(), "lease.owner": owner},
+                doc! {
+                    "_id": {"$in": files},
+                    "state": FileState::Ingesting.as_str(),
+                    "lease.owner": owner,
+                },
                 doc! {"$set": {"lease.expires_us": now_us() + lease_ms_us(lease_ms)}},
             )
             .write_concern(self.write_concern.clone())
@@ -688,7 +699,9 @@ impl MongoStore {
     /// What the log says of batch run `job`'s records, folded from its entries: a record is
     /// failed while it has a document failure no later entry of the same document
     /// supersedes, or a record failure and nothing else; otherwise skipped, duplicate
-    /// (documents stored by another ingestion only) or ok. Memory: a few words per record.
+    /// (documents stored by another ingestion only) or ok. Memory: a few bytes per record,
+    /// and the failed documents' ids. The log has no index on the run: this reads the
+    /// tenant's entries (replays are rare; an index would cost every log write).
     pub async fn job_records(
         &self,
         tenant: &TenantName,
@@ -696,15 +709,34 @@ impl MongoStore {
     ) -> Result<JobRecords, CoreError> {
         #[derive(Default, Clone, Copy)]
         struct Seen {
+            any: bool,
             stored: u32,
             duplicate: u32,
             skipped: bool,
             failed: bool,
         }
         let filter = doc! {"tenant": tenant.as_str(), "source": "batch", "ingestion": job};
-        let mut records: HashMap<u64, Seen> = HashMap::new();
-        // Documents that failed, until an entry of the same document says it was stored.
+        // First the documents that failed (few, usually), then every entry: a failed
+        // document stays failed unless an entry of the same document says it was stored.
         let mut failed_docs: HashMap<(u64, String), bool> = HashMap::new();
+        let mut failures = filter.clone();
+        failures.insert("status", "failure");
+        failures.insert("document_id", doc! {"$exists": true});
+        let mut cursor = self
+            .logs()
+            .find(failures)
+            .projection(doc! {"_id": 0, "record": 1, "document_id": 1})
+            .await?;
+        while let Some(e) = cursor.try_next().await? {
+            if let (Some(r), Ok(d)) = (
+                e.get_i64("record").ok().and_then(|r| u64::try_from(r).ok()),
+                e.get_str("document_id"),
+            ) {
+                failed_docs.insert((r, d.to_owned()), true);
+            }
+        }
+        // One small slot per record, by index: records are numbered from 0 in their file.
+        let mut records: Vec<Seen> = Vec::new();
         let mut cursor = self
             .logs()
             .find(filter)
@@ -712,29 +744,30 @@ impl MongoStore {
             .batch_size(5000)
             .await?;
         while let Some(e) = cursor.try_next().await? {
-            let Some(record) = e.get_i64("record").ok().and_then(|r| u64::try_from(r).ok()) else {
+            let Some(record) = e
+                .get_i64("record")
+                .ok()
+                .and_then(|r| usize::try_from(r).ok())
+            else {
                 continue;
             };
-            let doc = e.get_str("document_id").ok();
-            let seen = records.entry(record).or_default();
-            match (e.get_str("status").unwrap_or(""), doc) {
-                ("success", d) => {
-                    seen.stored += 1;
-                    if let Some(d) = d {
-                        failed_docs.insert((record, d.to_owned()), false);
-                    }
-                }
-                ("duplicate", d) => {
-                    seen.duplicate += 1;
-                    if let Some(d) = d {
-                        failed_docs.insert((record, d.to_owned()), false);
-                    }
-                }
-                ("skipped", _) => seen.skipped = true,
-                ("failure", Some(d)) => {
-                    failed_docs.entry((record, d.to_owned())).or_insert(true);
-                }
-                ("failure", None) => seen.failed = true,
+            if record >= records.len() {
+                records.resize(record + 1, Seen::default());
+            }
+            let seen = &mut records[record];
+            seen.any = true;
+            let status = e.get_str("status").unwrap_or("");
+            if let ("success" | "duplicate", Ok(d)) = (status, e.get_str("document_id"))
+                && !failed_docs.is_empty()
+                && let Some(failed) = failed_docs.get_mut(&(record as u64, d.to_owned()))
+            {
+                *failed = false;
+            }
+            match status {
+                "success" => seen.stored += 1,
+                "duplicate" => seen.duplicate += 1,
+                "skipped" => seen.skipped = true,
+                "failure" if e.get_str("document_id").is_err() => seen.failed = true,
                 _ => {}
             }
         }
@@ -746,8 +779,12 @@ impl MongoStore {
             }
         }
         let mut settled: Vec<u64> = Vec::new();
-        for (record, seen) in &records {
-            let docs_failed = doc_failed.get(record).copied().unwrap_or(0);
+        for (record, seen) in records.iter().enumerate() {
+            if !seen.any {
+                continue;
+            }
+            let record = record as u64;
+            let docs_failed = doc_failed.get(&record).copied().unwrap_or(0);
             out.documents_stored += u64::from(seen.stored);
             out.documents_duplicate += u64::from(seen.duplicate);
             out.documents_failed += u64::from(docs_failed);
@@ -763,7 +800,7 @@ impl MongoStore {
             } else {
                 out.records_ok += 1;
             }
-            settled.push(*record);
+            settled.push(record);
         }
         settled.sort_unstable();
         for r in settled {

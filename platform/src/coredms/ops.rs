@@ -57,7 +57,7 @@ macro_rules! by_value {
     )*};
 }
 
-by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord);
+by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord, Vec<String> => [String]);
 by_value!(Constraints, AdminPatch, AppKind, i64, u64);
 
 macro_rules! operations {
@@ -132,7 +132,8 @@ operations! {
     fn finish_file(record: FileRecord, owner: String) -> bool;
     /// Up to `limit` ingesting files whose lease expired, now `owner`'s.
     fn claim_files(owner: String, lease_ms: u64, limit: u64) -> Vec<FileRecord>;
-    fn renew_leases(owner: String, lease_ms: u64) -> u64;
+    /// Renews `owner`'s leases of the jobs `files` (`<tenant>/<name>`) it still runs.
+    fn renew_leases(owner: String, lease_ms: u64, files: Vec<String>) -> u64;
     fn release_leases(owner: String) -> u64;
     /// What the log says of batch run `job`'s records: counts, and the records settled.
     fn job_records(tenant: TenantName, job: String) -> JobRecords;

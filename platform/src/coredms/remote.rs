@@ -138,6 +138,7 @@ impl Remote {
             oversize.push(Unstored {
                 input: d.input.clone(),
                 collection: d.collection.clone(),
+                document_id: Some(d.id.clone()),
                 reason: Some(reason.clone()),
                 bytes: d.bytes,
                 started_us: d.started_us,

@@ -351,3 +351,53 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
         (2, 1, 1)
     );
 }
+
+#[tokio::test]
+async fn two_ingestions_storing_the_same_documents_at_once_log_one_success_and_one_duplicate_each()
+{
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("race").await;
+    let store = MongoStore::connect(
+        &app.settings.mongodb.uri,
+        &app.settings.mongodb,
+        &app.namespace,
+    )
+    .await
+    .expect("store");
+    let tenant = TenantName::parse(&name).expect("valid");
+    for round in 0..3 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        let (wa, wb) = (bulk_of(&tenant, &a, 2000), bulk_of(&tenant, &b, 2000));
+        let (ra, rb) = tokio::join!(store.bulk_write(&wa), store.bulk_write(&wb));
+        let (ra, rb) = (ra.expect("a"), rb.expect("b"));
+        if round == 0 {
+            assert_eq!(ra.inserted + rb.inserted, 2000, "{ra:?} {rb:?}");
+            assert_eq!(ra.duplicates + rb.duplicates, 2000);
+        } else {
+            assert_eq!((ra.inserted, rb.inserted), (0, 0), "stored before");
+        }
+        let logs = app.logs(&alice, &name, "").await;
+        for by in [a.as_str(), b.as_str()] {
+            let mine: Vec<_> = logs
+                .iter()
+                .filter(|e| e.ingestion.as_deref() == Some(by))
+                .collect();
+            assert_eq!(
+                mine.len(),
+                2000,
+                "each ingestion names every document once: {by}"
+            );
+        }
+    }
+    let logs = app.logs(&alice, &name, "").await;
+    let success: std::collections::HashSet<_> = logs
+        .iter()
+        .filter(|e| e.status == Status::Success)
+        .map(|e| e.document_id.clone())
+        .collect();
+    assert_eq!(success.len(), 2000, "one success entry per document");
+    assert_eq!(
+        logs.iter().filter(|e| e.status == Status::Success).count(),
+        2000
+    );
+}

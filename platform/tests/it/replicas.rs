@@ -127,7 +127,13 @@ async fn file_records_move_only_by_compare_and_set_and_a_lease_passes_only_once_
     );
 
     // b stops cleanly: it lets go, and c resumes at once.
-    assert_eq!(store.renew_leases("b", lease).await, Ok(1));
+    let held = [format!("{}/{}", rec.tenant, rec.name)];
+    assert_eq!(
+        store.renew_leases("b", lease, &[]).await,
+        Ok(0),
+        "none named"
+    );
+    assert_eq!(store.renew_leases("b", lease, &held).await, Ok(1));
     assert_eq!(store.release_leases("b").await, Ok(1));
     assert_eq!(
         store.claim_files("c", lease, 10).await.map(|v| v.len()),
