@@ -14,9 +14,8 @@ use serde_yaml_ng::Value;
 /// The Python that runs deploy/kubernetes/validate.py, with its requirements.txt installed
 /// (`.ci/run` makes one).
 const PYTHON_VAR: &str = "MYSIMBDP_DEPLOY_PYTHON";
-/// In the pods' environment for others than the config: the log filter, and KEDA's RabbitMQ
-/// trigger (its TriggerAuthentication reads the Secret).
-const NOT_SETTINGS: &[&str] = &["RUST_LOG", "RABBITMQ_MANAGEMENT_URI"];
+/// In the pods' environment for the process, not the config: the log filter.
+const NOT_SETTINGS: &[&str] = &["RUST_LOG"];
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -150,10 +149,16 @@ impl Manifests {
             .iter()
             .map(|r| s(r).to_owned())
             .collect();
+        let configurations: BTreeSet<String> = kustomization["configurations"]
+            .as_sequence()
+            .map(|c| c.iter().map(|c| s(c).to_owned()).collect())
+            .unwrap_or_default();
         let files: BTreeSet<String> = std::fs::read_dir(&dir)
             .expect("deploy/kubernetes")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+            .filter(|n| {
+                n.ends_with(".yaml") && n != "kustomization.yaml" && !configurations.contains(n)
+            })
             .collect();
         assert_eq!(
             resources, files,
@@ -181,23 +186,39 @@ impl Manifests {
             .unwrap_or_else(|| panic!("no {kind} {name}"))
     }
 
-    /// The environment the pods get: the ConfigMap's data and the keys of the Secret made
-    /// from secrets.env (values from secrets.env.example, empty tokens filled in).
-    fn pod_env(&self) -> Vec<(String, String)> {
+    /// The environment a container gets: the ConfigMap it takes whole, and each variable it
+    /// names from the Secret made from secrets.env (values from secrets.env.example, empty
+    /// tokens filled in).
+    fn container_env(&self, c: &Value) -> Vec<(String, String)> {
+        let from: Vec<(&str, &str)> = c["envFrom"]
+            .as_sequence()
+            .expect("envFrom")
+            .iter()
+            .flat_map(|e| e.as_mapping().expect("ref").iter())
+            .map(|(kind, r)| (s(kind), s(&r["name"])))
+            .collect();
+        assert_eq!(from, [("configMapRef", "mysimbdp-settings")]);
         let mut env: Vec<(String, String)> = self.named("ConfigMap", "mysimbdp-settings")["data"]
             .as_mapping()
             .expect("data")
             .iter()
             .map(|(k, v)| (s(k).to_owned(), s(v).to_owned()))
             .collect();
-        env.extend(self.secret_env().into_iter().map(|(k, v)| {
-            let v = if v.is_empty() {
-                "a-token-of-32-characters-000000".to_owned()
+        let secret: BTreeMap<String, String> = self.secret_env().into_iter().collect();
+        for e in c["env"].as_sequence().expect("env") {
+            let name = s(&e["name"]);
+            let r = &e["valueFrom"]["secretKeyRef"];
+            assert_eq!(s(&r["name"]), self.secret_name(), "{name}");
+            let value = secret
+                .get(s(&r["key"]))
+                .unwrap_or_else(|| panic!("{name}: no {:?} in secrets.env.example", r["key"]));
+            let value = if value.is_empty() {
+                "a-token-of-32-characters-000000"
             } else {
-                v
+                value
             };
-            (k, v)
-        }));
+            env.push((name.to_owned(), value.to_owned()));
+        }
         env
     }
 
@@ -279,7 +300,9 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
     );
 
     // Every environment name anywhere is one the config reads, and together they load.
-    let pod_env = m.pod_env();
+    let container =
+        |name: &str| &m.named("Deployment", name)["spec"]["template"]["spec"]["containers"][0];
+    let pod_env = m.container_env(container("coredms"));
     let names = pod_env
         .iter()
         .map(|(k, _)| k.as_str())
@@ -346,20 +369,7 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
                 );
             }
         }
-        let from: Vec<(&str, &str)> = c["envFrom"]
-            .as_sequence()
-            .expect("envFrom")
-            .iter()
-            .flat_map(|e| e.as_mapping().expect("ref").iter())
-            .map(|(kind, r)| (s(kind), s(&r["name"])))
-            .collect();
-        assert_eq!(
-            from,
-            [
-                ("configMapRef", "mysimbdp-settings"),
-                ("secretRef", m.secret_name())
-            ]
-        );
+        assert_eq!(m.container_env(c), pod_env, "{name} has the same settings");
         let mounts = c["volumeMounts"].as_sequence();
         if component == Component::Batch {
             let mount = &mounts.expect("batch mounts staging")[0];
@@ -411,6 +421,20 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
         assert_eq!(s(&r["name"]), m.secret_name());
         assert!(secret_keys.contains(s(&r["key"])), "{r:?}");
     }
+    // kustomize renames the generated Secret (a hash suffix) wherever it knows a reference;
+    // KEDA's is taught by the kustomization's configurations.
+    let config = yaml_docs(&m.dir.join(s(&m.kustomization["configurations"][0]))).remove(0);
+    let renamed = config["nameReference"]
+        .as_sequence()
+        .expect("nameReference")
+        .iter()
+        .filter(|r| r["kind"] == "Secret")
+        .flat_map(|r| r["fieldSpecs"].as_sequence().into_iter().flatten())
+        .any(|f| f["kind"] == "TriggerAuthentication" && f["path"] == "spec/secretTargetRef/name");
+    assert!(
+        renamed,
+        "the TriggerAuthentication's Secret reference is renamed with the Secret"
+    );
     assert!(
         settings.platform.namespace.is_empty(),
         "keda.yaml's queue pattern assumes no platform.namespace prefix"
