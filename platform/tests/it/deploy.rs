@@ -113,6 +113,14 @@ fn port_of(address: &str) -> u16 {
         .unwrap_or_else(|| panic!("no port in {address}"))
 }
 
+/// The ports of a URI's hosts: `scheme://user:pass@h1:1,h2:2/path` → [1, 2].
+fn uri_ports(uri: &str) -> Vec<u16> {
+    let rest = uri.split_once("://").map_or(uri, |(_, r)| r);
+    let hosts = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let hosts = hosts.split(['/', '?']).next().unwrap_or(hosts);
+    hosts.split(',').map(port_of).collect()
+}
+
 /// `${NAME:-default}` → default; anything else as it is.
 fn compose_default(v: &str) -> &str {
     v.strip_prefix("${")
@@ -395,6 +403,35 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
             "{name} PDB"
         );
     }
+
+    // The network policy lets the pods reach what their settings name, and be reached.
+    let policy = &m.named("NetworkPolicy", "mysimbdp")["spec"];
+    let ports = |rules: &Value| -> BTreeSet<u64> {
+        rules
+            .as_sequence()
+            .expect("rules")
+            .iter()
+            .flat_map(|r| r["ports"].as_sequence().into_iter().flatten())
+            .filter(|p| p["protocol"] == "TCP")
+            .filter_map(|p| p["port"].as_u64())
+            .collect()
+    };
+    let egress = ports(&policy["egress"]);
+    let needed = uri_ports(&settings.mongodb.uri)
+        .into_iter()
+        .chain(uri_ports(&settings.amqp.uri))
+        .chain(uri_ports(&settings.http.coredms_url));
+    for p in needed {
+        assert!(
+            egress.contains(&p.into()),
+            "egress to port {p} is not allowed"
+        );
+    }
+    assert!(ports(&policy["ingress"]).contains(&port.into()));
+    assert_eq!(
+        policy["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "mysimbdp"
+    );
 
     // The stream managers scale on the tenant queues, from the Deployment's replicas up.
     let scaled = m.named("ScaledObject", "stream");
