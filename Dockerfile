@@ -14,15 +14,16 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 FROM ${RUNTIME_IMAGE} AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --user-group --home /var/lib/mysimbdp mysimbdp \
-    && mkdir -p /var/lib/mysimbdp/staging && chown -R mysimbdp /var/lib/mysimbdp
+    && groupadd --system --gid 10001 mysimbdp \
+    && useradd --system --uid 10001 --gid 10001 --home /var/lib/mysimbdp mysimbdp \
+    && mkdir -p /var/lib/mysimbdp/staging && chown -R mysimbdp:mysimbdp /var/lib/mysimbdp
 # Listen on every interface inside the container (the binary's default is 127.0.0.1, which
 # nothing outside the container reaches); staging where the volume is mounted.
 ENV MYSIMBDP_LISTEN=0.0.0.0:8800 \
     MYSIMBDP_STAGING_DIR=/var/lib/mysimbdp/staging
 WORKDIR /var/lib/mysimbdp
 # Numeric, so Kubernetes can check runAsNonRoot (deploy/kubernetes sets the same uid).
-USER 10001
+USER 10001:10001
 EXPOSE 8800
 ENTRYPOINT ["mysimbdp"]
 CMD ["serve"]

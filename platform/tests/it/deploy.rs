@@ -268,7 +268,8 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
     let staging = docker_env["MYSIMBDP_STAGING_DIR"].as_str();
     assert_eq!(port_of(&docker_env["MYSIMBDP_LISTEN"]), port);
     assert_eq!(docker.one("ENTRYPOINT"), r#"["mysimbdp"]"#);
-    let uid: i64 = docker.one("USER").parse().expect("a numeric USER");
+    let (uid, gid) = docker.one("USER").split_once(':').expect("USER uid:gid");
+    let (uid, gid): (i64, i64) = (uid.parse().expect("uid"), gid.parse().expect("gid"));
     let stages = docker.stages();
     assert!(
         stages.contains("prebuilt") && stages.contains("release"),
@@ -357,7 +358,14 @@ fn kubernetes_manifests_pass_the_schemas_and_agree_with_the_dockerfile_compose_a
         let labels = &spec["template"]["metadata"]["labels"];
         assert_eq!(spec["selector"]["matchLabels"], *labels, "{name}");
         let pod = &spec["template"]["spec"];
-        assert_eq!(pod["securityContext"]["runAsUser"].as_i64(), Some(uid));
+        let user = &pod["securityContext"];
+        assert_eq!(user["runAsUser"].as_i64(), Some(uid), "{name}");
+        assert_eq!(user["runAsGroup"].as_i64(), Some(gid), "{name}");
+        assert_eq!(
+            user["fsGroup"].as_i64(),
+            Some(gid),
+            "{name}: staging writable"
+        );
         let containers = pod["containers"].as_sequence().expect("containers");
         assert_eq!(containers.len(), 1);
         let c = &containers[0];
