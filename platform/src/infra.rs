@@ -301,6 +301,54 @@ mod tests {
         assert_eq!(long_string_field(&frame, b"platform"), None);
     }
 
+    /// The request testcontainers' Docker client sends, read off a socket standing in for
+    /// the daemon: a versioned path (`/v1.53/version`) would be refused by an engine that
+    /// speaks an older API, as Debian's docker.io 20.10 (1.41) does. See the pin in the
+    /// workspace Cargo.toml.
+    #[cfg(feature = "docker")]
+    #[tokio::test]
+    async fn docker_requests_carry_no_api_version() {
+        use testcontainers::bollard::{API_DEFAULT_VERSION, Docker};
+        let dir = std::env::temp_dir().join(format!("mysimbdp-docker-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let sock = dir.join("docker.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
+        let daemon = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the client closed before its request ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"Version":"20.10.24","ApiVersion":"1.41"}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(reply.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&head).into_owned()
+        });
+        let path = sock.to_str().expect("utf-8 path");
+        let docker = Docker::connect_with_unix(path, 5, API_DEFAULT_VERSION).expect("client");
+        let version = docker.version().await;
+        let head = daemon.await.expect("daemon task");
+        let _ = std::fs::remove_dir_all(&dir);
+        let request_line = head.lines().next().unwrap_or_default();
+        assert_eq!(
+            request_line, "GET /version HTTP/1.1",
+            "the Docker client now sends a versioned path; an engine older than API {}.{} \
+             refuses it: negotiate the version before upgrading testcontainers",
+            API_DEFAULT_VERSION.major_version, API_DEFAULT_VERSION.minor_version
+        );
+        assert_eq!(
+            version.expect("the version answer").api_version.as_deref(),
+            Some("1.41")
+        );
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(

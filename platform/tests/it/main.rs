@@ -7,6 +7,7 @@ mod apps;
 mod badinput;
 mod batch;
 mod coredms;
+mod deploy;
 mod faults;
 mod foundation;
 mod harness;
