@@ -374,23 +374,8 @@ impl BatchManager {
         if rec.state == FileState::Ingesting {
             return Err(BatchError::Busy(name.to_owned()));
         }
-        rec.state = FileState::Ingesting;
         rec.restart(crate::model::new_id());
-        rec.updated_at = crate::model::rfc3339_now();
-        rec.lease = None;
-        if !self
-            .coredms
-            .start_file(&rec, &self.owner, self.settings.lease_ms)
-            .await?
-        {
-            return Err(BatchError::Raced(name.to_owned()));
-        }
-        self.hold(&rec);
-        if let Err(e) = self.enqueue(rec.clone()).await {
-            self.let_go(&rec);
-            return Err(e);
-        }
-        Ok(rec)
+        self.launch(rec).await
     }
 
     /// Re-ingests, with the tenant's current app, the records of the file's last run that
@@ -413,10 +398,16 @@ impl BatchManager {
             }
             FileState::Done | FileState::Failed => {}
         }
-        rec.state = FileState::Ingesting;
         rec.replay = true;
         rec.next_record = 0;
         rec.error = None;
+        self.launch(rec).await
+    }
+
+    /// Moves the file to `ingesting` under this manager's lease, by compare-and-set on the
+    /// version read (another start or upload first: `Raced`), and queues its job.
+    async fn launch(&self, mut rec: FileRecord) -> Result<FileRecord, BatchError> {
+        rec.state = FileState::Ingesting;
         rec.updated_at = crate::model::rfc3339_now();
         rec.lease = None;
         if !self
@@ -424,7 +415,7 @@ impl BatchManager {
             .start_file(&rec, &self.owner, self.settings.lease_ms)
             .await?
         {
-            return Err(BatchError::Raced(name.to_owned()));
+            return Err(BatchError::Raced(rec.name));
         }
         self.hold(&rec);
         if let Err(e) = self.enqueue(rec.clone()).await {

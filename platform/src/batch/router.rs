@@ -171,14 +171,20 @@ async fn ingest(
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     let rec = p.manager.start(&t, &name).await?;
-    Ok((
+    Ok(started(&t, rec))
+}
+
+/// 202 with the job and the file as it started.
+fn started(t: &TenantName, rec: FileRecord) -> Response {
+    let job = format!("{t}/{}", rec.name);
+    (
         StatusCode::ACCEPTED,
         Json(IngestStarted {
-            job: format!("{t}/{name}"),
+            job,
             file: public(rec),
         }),
     )
-        .into_response())
+        .into_response()
 }
 
 /// Re-ingests the failed records of the file's last run with the current app, under that
@@ -191,14 +197,7 @@ async fn replay(
     let t = caller.for_tenant(&t)?;
     check_file_name(&name).map_err(ApiError::bad_request)?;
     let rec = p.manager.replay(&t, &name).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(IngestStarted {
-            job: format!("{t}/{name}"),
-            file: public(rec),
-        }),
-    )
-        .into_response())
+    Ok(started(&t, rec))
 }
 
 async fn status(
