@@ -114,6 +114,7 @@ impl FileRecord {
         self.next_record = 0;
         self.error = None;
         self.replay = false;
+        self.app_version = None;
     }
 
     /// A freshly staged file: nothing ingested yet.

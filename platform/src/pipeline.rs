@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::apps::{AppFailure, AppHandle, Call, Outcome, compile};
 use crate::config::AppLimits;
 use crate::coredms::{CoreDms, CoreError};
-use crate::model::{AppKind, BulkOutcome, BulkWrite, DocWrite, InputRef, Unstored, doc_id};
+use crate::model::{
+    AppKind, BulkOutcome, BulkWrite, DocWrite, InputRef, StoredApp, Unstored, doc_id,
+};
 use crate::tenants::TenantName;
 
 pub use router::{AppsApi, router as apps_router};
@@ -73,13 +75,56 @@ impl AppCache {
         let Some(stored) = coredms.active_app(tenant, kind).await? else {
             return Ok(None);
         };
-        let key = (tenant.clone(), kind);
-        if let Some(h) = self.apps.lock().ok().and_then(|m| m.get(&key).cloned())
-            && h.version == stored.version
-            && *h.limits() == limits
-        {
+        self.handle(tenant, stored, limits).await.map(Some)
+    }
+
+    /// Version `version` of a tenant's app, active or not (a resumed job keeps the version
+    /// it started with); `None` when there is no such version.
+    pub async fn version(
+        &self,
+        coredms: &CoreDms,
+        tenant: &TenantName,
+        kind: AppKind,
+        version: u32,
+        limits: AppLimits,
+    ) -> Result<Option<Arc<AppHandle>>, AppError> {
+        if let Some(h) = self.cached(tenant, kind, version, limits) {
             return Ok(Some(h));
         }
+        let Some(stored) = coredms.app_version(tenant, kind, version).await? else {
+            return Ok(None);
+        };
+        self.handle(tenant, stored, limits).await.map(Some)
+    }
+
+    fn cached(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+        version: u32,
+        limits: AppLimits,
+    ) -> Option<Arc<AppHandle>> {
+        let h = self
+            .apps
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(tenant.clone(), kind)).cloned())?;
+        (h.version == version && *h.limits() == limits).then_some(h)
+    }
+
+    /// `stored` compiled with `limits`, from the cache when it holds that version; a newer
+    /// version than the cache's replaces it.
+    async fn handle(
+        &self,
+        tenant: &TenantName,
+        stored: StoredApp,
+        limits: AppLimits,
+    ) -> Result<Arc<AppHandle>, AppError> {
+        let kind = stored.kind;
+        if let Some(h) = self.cached(tenant, kind, stored.version, limits) {
+            return Ok(h);
+        }
+        let version = stored.version;
         let source = stored.source;
         let compiled = tokio::task::spawn_blocking(move || compile(&source, &limits))
             .await
@@ -88,14 +133,17 @@ impl AppCache {
         let h = Arc::new(AppHandle::new(
             tenant.clone(),
             kind,
-            stored.version,
+            version,
             compiled,
             limits,
         ));
         if let Ok(mut m) = self.apps.lock() {
-            m.insert(key, h.clone());
+            let key = (tenant.clone(), kind);
+            if m.get(&key).is_none_or(|old| old.version <= version) {
+                m.insert(key, h.clone());
+            }
         }
-        Ok(Some(h))
+        Ok(h)
     }
 }
 

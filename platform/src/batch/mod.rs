@@ -159,6 +159,9 @@ pub enum JobError {
     App(#[from] AppError),
     #[error("cannot open staged file: {0}")]
     Open(#[source] std::io::Error),
+    /// The app version a resumed job started with is no longer stored.
+    #[error("batch app version {0}, which this ingestion started with, is gone")]
+    AppGone(u32),
     #[error("cannot read staged file: {0}")]
     Read(#[source] std::io::Error),
     /// The parsing/transforming task panicked or was cancelled.
@@ -476,12 +479,33 @@ impl BatchManager {
     async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
         let profile = with_retry(cancel, || self.coredms.tenant(&job.tenant)).await?;
         let limits = profile.constraints.app_limits;
-        job.app = with_retry(cancel, || {
-            self.apps
-                .active(&self.coredms, &job.tenant, AppKind::Batch, limits)
-        })
-        .await?;
+        // A job resumed mid-file (after a crash or a takeover) keeps the app version it
+        // started with, so every record of a run goes through one version; a new job and a
+        // replay take the active one.
+        let pinned = job.record.app_version.filter(|_| !job.record.replay);
+        job.app = match pinned {
+            Some(v) => {
+                let app = with_retry(cancel, || {
+                    self.apps
+                        .version(&self.coredms, &job.tenant, AppKind::Batch, v, limits)
+                })
+                .await?;
+                Some(app.ok_or(JobError::AppGone(v))?)
+            }
+            None => {
+                with_retry(cancel, || {
+                    self.apps
+                        .active(&self.coredms, &job.tenant, AppKind::Batch, limits)
+                })
+                .await?
+            }
+        };
+        let first_open = pinned.is_none();
         job.record.app_version = job.app.as_ref().map(|a| a.version);
+        if first_open && job.record.app_version.is_some() {
+            // Recorded before any bulk, so a job resumed even after its first bulk keeps it.
+            self.checkpoint(job, cancel).await?;
+        }
         if job.record.replay {
             let (tenant, run) = (&job.tenant, &job.record.job);
             let settled = with_retry(cancel, || self.coredms.job_records(tenant, run)).await?;

@@ -476,6 +476,20 @@ impl MongoStore {
             .transpose()
     }
 
+    pub async fn app_version(
+        &self,
+        tenant: &TenantName,
+        kind: AppKind,
+        version: u32,
+    ) -> Result<Option<StoredApp>, CoreError> {
+        let d = self
+            .apps()
+            .find_one(doc! {"_id": format!("{tenant}:{}:{version}", kind.as_str())})
+            .await?;
+        d.map(|d| bson::from_document(d).map_err(|e| CoreError::Database(e.to_string())))
+            .transpose()
+    }
+
     // ---- file records: every change after staging is a compare-and-set ----
 
     /// Stages `rec`, a new upload, as the next version of its name (`version` + 1), unless a

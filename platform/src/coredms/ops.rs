@@ -58,7 +58,7 @@ macro_rules! by_value {
 }
 
 by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord, Vec<String> => [String]);
-by_value!(Constraints, AdminPatch, AppKind, i64, u64);
+by_value!(Constraints, AdminPatch, AppKind, i64, u64, u32);
 
 macro_rules! operations {
     (@remote $r:ident, $name:ident, [], $($arg:ident: $ty:ty),*) => {
@@ -121,6 +121,8 @@ operations! {
     fn bulk_write(write: BulkWrite) -> BulkOutcome, remote: bulk_write;
     fn save_app(tenant: TenantName, kind: AppKind, source: String) -> u32;
     fn active_app(tenant: TenantName, kind: AppKind) -> Option<StoredApp>;
+    /// Version `version` of a tenant's app, active or not.
+    fn app_version(tenant: TenantName, kind: AppKind, version: u32) -> Option<StoredApp>;
     /// Stages a new upload as the next version of its name unless it is being ingested
     /// (`Conflict`); the record it replaced.
     fn stage_file(record: FileRecord) -> Option<FileRecord>;

@@ -476,3 +476,58 @@ async fn a_file_replayed_after_an_app_fix_ingests_its_failed_records_only_under_
     );
     assert_eq!(app.logs(&c, &t, "").await.len(), log.len());
 }
+
+#[tokio::test]
+async fn a_job_resumed_after_a_crash_keeps_the_app_version_it_started_with() {
+    let mut app = TestApp::spawn_with(&["batch.batch_size=200", "batch.lease_ms=2000"]).await;
+    let (t, c) = app.tenant("pinned").await;
+    c.upload_app(&t, "batch", "function map(r) return { i = r.i, v = 1 } end")
+        .await
+        .expect("app v1");
+    let rows: String = (0..1000).map(|i| format!("{{\"i\": {i}}}\n")).collect();
+    c.upload_file(&t, "p.ndjson", rows).await.expect("stage");
+    mysimbdp::coredms::faults::stall_before_log(&t);
+    c.ingest(&t, "p.ndjson").await.expect("ingest");
+    let reached = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "p").await >= 200
+    })
+    .await;
+    assert!(reached, "the first bulk reaches the database");
+    // A new version while the job is stuck in its first bulk: the job that resumes after
+    // the crash still runs version 1, for every record.
+    c.upload_app(&t, "batch", "function map(r) return { i = r.i, v = 2 } end")
+        .await
+        .expect("app v2");
+    app.kill();
+    let app = app.restart().await;
+    let f = app
+        .admin
+        .wait_for_file(&t, "p.ndjson", Duration::from_secs(120))
+        .await
+        .expect("status");
+    assert_eq!(
+        (f.state, f.records_ok, f.app_version),
+        (FileState::Done, 1000, Some(1)),
+        "{f:?}"
+    );
+    let v2 = app
+        .mongo()
+        .await
+        .database(&format!("{}tenant_{t}", app.namespace))
+        .collection::<mongodb::bson::Document>("p")
+        .count_documents(mongodb::bson::doc! {"v": 2})
+        .await
+        .expect("count");
+    assert_eq!(v2, 0, "no record went through version 2");
+    one_success_per_document(&app, &t, "p", 1000).await;
+    // A new ingestion takes the active version.
+    app.admin.ingest(&t, "p.ndjson").await.expect("again");
+    let done = eventually(Duration::from_secs(120), || async {
+        app.admin
+            .file(&t, "p.ndjson")
+            .await
+            .is_ok_and(|f| f.state == FileState::Done && f.app_version == Some(2))
+    })
+    .await;
+    assert!(done, "the next run uses version 2");
+}
