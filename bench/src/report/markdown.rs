@@ -73,6 +73,15 @@ impl Report {
                 c.note,
                 f * 100.0
             ));
+            if let (Some(alone), Some(fa)) = (
+                c.data_alone_records_per_s,
+                self.batch_fraction_of_data_alone,
+            ) {
+                s.push_str(&format!(
+                    "\nThe records alone, no log (a loader that keeps no record of its inputs): {alone:.0} records/s; the platform, logging every input, reached {:.0}% of that.\n",
+                    fa * 100.0
+                ));
+            }
         }
         s.push_str(&self.accounting_md());
         s

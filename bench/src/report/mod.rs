@@ -238,7 +238,11 @@ fn baseline_rows(phases: &[PhaseReport], accounting: &[TenantAccount]) -> Vec<Ba
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ceiling {
     pub documents: u64,
+    /// The records and one log entry each, as the platform writes them.
     pub records_per_s: f64,
+    /// The records alone, no log (absent in reports before it was measured).
+    #[serde(default)]
+    pub data_alone_records_per_s: Option<f64>,
     pub note: String,
 }
 
@@ -272,6 +276,9 @@ pub struct Report {
     pub ceiling: Option<Ceiling>,
     /// Batch throughput as a fraction of the raw driver ceiling.
     pub batch_fraction_of_ceiling: Option<f64>,
+    /// Batch throughput as a fraction of the raw driver writing the records alone.
+    #[serde(default)]
+    pub batch_fraction_of_data_alone: Option<f64>,
     pub reference: serde_json::Value,
     /// Every tenant's path in every phase: offered, stored, failed, lost.
     #[serde(default)]
@@ -305,6 +312,12 @@ impl Report {
             (Some(b), Some(c)) => Some(b.throughput_per_s / c.records_per_s),
             _ => None,
         };
+        let fraction_alone = match (&batch, &ceiling) {
+            (Some(b), Some(c)) => c
+                .data_alone_records_per_s
+                .map(|alone| b.throughput_per_s / alone),
+            _ => None,
+        };
         let reference = serde_json::json!({
             "original_batch_ms_per_ingestion": ORIGINAL_BATCH_MS,
             "original_stream_ms_per_ingestion": ORIGINAL_STREAM_MS,
@@ -321,6 +334,7 @@ impl Report {
             stream,
             ceiling,
             batch_fraction_of_ceiling: fraction,
+            batch_fraction_of_data_alone: fraction_alone,
             reference,
             accounting: results.accounting,
             phases: results.phases,
