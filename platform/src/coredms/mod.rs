@@ -398,25 +398,10 @@ fn entry(
 /// The log entries of a bulk write: one per document (with its outcome `status[i]`, and
 /// `reasons[i]` for a failed one) and one per input that stored nothing.
 pub fn log_entries(w: &BulkWrite, status: &[Status], reasons: &[Option<String>]) -> Vec<Document> {
-    let now = DateTime::now();
-    let now_us = now_us();
+    let now = (DateTime::now(), now_us());
     let mut out = Vec::with_capacity(w.docs.len() + w.unstored.len());
-    for (i, d) in w.docs.iter().enumerate() {
-        let about = About {
-            input: &d.input,
-            data_name: d.data_name.as_ref(),
-            collection: &d.collection,
-            bytes: d.bytes,
-            started_us: d.started_us,
-            document_id: Some(&d.id),
-        };
-        out.push(entry(
-            w,
-            (now, now_us),
-            about,
-            status[i],
-            reasons[i].clone(),
-        ));
+    for (i, reason) in reasons.iter().enumerate() {
+        out.push(document_entry(w, now, i, status[i], reason.clone()));
     }
     for u in &w.unstored {
         let status = if u.reason.is_some() {
@@ -432,9 +417,29 @@ pub fn log_entries(w: &BulkWrite, status: &[Status], reasons: &[Option<String>])
             started_us: u.started_us,
             document_id: u.document_id.as_deref(),
         };
-        out.push(entry(w, (now, now_us), about, status, u.reason.clone()));
+        out.push(entry(w, now, about, status, u.reason.clone()));
     }
     out
+}
+
+/// The log entry of document `i` of `w`, with its outcome.
+pub fn document_entry(
+    w: &BulkWrite,
+    now: (DateTime, i64),
+    i: usize,
+    status: Status,
+    reason: Option<String>,
+) -> Document {
+    let d = &w.docs[i];
+    let about = About {
+        input: &d.input,
+        data_name: d.data_name.as_ref(),
+        collection: &d.collection,
+        bytes: d.bytes,
+        started_us: d.started_us,
+        document_id: Some(&d.id),
+    };
+    entry(w, now, about, status, reason)
 }
 
 /// The single interface every component uses to reach the database; its operations are

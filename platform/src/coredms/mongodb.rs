@@ -5,12 +5,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
-use mongodb::bson::{self, Document, RawDocumentBuf, doc};
+use mongodb::bson::{self, DateTime, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{CoreError, bson_err, log_entries, log_id, prepare};
+use super::{CoreError, bson_err, document_entry, log_entries, log_id, prepare};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
 use crate::model::{
@@ -291,17 +291,19 @@ impl MongoStore {
             .filter(|&k| k < w.docs.len() && status[k] == Status::Success)
             .collect();
         if !taken.is_empty() {
-            let id_of = |i: usize| {
-                let d = &w.docs[i];
-                log_id(
-                    w.tenant.as_str(),
-                    Status::Success,
-                    &d.collection,
-                    Some(&d.id),
-                    &d.input,
-                )
-            };
-            let ids: Vec<String> = taken.iter().map(|&i| id_of(i)).collect();
+            let ids: Vec<String> = taken
+                .iter()
+                .map(|&i| {
+                    let d = &w.docs[i];
+                    log_id(
+                        w.tenant.as_str(),
+                        Status::Success,
+                        &d.collection,
+                        Some(&d.id),
+                        &d.input,
+                    )
+                })
+                .collect();
             let mut holders: HashMap<String, String> = HashMap::new();
             let mut cursor = self
                 .logs()
@@ -314,9 +316,9 @@ impl MongoStore {
                     holders.insert(id.to_owned(), by.to_owned());
                 }
             }
-            for i in taken {
+            for (i, id) in taken.into_iter().zip(&ids) {
                 let mine = holders
-                    .get(&id_of(i))
+                    .get(id)
                     .is_some_and(|by| by == w.docs[i].input.ingestion());
                 if !mine {
                     status[i] = Status::Duplicate;
@@ -324,11 +326,11 @@ impl MongoStore {
                 }
             }
             if !outcome.duplicate.is_empty() {
-                let dup: Vec<Document> = log_entries(w, &status, &reasons)
-                    .into_iter()
-                    .enumerate()
-                    .filter(|(k, _)| outcome.duplicate.binary_search(k).is_ok())
-                    .map(|(_, d)| d)
+                let now = (DateTime::now(), now_us());
+                let dup: Vec<Document> = outcome
+                    .duplicate
+                    .iter()
+                    .map(|&i| document_entry(w, now, i, Status::Duplicate, None))
                     .collect();
                 self.insert_log_entries(dup).await?;
             }

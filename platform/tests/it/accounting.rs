@@ -531,3 +531,39 @@ async fn a_job_resumed_after_a_crash_keeps_the_app_version_it_started_with() {
     .await;
     assert!(done, "the next run uses version 2");
 }
+
+#[tokio::test]
+async fn a_replay_is_refused_while_ingesting_with_nothing_failed_and_past_its_limits() {
+    let app = TestApp::spawn_with(&["batch.batch_size=100"]).await;
+    let (t, c) = app.tenant("noreplay").await;
+    let rows: String = (0..2000).map(|i| format!("{{\"i\": {i}}}\n")).collect();
+    c.upload_file(&t, "n.ndjson", rows).await.expect("stage");
+    c.ingest(&t, "n.ndjson").await.expect("ingest");
+    let conflict = |r: &Result<_, mysimbdp::client::ClientError>| {
+        r.as_ref().err().and_then(|e| e.status()) == Some(reqwest::StatusCode::CONFLICT)
+    };
+    // The file is `ingesting` from the moment its start is answered.
+    let r = c.replay_file(&t, "n.ndjson").await;
+    assert!(conflict(&r), "while ingesting: {r:?}");
+    let f = c
+        .wait_for_file(&t, "n.ndjson", Duration::from_secs(120))
+        .await
+        .expect("status");
+    assert_eq!((f.state, f.records_failed), (FileState::Done, 0), "{f:?}");
+    let r = c.replay_file(&t, "n.ndjson").await;
+    assert!(conflict(&r), "nothing failed: {r:?}");
+    assert_eq!(app.logs(&c, &t, "").await.len(), 2000, "no entry added");
+    for limit in ["0", "1001", "x"] {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let path = match method {
+                reqwest::Method::GET => format!("/v1/tenants/{t}/dead-letters?limit={limit}"),
+                _ => format!("/v1/tenants/{t}/dead-letters/replay?limit={limit}"),
+            };
+            let r = c
+                .raw(method.clone(), &path, None, "")
+                .await
+                .expect("answer");
+            assert_eq!(r.status, 400, "{method} limit={limit}");
+        }
+    }
+}
