@@ -137,6 +137,8 @@ fn bulk(c: &mut Criterion) {
         app_version: None,
         docs: t.docs,
         unstored: vec![],
+        origin: Some("bench".into()),
+        replay: false,
     };
     let statuses = vec![Status::Success; write.docs.len()];
     let reasons = vec![None; write.docs.len()];

@@ -9,9 +9,9 @@ use crate::dataset::make_files;
 use crate::report::Ceiling;
 use crate::schema::BatchLoad;
 
-/// The driver alone: the same documents (and as many log-sized documents, since the platform
-/// writes one log entry per record) bulk-inserted in batches of the same size; then the
-/// same documents with no log, the baseline of a loader that keeps no record.
+/// The driver alone: the same documents and the platform's log of them (its buckets: one
+/// entry per record, a few documents per bulk) bulk-inserted in batches of the same size;
+/// then the same documents with no log, the baseline of a loader that keeps no record.
 pub async fn raw_ceiling(
     uri: &str,
     ns: &str,
@@ -62,16 +62,13 @@ pub async fn raw_ceiling(
             .ordered(false)
             .write_concern(wc.clone())
             .await?;
-        // Log entries of the platform's own shape, so both sides write the same bytes.
-        let log: Vec<Document> = (0..chunk.len())
+        // Log entries in the platform's own buckets, so both sides write the same bytes.
+        let now = mongodb::bson::DateTime::now();
+        let entries: Vec<mysimbdp::logs::LogEntry> = (0..chunk.len())
             .map(|k| {
                 let record = (c * batch + k) as u64;
-                let document_id = format!("0123456789abcdef:{record}");
-                let mut entry = mongodb::bson::doc! {
-                    "_id": format!("raw/s/f0/{document_id}"),
-                };
-                let fields = mysimbdp::logs::LogEntry {
-                    timestamp: mongodb::bson::DateTime::now(),
+                mysimbdp::logs::LogEntry {
+                    timestamp: now,
                     tenant: "raw".into(),
                     source: mysimbdp::logs::Source::Batch,
                     data_name: "f0.csv".into(),
@@ -85,13 +82,11 @@ pub async fn raw_ceiling(
                     record: Some(record),
                     line: Some(record + 2),
                     message_id: None,
-                    document_id: Some(document_id),
+                    document_id: Some(format!("0123456789abcdef:{record}")),
                 }
-                .to_document();
-                entry.extend(fields);
-                entry
             })
             .collect();
+        let log = mysimbdp::coredms::buckets::buckets("raw", "0123456789abcdef", &entries, "");
         logs.insert_many(log)
             .ordered(false)
             .write_concern(wc.clone())
@@ -115,6 +110,6 @@ pub async fn raw_ceiling(
         documents: n as u64,
         records_per_s: n as f64 / elapsed.as_secs_f64(),
         data_alone_records_per_s: Some(n as f64 / alone_elapsed.as_secs_f64()),
-        note: "raw driver: insert_many of the same records plus one log entry of the platform's shape each, unordered, same batch size and write concern (w, j); and the records alone, no log".into(),
+        note: "raw driver: insert_many of the same records plus their log entries in the platform's buckets, unordered, same batch size and write concern (w, j); and the records alone, no log".into(),
     })
 }

@@ -256,6 +256,14 @@ pub struct BulkWrite {
     /// Inputs that store nothing: failed before reaching the database (parse errors, app
     /// errors) or skipped (the app returned nothing). Each gets one log entry.
     pub unstored: Vec<Unstored>,
+    /// Batch: the file's origin (its content hash prefix, the prefix of its document ids).
+    /// The log entries of a bulk with an origin are kept in buckets, a few documents per
+    /// bulk, and written under the origin's lock (see `coredms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Batch: part of a replay of its run, so its entries are checked against the run's log.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -547,7 +547,7 @@ impl BatchManager {
         };
         let app = job.app.clone();
         let batch = self.settings.batch_size;
-        let origin = job.record.sha256.get(..16).unwrap_or("0").to_owned();
+        let origin = origin_of(&job.record);
         let run = job.record.job.clone();
         let settled = job.settled.clone();
         let collection = job.record.collection.clone();
@@ -611,6 +611,8 @@ impl BatchManager {
             app_version: job.record.app_version,
             docs: transformed.docs,
             unstored: transformed.unstored,
+            origin: Some(origin_of(&job.record)),
+            replay: job.record.replay,
         };
         let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
         let outcome = write_with_retry(&self.coredms, write, cancel).await?;
@@ -704,6 +706,8 @@ impl BatchManager {
                             started_us: now_us(),
                             data_name: None,
                         }],
+                        origin: Some(origin_of(&job.record)),
+                        replay: job.record.replay,
                     })
                     .await;
             }
@@ -824,6 +828,12 @@ impl RecordCounts {
 }
 
 /// The whole file as one input, for `ingest` apps.
+/// A file's origin: the prefix of its document ids and its log buckets' ids, from its
+/// content, so every run of the same content writes (and finds) the same ones.
+fn origin_of(rec: &FileRecord) -> String {
+    rec.sha256.get(..16).unwrap_or("0").to_owned()
+}
+
 struct WholeFile(Option<std::fs::File>);
 
 impl parse::RecordSource for WholeFile {

@@ -4,6 +4,7 @@
 //! [`CoreDms`] has two implementations with one interface: in-process ([`MongoStore`]) and
 //! remote ([`Remote`], HTTP to a coredms service), so components run in one process or apart.
 
+pub mod buckets;
 mod mongodb;
 mod ops;
 mod remote;
@@ -355,7 +356,7 @@ fn entry(
     about: About<'_>,
     status: Status,
     reason: Option<String>,
-) -> Document {
+) -> LogEntry {
     let About {
         input,
         data_name,
@@ -369,7 +370,7 @@ fn entry(
         InputRef::File { .. } => (None, None, None),
         InputRef::Message { id } => (None, None, Some(id.clone())),
     };
-    let mut d = LogEntry {
+    LogEntry {
         timestamp: now,
         tenant: w.tenant.to_string(),
         source: w.source,
@@ -386,18 +387,29 @@ fn entry(
         message_id,
         document_id: document_id.map(str::to_owned),
     }
-    .to_document();
-    let id = log_id(w.tenant.as_str(), status, collection, document_id, input);
-    // `_id` first, as the server would put it.
+}
+
+/// An entry as a log document of its own, under its [`log_id`].
+pub fn entry_document(e: &LogEntry) -> Document {
     let mut out = Document::new();
-    out.insert("_id", id);
-    out.extend(std::mem::take(&mut d));
+    // `_id` first, as the server would put it.
+    out.insert("_id", buckets::identity(e));
+    out.extend(e.to_document());
     out
 }
 
-/// The log entries of a bulk write: one per document (with its outcome `status[i]`, and
-/// `reasons[i]` for a failed one) and one per input that stored nothing.
+/// The log entries of a bulk write as documents of their own: one per document (with its
+/// outcome `status[i]`, and `reasons[i]` for a failed one) and one per input that stored
+/// nothing.
 pub fn log_entries(w: &BulkWrite, status: &[Status], reasons: &[Option<String>]) -> Vec<Document> {
+    log_values(w, status, reasons)
+        .iter()
+        .map(entry_document)
+        .collect()
+}
+
+/// The log entries of a bulk write, in the order of [`log_entries`].
+pub fn log_values(w: &BulkWrite, status: &[Status], reasons: &[Option<String>]) -> Vec<LogEntry> {
     let now = (DateTime::now(), now_us());
     let mut out = Vec::with_capacity(w.docs.len() + w.unstored.len());
     for (i, reason) in reasons.iter().enumerate() {
@@ -429,7 +441,7 @@ pub fn document_entry(
     i: usize,
     status: Status,
     reason: Option<String>,
-) -> Document {
+) -> LogEntry {
     let d = &w.docs[i];
     let about = About {
         input: &d.input,
@@ -505,6 +517,8 @@ mod tests {
                 })
                 .collect(),
             unstored: vec![],
+            origin: Some("abc".into()),
+            replay: false,
         }
     }
 

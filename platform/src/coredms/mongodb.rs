@@ -5,12 +5,15 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use futures::stream::BoxStream;
 use mongodb::bson::{self, DateTime, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
 use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
-use super::{CoreError, bson_err, document_entry, log_entries, log_id, prepare};
+use super::{
+    CoreError, bson_err, buckets, document_entry, entry_document, log_entries, log_id, prepare,
+};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
 use crate::model::{
@@ -24,6 +27,12 @@ const AUTH_CACHE_TTL: Duration = Duration::from_secs(30);
 const AUTH_CACHE_MAX: usize = 10_000;
 /// BSON bytes one page of documents holds at most (a response is about twice this as JSON).
 pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+/// How long a file origin's log lock holds without its holder releasing it (µs): far longer
+/// than any bulk write takes; a lock this old belongs to a run that died.
+const ORIGIN_LOCK_US: i64 = 60_000_000;
+
+/// Log entries as they are read, one by one.
+pub type LogStream = BoxStream<'static, Result<LogEntry, CoreError>>;
 
 pub struct MongoStore {
     client: Client,
@@ -115,6 +124,13 @@ impl MongoStore {
         self.client
             .database(&format!("{}logs", self.namespace))
             .collection("logs")
+    }
+
+    /// Locks of file origins' logs (see [`Self::lock_origin`]).
+    fn locks(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}logs", self.namespace))
+            .collection("locks")
     }
 
     /// A collection of a tenant's own database: the only way to reach tenant data.
@@ -241,21 +257,51 @@ impl MongoStore {
         Ok(tenant)
     }
 
-    /// Unordered bulk inserts per collection, then the log entries in bulk, each under an id
-    /// derived from what it is about ([`log_id`]), so a retry never adds an entry.
+    /// Unordered bulk inserts per collection, then the log entries, so that a retry never
+    /// adds an entry: a batch bulk's (it names its file's origin) in a few buckets
+    /// ([`buckets`](super::buckets)) under the origin's lock; a stream bulk's one document
+    /// each, under an id derived from what it is about ([`log_id`]).
     ///
-    /// A document the database already holds is this ingestion's when its `success` entry is
-    /// missing (an earlier attempt stopped between the data and the log: the retry completes
-    /// it) or names this ingestion; it is a `duplicate` only when another ingestion stored it.
+    /// A document the database already holds is this ingestion's when no other ingestion
+    /// logged it as stored (an earlier attempt stopped between the data and the log: the
+    /// retry completes it); it is a `duplicate` only when another ingestion stored it.
     /// A document the database would refuse fails alone: it is set aside before the write
     /// ([`prepare`]), or, when the server still rejects a whole insert, the insert is split
     /// until the document that causes it is isolated.
     pub async fn bulk_write(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
+        let Some(origin) = w.origin.as_deref() else {
+            return self.bulk_write_entries(w).await;
+        };
+        let job = w
+            .docs
+            .first()
+            .map(|d| d.input.ingestion())
+            .or_else(|| w.unstored.first().map(|u| u.input.ingestion()))
+            .unwrap_or_default()
+            .to_owned();
+        if w.docs.is_empty() {
+            // Nothing another run could store too: no lock needed.
+            return self.bulk_write_bucketed(w, origin, &job).await;
+        }
+        let lock = self.lock_origin(&w.tenant, origin, &job).await?;
+        let r = self.bulk_write_bucketed(w, origin, &job).await;
+        self.unlock_origin(&lock, &job).await;
+        r
+    }
+
+    /// The data of a bulk write: what became of each document (`Success` until the log says
+    /// another ingestion stored it, or `Failure` with its reason), and which documents the
+    /// database held already.
+    async fn insert_data(
+        &self,
+        w: &BulkWrite,
+    ) -> Result<(Vec<Status>, Vec<Option<String>>, BulkOutcome, Vec<usize>), CoreError> {
         let prepared = prepare(w);
         let mut status = vec![Status::Success; w.docs.len()];
         let mut reasons: Vec<Option<String>> = vec![None; w.docs.len()];
         let mut outcome = BulkOutcome::default();
         let mut rejected = prepared.invalid;
+        let mut held = Vec::new();
         for (collection, idx, docs) in prepared.collections {
             let coll = self
                 .tenant_collection(&w.tenant, &collection)
@@ -264,9 +310,8 @@ impl MongoStore {
             for (k, r) in results.into_iter().enumerate() {
                 let i = idx[k];
                 match r {
-                    // A document the database already had is claimed as this ingestion's
-                    // until the log says another one stored it (below).
-                    Inserted::Yes | Inserted::Duplicate => {}
+                    Inserted::Yes => {}
+                    Inserted::Duplicate => held.push(i),
                     Inserted::Rejected(reason) => {
                         rejected.push((i, format!("rejected by the database: {reason}")));
                     }
@@ -279,13 +324,165 @@ impl MongoStore {
             outcome.failed.push((i, reason));
         }
         outcome.failed.sort_by_key(|(i, _)| *i);
+        held.sort_unstable();
         #[cfg(feature = "testing")]
         super::faults::before_log(w.tenant.as_str()).await;
+        Ok((status, reasons, outcome, held))
+    }
+
+    /// A batch bulk (run `job` of file `origin`): data, then its entries in buckets. Whatever
+    /// the run logged already about these records (a retry, a resumed job, a replay) is not
+    /// logged again; documents another run of the same file logged as stored are
+    /// duplicates. The caller holds the origin's lock, so no other run is between its data
+    /// and its log for these documents.
+    async fn bulk_write_bucketed(
+        &self,
+        w: &BulkWrite,
+        origin: &str,
+        job: &str,
+    ) -> Result<BulkOutcome, CoreError> {
+        let (mut status, reasons, mut outcome, held) = self.insert_data(w).await?;
+        let mut logged = if held.is_empty() && !w.replay {
+            None
+        } else {
+            Some(self.logged(w, origin, job).await?)
+        };
+        if let Some(l) = &logged {
+            for &i in &held {
+                let d = &w.docs[i];
+                if l.others_stored
+                    .contains(&(d.collection.clone(), d.id.clone()))
+                {
+                    status[i] = Status::Duplicate;
+                    outcome.duplicate.push(i);
+                }
+            }
+        }
+        let mut entries = super::log_values(w, &status, &reasons);
+        // A replay's buckets start where the run's may have: a suffix of their own.
+        let mut suffix = if w.replay {
+            format!("/r{}", now_us())
+        } else {
+            String::new()
+        };
+        for attempt in 0.. {
+            if let Some(l) = &logged {
+                entries.retain(|e| !l.mine.contains(&buckets::identity(e)));
+            }
+            let docs = buckets::buckets(w.tenant.as_str(), origin, &entries, &suffix);
+            if self.insert_log_entries(docs).await?.is_empty() {
+                break;
+            }
+            // A bucket of these records is there already: an earlier attempt of this bulk
+            // logged it. What it holds is not logged again; the rest goes under new ids.
+            if attempt > 0 {
+                return Err(CoreError::Database(
+                    "log buckets collided twice for one bulk".into(),
+                ));
+            }
+            logged = Some(self.logged(w, origin, job).await?);
+            suffix = format!("/a{}", now_us());
+        }
+        outcome.inserted = status.iter().filter(|s| **s == Status::Success).count() as u64;
+        outcome.duplicates = outcome.duplicate.len() as u64;
+        Ok(outcome)
+    }
+
+    /// What the log holds about the records of batch bulk `w`: the entries of run `job`, and
+    /// the documents other runs of the file stored. One range query on `_id` per run of
+    /// blocks ([`buckets::ranges`]).
+    async fn logged(
+        &self,
+        w: &BulkWrite,
+        origin: &str,
+        job: &str,
+    ) -> Result<buckets::Logged, CoreError> {
+        let mut records = Vec::new();
+        let mut file = false;
+        let inputs = w
+            .docs
+            .iter()
+            .map(|d| &d.input)
+            .chain(w.unstored.iter().map(|u| &u.input));
+        for input in inputs {
+            match input {
+                crate::model::InputRef::Record { record, .. } => records.push(*record),
+                _ => file = true,
+            }
+        }
+        let mut out = buckets::Logged::default();
+        for (from, to) in buckets::ranges(w.tenant.as_str(), origin, &records, file) {
+            let mut cursor = self
+                .logs()
+                .find(doc! {"_id": {"$gte": from, "$lt": to}})
+                .await?;
+            while let Some(d) = cursor.try_next().await? {
+                for e in buckets::expand(d).into_iter().filter_map(buckets::decode) {
+                    out.add(job, &e);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes the lock of a file origin's log for run `job`, waiting while another run holds
+    /// it: two runs of the same file must not both find a document stored and neither
+    /// logged. A lock not released within [`ORIGIN_LOCK_US`] (its holder died) is taken over;
+    /// the same run takes its own over at once (a retry).
+    async fn lock_origin(
+        &self,
+        tenant: &TenantName,
+        origin: &str,
+        job: &str,
+    ) -> Result<String, CoreError> {
+        let id = format!("{tenant}/{origin}");
+        let locks = self.locks();
+        let began = Instant::now();
+        let mut wait = Duration::from_millis(2);
+        loop {
+            let until = now_us() + ORIGIN_LOCK_US;
+            let taken = locks
+                .insert_one(doc! {"_id": &id, "by": job, "until_us": until})
+                .await;
+            match taken {
+                Ok(_) => return Ok(id),
+                Err(e) if is_duplicate(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let over = locks
+                .update_one(
+                    doc! {"_id": &id, "$or": [{"by": job}, {"until_us": {"$lt": now_us()}}]},
+                    doc! {"$set": {"by": job, "until_us": until}},
+                )
+                .await?;
+            if over.matched_count == 1 {
+                return Ok(id);
+            }
+            if began.elapsed() > Duration::from_micros(2 * ORIGIN_LOCK_US as u64) {
+                return Err(CoreError::Unavailable(format!(
+                    "the log of `{origin}` stays locked by another run"
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Releases a lock taken by [`Self::lock_origin`]; one left behind expires.
+    async fn unlock_origin(&self, id: &str, job: &str) {
+        if let Err(e) = self.locks().delete_one(doc! {"_id": id, "by": job}).await {
+            tracing::warn!(lock = id, error = %e, "cannot release a log lock; it expires");
+        }
+    }
+
+    /// A stream bulk: data, then one log document per entry.
+    async fn bulk_write_entries(&self, w: &BulkWrite) -> Result<BulkOutcome, CoreError> {
+        let (mut status, reasons, mut outcome, _held) = self.insert_data(w).await?;
         let logs = log_entries(w, &status, &reasons);
         let existing = self.insert_log_entries(logs).await?;
         // Documents whose `success` entry was there already: whose is it? (Not only those
-        // the database already had: two runs storing the same document at once may see
-        // one insert it and the other claim its entry first.)
+        // the database already had: two ingestions storing the same document at once may
+        // see one insert it and the other claim its entry first.)
         let taken: Vec<usize> = existing
             .into_iter()
             .filter(|&k| k < w.docs.len() && status[k] == Status::Success)
@@ -330,7 +527,7 @@ impl MongoStore {
                 let dup: Vec<Document> = outcome
                     .duplicate
                     .iter()
-                    .map(|&i| document_entry(w, now, i, Status::Duplicate, None))
+                    .map(|&i| entry_document(&document_entry(w, now, i, Status::Duplicate, None)))
                     .collect();
                 self.insert_log_entries(dup).await?;
             }
@@ -736,55 +933,47 @@ impl MongoStore {
         // document stays failed unless an entry of the same document says it was stored.
         let mut failed_docs: HashMap<(u64, String), bool> = HashMap::new();
         let mut failures = filter.clone();
-        failures.insert("status", "failure");
-        failures.insert("document_id", doc! {"$exists": true});
-        let mut cursor = self
-            .logs()
-            .find(failures)
-            .projection(doc! {"_id": 0, "record": 1, "document_id": 1})
-            .await?;
-        while let Some(e) = cursor.try_next().await? {
-            if let (Some(r), Ok(d)) = (
-                e.get_i64("record").ok().and_then(|r| u64::try_from(r).ok()),
-                e.get_str("document_id"),
-            ) {
-                failed_docs.insert((r, d.to_owned()), true);
+        failures.insert(
+            "$or",
+            vec![
+                doc! {"status": "failure"},
+                doc! {"entries.status": "failure"},
+            ],
+        );
+        let mut cursor = self.logs().find(failures).await?;
+        while let Some(d) = cursor.try_next().await? {
+            for e in buckets::expand(d).into_iter().filter_map(buckets::decode) {
+                if let (Status::Failure, Some(r), Some(d)) = (e.status, e.record, e.document_id) {
+                    failed_docs.insert((r, d), true);
+                }
             }
         }
         // One small slot per record, by index: records are numbered from 0 in their file.
         let mut records: Vec<Seen> = Vec::new();
-        let mut cursor = self
-            .logs()
-            .find(filter)
-            .projection(doc! {"_id": 0, "record": 1, "status": 1, "document_id": 1})
-            .batch_size(5000)
-            .await?;
-        while let Some(e) = cursor.try_next().await? {
-            let Some(record) = e
-                .get_i64("record")
-                .ok()
-                .and_then(|r| usize::try_from(r).ok())
-            else {
-                continue;
-            };
-            if record >= records.len() {
-                records.resize(record + 1, Seen::default());
-            }
-            let seen = &mut records[record];
-            seen.any = true;
-            let status = e.get_str("status").unwrap_or("");
-            if let ("success" | "duplicate", Ok(d)) = (status, e.get_str("document_id"))
-                && !failed_docs.is_empty()
-                && let Some(failed) = failed_docs.get_mut(&(record as u64, d.to_owned()))
-            {
-                *failed = false;
-            }
-            match status {
-                "success" => seen.stored += 1,
-                "duplicate" => seen.duplicate += 1,
-                "skipped" => seen.skipped = true,
-                "failure" if e.get_str("document_id").is_err() => seen.failed = true,
-                _ => {}
+        let mut cursor = self.logs().find(filter).batch_size(200).await?;
+        while let Some(d) = cursor.try_next().await? {
+            for e in buckets::expand(d).into_iter().filter_map(buckets::decode) {
+                let Some(record) = e.record.and_then(|r| usize::try_from(r).ok()) else {
+                    continue;
+                };
+                if record >= records.len() {
+                    records.resize(record + 1, Seen::default());
+                }
+                let seen = &mut records[record];
+                seen.any = true;
+                if let (Status::Success | Status::Duplicate, Some(d)) = (e.status, &e.document_id)
+                    && !failed_docs.is_empty()
+                    && let Some(failed) = failed_docs.get_mut(&(record as u64, d.clone()))
+                {
+                    *failed = false;
+                }
+                match e.status {
+                    Status::Success => seen.stored += 1,
+                    Status::Duplicate => seen.duplicate += 1,
+                    Status::Skipped => seen.skipped = true,
+                    Status::Failure if e.document_id.is_none() => seen.failed = true,
+                    Status::Failure => {}
+                }
             }
         }
         let mut out = JobRecords::default();
@@ -828,13 +1017,13 @@ impl MongoStore {
         Ok(out)
     }
 
-    /// A cursor over log entries, a tenant's in time order; callers stream it, never collect
-    /// it whole.
+    /// Log entries, a tenant's in time order; callers stream them, never collect them whole.
+    /// Buckets are read as their entries.
     pub async fn log_cursor(
         &self,
         tenant: Option<&TenantName>,
         filter: &LogFilter,
-    ) -> Result<mongodb::Cursor<LogEntry>, CoreError> {
+    ) -> Result<LogStream, CoreError> {
         let mut q = Document::new();
         if let Some(t) = tenant {
             q.insert("tenant", t.as_str());
@@ -849,23 +1038,37 @@ impl MongoStore {
         if !ts.is_empty() {
             q.insert("timestamp", ts);
         }
-        if let Some(s) = filter.status {
-            q.insert("status", crate::logs::status_str(s));
+        let status = filter.status;
+        if let Some(s) = status {
+            let s = crate::logs::status_str(s);
+            q.insert("$or", vec![doc! {"status": s}, doc! {"entries.status": s}]);
         }
         if let Some(s) = filter.source {
             q.insert("source", crate::logs::source_str(s));
         }
-        let logs = self.logs().clone_with_type::<LogEntry>();
+        let logs = self.logs();
         let find = logs.find(q);
-        // A tenant's entries come in time order (the index gives it); all tenants' come in
-        // storage order, since sorting the whole log would need the index writes avoid.
+        // A tenant's entries come in time order (the index gives it; a bucket's entries share
+        // their time); all tenants' come in storage order, since sorting the whole log would
+        // need the index writes avoid.
         let find = if tenant.is_some() {
             find.sort(doc! {"timestamp": 1})
         } else {
             find
         };
-        let cursor = find.projection(doc! {"_id": 0}).batch_size(2000).await?;
-        Ok(cursor)
+        let cursor = find.batch_size(200).await?;
+        let entries = cursor
+            .map_err(CoreError::from)
+            .map_ok(move |d| {
+                let entries = buckets::expand(d)
+                    .into_iter()
+                    .filter_map(buckets::decode)
+                    .filter(move |e| status.is_none_or(|s| e.status == s))
+                    .map(Ok);
+                futures::stream::iter(entries)
+            })
+            .try_flatten();
+        Ok(Box::pin(entries))
     }
 
     /// A page of a tenant's documents, in id order: at most `limit`, and no more than

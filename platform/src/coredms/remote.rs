@@ -193,6 +193,8 @@ impl Remote {
             } else {
                 Vec::new()
             },
+            origin: write.origin.clone(),
+            replay: write.replay,
         };
         self.send(&Call::bulk_write { write: chunk }).await
     }
@@ -318,6 +320,8 @@ mod tests {
             app_version: Some(3),
             docs: plan.chunks[0].iter().map(|&i| docs[i].clone()).collect(),
             unstored: vec![],
+            origin: Some("abc".into()),
+            replay: false,
         };
         let unchunked = serde_json::to_vec(&CallRef::BulkWrite { write: &w }).expect("json");
         let sent = serde_json::to_vec(&Call::bulk_write { write: w }).expect("json");

@@ -242,13 +242,13 @@ async fn download_logs(
 
 /// `[entry,entry,...]` from a cursor, in chunks.
 fn log_array_stream(
-    cursor: mongodb::Cursor<crate::logs::LogEntry>,
+    cursor: super::mongodb::LogStream,
 ) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
     enum St {
-        Open(Box<mongodb::Cursor<crate::logs::LogEntry>>, bool),
+        Open(super::mongodb::LogStream, bool),
         Done,
     }
-    futures::stream::unfold(St::Open(Box::new(cursor), false), |st| async move {
+    futures::stream::unfold(St::Open(cursor, false), |st| async move {
         let St::Open(mut cursor, mut started) = st else {
             return None;
         };

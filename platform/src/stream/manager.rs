@@ -569,6 +569,8 @@ async fn process(
         app_version: app.as_ref().map(|a| a.version),
         docs: t.docs,
         unstored: t.unstored,
+        origin: None,
+        replay: false,
     };
     let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
     let failed = t.failed_inputs.len() as u64;

@@ -110,6 +110,42 @@ async fn concurrent_creation_of_one_name_yields_exactly_one_tenant() {
     assert_eq!((created, conflicts), (1, 7));
 }
 
+/// How a bulk's log is kept: a batch bulk (a file's records, `origin` set) in buckets, a
+/// stream bulk (messages) one document per entry. The log's promises hold for both.
+#[derive(Clone, Copy, Debug)]
+enum Shape {
+    Stream,
+    Batch,
+}
+
+impl Shape {
+    /// A tenant name of this shape's own.
+    fn tenant(self, name: &str) -> String {
+        match self {
+            Self::Stream => format!("{name}s"),
+            Self::Batch => format!("{name}b"),
+        }
+    }
+}
+
+/// `n` documents `feed:<i>` of one ingestion, as a stream bulk (messages) or as a batch bulk
+/// (records of a file run `ingestion`).
+fn bulk_shaped(tenant: &TenantName, ingestion: &str, n: u64, shape: Shape) -> BulkWrite {
+    let mut w = bulk_of(tenant, ingestion, n);
+    if let Shape::Batch = shape {
+        w.source = Source::Batch;
+        w.origin = Some("feed".into());
+        for (i, d) in w.docs.iter_mut().enumerate() {
+            d.input = InputRef::Record {
+                job: ingestion.to_owned(),
+                record: i as u64,
+                line: Some(i as u64 + 2),
+            };
+        }
+    }
+    w
+}
+
 fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
     BulkWrite {
         tenant: tenant.clone(),
@@ -133,6 +169,8 @@ fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
             })
             .collect(),
         unstored: vec![],
+        origin: None,
+        replay: false,
     }
 }
 
@@ -140,7 +178,13 @@ fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
 async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_another_ingestion_is_a_duplicate()
  {
     let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("bulk").await;
+    for shape in [Shape::Stream, Shape::Batch] {
+        bulk_write_of_10000(&app, shape).await;
+    }
+}
+
+async fn bulk_write_of_10000(app: &TestApp, shape: Shape) {
+    let (name, alice) = app.tenant(&shape.tenant("bulk")).await;
     let store = MongoStore::connect(
         &app.settings.mongodb.uri,
         &app.settings.mongodb,
@@ -149,7 +193,7 @@ async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_anot
     .await
     .expect("store");
     let tenant = TenantName::parse(&name).expect("valid");
-    let write = bulk_of(&tenant, "first", 10_000);
+    let write = bulk_shaped(&tenant, "first", 10_000, shape);
     let first = store.bulk_write(&write).await.expect("first write");
     assert_eq!((first.inserted, first.duplicates), (10_000, 0));
     // The same ingestion again (a retry after a lost answer): nothing new, in data or log.
@@ -157,14 +201,14 @@ async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_anot
     assert_eq!((again.inserted, again.duplicates), (10_000, 0));
     // Another ingestion of the same documents: the tenant sent them again.
     let other = store
-        .bulk_write(&bulk_of(&tenant, "second", 10_000))
+        .bulk_write(&bulk_shaped(&tenant, "second", 10_000, shape))
         .await
         .expect("second ingestion");
     assert_eq!((other.inserted, other.duplicates), (0, 10_000));
     assert_eq!(other.duplicate.len(), 10_000);
     assert_eq!(app.count(&name, "items").await, 10_000);
     let logs = app.logs(&alice, &name, "").await;
-    assert_eq!(logs.len(), 20_000);
+    assert_eq!(logs.len(), 20_000, "{shape:?}");
     let of = |status: Status, by: &str| {
         logs.iter()
             .filter(|e| e.status == status && e.ingestion.as_deref() == Some(by))
@@ -188,7 +232,13 @@ async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_anot
 #[tokio::test]
 async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_as_success() {
     let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("halfway").await;
+    for shape in [Shape::Stream, Shape::Batch] {
+        write_stopped_between_data_and_log(&app, shape).await;
+    }
+}
+
+async fn write_stopped_between_data_and_log(app: &TestApp, shape: Shape) {
+    let (name, alice) = app.tenant(&shape.tenant("halfway")).await;
     let store = MongoStore::connect(
         &app.settings.mongodb.uri,
         &app.settings.mongodb,
@@ -197,7 +247,7 @@ async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_
     .await
     .expect("store");
     let tenant = TenantName::parse(&name).expect("valid");
-    let write = bulk_of(&tenant, "m1", 500);
+    let write = bulk_shaped(&tenant, "m1", 500, shape);
     mysimbdp::coredms::faults::stall_before_log(&name);
     let stalled = tokio::time::timeout(Duration::from_secs(20), store.bulk_write(&write)).await;
     assert!(stalled.is_err(), "the fault stops the write: {stalled:?}");
@@ -209,7 +259,11 @@ async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_
     let retry = store.bulk_write(&write).await.expect("retry");
     assert_eq!((retry.inserted, retry.duplicates), (500, 0), "{retry:?}");
     let logs = app.logs(&alice, &name, "").await;
-    assert_eq!(logs.len(), 500);
+    assert_eq!(logs.len(), 500, "{shape:?}");
+    // Again (a second retry): nothing new.
+    let again = store.bulk_write(&write).await.expect("second retry");
+    assert_eq!((again.inserted, again.duplicates), (500, 0), "{again:?}");
+    assert_eq!(app.logs(&alice, &name, "").await.len(), 500, "{shape:?}");
     assert!(
         logs.iter().all(|e| e.status == Status::Success),
         "{:?}",
@@ -356,7 +410,13 @@ async fn the_log_download_is_a_json_file_of_the_tenants_entries_only() {
 async fn two_ingestions_storing_the_same_documents_at_once_log_one_success_and_one_duplicate_each()
 {
     let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("race").await;
+    for shape in [Shape::Stream, Shape::Batch] {
+        two_ingestions_at_once(&app, shape).await;
+    }
+}
+
+async fn two_ingestions_at_once(app: &TestApp, shape: Shape) {
+    let (name, alice) = app.tenant(&shape.tenant("race")).await;
     let store = MongoStore::connect(
         &app.settings.mongodb.uri,
         &app.settings.mongodb,
@@ -367,11 +427,14 @@ async fn two_ingestions_storing_the_same_documents_at_once_log_one_success_and_o
     let tenant = TenantName::parse(&name).expect("valid");
     for round in 0..3 {
         let (a, b) = (format!("a{round}"), format!("b{round}"));
-        let (wa, wb) = (bulk_of(&tenant, &a, 2000), bulk_of(&tenant, &b, 2000));
+        let (wa, wb) = (
+            bulk_shaped(&tenant, &a, 2000, shape),
+            bulk_shaped(&tenant, &b, 2000, shape),
+        );
         let (ra, rb) = tokio::join!(store.bulk_write(&wa), store.bulk_write(&wb));
         let (ra, rb) = (ra.expect("a"), rb.expect("b"));
         if round == 0 {
-            assert_eq!(ra.inserted + rb.inserted, 2000, "{ra:?} {rb:?}");
+            assert_eq!(ra.inserted + rb.inserted, 2000, "{shape:?} {ra:?} {rb:?}");
             assert_eq!(ra.duplicates + rb.duplicates, 2000);
         } else {
             assert_eq!((ra.inserted, rb.inserted), (0, 0), "stored before");
