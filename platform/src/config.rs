@@ -349,6 +349,8 @@ impl Default for BatchSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct StreamSettings {
     pub batch_size: usize,
+    /// How long a batch may wait for more messages while the batch before it is being
+    /// written; with nothing in flight it goes with the messages already received.
     pub linger_ms: u64,
     pub prefetch: u16,
     pub max_message_bytes: usize,

@@ -64,6 +64,8 @@ pub struct Platform {
     pub versions: ServerVersions,
     /// Where MongoDB is (given or provisioned), for tools that measure the raw server.
     pub mongodb_uri: String,
+    /// Where RabbitMQ is (given or provisioned), likewise.
+    pub amqp_uri: String,
     pub component: Component,
     app: axum::Router,
     /// Requests in flight, globally and per tenant (see [`http::InFlight`]).
@@ -220,6 +222,7 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
         metrics,
         versions: infra.versions.clone(),
         mongodb_uri: infra.mongodb_uri.clone(),
+        amqp_uri: infra.amqp_uri.clone(),
         component,
         app,
         in_flight,

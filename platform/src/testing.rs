@@ -65,12 +65,14 @@ pub struct InProcess {
     pub versions: ServerVersions,
     /// Where MongoDB is (given or provisioned).
     pub mongodb_uri: String,
+    /// Where RabbitMQ is (given or provisioned).
+    pub amqp_uri: String,
     stop: Option<oneshot::Sender<()>>,
     served: Option<oneshot::Receiver<std::io::Result<()>>>,
     runtime: OwnRuntime,
 }
 
-type Ready = Result<(SocketAddr, ServerVersions, String), LaunchError>;
+type Ready = Result<(SocketAddr, ServerVersions, String, String), LaunchError>;
 
 impl InProcess {
     /// Starts the platform with `settings` and serves it on `port` (0: any free port).
@@ -98,6 +100,7 @@ impl InProcess {
                         addr,
                         platform.versions.clone(),
                         platform.mongodb_uri.clone(),
+                        platform.amqp_uri.clone(),
                     );
                     let _ = ready_tx.send(Ok(ready));
                     let r = crate::serve(listener, platform, async {
@@ -126,11 +129,13 @@ impl InProcess {
                 OwnRuntime(Some(rt))
             }
         };
-        let (addr, versions, mongodb_uri) = ready_rx.await.map_err(|_| LaunchError::Gone)??;
+        let (addr, versions, mongodb_uri, amqp_uri) =
+            ready_rx.await.map_err(|_| LaunchError::Gone)??;
         Ok(Self {
             addr,
             versions,
             mongodb_uri,
+            amqp_uri,
             stop: Some(stop),
             served: Some(served),
             runtime,

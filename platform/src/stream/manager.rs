@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -233,69 +234,177 @@ async fn consume(
         )
         .await?;
     tracing::info!(tenant = %tenant, queue = %topology.queue, "stream consumer started");
-    let linger = Duration::from_millis(ctx.settings.linger_ms);
-    let mut active = ActiveApp::default();
-    let result = loop {
-        let first = tokio::select! {
-            d = consumer.next() => d,
-            _ = cancel.cancelled() => break Ok(()),
-        };
-        let Some(first) = first else {
-            break Err(BrokerError::Unavailable("consumer cancelled by the broker".into()).into());
-        };
-        let first = first?;
-        // A batch ends at its count, its linger time, or its bytes: parsed JSON takes many
-        // times its text, so a batch of large messages must stay small.
-        let mut bytes = first.data.len();
-        let mut batch = vec![first];
-        let until = tokio::time::Instant::now() + linger;
-        while batch.len() < ctx.settings.batch_size && bytes < ctx.settings.max_batch_bytes {
-            match tokio::time::timeout_at(until, consumer.next()).await {
-                Ok(Some(d)) => {
-                    let d = d?;
-                    bytes += d.data.len();
-                    batch.push(d);
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        // Messages whose earlier batch failed go alone, each acknowledged by itself, so a
-        // message that keeps failing fails only itself; the rest go as one batch.
-        let (suspects, rest): (Vec<Delivery>, Vec<Delivery>) = if ctx.has_attempts(tenant) {
-            batch
-                .into_iter()
-                .partition(|d| ctx.attempt(tenant, &message_id(d)).is_some())
-        } else {
-            (Vec::new(), batch)
-        };
-        let mut failed = None;
-        for d in suspects {
-            if let Err(e) = run_batch(
-                ctx,
-                tenant,
-                &topology,
-                &dlq_ch,
-                vec![d],
-                &mut active,
-                cancel,
-            )
-            .await
-            {
-                failed = Some(e);
-                break;
-            }
-        }
-        if failed.is_none() && !rest.is_empty() {
-            failed = run_batch(ctx, tenant, &topology, &dlq_ch, rest, &mut active, cancel)
-                .await
-                .err();
-        }
-        if let Some(e) = failed {
-            break Err(e);
-        }
-    };
+    let result = pipeline(ctx, tenant, &topology, &dlq_ch, &mut consumer, cancel).await;
     let _ = conn.close(200, "consumer stopped".into()).await;
     result
+}
+
+/// The consume loop, two batches deep: while one batch is written and acknowledged, the
+/// next is collected and transformed. A batch is written only once the one before it was
+/// acknowledged, so acknowledgements go out in delivery order and a multiple-ack never
+/// covers a message not yet written. On any error the loop returns at once: the caller
+/// drops the connection and the broker redelivers every unacknowledged message.
+async fn pipeline<'a>(
+    ctx: &'a Ctx,
+    tenant: &'a TenantName,
+    topology: &'a Topology,
+    dlq_ch: &'a lapin::Channel,
+    consumer: &mut lapin::Consumer,
+    cancel: &'a CancellationToken,
+) -> Result<(), ConsumerError> {
+    let mut active = ActiveApp::default();
+    let mut writing = InFlight::default();
+    loop {
+        let Some(batch) = collect(ctx, tenant, consumer, &mut writing, &mut active, cancel).await?
+        else {
+            return writing.finish().await;
+        };
+        for unit in split_suspects(ctx, tenant, batch) {
+            let ids: Vec<String> = unit.iter().map(message_id).collect();
+            let prepared = match writing
+                .alongside(prepare(ctx, tenant, unit, &mut active))
+                .await?
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    // The batch in flight is not this one's: let it be acknowledged, so
+                    // that only this batch comes back.
+                    writing.finish().await?;
+                    return settle(ctx, tenant, &ids, Err(e), cancel);
+                }
+            };
+            writing.finish().await?;
+            writing.start(
+                async move {
+                    let r = commit(ctx, tenant, topology, dlq_ch, prepared, cancel).await;
+                    settle(ctx, tenant, &ids, r, cancel)
+                }
+                .boxed(),
+            );
+        }
+    }
+}
+
+/// The batch being written and acknowledged, if any.
+#[derive(Default)]
+struct InFlight<'a>(Option<BoxFuture<'a, Result<(), ConsumerError>>>);
+
+impl<'a> InFlight<'a> {
+    fn is_idle(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn start(&mut self, write: BoxFuture<'a, Result<(), ConsumerError>>) {
+        debug_assert!(self.0.is_none(), "one batch in flight at a time");
+        self.0 = Some(write);
+    }
+
+    /// Waits until the batch in flight is acknowledged (or failed); never returns when
+    /// there is none, so it can race other events. Cancel-safe: the batch stays in flight.
+    async fn written(&mut self) -> Result<(), ConsumerError> {
+        let Some(write) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        let r = write.await;
+        self.0 = None;
+        r
+    }
+
+    /// Waits for the batch in flight, if any.
+    async fn finish(&mut self) -> Result<(), ConsumerError> {
+        if self.is_idle() {
+            return Ok(());
+        }
+        self.written().await
+    }
+
+    /// Runs `work` while the batch in flight goes on; its failure ends the work early.
+    async fn alongside<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+    ) -> Result<T, ConsumerError> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                t = &mut work => return Ok(t),
+                r = self.written() => r?,
+            }
+        }
+    }
+}
+
+/// The next batch, or `None` once cancelled. A batch ends at its count or its bytes
+/// (parsed JSON takes many times its text, so a batch of large messages must stay small).
+/// It waits for more messages only while the batch before it is still being written, and
+/// at most `linger_ms`: with nothing in flight it goes with the messages already received,
+/// so a quiet queue adds no wait to a message's latency.
+async fn collect(
+    ctx: &Ctx,
+    tenant: &TenantName,
+    consumer: &mut lapin::Consumer,
+    writing: &mut InFlight<'_>,
+    active: &mut ActiveApp,
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<Delivery>>, ConsumerError> {
+    let settings = &ctx.settings;
+    let linger = Duration::from_millis(settings.linger_ms);
+    let mut batch: Vec<Delivery> = Vec::new();
+    let mut bytes = 0;
+    let mut until = tokio::time::Instant::now();
+    while batch.len() < settings.batch_size && bytes < settings.max_batch_bytes {
+        let next = if batch.is_empty() {
+            tokio::select! {
+                d = consumer.next() => d,
+                r = writing.written() => {
+                    r?;
+                    continue;
+                }
+                // Waiting for messages is the time to ask coredms, not the next batch's.
+                () = active.refresh_ahead(ctx, tenant), if writing.is_idle() => continue,
+                _ = cancel.cancelled() => return Ok(None),
+            }
+        } else if writing.is_idle() {
+            match consumer.next().now_or_never() {
+                Some(d) => d,
+                None => break,
+            }
+        } else {
+            tokio::select! {
+                d = consumer.next() => d,
+                r = writing.written() => {
+                    r?;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(until) => break,
+            }
+        };
+        let Some(d) = next else {
+            return Err(BrokerError::Unavailable("consumer cancelled by the broker".into()).into());
+        };
+        let d = d?;
+        if batch.is_empty() {
+            until = tokio::time::Instant::now() + linger;
+        }
+        bytes += d.data.len();
+        batch.push(d);
+    }
+    Ok(Some(batch))
+}
+
+/// Messages whose earlier batch failed go alone, each acknowledged by itself, so a message
+/// that keeps failing fails only itself; the rest go as one batch, after them.
+fn split_suspects(ctx: &Ctx, tenant: &TenantName, batch: Vec<Delivery>) -> Vec<Vec<Delivery>> {
+    if !ctx.has_attempts(tenant) {
+        return vec![batch];
+    }
+    let (suspects, rest): (Vec<Delivery>, Vec<Delivery>) = batch
+        .into_iter()
+        .partition(|d| ctx.attempt(tenant, &message_id(d)).is_some());
+    let mut units: Vec<Vec<Delivery>> = suspects.into_iter().map(|d| vec![d]).collect();
+    if !rest.is_empty() {
+        units.push(rest);
+    }
+    units
 }
 
 fn header<'a>(d: &'a Delivery, key: &str) -> Option<&'a AMQPValue> {
@@ -328,11 +437,16 @@ fn header_str(d: &Delivery, key: &str) -> Option<String> {
 /// How long a consumer uses the tenant's limits and app before asking coredms again: a new
 /// app version takes effect within this time, without two lookups per batch.
 const APP_REFRESH: Duration = Duration::from_secs(1);
+/// Age at which an idle consumer (no batch to collect or write) refreshes the app ahead of
+/// time, so the lookups seldom fall in a batch's path.
+const APP_REFRESH_IDLE: Duration = Duration::from_millis(500);
 
 /// The tenant's stream app and limits as a consumer last saw them.
 #[derive(Default)]
 struct ActiveApp {
     fetched: Option<tokio::time::Instant>,
+    /// The last refresh ahead of time, answered or not.
+    tried_ahead: Option<tokio::time::Instant>,
     limits: crate::config::AppLimits,
     app: Option<Arc<crate::apps::AppHandle>>,
     /// The stored app no longer compiles or loads: every message fails with this reason
@@ -341,21 +455,48 @@ struct ActiveApp {
 }
 
 impl ActiveApp {
+    fn older_than(&self, age: Duration) -> bool {
+        self.fetched.is_none_or(|t| t.elapsed() >= age)
+    }
+
+    /// Asks coredms again once the app is [`APP_REFRESH`] old.
     async fn refresh(&mut self, ctx: &Ctx, tenant: &TenantName) -> Result<(), ConsumerError> {
-        if self.fetched.is_some_and(|t| t.elapsed() < APP_REFRESH) {
+        if !self.older_than(APP_REFRESH) {
             return Ok(());
         }
+        self.fetch(ctx, tenant).await
+    }
+
+    /// Refreshes the app ahead of time (it is [`APP_REFRESH_IDLE`] old), at most once per
+    /// that time; never returns otherwise, so that it can race the next message. A failure
+    /// is left for [`ActiveApp::refresh`] to meet in a batch's path. Cancel-safe: nothing
+    /// changes until both lookups have answered.
+    async fn refresh_ahead(&mut self, ctx: &Ctx, tenant: &TenantName) {
+        let tried_lately = self
+            .tried_ahead
+            .is_some_and(|t| t.elapsed() < APP_REFRESH_IDLE);
+        if !self.older_than(APP_REFRESH_IDLE) || tried_lately {
+            return std::future::pending().await;
+        }
+        self.tried_ahead = Some(tokio::time::Instant::now());
+        if let Err(e) = self.fetch(ctx, tenant).await {
+            tracing::debug!(tenant = %tenant, error = %e, "refreshing the stream app ahead of time failed");
+        }
+    }
+
+    async fn fetch(&mut self, ctx: &Ctx, tenant: &TenantName) -> Result<(), ConsumerError> {
         let profile = ctx
             .coredms
             .tenant(tenant)
             .await
             .map_err(ConsumerError::Coredms)?;
-        self.limits = profile.constraints.app_limits;
-        match ctx
+        let limits = profile.constraints.app_limits;
+        let active = ctx
             .apps
-            .active(&ctx.coredms, tenant, AppKind::Stream, self.limits)
-            .await
-        {
+            .active(&ctx.coredms, tenant, AppKind::Stream, limits)
+            .await;
+        self.limits = limits;
+        match active {
             Ok(app) => {
                 self.app = app;
                 self.broken = None;
@@ -402,17 +543,17 @@ impl Ctx {
         m.get(tenant)?.get(id).cloned()
     }
 
-    fn note_failure(&self, tenant: &TenantName, batch: &[Delivery], error: &str) {
+    fn note_failure(&self, tenant: &TenantName, ids: &[String], error: &str) {
         let Ok(mut m) = self.attempts.lock() else {
             return;
         };
         let mine = m.entry(tenant.clone()).or_default();
-        if mine.len() + batch.len() > MAX_REMEMBERED_ATTEMPTS {
+        if mine.len() + ids.len() > MAX_REMEMBERED_ATTEMPTS {
             tracing::warn!(tenant = %tenant, remembered = mine.len(), "too many failing messages remembered; forgetting their attempts");
             mine.clear();
         }
-        for d in batch {
-            let a = mine.entry(message_id(d)).or_insert(Attempt {
+        for id in ids {
+            let a = mine.entry(id.clone()).or_insert(Attempt {
                 failures: 0,
                 last_error: String::new(),
             });
@@ -421,12 +562,12 @@ impl Ctx {
         }
     }
 
-    fn forget(&self, tenant: &TenantName, batch: &[Delivery]) {
+    fn forget(&self, tenant: &TenantName, ids: &[String]) {
         if let Ok(mut m) = self.attempts.lock()
             && let Some(mine) = m.get_mut(tenant)
         {
-            for d in batch {
-                mine.remove(&message_id(d));
+            for id in ids {
+                mine.remove(id);
             }
             if mine.is_empty() {
                 m.remove(tenant);
@@ -435,33 +576,32 @@ impl Ctx {
     }
 }
 
-/// [`process`], remembering a failure against the batch's messages unless it was the
-/// broker's or the platform is shutting down.
-async fn run_batch(
+/// The end of a batch's attempt: its messages forgotten when it was acknowledged, or the
+/// failure remembered against them unless it was the broker's, an outage, or the platform
+/// shutting down.
+fn settle(
     ctx: &Ctx,
     tenant: &TenantName,
-    topology: &Topology,
-    dlq_ch: &lapin::Channel,
-    batch: Vec<Delivery>,
-    active: &mut ActiveApp,
+    ids: &[String],
+    result: Result<(), Failed>,
     cancel: &CancellationToken,
 ) -> Result<(), ConsumerError> {
-    match process(ctx, tenant, topology, dlq_ch, &batch, active, cancel).await {
+    match result {
         Ok(()) => {
-            ctx.forget(tenant, &batch);
+            ctx.forget(tenant, ids);
             Ok(())
         }
         Err(Failed::NotStored(e)) => {
             // An outage is nobody's message's fault: only other errors count.
             if !cancel.is_cancelled() && !e.is_retryable() {
-                ctx.note_failure(tenant, &batch, &e.to_string());
+                ctx.note_failure(tenant, ids, &e.to_string());
             }
             Err(ConsumerError::NotStored(e))
         }
         Err(Failed::Task(e)) => {
             let e = ConsumerError::Task(e);
             if !cancel.is_cancelled() {
-                ctx.note_failure(tenant, &batch, &e.to_string());
+                ctx.note_failure(tenant, ids, &e.to_string());
             }
             Err(e)
         }
@@ -496,20 +636,25 @@ impl From<lapin::Error> for Failed {
     }
 }
 
-/// One batch: app → one bulk write → dead letters → acknowledgement (one multiple-ack).
-/// Any error before the ack leaves every message of the batch unacknowledged, for
-/// redelivery. A message whose input, app run or documents fail is dead-lettered with the
-/// reason (and logged); one that failed `max_deliveries` times already fails here with its
-/// last error.
-async fn process(
+/// A batch transformed, ready to be written: its messages, what the app made of them, and
+/// how many of them had failed too often already.
+struct Prepared {
+    batch: Vec<Delivery>,
+    write: BulkWrite,
+    failed_inputs: Vec<(usize, String)>,
+    doc_inputs: Vec<usize>,
+    exhausted: usize,
+}
+
+/// The first half of a batch, which needs no write: the tenant's app (refreshed now and
+/// then), each message as an input, the app run over them. A message that failed
+/// `max_deliveries` times already fails here with its last error.
+async fn prepare(
     ctx: &Ctx,
     tenant: &TenantName,
-    topology: &Topology,
-    dlq_ch: &lapin::Channel,
-    batch: &[Delivery],
+    batch: Vec<Delivery>,
     active: &mut ActiveApp,
-    cancel: &CancellationToken,
-) -> Result<(), Failed> {
+) -> Result<Prepared, Failed> {
     active.refresh(ctx, tenant).await?;
     let limits = active.limits;
     let app = active.app.clone();
@@ -572,8 +717,36 @@ async fn process(
         origin: None,
         replay: false,
     };
+    Ok(Prepared {
+        batch,
+        write,
+        failed_inputs: t.failed_inputs,
+        doc_inputs: t.doc_inputs,
+        exhausted,
+    })
+}
+
+/// The second half of a batch: one bulk write → dead letters → acknowledgement (one
+/// multiple-ack). Any error before the ack leaves every message of the batch
+/// unacknowledged, for redelivery. A message whose input, app run or documents failed is
+/// dead-lettered with the reason (and logged).
+async fn commit(
+    ctx: &Ctx,
+    tenant: &TenantName,
+    topology: &Topology,
+    dlq_ch: &lapin::Channel,
+    p: Prepared,
+    cancel: &CancellationToken,
+) -> Result<(), Failed> {
+    let Prepared {
+        batch,
+        write,
+        failed_inputs,
+        doc_inputs,
+        exhausted,
+    } = p;
     let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
-    let failed = t.failed_inputs.len() as u64;
+    let failed = failed_inputs.len() as u64;
     let outcome = match write_with_retry(&ctx.coredms, write, cancel).await {
         Ok(o) => o,
         // The batch is only messages that failed too often: they leave the queue for the
@@ -587,13 +760,12 @@ async fn process(
     };
     // Every message with a failed input or a document the database refused goes to the
     // dead-letter queue once, with the first reason.
-    let mut dead: Vec<(usize, &str)> = t
-        .failed_inputs
+    let mut dead: Vec<(usize, &str)> = failed_inputs
         .iter()
         .map(|(i, r)| (*i, r.as_str()))
         .collect();
     for (doc, reason) in &outcome.failed {
-        if let Some(&i) = t.doc_inputs.get(*doc)
+        if let Some(&i) = doc_inputs.get(*doc)
             && !dead.iter().any(|(j, _)| *j == i)
         {
             dead.push((i, reason.as_str()));

@@ -294,3 +294,102 @@ async fn a_data_name_with_reserved_characters_arrives_whole() {
     let logs = app.logs(&c, &t, "status=success").await;
     assert_eq!(logs[0].data_name, name, "{logs:?}");
 }
+
+/// Messages of the tenant's queue that are ready (delivered to no consumer, or delivered
+/// and never acknowledged by a consumer that went away), as the broker counts them.
+async fn ready_messages(namespace: &str, tenant: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = format!("{namespace}mysimbdp.{tenant}");
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the tenant's queue exists");
+    let _ = conn.close(200, "counted".into()).await;
+    q.message_count()
+}
+
+#[tokio::test]
+async fn a_stalled_write_holds_back_the_batches_behind_it_and_acknowledges_nothing() {
+    // The consumer collects and transforms the next batch while one is written, but writes
+    // one batch at a time and acknowledges none before its write: while the first bulk
+    // hangs between its documents and its log, nothing behind it is written or acked (a
+    // multiple-ack from a later batch would take the stalled batch's messages with it).
+    let mut app = TestApp::spawn_with(&["stream.batch_size=50"]).await;
+    let (t, c) = app.tenant("held").await;
+    c.publish(&t, "reading", ndjson(0, 500))
+        .await
+        .expect("publish");
+    mysimbdp::coredms::faults::stall_before_log(&t);
+    c.stream_start(&t, 1).await.expect("start");
+    let reached = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await > 0
+    })
+    .await;
+    assert!(reached, "the first batch reaches the database");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let written = app.count(&t, "messages").await;
+    assert!(
+        written <= 50,
+        "only the stalled batch was written: {written}"
+    );
+    app.kill();
+    // The consumer's connection is gone: every message is back in the queue, none acked.
+    let requeued = eventually(Duration::from_secs(30), || async {
+        ready_messages(&app.namespace, &t).await == 500
+    })
+    .await;
+    assert!(
+        requeued,
+        "{} of 500 messages back in the queue",
+        ready_messages(&app.namespace, &t).await
+    );
+    let app = app.restart().await;
+    let c = app.admin.clone();
+    c.stream_start(&t, 1).await.expect("start again");
+    let all = eventually(Duration::from_secs(120), || async {
+        app.logs(&c, &t, "").await.len() >= 500
+    })
+    .await;
+    assert!(all, "every message logged");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.stream_stop(&t).await.expect("stop");
+    assert_eq!(distinct_seqs(&app, &t).await, (500, 500));
+    let log = app.logs(&c, &t, "").await;
+    assert_eq!(log.len(), 500, "one entry per message");
+    assert!(log.iter().all(|e| e.status == Status::Success));
+}
+
+#[tokio::test]
+async fn a_message_on_a_quiet_queue_is_not_held_for_the_linger() {
+    // The linger only lets a batch fill while the one before it is written: with nothing
+    // in flight a batch goes with what has arrived. A minute of linger would otherwise
+    // hold each of these messages for a minute.
+    let app = TestApp::spawn_with(&["stream.linger_ms=60000"]).await;
+    let (t, c) = app.tenant("quiet").await;
+    c.stream_start(&t, 1).await.expect("start");
+    for i in 0..3 {
+        c.publish(&t, "reading", ndjson(i, i + 1))
+            .await
+            .expect("publish");
+        let stored = eventually(Duration::from_secs(20), || async {
+            app.count(&t, "messages").await > i as u64
+        })
+        .await;
+        assert!(stored, "message {i} waited for the linger");
+    }
+    c.stream_stop(&t).await.expect("stop");
+    assert_eq!(distinct_seqs(&app, &t).await, (3, 3));
+}
