@@ -284,7 +284,7 @@ async fn summary(
     let mut s = Summary::new(q.bucket_s.unwrap_or(60));
     let mut total = 0u64;
     while let Some(e) = cursor.next().await {
-        let e = e.map_err(CoreError::from)?;
+        let e = e?;
         total += 1;
         s.add(&e);
     }
@@ -321,7 +321,7 @@ async fn stream_report(
     let mut cursor = p.store.log_cursor(Some(&t), &filter).await?;
     let mut r = StreamReport::new(q.period_s.unwrap_or(p.settings.stream.report_period_s));
     while let Some(e) = cursor.next().await {
-        r.add(&e.map_err(CoreError::from)?);
+        r.add(&e?);
     }
     Ok(Json(StreamReportAnswer {
         tenant: t.to_string(),
