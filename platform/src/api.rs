@@ -6,6 +6,7 @@
 //! Error answers are `{"error": "<message>", ...details}` ([`ErrorBody`]).
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use crate::logs::{StreamPeriod, SummaryRow};
 use crate::model::{AppKind, FileRecord};
@@ -16,7 +17,7 @@ pub use crate::logs::LogEntry;
 
 /// `POST /v1/tenants` (admin): the name and, flattened, the limits and profile to start
 /// with.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     pub name: String,
@@ -25,7 +26,7 @@ pub struct CreateTenant {
 }
 
 /// The answer to `POST /v1/tenants`: the only time the token is shown.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CreatedTenant {
     pub name: String,
     pub database: String,
@@ -34,13 +35,13 @@ pub struct CreatedTenant {
 }
 
 /// `GET /v1/tenants/{t}/files`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct FileList {
     pub files: Vec<FileRecord>,
 }
 
 /// The answer to `POST /v1/tenants/{t}/files/{name}/ingest`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct IngestStarted {
     /// `<tenant>/<file name>`.
     pub job: String,
@@ -48,7 +49,7 @@ pub struct IngestStarted {
 }
 
 /// The answer to `PUT /v1/tenants/{t}/apps/{kind}`: the new active version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct AppUploaded {
     pub version: u32,
     pub kind: AppKind,
@@ -56,14 +57,14 @@ pub struct AppUploaded {
 }
 
 /// Which entry points an uploaded app defines.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct AppFunctions {
     pub map: bool,
     pub ingest: bool,
 }
 
 /// `GET /v1/tenants/{t}/apps/{kind}`: the active version.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct ActiveApp {
     pub version: u32,
     pub kind: AppKind,
@@ -73,35 +74,36 @@ pub struct ActiveApp {
 
 /// The answer to `POST /v1/tenants/{t}/messages`: the ids of the messages published, in
 /// request order.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct Published {
     pub published: u64,
     pub ids: Vec<String>,
 }
 
 /// `POST /v1/tenants/{t}/stream/start`: how many consumers to run (default 1).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartConsumers {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
     pub consumers: Option<u32>,
 }
 
 /// The answer to `stream/start` and `stream/stop`: the consumers now running.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Consumers {
     pub consumers: u32,
 }
 
 /// `GET /v1/tenants/{t}/stream`: consumers running and what this process's consumers did
 /// since it started (a cheap live view; the log is the record).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct StreamStatus {
     pub consumers: u32,
     pub since_start: SinceStart,
 }
 
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct SinceStart {
     pub stored: u64,
     pub duplicates: u64,
@@ -110,7 +112,7 @@ pub struct SinceStart {
 }
 
 /// A message in a tenant's dead-letter queue, as the tenant lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetter {
     /// The message's id: its ingestion in the log, kept when it is replayed.
     pub message_id: Option<String>,
@@ -126,35 +128,37 @@ pub struct DeadLetter {
 
 /// `GET /v1/tenants/{t}/dead-letters`: the oldest dead letters, left in the queue; `more`
 /// when others follow.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct DeadLetters {
     pub dead_letters: Vec<DeadLetter>,
     pub more: bool,
 }
 
 /// `POST /v1/tenants/{t}/dead-letters/replay`: how many moved back to the queue.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Replayed {
     pub replayed: u64,
 }
 
 /// `GET /v1/tenants/{t}/stream/report`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct StreamReportAnswer {
     pub tenant: String,
     pub periods: Vec<StreamPeriod>,
 }
 
 /// `GET /v1/logs/summary` (admin).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct SummaryAnswer {
     pub entries: u64,
     pub groups: Vec<SummaryRow>,
 }
 
 /// `GET /v1/tenants/{t}/collections/{c}/documents`: one page, and the collection's size.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct DocumentsPage {
     pub total: u64,
+    /// The stored documents as they are, each with its `_id`.
+    #[schema(value_type = Vec<Object>)]
     pub documents: Vec<serde_json::Value>,
 }

@@ -244,7 +244,7 @@ impl Default for StagingSettings {
 }
 
 /// Data formats the platform parses into records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Csv,
@@ -297,7 +297,7 @@ impl Default for TenantLimits {
 }
 
 /// Limits on tenant app execution; the admin may override them per tenant.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppLimits {
     pub memory_bytes: usize,

@@ -67,6 +67,28 @@ pub struct ErrorBody {
     pub details: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The error body as the API document gives it: `error` and any details beside it.
+impl utoipa::PartialSchema for ErrorBody {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::{ObjectBuilder, Type, schema::AdditionalProperties};
+        ObjectBuilder::new()
+            .description(Some(
+                "An error: `error` says what failed; some errors add details beside it",
+            ))
+            .property(
+                "error",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("what failed, in words")),
+            )
+            .required("error")
+            .additional_properties(Some(AdditionalProperties::FreeForm(true)))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ErrorBody {}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let details = match self.details {
@@ -114,10 +136,41 @@ impl From<PathRejection> for ApiError {
     }
 }
 
-/// `axum::Json` whose rejections are JSON errors like every other error.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON object body (`application/json`) read as `T`, with JSON errors like every other
+/// error. Only an object: serde would also read a struct from an array of its fields in
+/// order (`[null, null]`), a form no client means.
 pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state).await?;
+        json_object(value).map(Self)
+    }
+}
+
+/// `value` as `T` if it is a JSON object; otherwise, or if it is not a `T`, a 422.
+pub fn json_object<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid JSON body: expected a JSON object",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
 
 /// `axum::extract::Query` with JSON errors.
 #[derive(FromRequestParts)]
@@ -128,6 +181,25 @@ pub struct QueryArgs<T>(pub T);
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct PathArgs<T>(pub T);
+
+/// The whole request body, with JSON errors (413 over the route's body limit).
+pub struct BodyBytes(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for BodyBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(req, state)
+            .await
+            .map(Self)
+            .map_err(|r| {
+                ApiError::new(
+                    r.status(),
+                    format!("cannot read the request body: {}", r.body_text()),
+                )
+            })
+    }
+}
 
 /// Resolves a tenant's API token to its tenant (coredms does, through whichever store the
 /// process has): the HTTP edge needs it but must not import storage.
@@ -548,11 +620,25 @@ async fn timeouts(State(p): State<Edge>, req: Request, next: Next) -> Response {
     response
 }
 
+/// Liveness: answers while the process serves, never waiting behind tenant traffic.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "platform",
+    responses((status = 200, description = "alive", body = String, content_type = "text/plain", example = "ok"))
+)]
 async fn healthz() -> &'static str {
     "ok"
 }
 
 /// Anyone gets the counters summed over tenants; the admin token adds the tenant label.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "platform",
+    responses((status = 200, description = "Prometheus counters, OpenMetrics text; per tenant with the admin token", body = String, content_type = "application/openmetrics-text")),
+    security((), ("admin" = []))
+)]
 async fn metrics(State(p): State<Edge>, headers: axum::http::HeaderMap) -> Response {
     let admin = &p.auth.settings.admin_token;
     let is_admin = !admin.is_empty()
@@ -571,8 +657,21 @@ async fn metrics(State(p): State<Edge>, headers: axum::http::HeaderMap) -> Respo
         .into_response()
 }
 
+/// The HTTP edge's own routes in the API document.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(healthz, metrics))]
+pub struct EdgeDoc;
+
 async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+/// A known path with a method it does not have (axum adds the `Allow` header).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed here"),
+    )
 }
 
 /// The routers of the components a process runs (each already holding its own state) with
@@ -602,7 +701,9 @@ pub fn compose(edge: Edge, public: Vec<Router>, internal: Vec<Router>) -> Router
     for c in internal {
         app = app.merge(c);
     }
-    app.layer(axum::middleware::from_fn_with_state(edge, timeouts))
+    // After every route: it applies to the routes registered so far.
+    app.method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(edge, timeouts))
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ pub mod infra;
 pub mod logs;
 pub mod metrics;
 pub mod model;
+pub mod openapi;
 pub mod pipeline;
 pub mod processes;
 pub mod stream;
@@ -147,7 +148,8 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
         tenants: Arc::new(coredms.clone()),
     };
     let runs = |c: Component| component == Component::All || component == c;
-    let mut public = Vec::new();
+    // Every process serves the whole API's document, whichever components it runs.
+    let mut public = vec![openapi::router()];
     let mut internal = Vec::new();
     let mut tasks = Vec::new();
     // coredms declares each new tenant's queues, so it holds a broker too.

@@ -6,14 +6,38 @@ use std::collections::BTreeMap;
 use mongodb::bson::{self, DateTime};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Batch,
     Stream,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Success,
@@ -41,10 +65,11 @@ impl std::str::FromStr for Status {
 }
 
 /// One ingestion, as stored in the `logs` database.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LogEntry {
     /// A BSON date where stored, RFC 3339 in JSON (the download): see [`timestamp`].
     #[serde(with = "timestamp")]
+    #[schema(value_type = String, format = DateTime)]
     pub timestamp: DateTime,
     pub tenant: String,
     pub source: Source,
@@ -182,14 +207,65 @@ pub fn status_str(s: Status) -> &'static str {
 }
 
 /// Filters for a tenant's log download and for analytics; times in RFC 3339.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
+    /// Entries at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     pub since: Option<String>,
+    /// Entries before this time (RFC 3339).
+    #[param(format = DateTime)]
     pub until: Option<String>,
+    /// Only entries of this status.
+    #[param(value_type = Option<Status>)]
     pub status: Option<String>,
-    /// Analytics only: bucket width in seconds (default 60).
+}
+
+/// The longest time bucket or report period, in seconds (a year): longer ones say nothing
+/// a year does not, and their milliseconds would overflow.
+pub const MAX_PERIOD_S: u64 = 366 * 24 * 3600;
+
+/// The operator's analytics: the log filters and the bucket width.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct SummaryQuery {
+    /// Entries at or after this time (RFC 3339).
+    #[param(format = DateTime)]
+    pub since: Option<String>,
+    /// Entries before this time (RFC 3339).
+    #[param(format = DateTime)]
+    pub until: Option<String>,
+    /// Only entries of this status.
+    #[param(value_type = Option<Status>)]
+    pub status: Option<String>,
+    /// Bucket width in seconds, 1 to a year (default 60).
+    #[param(minimum = 1, maximum = 31622400)]
     pub bucket_s: Option<u64>,
+}
+
+impl SummaryQuery {
+    /// The filter, and the bucket width checked.
+    pub fn parse(&self) -> Result<(LogFilter, u64), String> {
+        let filter = LogQuery {
+            since: self.since.clone(),
+            until: self.until.clone(),
+            status: self.status.clone(),
+        }
+        .parse()?;
+        Ok((filter, period_s(self.bucket_s, 60, "bucket_s")?))
+    }
+}
+
+/// A bucket or period width from a query: `default` when absent, else 1 to [`MAX_PERIOD_S`].
+pub fn period_s(value: Option<u64>, default: u64, name: &str) -> Result<u64, String> {
+    match value.unwrap_or(default) {
+        s @ 1..=MAX_PERIOD_S => Ok(s),
+        s => Err(format!(
+            "`{name}` must be 1 to {MAX_PERIOD_S} seconds, not {s}"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,7 +297,7 @@ impl LogQuery {
 }
 
 /// One group of the operator's analytics.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct SummaryRow {
     pub tenant: String,
     pub status: Status,
@@ -289,7 +365,7 @@ impl Summary {
 }
 
 /// One period of a tenant's stream report.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct StreamPeriod {
     pub period_start: String,
     pub messages: u64,
@@ -322,7 +398,7 @@ struct Period {
 impl StreamReport {
     pub fn new(period_s: u64) -> Self {
         Self {
-            period_ms: i64::try_from(period_s.max(1) * 1000).unwrap_or(60_000),
+            period_ms: i64::try_from(period_s.max(1).saturating_mul(1000)).unwrap_or(60_000),
             periods: BTreeMap::new(),
         }
     }

@@ -13,7 +13,7 @@ use crate::tenants::TenantName;
 
 // ---- files (batch) ----
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FileState {
     Staged,
@@ -34,7 +34,7 @@ impl FileState {
 }
 
 /// A staged file and its ingestion status, stored through coredms.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct FileRecord {
     pub tenant: String,
     pub name: String,
@@ -94,7 +94,7 @@ pub struct FileRecord {
 
 /// A batch manager's hold on a job: `owner` (one id per manager process) runs it until
 /// `expires_us` (Unix µs, coredms' clock) unless it renews; after that another may claim it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Lease {
     pub owner: String,
     pub expires_us: i64,
@@ -159,7 +159,7 @@ impl FileRecord {
 
 // ---- apps ----
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum AppKind {
     Batch,

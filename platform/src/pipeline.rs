@@ -21,7 +21,7 @@ use crate::model::{
 };
 use crate::tenants::TenantName;
 
-pub use router::{AppsApi, router as apps_router};
+pub use router::{AppsApi, AppsDoc, router as apps_router};
 
 /// Why the active app of a tenant cannot be had.
 #[derive(Debug, thiserror::Error)]

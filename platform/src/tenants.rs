@@ -45,6 +45,22 @@ impl<'de> Deserialize<'de> for TenantName {
     }
 }
 
+/// A name as the API documents it: a string with the rule's pattern.
+impl utoipa::PartialSchema for TenantName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .pattern(Some(TENANT_NAME_PATTERN))
+            .max_length(Some(32))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for TenantName {}
+
+/// [`TenantName::parse`]'s rule as a regular expression (for the API document).
+pub const TENANT_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9_-]{0,31}$";
+
 impl fmt::Display for TenantName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -52,7 +68,7 @@ impl fmt::Display for TenantName {
 }
 
 /// What a tenant may do: set at creation by the admin, changed only by the admin.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Constraints {
     pub max_file_bytes: u64,
     pub max_staged_files: u32,
@@ -72,7 +88,7 @@ impl Constraints {
 }
 
 /// A tenant profile as stored in `customers.customers` (minus the token hash).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Profile {
     pub name: TenantName,
     pub database: String,
@@ -86,7 +102,7 @@ pub struct Profile {
 }
 
 /// What a tenant may change in its own profile.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfilePatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,7 +112,7 @@ pub struct ProfilePatch {
 }
 
 /// What the admin may change, in addition to [`ProfilePatch`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminPatch {
     #[serde(flatten)]

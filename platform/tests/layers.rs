@@ -34,6 +34,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["pipeline", "processes"],
     ),
     ("the components", &["batch", "stream"]),
+    (
+        "the API document, from the components' handlers and types",
+        &["openapi"],
+    ),
     ("the process that assembles what it runs", &["lib"]),
     (
         "the platform in one process, and faults done to its servers, for tests and the workbench",

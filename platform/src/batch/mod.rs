@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use router::{BatchApi, router};
+pub use router::{BatchApi, BatchDoc, router};
 pub use staging::{Staging, check_file_name};
 
 use crate::apps::AppHandle;

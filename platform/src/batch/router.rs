@@ -9,10 +9,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi};
 
 use super::staging::UploadError;
 use super::{BatchError, BatchManager, check_file_name};
-use crate::api::{FileList, IngestStarted};
+use crate::api::{ErrorBody, FileList, IngestStarted};
 use crate::config::Format;
 use crate::coredms::CoreDms;
 use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
@@ -48,6 +49,11 @@ pub fn router(state: BatchApi) -> Router {
         .with_state(state)
 }
 
+/// The batch manager's part of the API document.
+#[derive(OpenApi)]
+#[openapi(paths(upload, ingest, replay, status, list, remove))]
+pub struct BatchDoc;
+
 impl From<BatchError> for ApiError {
     fn from(e: BatchError) -> Self {
         match e {
@@ -82,13 +88,33 @@ fn collection_for(name: &str) -> String {
     if c.is_empty() { "data".into() } else { c }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct UploadQuery {
     /// Collection the records go to (default: the file name without extension).
     collection: Option<String>,
 }
 
+/// Stages a data file, streamed to disk and checked against the tenant's limits; with
+/// `auto_ingest` its ingestion starts too.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{t}/files/{name}",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name"), ("name" = String, Path, description = "the file's name: its extension gives its format (.csv, .json, .ndjson, .jsonl)"), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes"),
+    responses(
+        (status = 201, description = "staged", body = FileRecord),
+        (status = 400, description = "an invalid file or collection name, or an empty body", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+        (status = 409, description = "the file is being ingested", body = ErrorBody),
+        (status = 413, description = "over the tenant's file size limit", body = ErrorBody),
+        (status = 415, description = "a format the tenant may not upload, or none", body = ErrorBody),
+        (status = 429, description = "the tenant has its limit of staged files", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn upload(
     State(p): State<BatchApi>,
     caller: Caller,
@@ -163,6 +189,20 @@ async fn upload(
     Ok((StatusCode::CREATED, Json(public(rec))).into_response())
 }
 
+/// Starts ingesting a staged file.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/files/{name}/ingest",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name"), ("name" = String, Path, description = "the file's name: its extension gives its format (.csv, .json, .ndjson, .jsonl)")),
+    responses(
+        (status = 202, description = "started", body = IngestStarted),
+        (status = 400, description = "an invalid file name", body = ErrorBody),
+        (status = 404, description = "no such file or tenant", body = ErrorBody),
+        (status = 409, description = "being ingested already, or an upload or another start came first", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn ingest(
     State(p): State<BatchApi>,
     caller: Caller,
@@ -189,6 +229,21 @@ fn started(t: &TenantName, rec: FileRecord) -> Response {
 
 /// Re-ingests the failed records of the file's last run with the current app, under that
 /// run: 202 with the file, 409 while it is ingesting or before it ever was.
+/// Re-ingests, with the current app, the records of the file's last run that its log
+/// shows failed or never reached, under that run.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/files/{name}/replay",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name"), ("name" = String, Path, description = "the file's name: its extension gives its format (.csv, .json, .ndjson, .jsonl)")),
+    responses(
+        (status = 202, description = "started", body = IngestStarted),
+        (status = 400, description = "an invalid file name", body = ErrorBody),
+        (status = 404, description = "no such file or tenant", body = ErrorBody),
+        (status = 409, description = "being ingested, never ingested, or nothing to replay", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn replay(
     State(p): State<BatchApi>,
     caller: Caller,
@@ -200,6 +255,19 @@ async fn replay(
     Ok(started(&t, rec))
 }
 
+/// A staged file: its state and counts.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/files/{name}",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name"), ("name" = String, Path, description = "the file's name: its extension gives its format (.csv, .json, .ndjson, .jsonl)")),
+    responses(
+        (status = 200, description = "the file", body = FileRecord),
+        (status = 400, description = "an invalid file name", body = ErrorBody),
+        (status = 404, description = "no such file or tenant", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn status(
     State(p): State<BatchApi>,
     caller: Caller,
@@ -216,6 +284,18 @@ async fn status(
     }
 }
 
+/// Every staged file of the tenant, with its state and counts.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/files",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name")),
+    responses(
+        (status = 200, description = "the files", body = FileList),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn list(
     State(p): State<BatchApi>,
     caller: Caller,
@@ -226,6 +306,20 @@ async fn list(
     Ok(Json(FileList { files }).into_response())
 }
 
+/// Removes a staged file.
+#[utoipa::path(
+    delete,
+    path = "/v1/tenants/{t}/files/{name}",
+    tag = "files",
+    params(("t" = String, Path, description = "the tenant's name"), ("name" = String, Path, description = "the file's name: its extension gives its format (.csv, .json, .ndjson, .jsonl)")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 400, description = "an invalid file name", body = ErrorBody),
+        (status = 404, description = "no such file or tenant", body = ErrorBody),
+        (status = 409, description = "the file is being ingested", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn remove(
     State(p): State<BatchApi>,
     caller: Caller,

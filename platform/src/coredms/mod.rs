@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use self::mongodb::MongoStore;
 pub use ops::{Call, Param};
 pub use remote::Remote;
-pub use router::{CoredmsApi, OnNewTenant, RPC_SLOTS, router, rpc_router};
+pub use router::{CoredmsApi, CoredmsDoc, OnNewTenant, RPC_SLOTS, router, rpc_router};
 
 use crate::logs::{LogEntry, Status};
 use crate::model::{BulkWrite, InputRef, now_us};

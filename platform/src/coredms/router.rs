@@ -12,16 +12,20 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi};
 
 use super::Call;
 use super::{CoreDms, CoreError, MongoStore};
-use crate::api::{CreateTenant, CreatedTenant, DocumentsPage, StreamReportAnswer, SummaryAnswer};
+use crate::api::{
+    CreateTenant, CreatedTenant, DocumentsPage, ErrorBody, LogEntry, StreamReportAnswer,
+    SummaryAnswer,
+};
 use crate::config::Settings;
 use crate::http::{
     ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
 };
-use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary};
-use crate::tenants::{AdminPatch, Constraints, ProfilePatch, TenantName};
+use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary, SummaryQuery, period_s};
+use crate::tenants::{AdminPatch, Constraints, Profile, ProfilePatch, TenantName};
 
 /// How a coredms error answers an HTTP request (the HTTP edge below knows no storage).
 impl From<CoreError> for ApiError {
@@ -112,6 +116,20 @@ pub fn router(state: CoredmsApi) -> Router {
         .with_state(state)
 }
 
+/// coredms' part of the API document: its routes above, and the RPC.
+#[derive(OpenApi)]
+#[openapi(paths(
+    create_tenant,
+    get_tenant,
+    patch_tenant,
+    download_logs,
+    summary,
+    stream_report,
+    documents,
+    rpc
+))]
+pub struct CoredmsDoc;
+
 /// The internal RPC, accepting bodies up to `http.max_rpc_bytes`: bulk writes arrive in
 /// chunks well under it (`http.rpc_chunk_bytes`).
 pub fn rpc_router(state: CoredmsApi) -> Router {
@@ -124,6 +142,22 @@ pub fn rpc_router(state: CoredmsApi) -> Router {
         .with_state(state)
 }
 
+/// Creates a tenant (admin): its database, its queues and its token, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants",
+    tag = "tenants",
+    request_body = CreateTenant,
+    responses(
+        (status = 201, description = "created; the token is shown only here", body = CreatedTenant),
+        (status = 400, description = "invalid name or malformed JSON", body = ErrorBody),
+        (status = 403, description = "not the admin, or the admin API is off", body = ErrorBody),
+        (status = 409, description = "the tenant exists", body = ErrorBody),
+        (status = 415, description = "the body is not application/json", body = ErrorBody),
+        (status = 422, description = "JSON that is not a tenant", body = ErrorBody),
+    ),
+    security(("admin" = []))
+)]
 async fn create_tenant(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -179,6 +213,18 @@ async fn create_tenant(
         .into_response())
 }
 
+/// A tenant's profile (the tenant itself or the admin).
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}",
+    tag = "tenants",
+    params(("t" = String, Path, description = "the tenant's name")),
+    responses(
+        (status = 200, description = "the profile", body = Profile),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn get_tenant(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -188,6 +234,24 @@ async fn get_tenant(
     Ok(Json(p.coredms.tenant(&t).await?).into_response())
 }
 
+/// Changes a profile: a tenant changes `description` and `auto_ingest`, the admin also the
+/// limits.
+#[utoipa::path(
+    patch,
+    path = "/v1/tenants/{t}",
+    tag = "tenants",
+    params(("t" = String, Path, description = "the tenant's name")),
+    request_body = AdminPatch,
+    responses(
+        (status = 200, description = "the profile changed", body = Profile),
+        (status = 400, description = "malformed JSON, or a change the admin cannot make", body = ErrorBody),
+        (status = 403, description = "a tenant changing its limits", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+        (status = 415, description = "the body is not application/json", body = ErrorBody),
+        (status = 422, description = "JSON that is not an object", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn patch_tenant(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -216,6 +280,20 @@ async fn patch_tenant(
 /// Entries per chunk of the streamed download.
 const LOG_CHUNK: usize = 512;
 
+/// The tenant's ingestion log as a JSON file, oldest first, streamed.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/logs",
+    tag = "logs",
+    params(("t" = String, Path, description = "the tenant's name"), LogQuery),
+    responses(
+        (status = 200, description = "the log entries, as a file to save", body = [LogEntry],
+            headers(("Content-Disposition" = String, description = "`attachment; filename=\"<tenant>-logs.json\"`"))),
+        (status = 400, description = "a filter that does not parse", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn download_logs(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -273,15 +351,29 @@ fn log_array_stream(
     })
 }
 
+/// Counts and bytes by tenant, status, reason and time bucket over every tenant's log
+/// (admin).
+#[utoipa::path(
+    get,
+    path = "/v1/logs/summary",
+    tag = "logs",
+    params(SummaryQuery),
+    responses(
+        (status = 200, description = "the groups", body = SummaryAnswer),
+        (status = 400, description = "a filter that does not parse", body = ErrorBody),
+        (status = 403, description = "not the admin", body = ErrorBody),
+    ),
+    security(("admin" = []))
+)]
 async fn summary(
     State(p): State<CoredmsApi>,
     caller: Caller,
-    QueryArgs(q): QueryArgs<LogQuery>,
+    QueryArgs(q): QueryArgs<SummaryQuery>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let filter = q.parse().map_err(ApiError::bad_request)?;
+    let (filter, bucket_s) = q.parse().map_err(ApiError::bad_request)?;
     let mut cursor = p.store.log_cursor(None, &filter).await?;
-    let mut s = Summary::new(q.bucket_s.unwrap_or(60));
+    let mut s = Summary::new(bucket_s);
     let mut total = 0u64;
     while let Some(e) = cursor.next().await {
         let e = e?;
@@ -295,14 +387,35 @@ async fn summary(
     .into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ReportQuery {
+    /// Entries at or after this time (RFC 3339).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Entries before this time (RFC 3339).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Period length in seconds, 1 to a year (default `stream.report_period_s`).
+    #[param(minimum = 1, maximum = 31622400)]
     period_s: Option<u64>,
 }
 
+/// Per period: messages stored, failures, duplicates, skipped, bytes, average and p99
+/// ingestion time, from the log.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/stream/report",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name"), ReportQuery),
+    responses(
+        (status = 200, description = "the periods, oldest first", body = StreamReportAnswer),
+        (status = 400, description = "a filter that does not parse", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn stream_report(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -310,6 +423,8 @@ async fn stream_report(
     QueryArgs(q): QueryArgs<ReportQuery>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
+    let period = period_s(q.period_s, p.settings.stream.report_period_s, "period_s")
+        .map_err(ApiError::bad_request)?;
     let mut filter: LogFilter = LogQuery {
         since: q.since,
         until: q.until,
@@ -319,7 +434,7 @@ async fn stream_report(
     .map_err(ApiError::bad_request)?;
     filter.source = Some(Source::Stream);
     let mut cursor = p.store.log_cursor(Some(&t), &filter).await?;
-    let mut r = StreamReport::new(q.period_s.unwrap_or(p.settings.stream.report_period_s));
+    let mut r = StreamReport::new(period);
     while let Some(e) = cursor.next().await {
         r.add(&e?);
     }
@@ -330,15 +445,37 @@ async fn stream_report(
     .into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Page {
+    /// Documents in the page, 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    /// Documents passed over first, 0 to 2^53 (default 0).
+    #[param(maximum = 9007199254740992)]
     skip: Option<u64>,
 }
 
 const MAX_PAGE: i64 = 1000;
 
+/// The largest `skip`: the largest integer every JSON client holds exactly (the database
+/// refuses one past `i64::MAX`).
+const MAX_SKIP: u64 = 1 << 53;
+
+/// A page of a collection's stored documents, and the collection's size.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/collections/{c}/documents",
+    tag = "documents",
+    params(("t" = String, Path, description = "the tenant's name"), ("c" = String, Path, description = "the collection"), Page),
+    responses(
+        (status = 200, description = "the page", body = DocumentsPage),
+        (status = 400, description = "an invalid collection name or page", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn documents(
     State(p): State<CoredmsApi>,
     caller: Caller,
@@ -353,10 +490,13 @@ async fn documents(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let docs = p
-        .coredms
-        .documents(&t, &c, limit, page.skip.unwrap_or(0))
-        .await?;
+    let skip = page.skip.unwrap_or(0);
+    if skip > MAX_SKIP {
+        return Err(ApiError::bad_request(format!(
+            "skip must be at most {MAX_SKIP}"
+        )));
+    }
+    let docs = p.coredms.documents(&t, &c, limit, skip).await?;
     let total = p.coredms.count_documents(&t, &c).await?;
     Ok(Json(DocumentsPage {
         total,
@@ -372,6 +512,21 @@ const RPC_INLINE_DECODE: usize = 256 * 1024;
 /// route is outside the tenants' in-flight limits.
 pub const RPC_SLOTS: usize = 16;
 
+/// The internal RPC the other components of a split deployment call coredms with:
+/// `{"op": "<operation>", ...arguments}`, answered with the operation's result.
+#[utoipa::path(
+    post,
+    path = "/internal/v1/rpc",
+    tag = "internal",
+    request_body(content = Object, description = "a call: `op` and its arguments"),
+    responses(
+        (status = 200, description = "the operation's result", body = Object),
+        (status = 400, description = "not a call", body = ErrorBody),
+        (status = 403, description = "not the internal (or admin) token", body = ErrorBody),
+        (status = 413, description = "over `http.max_rpc_bytes`", body = ErrorBody),
+    ),
+    security(("internal" = []), ("admin" = []))
+)]
 async fn rpc(
     State(p): State<CoredmsApi>,
     _caller: InternalCaller,

@@ -1,17 +1,17 @@
 //! Uploading and reading tenant apps: `PUT/GET /v1/tenants/{t}/apps/{batch|stream}`.
 
-use axum::body::Bytes;
 use axum::extract::{FromRef, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
+use utoipa::OpenApi;
 
-use crate::api::{ActiveApp, AppFunctions, AppUploaded};
+use crate::api::{ActiveApp, AppFunctions, AppUploaded, ErrorBody};
 use crate::apps::{MAX_SOURCE_BYTES, compile};
 use crate::coredms::CoreDms;
-use crate::http::{ApiError, Auth, Caller, PathArgs};
+use crate::http::{ApiError, Auth, BodyBytes, Caller, PathArgs};
 use crate::model::AppKind;
 
 /// What the app endpoints need: apps are stored through coredms.
@@ -38,6 +38,11 @@ pub fn router(state: AppsApi) -> Router {
         .with_state(state)
 }
 
+/// The apps API's part of the API document.
+#[derive(OpenApi)]
+#[openapi(paths(upload, current))]
+pub struct AppsDoc;
+
 fn kind(raw: &str) -> Result<AppKind, ApiError> {
     match raw {
         "batch" => Ok(AppKind::Batch),
@@ -49,11 +54,27 @@ fn kind(raw: &str) -> Result<AppKind, ApiError> {
     }
 }
 
+/// Uploads the tenant's batch or stream app (Luau source), compiled and checked first; it
+/// becomes the active version.
+#[utoipa::path(
+    put,
+    path = "/v1/tenants/{t}/apps/{kind}",
+    tag = "apps",
+    params(("t" = String, Path, description = "the tenant's name"), ("kind" = AppKind, Path, description = "which app")),
+    request_body(content = String, content_type = "text/plain", description = "the app's Luau source, UTF-8"),
+    responses(
+        (status = 200, description = "the new active version", body = AppUploaded),
+        (status = 400, description = "not UTF-8, or does not compile (`line`, `column` where known)", body = ErrorBody),
+        (status = 404, description = "no such tenant or app kind", body = ErrorBody),
+        (status = 413, description = "over the source size limit", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn upload(
     State(p): State<AppsApi>,
     caller: Caller,
     PathArgs((t, k)): PathArgs<(String, String)>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
     let kind = kind(&k)?;
@@ -87,6 +108,18 @@ async fn upload(
     .into_response())
 }
 
+/// The tenant's active app of a kind.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/apps/{kind}",
+    tag = "apps",
+    params(("t" = String, Path, description = "the tenant's name"), ("kind" = AppKind, Path, description = "which app")),
+    responses(
+        (status = 200, description = "the active version", body = ActiveApp),
+        (status = 404, description = "no app uploaded, or no such tenant or kind", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn current(
     State(p): State<AppsApi>,
     caller: Caller,

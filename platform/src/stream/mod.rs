@@ -14,17 +14,18 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::{IntoParams, OpenApi};
 
 pub use broker::{Broker, BrokerError, Topology};
 pub use manager::StreamManager;
 
 use crate::api::{
-    self, Consumers, DeadLetters, Replayed, SinceStart, StartConsumers, StreamStatus,
+    self, Consumers, DeadLetters, ErrorBody, Replayed, SinceStart, StartConsumers, StreamStatus,
 };
 use crate::config::StreamSettings;
 use crate::coredms::CoreDms;
 use crate::events::Published;
-use crate::http::{ApiError, Auth, Caller, PathArgs, QueryArgs};
+use crate::http::{ApiError, Auth, BodyBytes, Caller, PathArgs, QueryArgs, json_object};
 use crate::metrics::Metrics;
 
 /// What the message and consumer endpoints need: this process's broker and consumers.
@@ -65,6 +66,11 @@ pub fn router(state: StreamApi) -> Router {
         .with_state(state)
 }
 
+/// The stream manager's part of the API document.
+#[derive(OpenApi)]
+#[openapi(paths(publish, stream_status, start, stop, dead_letters, replay))]
+pub struct StreamDoc;
+
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
         match e {
@@ -82,8 +88,9 @@ impl From<BrokerError> for ApiError {
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct PublishQuery {
     /// The message type (the original's "name of the data"); or the `X-Data-Name` header.
     data_name: Option<String>,
@@ -214,6 +221,34 @@ const INLINE_CHECK_BYTES: usize = 64 * 1024;
 ///
 /// With an `Idempotency-Key` header, retrying the same request (after a 503 or a timeout)
 /// publishes the same message ids, so nothing is stored twice.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/messages",
+    tag = "stream",
+    params(
+        ("t" = String, Path, description = "the tenant's name"),
+        PublishQuery,
+        ("X-Data-Name" = Option<String>, Header, description = "the data name, when the query does not give one"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1-128 ASCII characters: a retry with the same key publishes the same message ids"),
+    ),
+    request_body(
+        description = "one message (JSON, text or bytes) or NDJSON, one message per line",
+        content(
+            (Object = "application/json"),
+            (String = "application/x-ndjson"),
+            (String = "text/plain"),
+            (Vec<u8> = "application/octet-stream"),
+        )
+    ),
+    responses(
+        (status = 202, description = "published, confirmed by the broker", body = api::Published),
+        (status = 400, description = "no message, a message that is not what its type declares (nothing published), or a bad header", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+        (status = 413, description = "a message or the request over its limit", body = ErrorBody),
+        (status = 415, description = "a content type or charset not accepted", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn publish(
     State(p): State<StreamApi>,
     caller: Caller,
@@ -317,12 +352,29 @@ async fn publish(
         .into_response())
 }
 
+/// Starts (or scales to) `consumers` consumers of the tenant's queue in this process.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/stream/start",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name")),
+    request_body(content = Option<StartConsumers>, description = "optional: no body starts one consumer"),
+    responses(
+        (status = 200, description = "the consumers now running", body = Consumers),
+        (status = 400, description = "malformed JSON, or a count out of range", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+        (status = 413, description = "a body over the limit", body = ErrorBody),
+        (status = 415, description = "a body that is not application/json", body = ErrorBody),
+        (status = 422, description = "JSON that is not an object of consumers", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn start(
     State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Result<Response, ApiError> {
     // The body is optional: no body starts one consumer.
     let body: StartConsumers = if body.iter().all(u8::is_ascii_whitespace) {
@@ -337,8 +389,9 @@ async fn start(
             "send the body as application/json",
         ));
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+        let value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        json_object(value)?
     };
     let t = caller.for_tenant(&t)?;
     let m = &p.manager;
@@ -354,6 +407,18 @@ async fn start(
     Ok(Json(Consumers { consumers }).into_response())
 }
 
+/// Stops the tenant's consumers in this process.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/stream/stop",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name")),
+    responses(
+        (status = 200, description = "no consumer left", body = Consumers),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn stop(
     State(p): State<StreamApi>,
     caller: Caller,
@@ -364,10 +429,12 @@ async fn stop(
     Ok(Json(Consumers { consumers }).into_response())
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct DeadLetterQuery {
     /// How many, 1 to 1,000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
 }
 
@@ -384,6 +451,18 @@ impl DeadLetterQuery {
 }
 
 /// The tenant's dead letters, oldest first, with why each failed; they stay in the queue.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/dead-letters",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name"), DeadLetterQuery),
+    responses(
+        (status = 200, description = "the oldest dead letters", body = DeadLetters),
+        (status = 400, description = "a limit out of range", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn dead_letters(
     State(p): State<StreamApi>,
     caller: Caller,
@@ -401,6 +480,18 @@ async fn dead_letters(
 
 /// Moves dead letters back to the tenant's queue, for the stream app running now: each
 /// keeps its message id, so what it stores and logs belongs to its first ingestion.
+#[utoipa::path(
+    post,
+    path = "/v1/tenants/{t}/dead-letters/replay",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name"), DeadLetterQuery),
+    responses(
+        (status = 200, description = "how many went back to the queue", body = Replayed),
+        (status = 400, description = "a limit out of range", body = ErrorBody),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn replay(
     State(p): State<StreamApi>,
     caller: Caller,
@@ -413,6 +504,18 @@ async fn replay(
     Ok(Json(Replayed { replayed }).into_response())
 }
 
+/// The consumers running in this process, and what they did since it started.
+#[utoipa::path(
+    get,
+    path = "/v1/tenants/{t}/stream",
+    tag = "stream",
+    params(("t" = String, Path, description = "the tenant's name")),
+    responses(
+        (status = 200, description = "consumers and counts", body = StreamStatus),
+        (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
+    ),
+    security(("tenant" = []), ("admin" = []))
+)]
 async fn stream_status(
     State(p): State<StreamApi>,
     caller: Caller,

@@ -6,6 +6,7 @@ mod accounting;
 mod apps;
 mod badinput;
 mod batch;
+mod contract;
 mod coredms;
 mod deploy;
 mod faults;

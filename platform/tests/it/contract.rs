@@ -1,0 +1,148 @@
+//! The API document against the platform that serves it: the same document, and every
+//! operation that takes a token refusing a request without one, with the error body.
+
+use reqwest::Method;
+
+use crate::harness::TestApp;
+
+/// An operation of the document: its method, its path with the parameters filled in, and
+/// whether it needs a token (it names schemes, and none of its options is "no token").
+struct Operation {
+    method: Method,
+    path: String,
+    needs_token: bool,
+    responses: serde_json::Value,
+}
+
+fn operations(doc: &serde_json::Value, tenant: &str) -> Vec<Operation> {
+    let mut ops = Vec::new();
+    for (template, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("path item") {
+            let Ok(m) = method.to_uppercase().parse::<Method>() else {
+                continue;
+            };
+            let requirements: Vec<&serde_json::Value> =
+                op["security"].as_array().into_iter().flatten().collect();
+            let needs_token = !requirements.is_empty()
+                && requirements
+                    .iter()
+                    .all(|r| r.as_object().is_some_and(|o| !o.is_empty()));
+            ops.push(Operation {
+                method: m,
+                path: template
+                    .replace("{t}", tenant)
+                    .replace("{name}", "data.csv")
+                    .replace("{kind}", "batch")
+                    .replace("{c}", "data"),
+                needs_token,
+                responses: op["responses"].clone(),
+            });
+        }
+    }
+    ops
+}
+
+#[tokio::test]
+async fn the_platform_serves_its_document_and_refuses_every_token_route_without_a_token() {
+    let app = TestApp::spawn().await;
+    let (t, _) = app.tenant("contract").await;
+    let anonymous = app.admin.with_token(None);
+    let served = anonymous
+        .get("/v1/openapi.json")
+        .await
+        .expect("the document");
+    assert_eq!(served, mysimbdp::openapi::document(), "served = generated");
+    let ops = operations(&served, &t);
+    assert!(ops.len() >= 25, "{} operations", ops.len());
+    let mut checked = 0;
+    for op in ops.iter().filter(|o| o.needs_token) {
+        let (m, path) = (&op.method, &op.path);
+        let r = anonymous
+            .raw(m.clone(), path, Some("application/json"), "{}")
+            .await
+            .expect("answer");
+        let status = r.status.as_u16();
+        assert!(
+            status == 401 || status == 403,
+            "{m} {path} without a token: {status}"
+        );
+        assert!(
+            op.responses.get(status.to_string()).is_some(),
+            "{m} {path}: {status} is not documented"
+        );
+        assert!(r.json()["error"].is_string(), "{m} {path}: {:?}", r.body);
+        checked += 1;
+    }
+    assert!(checked >= 22, "{checked} operations need a token");
+}
+
+#[tokio::test]
+async fn an_unknown_method_on_a_known_path_is_405_with_allow_and_the_error_body() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("methods").await;
+    let r = c
+        .raw(
+            Method::DELETE,
+            &format!("/v1/tenants/{t}/logs"),
+            None,
+            Vec::new(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.headers.get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET,HEAD")
+    );
+    assert!(r.json()["error"].is_string(), "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn json_bodies_must_be_objects_not_arrays_of_their_fields() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("arrays").await;
+    for (path, body) in [
+        (format!("/v1/tenants/{t}"), "[null, null]"),
+        (format!("/v1/tenants/{t}/stream/start"), "[2]"),
+    ] {
+        let m = if path.ends_with("start") {
+            Method::POST
+        } else {
+            Method::PATCH
+        };
+        let r = c
+            .raw(m, &path, Some("application/json"), body)
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 422, "{path} {body}: {:?}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn query_numbers_past_their_documented_range_are_400_not_a_crash() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("ranges").await;
+    for path in [
+        format!("/v1/tenants/{t}/stream/report?period_s=9223372036854775808"),
+        format!("/v1/tenants/{t}/stream/report?period_s=0"),
+        format!("/v1/tenants/{t}/collections/data/documents?skip=9223372036854775808"),
+        format!("/v1/tenants/{t}/logs?bucket_s=60"),
+    ] {
+        let r = c
+            .raw(Method::GET, &path, None, Vec::new())
+            .await
+            .expect("an answer, not a closed connection");
+        assert_eq!(r.status, 400, "{path}: {:?}", r.body);
+    }
+    let r = app
+        .admin
+        .raw(
+            Method::GET,
+            "/v1/logs/summary?bucket_s=18446744073709551615",
+            None,
+            Vec::new(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{:?}", r.body);
+}
