@@ -1,4 +1,7 @@
-//! `mysimbdp`: run the platform (`serve`) or talk to it (client subcommands).
+//! `mysimbdp`: run the platform (`serve`) or talk to it (client subcommands), whose answers
+//! are shown for people (`show`) or, with `--json`, as the API's JSON.
+
+mod show;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +13,7 @@ use mysimbdp::Component;
 use mysimbdp::client::{Client, query};
 use mysimbdp::config::Settings;
 use mysimbdp::tenants::AdminPatch;
+use show::{Written, print};
 
 #[derive(Parser)]
 #[command(version, about = "mysimbdp: multi-tenant big-data ingestion platform")]
@@ -25,6 +29,9 @@ struct Cli {
     /// Bearer token: the admin token or a tenant's token.
     #[arg(long, env = "MYSIMBDP_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// Print the API's JSON answer (for scripts) instead of a table or a summary line.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -32,6 +39,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the platform: all components, or one.
+    #[command(
+        after_help = "Examples:\n  MYSIMBDP_ADMIN_TOKEN=$(openssl rand -hex 16) mysimbdp serve\n  mysimbdp serve batch --set http.coredms_url=http://coredms:8800"
+    )]
     Serve {
         #[arg(value_enum, default_value = "all")]
         component: Component,
@@ -43,11 +53,13 @@ enum Cmd {
         set: Vec<String>,
     },
     /// Tenants (admin).
+    #[command(after_help = "Example:\n  MYSIMBDP_TOKEN=$ADMIN_TOKEN mysimbdp tenant create alice")]
     Tenant {
         #[command(subcommand)]
         cmd: TenantCmd,
     },
     /// Upload a tenant's batch or stream app.
+    #[command(after_help = "Example:\n  mysimbdp app alice batch water_app.luau")]
     App {
         tenant: String,
         #[arg(value_parser = ["batch", "stream"])]
@@ -55,11 +67,17 @@ enum Cmd {
         file: PathBuf,
     },
     /// Staged files and batch ingestion.
+    #[command(
+        after_help = "Example:\n  mysimbdp file upload alice water.csv --ingest && mysimbdp file status alice water.csv --wait"
+    )]
     File {
         #[command(subcommand)]
         cmd: FileCmd,
     },
     /// Publish messages (NDJSON, one per line) from a file or standard input.
+    #[command(
+        after_help = "Example:\n  echo '{\"site\": \"S1\", \"value\": 7.2}' | mysimbdp publish alice --data-name reading"
+    )]
     Publish {
         tenant: String,
         /// A file of NDJSON messages; `-` or nothing for standard input.
@@ -68,11 +86,17 @@ enum Cmd {
         data_name: String,
     },
     /// Stream consumers of a tenant.
+    #[command(
+        after_help = "Example:\n  mysimbdp stream start alice --consumers 2 && mysimbdp stream report alice"
+    )]
     Stream {
         #[command(subcommand)]
         cmd: StreamCmd,
     },
     /// Download a tenant's ingestion log as a JSON file.
+    #[command(
+        after_help = "Example:\n  mysimbdp logs alice --out alice-log.json --status failure --since 2026-01-31T00:00:00Z"
+    )]
     Logs {
         tenant: String,
         #[arg(long, short)]
@@ -85,30 +109,48 @@ enum Cmd {
         status: Option<String>,
     },
     /// Log analytics over all tenants (admin).
+    #[command(
+        after_help = "Example:\n  MYSIMBDP_TOKEN=$ADMIN_TOKEN mysimbdp summary --since 2026-01-31T00:00:00Z --bucket-s 3600"
+    )]
     Summary {
         #[arg(long)]
         since: Option<String>,
         #[arg(long, default_value_t = 60)]
         bucket_s: u64,
     },
+    /// Write the API document (OpenAPI 3.1, generated from the code; no server needed).
+    #[command(
+        after_help = "Example (what docs/openapi.json is):\n  mysimbdp openapi --out docs/openapi.json"
+    )]
+    Openapi {
+        /// The file to write; standard output without it.
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum TenantCmd {
     /// Create a tenant; prints its token once.
+    #[command(
+        after_help = "Example:\n  MYSIMBDP_TOKEN=$ADMIN_TOKEN mysimbdp tenant create alice --max-file-bytes 10485760"
+    )]
     Create {
         name: String,
         #[arg(long)]
         max_file_bytes: Option<u64>,
     },
-    Show {
-        name: String,
-    },
+    /// A tenant's profile: its limits, formats and settings.
+    #[command(after_help = "Example:\n  mysimbdp tenant show alice")]
+    Show { name: String },
 }
 
 #[derive(Subcommand)]
 enum FileCmd {
     /// Stage a file (and optionally start its ingestion).
+    #[command(
+        after_help = "Example:\n  mysimbdp file upload alice data/water.csv --name water-2026-01.csv --ingest"
+    )]
     Upload {
         tenant: String,
         path: PathBuf,
@@ -119,15 +161,17 @@ enum FileCmd {
     },
     /// Re-ingest the records of the file's last run that failed, with the current app (after
     /// fixing it), under the same run: logged under their first ingestion.
-    Replay {
-        tenant: String,
-        name: String,
-    },
-    Ingest {
-        tenant: String,
-        name: String,
-    },
+    #[command(
+        after_help = "Example:\n  mysimbdp app alice batch fixed_app.luau && mysimbdp file replay alice water.csv"
+    )]
+    Replay { tenant: String, name: String },
+    /// Start ingesting a staged file.
+    #[command(after_help = "Example:\n  mysimbdp file ingest alice water.csv")]
+    Ingest { tenant: String, name: String },
     /// Status of one file, or of all the tenant's files.
+    #[command(
+        after_help = "Examples:\n  mysimbdp file status alice\n  mysimbdp file status alice water.csv --wait --json"
+    )]
     Status {
         tenant: String,
         name: Option<String>,
@@ -139,18 +183,21 @@ enum FileCmd {
 
 #[derive(Subcommand)]
 enum StreamCmd {
+    /// Start (or scale to) the tenant's consumers in the stream manager.
+    #[command(after_help = "Example:\n  mysimbdp stream start alice --consumers 4")]
     Start {
         tenant: String,
         #[arg(long, default_value_t = 1)]
         consumers: u32,
     },
-    Stop {
-        tenant: String,
-    },
-    Report {
-        tenant: String,
-    },
+    /// Stop the tenant's consumers.
+    #[command(after_help = "Example:\n  mysimbdp stream stop alice")]
+    Stop { tenant: String },
+    /// Messages, failures, bytes and ingestion times per period, from the log.
+    #[command(after_help = "Example:\n  mysimbdp stream report alice")]
+    Report { tenant: String },
     /// List dead-lettered messages with their reasons (they stay in the dead-letter queue).
+    #[command(after_help = "Example:\n  mysimbdp stream dead-letters alice --limit 20")]
     DeadLetters {
         tenant: String,
         #[arg(long, default_value_t = 100)]
@@ -158,6 +205,9 @@ enum StreamCmd {
     },
     /// Move dead-lettered messages back to the queue, for the stream app running now (after
     /// fixing it): each keeps its message id, so it is stored and logged once.
+    #[command(
+        after_help = "Example:\n  mysimbdp app alice stream fixed_app.luau && mysimbdp stream replay alice"
+    )]
     Replay {
         tenant: String,
         #[arg(long, default_value_t = 1000)]
@@ -165,13 +215,9 @@ enum StreamCmd {
     },
 }
 
-/// An answer, as JSON (the wire form of its type).
-fn print(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-}
-
 async fn run(cli: Cli) -> Result<()> {
     let client = Client::new(&cli.url, cli.token.as_deref());
+    let json = cli.json;
     match cli.command {
         Cmd::Serve {
             component,
@@ -190,16 +236,14 @@ async fn run(cli: Cli) -> Result<()> {
                     max_file_bytes,
                     ..AdminPatch::default()
                 };
-                let t = client.create_tenant(&name, limits).await?;
-                println!("tenant {} created, database {}", t.name, t.database);
-                println!("token (shown once): {}", t.token);
+                print(&client.create_tenant(&name, limits).await?, json);
             }
-            TenantCmd::Show { name } => print(&client.tenant(&name).await?),
+            TenantCmd::Show { name } => print(&client.tenant(&name).await?, json),
         },
         Cmd::App { tenant, kind, file } => {
             let src = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            print(&client.upload_app(&tenant, &kind, &src).await?);
+            print(&client.upload_app(&tenant, &kind, &src).await?, json);
         }
         Cmd::File { cmd } => match cmd {
             FileCmd::Upload {
@@ -220,21 +264,24 @@ async fn run(cli: Cli) -> Result<()> {
                     .await
                     .with_context(|| format!("cannot open {}", path.display()))?;
                 let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
-                print(&client.upload_file(&tenant, &name, body).await?);
+                print(&client.upload_file(&tenant, &name, body).await?, json);
                 if ingest {
-                    print(&client.ingest(&tenant, &name).await?);
+                    print(&client.ingest(&tenant, &name).await?, json);
                 }
             }
-            FileCmd::Ingest { tenant, name } => print(&client.ingest(&tenant, &name).await?),
-            FileCmd::Replay { tenant, name } => print(&client.replay_file(&tenant, &name).await?),
+            FileCmd::Ingest { tenant, name } => print(&client.ingest(&tenant, &name).await?, json),
+            FileCmd::Replay { tenant, name } => {
+                print(&client.replay_file(&tenant, &name).await?, json)
+            }
             FileCmd::Status { tenant, name, wait } => match name {
                 Some(n) if wait => print(
                     &client
                         .wait_for_file(&tenant, &n, Duration::from_secs(3600))
                         .await?,
+                    json,
                 ),
-                Some(n) => print(&client.file(&tenant, &n).await?),
-                None => print(&client.files(&tenant).await?),
+                Some(n) => print(&client.file(&tenant, &n).await?, json),
+                None => print(&client.files(&tenant).await?, json),
             },
         },
         Cmd::Publish {
@@ -252,20 +299,19 @@ async fn run(cli: Cli) -> Result<()> {
                     b
                 }
             };
-            let r = client.publish(&tenant, &data_name, data).await?;
-            println!("published {} messages", r.published);
+            print(&client.publish(&tenant, &data_name, data).await?, json);
         }
         Cmd::Stream { cmd } => match cmd {
             StreamCmd::Start { tenant, consumers } => {
-                print(&client.stream_start(&tenant, consumers).await?)
+                print(&client.stream_start(&tenant, consumers).await?, json)
             }
-            StreamCmd::Stop { tenant } => print(&client.stream_stop(&tenant).await?),
-            StreamCmd::Report { tenant } => print(&client.stream_report(&tenant).await?),
+            StreamCmd::Stop { tenant } => print(&client.stream_stop(&tenant).await?, json),
+            StreamCmd::Report { tenant } => print(&client.stream_report(&tenant).await?, json),
             StreamCmd::DeadLetters { tenant, limit } => {
-                print(&client.dead_letters(&tenant, limit).await?)
+                print(&client.dead_letters(&tenant, limit).await?, json)
             }
             StreamCmd::Replay { tenant, limit } => {
-                print(&client.replay_dead_letters(&tenant, limit).await?)
+                print(&client.replay_dead_letters(&tenant, limit).await?, json)
             }
         },
         Cmd::Logs {
@@ -283,7 +329,11 @@ async fn run(cli: Cli) -> Result<()> {
             let r = client.logs_raw(&tenant, &query(&pairs)).await?;
             std::fs::write(&out, &r.body)
                 .with_context(|| format!("cannot write {}", out.display()))?;
-            println!("wrote {} bytes to {}", r.body.len(), out.display());
+            let written = Written {
+                out: out.display().to_string(),
+                bytes: r.body.len(),
+            };
+            print(&written, json);
         }
         Cmd::Summary { since, bucket_s } => {
             let bucket_s = bucket_s.to_string();
@@ -291,7 +341,22 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(s) = &since {
                 pairs.push(("since", s));
             }
-            print(&client.summary(&query(&pairs)).await?);
+            print(&client.summary(&query(&pairs)).await?, json);
+        }
+        Cmd::Openapi { out } => {
+            let doc = mysimbdp::openapi::document_text();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &doc)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    let written = Written {
+                        out: path.display().to_string(),
+                        bytes: doc.len(),
+                    };
+                    print(&written, json);
+                }
+                None => print!("{doc}"),
+            }
         }
     }
     Ok(())
