@@ -130,22 +130,26 @@ pub struct Found {
     pub stray: u64,
 }
 
-/// Matches document ids to the offered inputs: files (origin, inputs) and message ids.
+/// Matches document ids to the offered inputs: files (origin, inputs) and message ids,
+/// borrowed from the runner's own lists (a large run offers millions).
 #[derive(Debug)]
-pub struct Matcher {
-    files: HashMap<String, Vec<bool>>,
-    messages: HashMap<String, bool>,
+pub struct Matcher<'a> {
+    files: HashMap<&'a str, Vec<bool>>,
+    messages: HashMap<&'a str, bool>,
     found: Found,
 }
 
-impl Matcher {
-    pub fn new(files: &[FileOutcome], ids: &HashSet<String>) -> Self {
+impl<'a> Matcher<'a> {
+    pub fn new(
+        files: impl IntoIterator<Item = &'a FileOutcome>,
+        ids: impl IntoIterator<Item = &'a str>,
+    ) -> Self {
         Self {
             files: files
-                .iter()
-                .map(|f| (f.origin.clone(), vec![false; f.inputs as usize]))
+                .into_iter()
+                .map(|f| (f.origin.as_str(), vec![false; f.inputs as usize]))
                 .collect(),
-            messages: ids.iter().map(|i| (i.clone(), false)).collect(),
+            messages: ids.into_iter().map(|i| (i, false)).collect(),
             found: Found::default(),
         }
     }
@@ -250,49 +254,164 @@ struct Line<'a> {
 const REASONS: usize = 50;
 const REASON_CHARS: usize = 160;
 
-/// Folds a log download (a JSON array of entries). `stream_interval_us`: the interval
-/// between messages at the offered rate, for the coordinated-omission correction.
-pub fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
-    let lines: Vec<Line> = serde_json::from_slice(body)?;
-    let mut t = LogTally::default();
-    for l in lines {
-        let (p, stream) = match l.source {
-            Source::Batch => (&mut t.batch, false),
-            Source::Stream => (&mut t.stream, true),
-        };
-        let v = l.latency_us.max(1);
-        match l.status {
-            Status::Success => p.success += 1,
-            Status::Duplicate => p.duplicate += 1,
-            Status::Skipped => p.skipped += 1,
-            Status::Failure => {
-                p.failure += 1;
-                let mut r: String = l
-                    .reason
-                    .as_deref()
-                    .unwrap_or("(no reason)")
-                    .chars()
-                    .take(REASON_CHARS)
-                    .collect();
-                if p.reasons.len() >= REASONS && !p.reasons.contains_key(&r) {
-                    r = "(other reasons)".into();
-                }
-                *p.reasons.entry(r).or_default() += 1;
-            }
-        }
-        if !stream {
-            p.latency.saturating_record(v);
-        } else if l.status == Status::Success {
-            p.uncorrected.saturating_record(v);
-            match stream_interval_us {
-                Some(i) => {
-                    let _ = p.latency.record_correct(v, i);
-                }
-                None => p.latency.saturating_record(v),
-            }
+/// Folds a log download as it arrives, chunk by chunk: each entry is read and counted as
+/// soon as its last byte is in, so the runner holds figures and one entry, never the log
+/// (a large run's log is hundreds of megabytes per tenant).
+pub struct LogFold {
+    tally: LogTally,
+    stream_interval_us: Option<u64>,
+    cut: ArrayCut,
+}
+
+impl LogFold {
+    /// `stream_interval_us`: the interval between messages at the offered rate, for the
+    /// coordinated-omission correction.
+    pub fn new(stream_interval_us: Option<u64>) -> Self {
+        Self {
+            tally: LogTally::default(),
+            stream_interval_us,
+            cut: ArrayCut::default(),
         }
     }
-    Ok(t)
+
+    /// The next bytes of the download, cut anywhere.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<()> {
+        let Self {
+            tally,
+            stream_interval_us,
+            cut,
+        } = self;
+        cut.feed(chunk, |entry| {
+            add_entry(tally, serde_json::from_slice(entry)?, *stream_interval_us);
+            Ok(())
+        })
+    }
+
+    /// The figures, once the download ended; fails if its array never closed.
+    pub fn finish(self) -> Result<LogTally> {
+        self.cut.finish()?;
+        Ok(self.tally)
+    }
+}
+
+fn add_entry(t: &mut LogTally, l: Line, stream_interval_us: Option<u64>) {
+    let (p, stream) = match l.source {
+        Source::Batch => (&mut t.batch, false),
+        Source::Stream => (&mut t.stream, true),
+    };
+    let v = l.latency_us.max(1);
+    match l.status {
+        Status::Success => p.success += 1,
+        Status::Duplicate => p.duplicate += 1,
+        Status::Skipped => p.skipped += 1,
+        Status::Failure => {
+            p.failure += 1;
+            let mut r: String = l
+                .reason
+                .as_deref()
+                .unwrap_or("(no reason)")
+                .chars()
+                .take(REASON_CHARS)
+                .collect();
+            if p.reasons.len() >= REASONS && !p.reasons.contains_key(&r) {
+                r = "(other reasons)".into();
+            }
+            *p.reasons.entry(r).or_default() += 1;
+        }
+    }
+    if !stream {
+        p.latency.saturating_record(v);
+    } else if l.status == Status::Success {
+        p.uncorrected.saturating_record(v);
+        match stream_interval_us {
+            Some(i) => {
+                let _ = p.latency.record_correct(v, i);
+            }
+            None => p.latency.saturating_record(v),
+        }
+    }
+}
+
+/// Where the cut of a JSON array is.
+#[derive(Debug, Default, PartialEq)]
+enum Cut {
+    /// Before the `[`.
+    #[default]
+    Open,
+    /// After the `[`: an item or the `]` of an empty array.
+    First,
+    /// After a `,`: an item.
+    Next,
+    /// Inside an item.
+    Item,
+    /// After the `]`.
+    Closed,
+}
+
+/// Cuts a JSON array arriving in pieces into its items, each handed over whole (its bytes
+/// kept only until it is complete). Only the array's structure is checked here: strings
+/// (with their escapes) and nesting, so that a `,` or `]` inside an item does not end it;
+/// the items themselves are checked by whoever reads them.
+#[derive(Debug, Default)]
+struct ArrayCut {
+    at: Cut,
+    /// Open `{` and `[` inside the current item.
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    item: Vec<u8>,
+}
+
+impl ArrayCut {
+    fn feed(&mut self, bytes: &[u8], mut each: impl FnMut(&[u8]) -> Result<()>) -> Result<()> {
+        for &b in bytes {
+            match self.at {
+                Cut::Open if b == b'[' => self.at = Cut::First,
+                Cut::First if b == b']' => self.at = Cut::Closed,
+                Cut::Open | Cut::First | Cut::Next | Cut::Closed if b.is_ascii_whitespace() => {}
+                Cut::Open => anyhow::bail!("the log is not a JSON array"),
+                Cut::Closed => anyhow::bail!("bytes after the end of the log's array"),
+                Cut::First | Cut::Next => {
+                    self.at = Cut::Item;
+                    self.take(b);
+                }
+                Cut::Item if self.depth == 0 && !self.in_string && (b == b',' || b == b']') => {
+                    each(&self.item)?;
+                    self.item.clear();
+                    self.at = if b == b',' { Cut::Next } else { Cut::Closed };
+                }
+                Cut::Item => self.take(b),
+            }
+        }
+        Ok(())
+    }
+
+    /// One byte of the current item.
+    fn take(&mut self, b: u8) {
+        self.item.push(b);
+        if self.in_string {
+            match b {
+                _ if self.escaped => self.escaped = false,
+                b'\\' => self.escaped = true,
+                b'"' => self.in_string = false,
+                _ => {}
+            }
+            return;
+        }
+        match b {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => self.depth += 1,
+            b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+
+    fn finish(&self) -> Result<()> {
+        match self.at {
+            Cut::Closed => Ok(()),
+            _ => anyhow::bail!("the log download ended before its array closed"),
+        }
+    }
 }
 
 /// How well a log covers the inputs of a run: inputs without any entry, entries twice.
@@ -600,7 +719,7 @@ mod tests {
             error: None,
         }];
         let ids: HashSet<String> = ["m1".to_owned(), "m2".to_owned()].into();
-        let mut m = Matcher::new(&files, &ids);
+        let mut m = Matcher::new(&files, ids.iter().map(String::as_str));
         for id in [
             "aaaa:0", "aaaa:0:1", "aaaa:2", "aaaa:3", "m1:0", "m1:0:1", "m3:0", "junk",
         ] {
@@ -729,6 +848,80 @@ mod tests {
                 logged_twice: 1
             }
         );
+    }
+
+    /// A log download held whole, folded.
+    fn tally(body: &[u8], stream_interval_us: Option<u64>) -> Result<LogTally> {
+        let mut fold = LogFold::new(stream_interval_us);
+        fold.feed(body)?;
+        fold.finish()
+    }
+
+    /// What a fold found, comparable.
+    fn figures(t: &LogTally) -> Vec<(u64, u64, u64, u64, u64, Vec<(String, u64)>)> {
+        [&t.batch, &t.stream]
+            .map(|p| {
+                (
+                    p.success,
+                    p.duplicate,
+                    p.failure,
+                    p.skipped,
+                    p.latency.len(),
+                    p.top_reasons(REASONS),
+                )
+            })
+            .to_vec()
+    }
+
+    #[test]
+    fn a_log_folded_as_it_arrives_counts_the_same_however_it_is_cut() {
+        // Reasons holding the array's own punctuation, escaped quotes and backslashes, and
+        // an entry with nested values the fold does not read.
+        let body = serde_json::to_string_pretty(&serde_json::json!([
+            {"source": "batch", "status": "failure", "latency_us": 7, "reason": "a, b] c} \"q\" \\"},
+            {"source": "batch", "status": "success", "latency_us": 10, "extra": {"x": [1, {"y": "]"}]}},
+            {"source": "stream", "status": "success", "latency_us": 1000, "reason": null},
+            {"source": "batch", "status": "failure", "latency_us": 3, "reason": "\\"},
+            {"source": "stream", "status": "skipped", "latency_us": 5},
+        ]))
+        .expect("json");
+        let whole = tally(body.as_bytes(), Some(100)).expect("whole");
+        assert_eq!(whole.batch.failure, 2);
+        assert_eq!(whole.batch.top_reasons(1)[0].0, "a, b] c} \"q\" \\");
+        let bytes = body.as_bytes();
+        for cut in 0..=bytes.len() {
+            let mut fold = LogFold::new(Some(100));
+            fold.feed(&bytes[..cut]).expect("first part");
+            fold.feed(&bytes[cut..]).expect("second part");
+            let t = fold.finish().expect("closed");
+            assert_eq!(figures(&t), figures(&whole), "cut at {cut}");
+        }
+        let mut fold = LogFold::new(Some(100));
+        for b in bytes.chunks(1) {
+            fold.feed(b).expect("byte");
+        }
+        assert_eq!(figures(&fold.finish().expect("closed")), figures(&whole));
+    }
+
+    #[test]
+    fn a_log_download_that_is_cut_short_or_not_an_array_is_an_error() {
+        assert_eq!(
+            figures(&tally(b" [ ] ", None).expect("empty")),
+            figures(&LogTally::default())
+        );
+        let entry = r#"{"source": "batch", "status": "success", "latency_us": 1}"#;
+        let short = format!("[{entry},{entry}");
+        let mut fold = LogFold::new(None);
+        fold.feed(short.as_bytes()).expect("the entries so far");
+        assert!(fold.finish().is_err(), "the array never closed");
+        for bad in [
+            r#"{"error": "x"}"#.to_owned(),
+            format!("[{entry}] x"),
+            format!("[{entry},]"),
+            r#"[{"source": "batch"}]"#.to_owned(),
+        ] {
+            assert!(tally(bad.as_bytes(), None).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -78,18 +78,17 @@ impl Raw {
         if self.status.is_success() {
             return Ok(self);
         }
-        let body = serde_json::from_slice::<ErrorBody>(&self.body).unwrap_or_else(|_| ErrorBody {
-            error: String::from_utf8_lossy(&self.body)
-                .chars()
-                .take(500)
-                .collect(),
-            details: serde_json::Map::new(),
-        });
-        Err(ClientError::Api {
-            status: self.status,
-            body,
-        })
+        Err(api_error(self.status, &self.body))
     }
+}
+
+/// A non-2xx answer as [`ClientError::Api`].
+fn api_error(status: StatusCode, body: &[u8]) -> ClientError {
+    let body = serde_json::from_slice::<ErrorBody>(body).unwrap_or_else(|_| ErrorBody {
+        error: String::from_utf8_lossy(body).chars().take(500).collect(),
+        details: serde_json::Map::new(),
+    });
+    ClientError::Api { status, body }
 }
 
 #[derive(Clone)]
@@ -196,6 +195,22 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<reqwest::Body>,
     ) -> Result<Raw, ClientError> {
+        let resp = self.send(method, path, headers, body).await?;
+        Ok(Raw {
+            status: resp.status(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().await?,
+        })
+    }
+
+    /// The answer's status and headers; its body is left to the caller to read.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.http.request(method, self.url(path));
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -203,12 +218,7 @@ impl Client {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = req.body(body).send().await?;
-        Ok(Raw {
-            status: resp.status(),
-            headers: resp.headers().clone(),
-            body: resp.bytes().await?,
-        })
+        Ok(req.body(body).send().await?)
     }
 
     /// A request whose 2xx answer is read as `T` and whose other answers become
@@ -486,6 +496,22 @@ impl Client {
         )
         .await?
         .success()
+    }
+
+    /// The tenant's log download as it arrives (a 2xx, else [`ClientError::Api`]), for
+    /// callers that fold a long log chunk by chunk (`Response::chunk`) instead of holding it.
+    pub async fn logs_streamed(
+        &self,
+        tenant: &str,
+        query: &str,
+    ) -> Result<reqwest::Response, ClientError> {
+        let path = format!("/v1/tenants/{}/logs?{query}", enc(tenant));
+        let resp = self.send(Method::GET, &path, &[], Vec::new()).await?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        Err(api_error(status, &resp.bytes().await?))
     }
 
     /// The tenant's log entries, filtered by a query string such as `status=failure`.

@@ -1,14 +1,13 @@
 //! Looking at what the platform stored and logged after a phase's load: every tenant's
 //! database (document ids only) and its log, folded by `accounting`.
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use futures::TryStreamExt;
 use mysimbdp::client::Client;
 
-use crate::accounting::{Found, LogTally, Matcher, tally};
+use crate::accounting::{Found, LogFold, LogTally, Matcher};
 use crate::load::{PathRun, TenantCtx};
 use crate::schema::{GroupPlan, PathKind};
 
@@ -32,12 +31,9 @@ pub(super) async fn look(
     loop {
         let mut looked = Vec::new();
         for (ti, (gi, t)) in tenants.iter().enumerate() {
-            let mut files = Vec::new();
-            let mut ids = HashSet::new();
-            for (_, _, r) in runs.iter().filter(|(i, _, _)| *i == ti) {
-                files.extend(r.files.iter().cloned());
-                ids.extend(r.ids.iter().cloned());
-            }
+            let mine = || runs.iter().filter(move |(i, _, _)| *i == ti);
+            let files = mine().flat_map(|(_, _, r)| &r.files);
+            let ids = mine().flat_map(|(_, _, r)| r.ids.iter().map(String::as_str));
             let interval = plans[*gi]
                 .stream
                 .as_ref()
@@ -45,7 +41,7 @@ pub(super) async fn look(
                 .map(|s| (1_000_000 / u64::from(s.rate)).max(1));
             let found = tokio::time::timeout(
                 Duration::from_secs(300),
-                scan(&db.database(&t.database), Matcher::new(&files, &ids)),
+                scan(&db.database(&t.database), Matcher::new(files, ids)),
             )
             .await
             .map_err(|_| "no answer within 300 s".to_owned())
@@ -74,7 +70,7 @@ pub(super) async fn look(
 }
 
 /// Reads every document id of the tenant's database (ids only) and matches them.
-async fn scan(db: &mongodb::Database, mut m: Matcher) -> Result<Found> {
+async fn scan(db: &mongodb::Database, mut m: Matcher<'_>) -> Result<Found> {
     use mongodb::bson::{Bson, Document, doc};
     for name in db.list_collection_names().await? {
         let mut cursor = db
@@ -92,10 +88,17 @@ async fn scan(db: &mongodb::Database, mut m: Matcher) -> Result<Found> {
     Ok(m.found())
 }
 
-/// Downloads and folds a tenant's whole log.
+/// Downloads a tenant's whole log, folding it as it arrives.
 async fn read_log(c: &Client, tenant: &str, stream_interval_us: Option<u64>) -> Result<LogTally> {
-    let r = tokio::time::timeout(Duration::from_secs(300), c.logs_raw(tenant, ""))
+    let download = async {
+        let mut resp = c.logs_streamed(tenant, "").await?;
+        let mut fold = LogFold::new(stream_interval_us);
+        while let Some(chunk) = resp.chunk().await? {
+            fold.feed(&chunk)?;
+        }
+        fold.finish()
+    };
+    tokio::time::timeout(Duration::from_secs(300), download)
         .await
-        .map_err(|_| anyhow::anyhow!("the log download did not finish within 300 s"))??;
-    tally(&r.body, stream_interval_us)
+        .map_err(|_| anyhow::anyhow!("the log download did not finish within 300 s"))?
 }
