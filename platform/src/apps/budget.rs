@@ -67,7 +67,9 @@ pub(super) fn meter(limits: &AppLimits) -> Meter {
 /// for a core on a busy machine (other tenants' apps, the database) is not failed for it.
 /// The wall clock, cheap to read, says when the CPU clock (a system call) is worth reading;
 /// a wall-clock backstop of [`WALL_BACKSTOP`] times the limit (at least 1 s) still ends a
-/// call that somehow stops using CPU without returning.
+/// call that somehow stops using CPU without returning. A batch of calls reads the CPU
+/// clock at their start through a [`CpuClock`], so a call may run up to [`CPU_REREAD`] past
+/// its limit, never less than its limit.
 pub(super) struct Budget {
     /// When the CPU clock is read next (wall ns since `epoch`).
     soft_deadline_ns: AtomicU64,
@@ -92,6 +94,38 @@ fn thread_cpu_ns() -> u64 {
         .saturating_add(t.tv_nsec as u64)
 }
 
+/// The CPU time of the thread running a batch of calls, read once a millisecond rather than
+/// at each call (reading it is a system call, a tenth of a short call's cost): between two
+/// readings, the thread cannot have used more CPU than the wall time that passed.
+pub(super) struct CpuClock {
+    read_ns: u64,
+    read_at: Instant,
+}
+
+/// How long a CPU-time reading is used before the clock is read again: what a call may run
+/// past its time limit at most.
+const CPU_REREAD: std::time::Duration = std::time::Duration::from_millis(1);
+
+impl CpuClock {
+    /// The clock of the calling thread: use it on this thread only.
+    pub(super) fn of_this_thread() -> Self {
+        Self {
+            read_ns: thread_cpu_ns(),
+            read_at: Instant::now(),
+        }
+    }
+
+    /// The thread's CPU time now, or at most [`CPU_REREAD`] more than it.
+    pub(super) fn now_at_most(&mut self) -> u64 {
+        let since = self.read_at.elapsed();
+        if since <= CPU_REREAD {
+            return self.read_ns.saturating_add(since.as_nanos() as u64);
+        }
+        *self = Self::of_this_thread();
+        self.read_ns
+    }
+}
+
 impl Budget {
     pub(super) fn new(limits: &AppLimits) -> Self {
         let b = Self {
@@ -108,6 +142,12 @@ impl Budget {
     }
 
     pub(super) fn arm(&self, limits: &AppLimits) {
+        self.arm_at(limits, thread_cpu_ns());
+    }
+
+    /// Arms the budget for a call starting when the thread's CPU time is `cpu_start_ns` (or
+    /// less: the call is then given the difference on top of its limit).
+    pub(super) fn arm_at(&self, limits: &AppLimits, cpu_start_ns: u64) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         let time_ns = limits.time_ms.saturating_mul(1_000_000);
         let backstop = time_ns.saturating_mul(WALL_BACKSTOP).max(1_000_000_000);
@@ -116,7 +156,7 @@ impl Budget {
             .store(now.saturating_add(time_ns), Ordering::Relaxed);
         self.hard_deadline_ns
             .store(now.saturating_add(backstop), Ordering::Relaxed);
-        self.cpu_start_ns.store(thread_cpu_ns(), Ordering::Relaxed);
+        self.cpu_start_ns.store(cpu_start_ns, Ordering::Relaxed);
         self.ticks_left
             .store(limits.instructions, Ordering::Relaxed);
         self.hit.store(Limit::None as u8, Ordering::Relaxed);

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use mlua::{Lua, LuaSerdeExt, Table, Value};
+use mlua::{Either, Lua, LuaSerdeExt, LuaString, Table, Value};
 use serde_json::{Map, Number, Value as Json};
 
 /// Deepest nesting accepted from an app.
@@ -114,28 +114,123 @@ impl Meter {
     }
 }
 
+/// A JSON value as a Luau value.
 pub fn json_to_lua(lua: &Lua, v: &Json) -> mlua::Result<Value> {
-    Ok(match v {
-        Json::Null => lua.null(),
-        Json::Bool(b) => Value::Boolean(*b),
-        Json::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
-        Json::String(s) => Value::String(lua.create_string(s)?),
-        Json::Array(items) => {
-            let t = lua.create_table_with_capacity(items.len(), 0)?;
-            for (i, item) in items.iter().enumerate() {
-                t.raw_set(i + 1, json_to_lua(lua, item)?)?;
+    Ok(match pushable(lua, v)? {
+        Either::Left(s) => Value::String(lua.create_string(s)?),
+        Either::Right(v) => v,
+    })
+}
+
+/// A record (an app's `map` argument) as a Luau value, its keys taken from `keys` where
+/// they are the same as the last record's. When the VM's memory limit is lifted (see
+/// `Vm::record_to_lua`), mlua pushes the strings straight onto the Luau stack and sets
+/// the table's slots without a protected call each: most of what converting costs.
+pub fn record_to_lua(lua: &Lua, record: &Json, keys: &mut RecordKeys) -> mlua::Result<Value> {
+    let Json::Object(m) = record else {
+        return json_to_lua(lua, record);
+    };
+    keys.learn(lua, m.keys())?;
+    let values = m
+        .values()
+        .map(|v| pushable(lua, v))
+        .collect::<mlua::Result<Vec<_>>>()?;
+    let names = m.keys().enumerate().map(|(i, k)| keys.get(i, k));
+    let t = lua.create_table_from(names.zip(values))?;
+    Ok(Value::Table(t))
+}
+
+/// The keys of the last record converted, by position, as the Luau strings the VM holds:
+/// the records of one file (or stream) carry the same keys in the same order, and pushing a
+/// string the VM holds costs less than hashing and interning it again. At most
+/// [`KEPT_KEYS`] keys of at most [`KEPT_KEY_BYTES`] bytes are kept.
+#[derive(Default)]
+pub struct RecordKeys(Vec<(String, LuaString)>);
+
+const KEPT_KEYS: usize = 64;
+const KEPT_KEY_BYTES: usize = 64;
+
+impl RecordKeys {
+    /// Keeps `keys` in place of those that differ at the same position.
+    fn learn<'a>(&mut self, lua: &Lua, keys: impl Iterator<Item = &'a String>) -> mlua::Result<()> {
+        for (i, k) in keys.take(KEPT_KEYS).enumerate() {
+            if k.len() > KEPT_KEY_BYTES || self.0.get(i).is_some_and(|(known, _)| known == k) {
+                continue;
             }
+            let kept = (k.clone(), lua.create_string(k)?);
+            if i < self.0.len() {
+                self.0[i] = kept;
+            } else if i == self.0.len() {
+                self.0.push(kept);
+            } else {
+                // A longer key before it was not kept: positions past it are not either.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The key at position `i`: the string the VM holds when it is the one kept.
+    fn get<'a>(&'a self, i: usize, k: &'a str) -> Either<&'a LuaString, &'a str> {
+        match self.0.get(i) {
+            Some((known, s)) if known == k => Either::Left(s),
+            _ => Either::Right(k),
+        }
+    }
+}
+
+/// A string stays the host's `&str` until it is pushed into its table (no reference to it
+/// is taken); anything else becomes its Luau value, tables built with their items.
+fn pushable<'a>(lua: &Lua, v: &'a Json) -> mlua::Result<Either<&'a str, Value>> {
+    Ok(Either::Right(match v {
+        Json::Array(items) => {
+            let items = items
+                .iter()
+                .map(|item| pushable(lua, item))
+                .collect::<mlua::Result<Vec<_>>>()?;
+            let t = lua.create_sequence_from(items)?;
             t.set_metatable(Some(lua.array_metatable()))?;
             Value::Table(t)
         }
         Json::Object(m) => {
-            let t = lua.create_table_with_capacity(0, m.len())?;
-            for (k, item) in m {
-                t.raw_set(k.as_str(), json_to_lua(lua, item)?)?;
-            }
-            Value::Table(t)
+            let fields = m
+                .iter()
+                .map(|(k, item)| Ok((k.as_str(), pushable(lua, item)?)))
+                .collect::<mlua::Result<Vec<_>>>()?;
+            Value::Table(lua.create_table_from(fields)?)
         }
-    })
+        Json::String(s) => return Ok(Either::Left(s.as_str())),
+        Json::Null => lua.null(),
+        Json::Bool(b) => Value::Boolean(*b),
+        Json::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+    }))
+}
+
+/// Bytes of VM memory that converting `v` can allocate, at most: a string takes its bytes
+/// and a header of under 32; a table slot, hash or array, 32 bytes, a table's part at most
+/// twice its items (sizes are powers of two), its header under 64. Luau's allocation in
+/// pages is not in it: the caller adds room for that.
+pub fn lua_bytes_bound(v: &Json) -> usize {
+    const STRING: usize = 32;
+    const SLOT: usize = 2 * 32;
+    const TABLE: usize = 64;
+    match v {
+        Json::Null | Json::Bool(_) | Json::Number(_) => 0,
+        Json::String(s) => STRING + s.len(),
+        Json::Array(items) => {
+            TABLE
+                + items
+                    .iter()
+                    .map(|i| SLOT + lua_bytes_bound(i))
+                    .sum::<usize>()
+        }
+        Json::Object(m) => {
+            TABLE
+                + m.iter()
+                    .map(|(k, i)| SLOT + STRING + k.len() + lua_bytes_bound(i))
+                    .sum::<usize>()
+        }
+    }
 }
 
 /// Converts an app's value to JSON, charging `meter` for every value and byte as it goes.

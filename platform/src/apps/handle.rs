@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex};
 
 use mlua::{Function, Lua, Value};
 
-use super::budget::{Limit, is_memory, limit_reason, meter};
+use super::budget::{CpuClock, Limit, is_memory, limit_reason, meter};
 use super::compile::{Compiled, Shape};
-use super::convert::{self, ConvertError, Meter, json_to_lua, lua_to_json};
+use super::convert::{self, ConvertError, Meter, lua_to_json};
 use super::host::CallState;
 use super::vm::{AppFailure, Emitted, Outcome, Vm, describe};
 use crate::config::AppLimits;
@@ -79,6 +79,8 @@ impl AppHandle {
         let mut out = Vec::with_capacity(calls.size_hint().0);
         let mut vm = None;
         let mut first = true;
+        // This thread runs every call of the batch.
+        let mut clock = CpuClock::of_this_thread();
         while let Some((data_name, call)) = calls.next() {
             let v = match vm.take() {
                 Some(v) => v,
@@ -107,8 +109,8 @@ impl AppHandle {
             };
             first = false;
             let (outcome, keep) = match call {
-                Call::Map(record) => self.map_one(v, data_name, record),
-                Call::Ingest(data) => self.ingest_one(v, data_name, data),
+                Call::Map(record) => self.map_one(v, data_name, record, &mut clock),
+                Call::Ingest(data) => self.ingest_one(v, data_name, data, &mut clock),
             };
             out.push(outcome);
             vm = keep;
@@ -137,6 +139,7 @@ impl AppHandle {
         function: Option<Function>,
         name: &str,
         data_name: &str,
+        clock: &mut CpuClock,
     ) -> Result<(Vm, Function), (Outcome, Option<Vm>)> {
         let Some(function) = function else {
             let missing = Outcome {
@@ -158,7 +161,7 @@ impl AppHandle {
                 None,
             ));
         }
-        vm.begin(&self.limits);
+        vm.begin(&self.limits, clock);
         Ok((vm, function))
     }
 
@@ -168,13 +171,16 @@ impl AppHandle {
         vm: Vm,
         data_name: &str,
         record: &serde_json::Value,
+        clock: &mut CpuClock,
     ) -> (Outcome, Option<Vm>) {
         let map = vm.map.clone();
-        let (vm, map) = match self.ready(vm, map, "map", data_name) {
+        let (mut vm, map) = match self.ready(vm, map, "map", data_name, clock) {
             Ok(ready) => ready,
             Err(done) => return done,
         };
-        let result = json_to_lua(&vm.lua, record).and_then(|arg| map.call::<Value>(arg));
+        let result = vm
+            .record_to_lua(record, &self.limits)
+            .and_then(|arg| map.call::<Value>(arg));
         let result = match result {
             Ok(v) => match vm.caught_limit(&self.limits) {
                 Some(f) => Err(f),
@@ -268,9 +274,15 @@ impl AppHandle {
 
     /// One payload through `ingest`; returns the VM unless it hit a limit and must be
     /// discarded.
-    fn ingest_one(&self, vm: Vm, data_name: &str, data: &str) -> (Outcome, Option<Vm>) {
+    fn ingest_one(
+        &self,
+        vm: Vm,
+        data_name: &str,
+        data: &str,
+        clock: &mut CpuClock,
+    ) -> (Outcome, Option<Vm>) {
         let ingest = vm.ingest.clone();
-        let (vm, ingest) = match self.ready(vm, ingest, "ingest", data_name) {
+        let (vm, ingest) = match self.ready(vm, ingest, "ingest", data_name, clock) {
             Ok(ready) => ready,
             Err(done) => return done,
         };

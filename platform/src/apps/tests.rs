@@ -149,6 +149,53 @@ fn deep_recursion_and_memory_bombs_are_stopped() {
 }
 
 #[test]
+fn records_reach_map_as_they_are_whatever_their_keys_from_one_record_to_the_next() {
+    // The VM keeps the last record's keys: records whose keys change, move, grow past what
+    // is kept (in number and in length) or nest must still arrive exactly as sent.
+    let long = "k".repeat(100);
+    let many: serde_json::Map<String, serde_json::Value> =
+        (0..80).map(|i| (format!("f{i:02}"), json!(i))).collect();
+    let records = [
+        json!({"a": "1", "b": "2", "c": "3"}),
+        json!({"a": "1", "b": "2", "c": "3"}),
+        json!({"b": "x", "a": "y"}),
+        json!({"a": "1", long.clone(): "long", "c": {"d": [1, "e", null, {}], "a": []}}),
+        serde_json::Value::Object(many),
+        json!({"a": 1.5, "b": true, "c": null, long: "again", "z": "last"}),
+        json!({}),
+        json!({"a": "1", "b": "2", "c": "3"}),
+    ];
+    let a = app("function map(r) return { r = r } end");
+    let out = a.map_records("f.csv", &records);
+    assert_eq!(out.len(), records.len());
+    for (o, r) in out.into_iter().zip(&records) {
+        let docs = o.result.expect("mapped");
+        assert_eq!(
+            docs,
+            [(
+                None,
+                json!({ "r": r }).as_object().cloned().expect("object")
+            )]
+        );
+    }
+}
+
+#[test]
+fn a_record_larger_than_the_memory_limit_fails_on_it_and_the_next_record_is_served() {
+    let a = app("function map(r) return { n = #r.s } end");
+    let huge = json!({ "s": "x".repeat(limits().memory_bytes + 1) });
+    let f = map_one(&a, huge).result.expect_err("over the limit");
+    assert!(f.limit, "{}", f.reason);
+    assert!(f.reason.contains("memory limit"), "{}", f.reason);
+    // Under the limit but without room to convert unmetered: converted metered, and served.
+    let big = "x".repeat(limits().memory_bytes / 2);
+    let out = a.map_records("f.csv", &[json!({ "s": big }), json!({ "s": "xy" })]);
+    let n = |o: &Outcome| o.result.as_ref().map(|d| d[0].1["n"].clone()).ok();
+    assert_eq!(n(&out[0]), Some(json!(limits().memory_bytes / 2)));
+    assert_eq!(n(&out[1]), Some(json!(2)));
+}
+
+#[test]
 fn escape_attempts_find_nothing() {
     for src in [
         "function map(r) os.execute('id') end",

@@ -3,14 +3,19 @@
 
 use std::sync::Arc;
 
-use mlua::{Function, Lua, LuaOptions, StdLib};
+use mlua::{Function, Lua, LuaOptions, StdLib, Value};
 
-use super::budget::{Budget, Limit, is_memory, limit_reason, meter, root};
+use super::budget::{Budget, CpuClock, Limit, is_memory, limit_reason, meter, root};
 use super::builtins;
+use super::convert::{self, RecordKeys};
 use super::host::{CallState, install_host_api};
 use crate::config::AppLimits;
 
 const CHUNK_NAME: &str = "=app";
+
+/// Memory Luau may take beyond what its objects need: it allocates small objects in pages
+/// of 16 KiB, one size class at a time.
+const PAGE_ROOM: usize = 1 << 20;
 
 /// A failure of one record or payload, with a reason for the ingestion log.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +52,7 @@ pub(super) struct Vm {
     pub(super) map: Option<Function>,
     pub(super) ingest: Option<Function>,
     context: Option<(String, String)>,
+    keys: RecordKeys,
 }
 
 impl Vm {
@@ -99,6 +105,7 @@ impl Vm {
             map,
             ingest,
             context: None,
+            keys: RecordKeys::default(),
         })
     }
 
@@ -117,14 +124,48 @@ impl Vm {
         Ok(())
     }
 
-    pub(super) fn begin(&self, limits: &AppLimits) {
-        self.budget.arm(limits);
+    /// Arms the budget for a call on the thread `clock` is of.
+    pub(super) fn begin(&self, limits: &AppLimits, clock: &mut CpuClock) {
+        self.budget.arm_at(limits, clock.now_at_most());
         if let Some(mut st) = self.lua.app_data_mut::<CallState>() {
             st.emits.clear();
             st.emit_error = None;
             st.log.clear();
             st.meter = meter(limits);
         }
+    }
+
+    /// `record` as the argument of `map`. The conversion runs with the memory limit lifted
+    /// when the limit has room for what it can take, so that mlua takes its fast paths (no
+    /// protected call per string and per table slot), and the limit is set back after.
+    ///
+    /// The room asked for covers the bound of what the record takes twice, Luau's string
+    /// table growing (at most the memory already used) and its allocation in pages
+    /// ([`PAGE_ROOM`]): the VM stays under its limit, and should it not, the record fails on
+    /// the memory limit before the app runs. Without that room, it converts metered.
+    pub(super) fn record_to_lua(
+        &mut self,
+        record: &serde_json::Value,
+        limits: &AppLimits,
+    ) -> mlua::Result<Value> {
+        let room = self
+            .lua
+            .used_memory()
+            .saturating_mul(2)
+            .saturating_add(convert::lua_bytes_bound(record).saturating_mul(2))
+            .saturating_add(PAGE_ROOM);
+        if room > limits.memory_bytes {
+            return convert::record_to_lua(&self.lua, record, &mut self.keys);
+        }
+        self.lua.set_memory_limit(0)?;
+        let arg = convert::record_to_lua(&self.lua, record, &mut self.keys);
+        self.lua.set_memory_limit(limits.memory_bytes)?;
+        if self.lua.used_memory() > limits.memory_bytes {
+            return Err(mlua::Error::MemoryError(
+                "not enough memory for the record".into(),
+            ));
+        }
+        arg
     }
 
     pub(super) fn take_log(&self) -> Option<String> {
