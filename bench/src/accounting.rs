@@ -857,8 +857,11 @@ mod tests {
         fold.finish()
     }
 
+    /// success, duplicate, failure, skipped, latencies and the top reasons of one path.
+    type Figures = (u64, u64, u64, u64, u64, Vec<(String, u64)>);
+
     /// What a fold found, comparable.
-    fn figures(t: &LogTally) -> Vec<(u64, u64, u64, u64, u64, Vec<(String, u64)>)> {
+    fn figures(t: &LogTally) -> Vec<Figures> {
         [&t.batch, &t.stream]
             .map(|p| {
                 (
@@ -887,7 +890,11 @@ mod tests {
         .expect("json");
         let whole = tally(body.as_bytes(), Some(100)).expect("whole");
         assert_eq!(whole.batch.failure, 2);
-        assert_eq!(whole.batch.top_reasons(1)[0].0, "a, b] c} \"q\" \\");
+        assert_eq!(
+            whole.batch.top_reasons(2),
+            [("\\".to_owned(), 1), ("a, b] c} \"q\" \\".to_owned(), 1)],
+            "both reasons whole, ties in name order"
+        );
         let bytes = body.as_bytes();
         for cut in 0..=bytes.len() {
             let mut fold = LogFold::new(Some(100));

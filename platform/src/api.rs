@@ -15,14 +15,55 @@ use crate::tenants::{AdminPatch, Profile};
 pub use crate::http::ErrorBody;
 pub use crate::logs::LogEntry;
 
-/// `POST /v1/tenants` (admin): the name and, flattened, the limits and profile to start
-/// with.
+/// `POST /v1/tenants` (admin): the name and, beside it, the limits and profile to start
+/// with (an [`AdminPatch`]'s fields). Written out rather than `#[serde(flatten)]`: serde
+/// cannot refuse unknown fields around a flattened struct that flattens another (it refused
+/// every limit as unknown).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateTenant {
     pub name: String,
-    #[serde(flatten)]
-    pub limits: AdminPatch,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_file_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_staged_files: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formats: Option<Vec<crate::config::Format>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_limits: Option<crate::config::AppLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_ingest: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+impl CreateTenant {
+    pub fn new(name: &str, limits: AdminPatch) -> Self {
+        Self {
+            name: name.to_owned(),
+            max_file_bytes: limits.max_file_bytes,
+            max_staged_files: limits.max_staged_files,
+            formats: limits.formats,
+            app_limits: limits.app_limits,
+            auto_ingest: limits.tenant.auto_ingest,
+            description: limits.tenant.description,
+        }
+    }
+
+    /// The name and what to change from the defaults.
+    pub fn into_parts(self) -> (String, AdminPatch) {
+        let patch = AdminPatch {
+            tenant: crate::tenants::ProfilePatch {
+                auto_ingest: self.auto_ingest,
+                description: self.description,
+            },
+            max_file_bytes: self.max_file_bytes,
+            max_staged_files: self.max_staged_files,
+            formats: self.formats,
+            app_limits: self.app_limits,
+        };
+        (self.name, patch)
+    }
 }
 
 /// The answer to `POST /v1/tenants`: the only time the token is shown.

@@ -261,10 +261,7 @@ impl Client {
         name: &str,
         limits: AdminPatch,
     ) -> Result<CreatedTenant, ClientError> {
-        let req = CreateTenant {
-            name: name.to_owned(),
-            limits,
-        };
+        let req = CreateTenant::new(name, limits);
         self.send_json(Method::POST, "/v1/tenants", &req).await
     }
 

@@ -300,14 +300,55 @@ impl Default for TenantLimits {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct AppLimits {
+    /// The app's Luau VM memory, at least 1 MiB.
+    #[schema(value_type = u64, minimum = 1048576)]
     pub memory_bytes: usize,
     /// CPU time one call (a record, a message, a payload) may use; a call still running at
     /// 20 times this in wall time (at least 1 s) is stopped too.
+    #[schema(minimum = 1)]
     pub time_ms: u64,
     /// Interrupt checks (function calls and loop iterations) allowed per call.
+    #[schema(minimum = 1)]
     pub instructions: u64,
+    /// Documents one call may emit.
+    #[schema(value_type = u64, minimum = 1)]
     pub max_emits: usize,
+    /// The largest document an app may emit, as BSON.
+    #[schema(value_type = u64, minimum = 1)]
     pub max_doc_bytes: usize,
+}
+
+/// The largest integer a stored limit may hold: profiles are BSON, whose integers are i64.
+pub const MAX_STORED_INT: u64 = i64::MAX as u64;
+
+/// The smallest memory limit an app may be given: a Luau VM and its standard library need
+/// about half a MiB, and a limit of 0 would mean none at all.
+pub const MIN_APP_MEMORY_BYTES: usize = 1024 * 1024;
+
+impl AppLimits {
+    /// Every limit at least 1 (memory at least [`MIN_APP_MEMORY_BYTES`]) and at most
+    /// [`MAX_STORED_INT`]; the error names the first that is not.
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            (
+                "memory_bytes",
+                self.memory_bytes as u64,
+                MIN_APP_MEMORY_BYTES as u64,
+            ),
+            ("time_ms", self.time_ms, 1),
+            ("instructions", self.instructions, 1),
+            ("max_emits", self.max_emits as u64, 1),
+            ("max_doc_bytes", self.max_doc_bytes as u64, 1),
+        ];
+        for (name, v, min) in fields {
+            if !(min..=MAX_STORED_INT).contains(&v) {
+                return Err(format!(
+                    "app_limits.{name} must be {min} to {MAX_STORED_INT}, not {v}"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AppLimits {
@@ -457,6 +498,9 @@ impl Settings {
                 self.http.rpc_chunk_bytes, self.http.max_rpc_bytes
             )));
         }
+        self.apps.check().map_err(ConfigError::Invalid)?;
+        crate::tenants::check_max_file_bytes(self.limits.max_file_bytes)
+            .map_err(|e| ConfigError::Invalid(format!("limits.{e}")))?;
         if self.batch.lease_ms < 300 {
             return Err(ConfigError::Invalid(format!(
                 "batch.lease_ms must be at least 300, not {}",

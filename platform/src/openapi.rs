@@ -61,7 +61,55 @@ pub fn document() -> Value {
         merge_flattened(schemas);
     }
     add_edge_responses(&mut json);
+    binary_bodies(&mut json);
+    integer_bounds(&mut json);
     json
+}
+
+/// The unsigned integers' upper bounds, which the formats (`uint32`, `uint64`) imply but
+/// generators and validators do not read: past them, serde refuses the number (422).
+/// 64-bit ones stop at 2^63 - 1: what is kept is kept as BSON, whose integers are i64.
+/// utoipa 5 writes those formats in kebab case (`u-int32`); they are named as the OpenAPI
+/// format registry names them.
+fn integer_bounds(v: &mut Value) {
+    match v {
+        Value::Object(o) => {
+            if let Some(Value::String(f)) = o.get_mut("format")
+                && let Some(bits) = f.strip_prefix("u-int")
+            {
+                *f = format!("uint{bits}");
+            }
+            let max: Option<u64> = match o.get("format").and_then(Value::as_str) {
+                Some("uint8") => Some(u8::MAX.into()),
+                Some("uint16") => Some(u16::MAX.into()),
+                Some("uint32") => Some(u32::MAX.into()),
+                Some("uint64") => Some(crate::config::MAX_STORED_INT),
+                _ => None,
+            };
+            if let Some(max) = max {
+                o.entry("maximum").or_insert(json!(max));
+            }
+            o.values_mut().for_each(integer_bounds);
+        }
+        Value::Array(a) => a.iter_mut().for_each(integer_bounds),
+        _ => {}
+    }
+}
+
+/// Bodies sent as bytes (`application/octet-stream`: file uploads, byte messages) come out
+/// of utoipa as arrays of integers (`Vec<u8>`); on the wire they are the bytes themselves,
+/// which OpenAPI writes as a binary string.
+fn binary_bodies(doc: &mut Value) {
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for op in paths.values_mut().filter_map(Value::as_object_mut) {
+        for op in op.values_mut() {
+            if let Some(body) = op.pointer_mut("/requestBody/content/application~1octet-stream") {
+                body["schema"] = json!({"type": "string", "format": "binary"});
+            }
+        }
+    }
 }
 
 /// A struct with a `#[serde(flatten)]` field comes out of utoipa as `allOf` its parts, and a
@@ -364,5 +412,32 @@ mod tests {
                 "{scheme}"
             );
         }
+    }
+
+    #[test]
+    fn byte_bodies_are_binary_strings_not_arrays_of_numbers() {
+        let doc = document();
+        let mut seen = 0;
+        for (method, path, op) in operations(&doc) {
+            if let Some(s) = op.pointer("/requestBody/content/application~1octet-stream/schema") {
+                assert_eq!(
+                    s,
+                    &json!({"type": "string", "format": "binary"}),
+                    "{method} {path}"
+                );
+                seen += 1;
+            }
+        }
+        assert!(seen >= 2, "file upload and byte messages: {seen}");
+    }
+
+    #[test]
+    fn unsigned_integers_say_their_bounds() {
+        let doc = document();
+        let patch = &doc["components"]["schemas"]["AdminPatch"]["properties"];
+        assert_eq!(patch["max_staged_files"]["format"], "uint32");
+        assert_eq!(patch["max_staged_files"]["maximum"], json!(u32::MAX));
+        assert_eq!(patch["max_file_bytes"]["maximum"], json!(i64::MAX));
+        assert_eq!(patch["max_file_bytes"]["minimum"], json!(0));
     }
 }

@@ -87,6 +87,35 @@ impl Constraints {
     }
 }
 
+impl Constraints {
+    /// What a profile may hold: sizes that fit its BSON integers, app limits that
+    /// [`AppLimits::check`] takes.
+    pub fn check(&self) -> Result<(), String> {
+        check_max_file_bytes(self.max_file_bytes)?;
+        self.app_limits.check()
+    }
+}
+
+/// The longest description a profile keeps.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+
+pub fn check_description(d: &str) -> Result<(), String> {
+    if d.len() > MAX_DESCRIPTION_BYTES {
+        return Err(format!("description exceeds {MAX_DESCRIPTION_BYTES} bytes"));
+    }
+    Ok(())
+}
+
+pub fn check_max_file_bytes(v: u64) -> Result<(), String> {
+    if v > crate::config::MAX_STORED_INT {
+        return Err(format!(
+            "max_file_bytes must be at most {}, not {v}",
+            crate::config::MAX_STORED_INT
+        ));
+    }
+    Ok(())
+}
+
 /// A tenant profile as stored in `customers.customers` (minus the token hash).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Profile {

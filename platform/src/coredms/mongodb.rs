@@ -153,6 +153,7 @@ impl MongoStore {
         name: &TenantName,
         constraints: Constraints,
     ) -> Result<(Profile, String), CoreError> {
+        constraints.check().map_err(CoreError::Invalid)?;
         let token = new_token();
         let profile = Profile {
             name: name.clone(),
@@ -200,12 +201,11 @@ impl MongoStore {
             set.insert("auto_ingest", v);
         }
         if let Some(v) = patch.tenant.description {
-            if v.len() > 4096 {
-                return Err(CoreError::Invalid("description exceeds 4096 bytes".into()));
-            }
+            crate::tenants::check_description(&v).map_err(CoreError::Invalid)?;
             set.insert("description", v);
         }
         if let Some(v) = patch.max_file_bytes {
+            crate::tenants::check_max_file_bytes(v).map_err(CoreError::Invalid)?;
             set.insert("constraints.max_file_bytes", v as i64);
         }
         if let Some(v) = patch.max_staged_files {
@@ -215,6 +215,7 @@ impl MongoStore {
             set.insert("constraints.formats", bson::to_bson(&v).map_err(bson_err)?);
         }
         if let Some(v) = patch.app_limits {
+            v.check().map_err(CoreError::Invalid)?;
             set.insert(
                 "constraints.app_limits",
                 bson::to_bson(&v).map_err(bson_err)?,

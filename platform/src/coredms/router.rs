@@ -25,7 +25,9 @@ use crate::http::{
     ApiError, Auth, Caller, InternalCaller, JsonBody, PathArgs, QueryArgs, TenantTokens,
 };
 use crate::logs::{LogFilter, LogQuery, Source, StreamReport, Summary, SummaryQuery, period_s};
-use crate::tenants::{AdminPatch, Constraints, Profile, ProfilePatch, TenantName};
+use crate::tenants::{
+    AdminPatch, Constraints, Profile, ProfilePatch, TenantName, check_description,
+};
 
 /// How a coredms error answers an HTTP request (the HTTP edge below knows no storage).
 impl From<CoreError> for ApiError {
@@ -164,19 +166,25 @@ async fn create_tenant(
     JsonBody(req): JsonBody<CreateTenant>,
 ) -> Result<Response, ApiError> {
     caller.require_admin()?;
-    let name = TenantName::parse(&req.name)?;
+    let (name, limits) = req.into_parts();
+    let name = TenantName::parse(&name)?;
     let mut c = Constraints::from_defaults(&p.settings.limits, &p.settings.apps);
-    if let Some(v) = req.limits.max_file_bytes {
+    if let Some(v) = limits.max_file_bytes {
         c.max_file_bytes = v;
     }
-    if let Some(v) = req.limits.max_staged_files {
+    if let Some(v) = limits.max_staged_files {
         c.max_staged_files = v;
     }
-    if let Some(v) = req.limits.formats {
+    if let Some(v) = limits.formats {
         c.formats = v;
     }
-    if let Some(v) = req.limits.app_limits {
+    if let Some(v) = limits.app_limits {
         c.app_limits = v;
+    }
+    // Refused before anything is created, so a bad request leaves no tenant behind.
+    c.check().map_err(ApiError::bad_request)?;
+    if let Some(d) = &limits.tenant.description {
+        check_description(d).map_err(ApiError::bad_request)?;
     }
     let (mut profile, token) = p.coredms.create_tenant(&name, c).await?;
     // The stream topology exists before the tenant can publish anything.
@@ -188,13 +196,13 @@ async fn create_tenant(
             )
         })?;
     }
-    if req.limits.tenant.auto_ingest.is_some() || req.limits.tenant.description.is_some() {
+    if limits.tenant.auto_ingest.is_some() || limits.tenant.description.is_some() {
         profile = p
             .coredms
             .update_tenant(
                 &name,
                 AdminPatch {
-                    tenant: req.limits.tenant,
+                    tenant: limits.tenant,
                     ..Default::default()
                 },
             )
@@ -453,7 +461,7 @@ struct Page {
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// Documents passed over first, 0 to 2^53 (default 0).
-    #[param(maximum = 9007199254740992)]
+    #[param(maximum = 9007199254740992.0)]
     skip: Option<u64>,
 }
 

@@ -232,9 +232,9 @@ const INLINE_CHECK_BYTES: usize = 64 * 1024;
         ("Idempotency-Key" = Option<String>, Header, description = "1-128 ASCII characters: a retry with the same key publishes the same message ids"),
     ),
     request_body(
-        description = "one message (JSON, text or bytes) or NDJSON, one message per line",
+        description = "one message (JSON, text or bytes) or NDJSON, one message per line; a JSON message is any JSON value (a `map` app maps objects, an `ingest` app gets the text)",
         content(
-            (Object = "application/json"),
+            (serde_json::Value = "application/json"),
             (String = "application/x-ndjson"),
             (String = "text/plain"),
             (Vec<u8> = "application/octet-stream"),

@@ -146,3 +146,130 @@ async fn query_numbers_past_their_documented_range_are_400_not_a_crash() {
         .expect("answer");
     assert_eq!(r.status, 400, "{:?}", r.body);
 }
+
+/// Found by the fuzzer with the admin token: a limit past BSON's i64 was written wrapped
+/// (negative) and every later read of the profile failed (500 on all the tenant's routes).
+#[tokio::test]
+async fn limits_a_profile_cannot_hold_are_refused_and_the_tenant_stays_whole() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("limits").await;
+    let before = c.get(&format!("/v1/tenants/{t}")).await.expect("profile");
+    for body in [
+        r#"{"max_file_bytes": 18446744073709551614}"#,
+        r#"{"max_file_bytes": 9223372036854775808}"#,
+        r#"{"app_limits": {"memory_bytes": 0}}"#,
+        r#"{"app_limits": {"time_ms": 0}}"#,
+        r#"{"app_limits": {"instructions": 9223372036854775808}}"#,
+        r#"{"app_limits": {"max_emits": 0}}"#,
+    ] {
+        let r = app
+            .admin
+            .raw(
+                Method::PATCH,
+                &format!("/v1/tenants/{t}"),
+                Some("application/json"),
+                body,
+            )
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        assert!(r.json()["error"].is_string(), "{body}: {:?}", r.body);
+    }
+    let after = c.get(&format!("/v1/tenants/{t}")).await.expect("profile");
+    assert_eq!(before, after, "nothing of the refused patches was kept");
+    let r = app
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/tenants",
+            Some("application/json"),
+            r#"{"name": "limits2", "max_file_bytes": 18446744073709551614}"#,
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    let r = app
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/tenants",
+            Some("application/json"),
+            format!(
+                r#"{{"name": "limits3", "description": "{}"}}"#,
+                "x".repeat(5000)
+            ),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    for refused in ["limits2", "limits3"] {
+        let r = app
+            .admin
+            .raw(
+                Method::GET,
+                &format!("/v1/tenants/{refused}"),
+                None,
+                Vec::new(),
+            )
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 404, "a refused creation left {refused} behind");
+    }
+    let r = app
+        .admin
+        .raw(
+            Method::PATCH,
+            &format!("/v1/tenants/{t}"),
+            Some("application/json"),
+            r#"{"max_file_bytes": 9223372036854775807}"#,
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 200, "the largest documented value: {:?}", r.body);
+}
+
+/// The limits and profile beside the name, as the document and the CLI give them (serde's
+/// flatten had refused every one of them as an unknown field).
+#[tokio::test]
+async fn a_tenant_is_created_with_its_limits_and_profile_and_unknown_fields_are_refused() {
+    let app = TestApp::spawn().await;
+    let name = format!("made{}", std::process::id());
+    let body = serde_json::json!({
+        "name": name,
+        "max_file_bytes": 12345,
+        "max_staged_files": 7,
+        "formats": ["csv"],
+        "app_limits": {"time_ms": 99},
+        "auto_ingest": true,
+        "description": "ops@example.com",
+    });
+    let r = app
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/tenants",
+            Some("application/json"),
+            body.to_string(),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    let p = &r.json()["profile"];
+    assert_eq!(p["constraints"]["max_file_bytes"], 12345);
+    assert_eq!(p["constraints"]["max_staged_files"], 7);
+    assert_eq!(p["constraints"]["formats"], serde_json::json!(["csv"]));
+    assert_eq!(p["constraints"]["app_limits"]["time_ms"], 99);
+    assert_eq!(p["auto_ingest"], true);
+    assert_eq!(p["description"], "ops@example.com");
+    let r = app
+        .admin
+        .raw(
+            Method::POST,
+            "/v1/tenants",
+            Some("application/json"),
+            r#"{"name": "unknownfield", "max_file_byte": 1}"#,
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 422, "{:?}", r.body);
+}

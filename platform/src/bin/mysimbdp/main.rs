@@ -379,3 +379,38 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every subcommand, at every depth, with its path (`file upload`).
+    fn subcommands(cmd: &clap::Command, path: &str, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            let p = format!("{path} {}", sub.get_name()).trim().to_owned();
+            out.push((p.clone(), sub.clone()));
+            subcommands(sub, &p, out);
+        }
+    }
+
+    #[test]
+    fn every_subcommands_help_shows_an_example_that_runs_the_binary() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut all = Vec::new();
+        subcommands(&cli, "", &mut all);
+        assert!(all.len() >= 20, "{} subcommands", all.len());
+        for (path, sub) in all.iter().filter(|(p, _)| !p.ends_with("help")) {
+            let after = sub
+                .get_after_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            assert!(
+                after.starts_with("Example") && after.contains("mysimbdp "),
+                "`mysimbdp {path} --help` shows no example: {after:?}"
+            );
+        }
+    }
+}
