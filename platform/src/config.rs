@@ -93,6 +93,11 @@ pub struct AmqpSettings {
     /// With quorum queues: deliveries after which a message is dead-lettered by the broker.
     pub delivery_limit: u32,
     pub connect_timeout_ms: u64,
+    /// Connections the stream consumers of one process share (each consumer has two
+    /// channels on one of them). Each costs the process a thread and about 8 MiB of
+    /// buffers; RabbitMQ allows 2,047 channels per connection by default, so this many
+    /// connections carry up to about 1,000 consumers each.
+    pub consumer_connections: usize,
 }
 
 impl Default for AmqpSettings {
@@ -102,6 +107,7 @@ impl Default for AmqpSettings {
             quorum_queues: false,
             delivery_limit: 20,
             connect_timeout_ms: 5_000,
+            consumer_connections: 4,
         }
     }
 }

@@ -9,12 +9,13 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicAckOptions;
+use lapin::types::AMQPValue;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
+use super::connections::ConsumerConnections;
 use crate::config::{AmqpSettings, StreamSettings};
 use crate::coredms::{CoreDms, CoreError};
 use crate::events::{DeadLettered, Ingested};
@@ -59,8 +60,8 @@ pub struct StreamManager {
 }
 
 struct Ctx {
-    uri: String,
-    amqp: AmqpSettings,
+    /// The few connections every consumer of this process has its channels on.
+    connections: ConsumerConnections,
     settings: StreamSettings,
     namespace: String,
     coredms: CoreDms,
@@ -114,8 +115,7 @@ impl StreamManager {
     ) -> Self {
         Self {
             ctx: Arc::new(Ctx {
-                uri: uri.to_owned(),
-                amqp: amqp.clone(),
+                connections: ConsumerConnections::new(uri, amqp, namespace),
                 settings: settings.clone(),
                 namespace: namespace.to_owned(),
                 coredms,
@@ -174,6 +174,7 @@ impl StreamManager {
         for c in all {
             stop_within(c.task, CONSUMER_STOP).await;
         }
+        self.ctx.connections.close().await;
     }
 }
 
@@ -181,10 +182,12 @@ impl StreamManager {
 /// the queue when a connection drops, so a failure here loses nothing.
 async fn consume_forever(ctx: Arc<Ctx>, tenant: TenantName, cancel: CancellationToken) {
     use backon::BackoffBuilder;
-    // 200 ms, doubling, at most 10 s between reconnections.
+    // 200 ms, doubling, at most 10 s between reconnections; jittered, so the consumers of
+    // a lost shared connection do not all come back at the same instant.
     let backoff = backon::ExponentialBuilder::new()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
         .without_max_times();
     let mut delays = backoff.build();
     while !cancel.is_cancelled() {
@@ -212,30 +215,18 @@ async fn consume(
     tenant: &TenantName,
     cancel: &CancellationToken,
 ) -> Result<(), ConsumerError> {
-    // Named after the namespace and tenant, so operators (and fault tests) can find it.
-    let name = format!("mysimbdp-consumer-{}{tenant}", ctx.namespace);
-    let conn = broker::connect(&ctx.uri, &ctx.amqp, &name).await?;
     let topology = Topology::new(&ctx.namespace, tenant);
-    let ch = conn.create_channel().await?;
-    broker::declare(&ch, &topology, &ctx.amqp).await?;
-    ch.basic_qos(ctx.settings.prefetch, BasicQosOptions::default())
-        .await?;
-    // Dead letters go out on their own confirm-mode channel.
-    let dlq_ch = conn.create_channel().await?;
-    dlq_ch
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    let mut consumer = ch
-        .basic_consume(
-            topology.queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
+    // Channels of its own on one of the process's shared connections.
+    let mut session = ctx
+        .connections
+        .open(&topology, ctx.settings.prefetch)
         .await?;
     tracing::info!(tenant = %tenant, queue = %topology.queue, "stream consumer started");
-    let result = pipeline(ctx, tenant, &topology, &dlq_ch, &mut consumer, cancel).await;
-    let _ = conn.close(200, "consumer stopped".into()).await;
+    let dlq_ch = session.dead_letters.clone();
+    let result = pipeline(ctx, tenant, &topology, &dlq_ch, &mut session.deliveries, cancel).await;
+    // Closing the channels (never the shared connection) gives the broker back every
+    // unacknowledged message.
+    session.close().await;
     result
 }
 
@@ -243,7 +234,7 @@ async fn consume(
 /// next is collected and transformed. A batch is written only once the one before it was
 /// acknowledged, so acknowledgements go out in delivery order and a multiple-ack never
 /// covers a message not yet written. On any error the loop returns at once: the caller
-/// drops the connection and the broker redelivers every unacknowledged message.
+/// closes the consumer's channels and the broker redelivers every unacknowledged message.
 async fn pipeline<'a>(
     ctx: &'a Ctx,
     tenant: &'a TenantName,

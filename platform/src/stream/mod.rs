@@ -2,6 +2,7 @@
 //! (consumers that store what the tenant's stream app makes of each message).
 
 pub mod broker;
+mod connections;
 mod manager;
 
 use std::sync::Arc;
