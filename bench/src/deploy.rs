@@ -100,6 +100,18 @@ impl Deployment {
         })
     }
 
+    /// The platform's processes and their ids: the runner's own when the platform runs in
+    /// it, else each component still running.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        match &self.running {
+            Running::InProcess(_) => vec![("runner (platform + load)".into(), std::process::id())],
+            Running::Separate { processes, .. } => processes
+                .pids()
+                .filter_map(|(c, p)| Some((c.to_owned(), p?)))
+                .collect(),
+        }
+    }
+
     /// Peak resident memory (VmHWM) of each process: the runner, and each component when
     /// they run apart.
     pub fn peak_rss(&self) -> Vec<(String, u64)> {

@@ -27,6 +27,12 @@ pub fn peak_rss(pid: Option<u32>) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// Resident memory (VmRSS) and threads of a process now; `None` once it has exited.
+pub fn rss_and_threads(pid: u32) -> Option<(u64, u64)> {
+    let s = Status::from_file(format!("/proc/{pid}/status")).ok()?;
+    Some((s.vmrss? * 1024, s.threads))
+}
+
 /// The checkout's short commit, or `unknown`.
 pub fn commit() -> String {
     std::process::Command::new("git")
@@ -64,6 +70,9 @@ mod tests {
             .spawn()
             .expect("sleep");
         let other = peak_rss(Some(child.id()));
+        let (rss, threads) = rss_and_threads(child.id()).expect("running");
+        assert!(rss > 0 && rss <= other, "{rss} vs peak {other}");
+        assert_eq!(threads, 1, "sleep has one thread");
         let _ = child.kill();
         let _ = child.wait();
         assert!(other > 0, "{other}");

@@ -6,6 +6,7 @@
 
 pub mod accounting;
 pub mod ceiling;
+pub mod cost;
 pub mod dataset;
 pub mod deploy;
 pub mod faults;

@@ -21,6 +21,8 @@ pub struct Scenario {
     pub stream: Option<StreamLoad>,
     /// Fault injection under load; a scenario with faults runs only them.
     pub faults: Option<FaultLoad>,
+    /// What each tenant with a consumer costs the platform; a scenario with it runs only it.
+    pub cost: Option<CostLoad>,
     /// Bounds each phase's load: what has not finished by then is reported as unfinished.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
@@ -250,6 +252,45 @@ fn two() -> u64 {
     2
 }
 
+/// `[cost]`: tenants created in steps (each step adds tenants up to its count), a consumer
+/// started for each and a trickle of messages published by each; the platform's resident
+/// memory, threads and broker connections measured idle and at every step.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostLoad {
+    /// Tenants at each step, increasing, e.g. `[10, 100, 1000]`.
+    pub steps: Vec<u32>,
+    /// Messages each tenant publishes at each step, in one request.
+    pub messages: u32,
+    /// Tenant creations, consumer starts and publishes in flight at once.
+    #[serde(default = "eight")]
+    pub concurrency: u32,
+    /// Platform settings for the run (`section.key=value`, as `serve --set` takes them),
+    /// e.g. `amqp.consumer_connections=4`.
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+fn eight() -> u32 {
+    8
+}
+
+fn check_cost(c: &CostLoad) -> Result<()> {
+    if c.steps.is_empty() || c.steps[0] == 0 || c.steps.windows(2).any(|w| w[0] >= w[1]) {
+        bail!("cost.steps must be increasing tenant counts, the first at least 1");
+    }
+    if c.steps.last().is_some_and(|&n| n > 99_999) {
+        bail!("cost.steps: at most 99,999 tenants");
+    }
+    if c.messages == 0 || c.concurrency == 0 {
+        bail!("cost.messages and cost.concurrency must be at least 1");
+    }
+    if let Some(bad) = c.set.iter().find(|kv| !kv.contains('=')) {
+        bail!("cost.set: `{bad}` is not `section.key=value`");
+    }
+    Ok(())
+}
+
 fn one() -> u32 {
     1
 }
@@ -393,6 +434,12 @@ impl Scenario {
         if let Some(st) = &s.stream {
             check_stream(st)?;
         }
+        if let Some(c) = &s.cost {
+            check_cost(c)?;
+            if s.faults.is_some() {
+                bail!("give [cost] or [faults]: each is a scenario of its own");
+            }
+        }
         if !["none", "map"].contains(&s.tenants.app.as_str()) {
             bail!("tenants.app must be `none` or `map`");
         }
@@ -426,7 +473,7 @@ impl Scenario {
         if let Some(p) = plans
             .iter()
             .find(|p| p.batch.is_none() && p.stream.is_none())
-            .filter(|_| s.faults.is_none())
+            .filter(|_| s.faults.is_none() && s.cost.is_none())
         {
             bail!(
                 "group `{}` has no load: give [batch] or [stream] (the scenario's or its own)",
@@ -673,6 +720,22 @@ poison_every = 2
             (
                 "[[tenants.group]]\nname = \"a\"\n[tenants.group.stream]\nmessages = 1\nrate = 1\npoison_every = 0\n",
                 "poison_every must be at least 1",
+            ),
+            (
+                "[cost]\nsteps = [10, 10]\nmessages = 1\n",
+                "cost.steps must be increasing",
+            ),
+            (
+                "[cost]\nsteps = [0]\nmessages = 1\n",
+                "the first at least 1",
+            ),
+            (
+                "[cost]\nsteps = [1]\nmessages = 0\n",
+                "cost.messages and cost.concurrency must be at least 1",
+            ),
+            (
+                "[cost]\nsteps = [1]\nmessages = 1\nset = [\"amqp.consumer_connections\"]\n",
+                "is not `section.key=value`",
             ),
         ] {
             std::fs::write(&p, format!("name = \"x\"\n{text}{load}")).expect("write");

@@ -12,7 +12,7 @@ const BENCH: &[&[&str]] = &[
     &["schema", "host", "progress"],
     &["dataset", "accounting"],
     &["report", "deploy"],
-    &["load", "ceiling", "faults"],
+    &["load", "ceiling", "faults", "cost"],
     &["run"],
 ];
 
