@@ -94,9 +94,9 @@ pub struct AmqpSettings {
     pub delivery_limit: u32,
     pub connect_timeout_ms: u64,
     /// Connections the stream consumers of one process share (each consumer has two
-    /// channels on one of them). Each costs the process a thread and about 8 MiB of
-    /// buffers; RabbitMQ allows 2,047 channels per connection by default, so this many
-    /// connections carry up to about 1,000 consumers each.
+    /// channels on one of them). Each costs the process a thread and lapin's two frame
+    /// buffers (8 MiB with RabbitMQ's default frame size); RabbitMQ allows 2,047 channels
+    /// per connection by default, so each carries up to about 1,000 consumers.
     pub consumer_connections: usize,
 }
 

@@ -249,3 +249,83 @@ async fn a_database_outage_pauses_ingestion_and_nothing_is_lost() {
     assert_eq!(f.state.as_str(), "done", "{f:?}");
     assert_eq!(app.count(&t, "wq").await, 9999);
 }
+
+/// The namespace's connections as the broker lists them, and how many of them are the
+/// stream consumers' shared ones.
+fn broker_connections(namespace: &str) -> (usize, usize) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args([
+            "list_connections",
+            "-q",
+            "--no-table-headers",
+            "client_properties",
+        ])
+        .output()
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mine: Vec<&str> = text.lines().filter(|l| l.contains(namespace)).collect();
+    let consumers = mine
+        .iter()
+        .filter(|l| l.contains("mysimbdp-consumers-"))
+        .count();
+    (mine.len(), consumers)
+}
+
+#[tokio::test]
+async fn consumers_of_many_tenants_share_few_connections_and_all_come_back_after_a_cut() {
+    if !rabbitmqctl_available() {
+        return unavailable("rabbitmqctl, to list and close connections from the broker side");
+    }
+    let app = TestApp::spawn_with(&["amqp.consumer_connections=2", "stream.batch_size=50"]).await;
+    let uri = app.settings.mongodb.uri.clone();
+    let mut tenants = Vec::new();
+    for i in 0..6 {
+        let (t, c) = app.tenant(&format!("share{i}")).await;
+        c.publish(&t, "reading", ndjson(0, 200))
+            .await
+            .expect("publish");
+        // Two consumers for one tenant: still on the same two connections.
+        c.stream_start(&t, if i == 0 { 2 } else { 1 })
+            .await
+            .expect("start");
+        tenants.push((format!("{}tenant_{t}", app.namespace), t, c));
+    }
+    let stored = |n: u64| {
+        let (uri, tenants) = (&uri, &tenants);
+        async move {
+            for (db, _, _) in tenants {
+                if messages_stored(uri, db).await.0 < n {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    assert!(eventually(Duration::from_secs(60), || stored(200)).await);
+    let (_, consumers) = broker_connections(&app.namespace);
+    assert_eq!(
+        consumers, 2,
+        "seven consumers of six tenants on two connections"
+    );
+
+    // Every consumer on a cut connection reconnects; what was published meanwhile arrives.
+    let cut =
+        cut_connections(&app.namespace, "fault test: shared connections cut").expect("rabbitmqctl");
+    assert!(cut >= 2, "cut the consumers' connections ({cut})");
+    for (_, t, c) in &tenants {
+        publish_retrying(c, t, ndjson(200, 300)).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(120), || stored(300)).await,
+        "every tenant's messages stored after the cut"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (db, t, _) in &tenants {
+        assert_eq!(messages_stored(&uri, db).await, (300, 300), "{t}");
+    }
+    assert_eq!(
+        consumer_connections(&app.namespace),
+        2,
+        "the pool reconnected, no more"
+    );
+}
