@@ -223,7 +223,15 @@ async fn consume(
         .await?;
     tracing::info!(tenant = %tenant, queue = %topology.queue, "stream consumer started");
     let dlq_ch = session.dead_letters.clone();
-    let result = pipeline(ctx, tenant, &topology, &dlq_ch, &mut session.deliveries, cancel).await;
+    let result = pipeline(
+        ctx,
+        tenant,
+        &topology,
+        &dlq_ch,
+        &mut session.deliveries,
+        cancel,
+    )
+    .await;
     // Closing the channels (never the shared connection) gives the broker back every
     // unacknowledged message.
     session.close().await;

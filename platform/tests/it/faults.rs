@@ -324,7 +324,7 @@ async fn consumers_of_many_tenants_share_few_connections_and_all_come_back_after
         assert_eq!(messages_stored(&uri, db).await, (300, 300), "{t}");
     }
     assert_eq!(
-        consumer_connections(&app.namespace),
+        broker_connections(&app.namespace).1,
         2,
         "the pool reconnected, no more"
     );
