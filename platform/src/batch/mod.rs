@@ -8,8 +8,9 @@
 //! this process's id, expiry renewed at each checkpoint and by a heartbeat every third of
 //! `batch.lease_ms`); the heartbeat also claims `ingesting` files whose lease expired (their
 //! manager died), as many as this manager has free workers, so N replicas over one staging
-//! directory share the work and resume each other's from the last checkpoint. A job that
-//! loses its compare-and-set stops without writing. Ids derive from (content hash, record
+//! directory share the work and resume each other's from the last checkpoint (stored once
+//! a slice of bulks, at most a second apart; what a resumed job writes again is logged
+//! once, as its run's). A job that loses its compare-and-set stops without writing. Ids derive from (content hash, record
 //! index), so records written again after a crash are duplicates, never new documents.
 
 pub mod parse;
@@ -54,6 +55,29 @@ struct Job {
     started: bool,
     /// A replay: the records its log shows settled, passed over.
     settled: Option<Arc<JobRecords>>,
+    /// When this manager last stored the job's progress.
+    checkpointed: Option<std::time::Instant>,
+}
+
+/// The longest a job's progress goes unstored while its bulks are written.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+
+impl Job {
+    fn checkpoint_due(&self) -> bool {
+        self.checkpointed
+            .is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY)
+    }
+}
+
+/// One bulk read and transformed, not yet written: the file's source (to read on from),
+/// the records read (settled ones passed over in a replay included), the inputs and what the
+/// app made of them, and whether the file goes on.
+struct Prepared {
+    source: Option<Box<dyn parse::RecordSource>>,
+    read: u64,
+    inputs: usize,
+    transformed: crate::pipeline::Transformed,
+    more: bool,
 }
 
 /// Round-robin over tenants with pending jobs, so one tenant's huge file does not starve
@@ -438,6 +462,7 @@ impl BatchManager {
             app: None,
             started: false,
             settled: None,
+            checkpointed: None,
         });
         Ok(())
     }
@@ -453,12 +478,48 @@ impl BatchManager {
             }
             job.started = true;
         }
-        for _ in 0..SLICE_BATCHES {
+        // Two bulks deep: while one bulk is written, the next is read and transformed on a
+        // blocking thread (the database and the app's CPU work at once). Bulks are written
+        // and checkpointed in order; a bulk read ahead but not written is read again from
+        // the checkpoint by whoever resumes the job.
+        let mut ahead = match job.source.take() {
+            Some(source) => Some(self.prepare(&job, source)),
+            None => None,
+        };
+        for n in 0..SLICE_BATCHES {
             if cancel.is_cancelled() {
                 // Left `ingesting`: the next start resumes from the checkpoint.
                 return;
             }
-            match self.step(&mut job, cancel).await {
+            let prepared = match ahead.take() {
+                Some(task) => task.await.map_err(JobError::from).and_then(|r| r),
+                None => Ok(None),
+            };
+            let outcome = match prepared {
+                Ok(Some(mut bulk)) => {
+                    let source = bulk.source.take();
+                    // The last bulk of the slice hands the source back to the job instead.
+                    match source {
+                        Some(src) if bulk.more && n + 1 < SLICE_BATCHES => {
+                            ahead = Some(self.prepare(&job, src));
+                        }
+                        src => job.source = src,
+                    }
+                    let more = bulk.more;
+                    match self.commit(&mut job, bulk, cancel).await {
+                        // The checkpoint once a slice (and at the end, by `finish`), or
+                        // once a second for slow bulks: a job resumed from it writes again
+                        // what followed, which the log takes as this run's once.
+                        Ok(()) if more && (n + 1 == SLICE_BATCHES || job.checkpoint_due()) => {
+                            self.checkpoint(&mut job, cancel).await.map(|()| more)
+                        }
+                        r => r.map(|()| more),
+                    }
+                }
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(true) => continue,
                 Ok(false) => {
                     self.finish(job, None).await;
@@ -540,11 +601,13 @@ impl BatchManager {
         Ok(())
     }
 
-    /// One bulk write's worth of records. Ok(false) at the end of the file.
-    async fn step(&self, job: &mut Job, cancel: &CancellationToken) -> Result<bool, JobError> {
-        let Some(mut source) = job.source.take() else {
-            return Ok(false);
-        };
+    /// Reads and transforms one bulk write's worth of records from `source` on a blocking
+    /// thread: `None` at the end of the file.
+    fn prepare(
+        &self,
+        job: &Job,
+        mut source: Box<dyn parse::RecordSource>,
+    ) -> tokio::task::JoinHandle<Result<Option<Prepared>, JobError>> {
         let app = job.app.clone();
         let batch = self.settings.batch_size;
         let origin = origin_of(&job.record);
@@ -557,7 +620,7 @@ impl BatchManager {
             .map_or(crate::config::AppLimits::default().max_doc_bytes, |a| {
                 a.limits().max_doc_bytes
             });
-        let (source, read, inputs, transformed, more) = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let mut inputs = Vec::with_capacity(batch);
             let mut more = true;
             // Records read: a replay passes over the settled ones without an input.
@@ -588,18 +651,37 @@ impl BatchManager {
                 }
             }
             read += inputs.len() as u64;
-            let t = transform(app.as_deref(), &collection, max_doc, &inputs);
-            Ok((source, read, inputs.len(), t, more))
+            if read == 0 {
+                return Ok(None);
+            }
+            let transformed = transform(app.as_deref(), &collection, max_doc, &inputs);
+            Ok(Some(Prepared {
+                source: Some(source),
+                read,
+                inputs: inputs.len(),
+                transformed,
+                more,
+            }))
         })
-        .await??;
-        job.source = Some(source);
-        if read == 0 {
-            return Ok(false);
-        }
+    }
+
+    /// Writes a prepared bulk and moves the job's checkpoint past its records.
+    async fn commit(
+        &self,
+        job: &mut Job,
+        bulk: Prepared,
+        cancel: &CancellationToken,
+    ) -> Result<(), JobError> {
+        let Prepared {
+            read,
+            inputs,
+            transformed,
+            ..
+        } = bulk;
         if inputs == 0 {
             // Only settled records: nothing to write, the checkpoint moves on.
             job.record.next_record += read;
-            return self.checkpoint(job, cancel).await.map(|()| more);
+            return Ok(());
         }
         let doc_inputs = transformed.doc_inputs;
         let failed_inputs: Vec<usize> = transformed.failed_inputs.iter().map(|(i, _)| *i).collect();
@@ -641,12 +723,12 @@ impl BatchManager {
             bytes,
         }
         .emit(&self.metrics);
-        self.checkpoint(job, cancel).await?;
-        Ok(more)
+        Ok(())
     }
 
     /// Stores the job's progress (and renews its lease) unless it lost the job.
     async fn checkpoint(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
+        job.checkpointed = Some(std::time::Instant::now());
         job.record.updated_at = crate::model::rfc3339_now();
         let (record, owner, lease_ms) = (&job.record, &self.owner, self.settings.lease_ms);
         if with_retry(cancel, || {
@@ -879,6 +961,7 @@ mod tests {
             app: None,
             started: false,
             settled: None,
+            checkpointed: None,
         }
     }
 
