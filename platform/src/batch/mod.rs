@@ -55,17 +55,22 @@ struct Job {
     started: bool,
     /// A replay: the records its log shows settled, passed over.
     settled: Option<Arc<JobRecords>>,
-    /// When this manager last stored the job's progress.
+    /// When this manager last stored the job's progress (and so renewed its lease).
     checkpointed: Option<std::time::Instant>,
+    /// Bulks written since then.
+    unsaved: bool,
 }
 
-/// The longest a job's progress goes unstored while its bulks are written.
+/// The longest a job's progress goes unstored while its bulks are written (a third of the
+/// lease, when that is shorter).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// How long a stopping manager waits to store the progress of a job it leaves.
+const LAST_CHECKPOINT: Duration = Duration::from_secs(2);
+
 impl Job {
-    fn checkpoint_due(&self) -> bool {
-        self.checkpointed
-            .is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY)
+    fn checkpoint_due(&self, every: Duration) -> bool {
+        self.checkpointed.is_none_or(|t| t.elapsed() >= every)
     }
 }
 
@@ -463,6 +468,7 @@ impl BatchManager {
             started: false,
             settled: None,
             checkpointed: None,
+            unsaved: false,
         });
         Ok(())
     }
@@ -486,9 +492,11 @@ impl BatchManager {
             Some(source) => Some(self.prepare(&job, source)),
             None => None,
         };
+        let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
         for n in 0..SLICE_BATCHES {
             if cancel.is_cancelled() {
                 // Left `ingesting`: the next start resumes from the checkpoint.
+                self.last_checkpoint(job.unsaved, job.record.clone()).await;
                 return;
             }
             let prepared = match ahead.take() {
@@ -506,14 +514,24 @@ impl BatchManager {
                         src => job.source = src,
                     }
                     let more = bulk.more;
-                    match self.commit(&mut job, bulk, cancel).await {
-                        // The checkpoint once a slice (and at the end, by `finish`), or
-                        // once a second for slow bulks: a job resumed from it writes again
-                        // what followed, which the log takes as this run's once.
-                        Ok(()) if more && (n + 1 == SLICE_BATCHES || job.checkpoint_due()) => {
-                            self.checkpoint(&mut job, cancel).await.map(|()| more)
-                        }
-                        r => r.map(|()| more),
+                    // The checkpoint once a slice (and at the end, by `finish`), and before
+                    // a bulk when the last is `every` old: a manager that stalled past its
+                    // lease learns it lost the job before it writes again. A job resumed
+                    // from the checkpoint writes again what followed, which the log takes
+                    // as this run's, once.
+                    let fence = if job.checkpoint_due(every) {
+                        self.checkpoint(&mut job, cancel).await
+                    } else {
+                        Ok(())
+                    };
+                    match fence {
+                        Ok(()) => match self.commit(&mut job, bulk, cancel).await {
+                            Ok(()) if more && n + 1 == SLICE_BATCHES => {
+                                self.checkpoint(&mut job, cancel).await.map(|()| more)
+                            }
+                            r => r.map(|()| more),
+                        },
+                        Err(e) => Err(e),
                     }
                 }
                 Ok(None) => Ok(false),
@@ -527,6 +545,7 @@ impl BatchManager {
                 }
                 Err(e) => {
                     if cancel.is_cancelled() {
+                        self.last_checkpoint(job.unsaved, job.record.clone()).await;
                         return;
                     }
                     self.finish(job, Some(e)).await;
@@ -535,6 +554,18 @@ impl BatchManager {
             }
         }
         self.scheduler.push(job);
+    }
+
+    /// On the way out (the manager stopping): the progress of bulks written since the last
+    /// checkpoint, stored once if it can be at once, so a restart does not write them again.
+    async fn last_checkpoint(&self, unsaved: bool, record: FileRecord) {
+        if !unsaved {
+            return;
+        }
+        let store = self
+            .coredms
+            .checkpoint_file(&record, &self.owner, self.settings.lease_ms);
+        let _ = tokio::time::timeout(LAST_CHECKPOINT, store).await;
     }
 
     async fn open(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
@@ -681,6 +712,7 @@ impl BatchManager {
         if inputs == 0 {
             // Only settled records: nothing to write, the checkpoint moves on.
             job.record.next_record += read;
+            job.unsaved = true;
             return Ok(());
         }
         let doc_inputs = transformed.doc_inputs;
@@ -714,6 +746,7 @@ impl BatchManager {
             job.record.documents_failed += outcome.failed.len() as u64;
         }
         job.record.next_record += read;
+        job.unsaved = true;
         Ingested {
             tenant: &job.record.tenant,
             source: Source::Batch,
@@ -729,6 +762,7 @@ impl BatchManager {
     /// Stores the job's progress (and renews its lease) unless it lost the job.
     async fn checkpoint(&self, job: &mut Job, cancel: &CancellationToken) -> Result<(), JobError> {
         job.checkpointed = Some(std::time::Instant::now());
+        job.unsaved = false;
         job.record.updated_at = crate::model::rfc3339_now();
         let (record, owner, lease_ms) = (&job.record, &self.owner, self.settings.lease_ms);
         if with_retry(cancel, || {
@@ -962,6 +996,7 @@ mod tests {
             started: false,
             settled: None,
             checkpointed: None,
+            unsaved: false,
         }
     }
 
