@@ -488,10 +488,7 @@ impl BatchManager {
         // blocking thread (the database and the app's CPU work at once). Bulks are written
         // and checkpointed in order; a bulk read ahead but not written is read again from
         // the checkpoint by whoever resumes the job.
-        let mut ahead = match job.source.take() {
-            Some(source) => Some(self.prepare(&job, source)),
-            None => None,
-        };
+        let mut ahead = job.source.take().map(|source| self.prepare(&job, source));
         let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
         for n in 0..SLICE_BATCHES {
             if cancel.is_cancelled() {
