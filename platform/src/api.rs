@@ -30,7 +30,8 @@ pub struct CreateTenant {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formats: Option<Vec<crate::config::Format>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_limits: Option<crate::config::AppLimits>,
+    /// The app limits that differ from the platform's (`apps` settings).
+    pub app_limits: Option<crate::config::AppLimitsPatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_ingest: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -327,6 +327,16 @@ pub struct AppLimits {
 /// The largest integer a stored limit may hold: profiles are BSON, whose integers are i64.
 pub const MAX_STORED_INT: u64 = i64::MAX as u64;
 
+/// A tenant's largest file as a profile can hold it (BSON's i64).
+pub fn check_max_file_bytes(v: u64) -> Result<(), String> {
+    if v > MAX_STORED_INT {
+        return Err(format!(
+            "max_file_bytes must be at most {MAX_STORED_INT}, not {v}"
+        ));
+    }
+    Ok(())
+}
+
 /// The smallest memory limit an app may be given: a Luau VM and its standard library need
 /// about half a MiB, and a limit of 0 would mean none at all.
 pub const MIN_APP_MEMORY_BYTES: usize = 1024 * 1024;
@@ -335,18 +345,101 @@ impl AppLimits {
     /// Every limit at least 1 (memory at least [`MIN_APP_MEMORY_BYTES`]) and at most
     /// [`MAX_STORED_INT`]; the error names the first that is not.
     pub fn check(&self) -> Result<(), String> {
-        let fields = [
-            (
-                "memory_bytes",
-                self.memory_bytes as u64,
-                MIN_APP_MEMORY_BYTES as u64,
-            ),
-            ("time_ms", self.time_ms, 1),
-            ("instructions", self.instructions, 1),
-            ("max_emits", self.max_emits as u64, 1),
-            ("max_doc_bytes", self.max_doc_bytes as u64, 1),
-        ];
-        for (name, v, min) in fields {
+        AppLimitsPatch::from(*self).check()
+    }
+}
+
+/// App limits as the admin changes them (`PATCH /v1/tenants/{t}`, or at creation): the
+/// limits given change, the others stay as they were.
+///
+/// Read through a map, not derived: serde would also read the struct from an array of its
+/// fields in order (`[null, null]`), a form no client means (the fuzzer sent it).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(try_from = "std::collections::BTreeMap<String, Option<u64>>")]
+pub struct AppLimitsPatch {
+    /// The app's Luau VM memory, at least 1 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>, minimum = 1048576)]
+    pub memory_bytes: Option<usize>,
+    /// CPU time one call may use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub time_ms: Option<u64>,
+    /// Interrupt checks allowed per call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub instructions: Option<u64>,
+    /// Documents one call may emit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>, minimum = 1)]
+    pub max_emits: Option<usize>,
+    /// The largest document an app may emit, as BSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>, minimum = 1)]
+    pub max_doc_bytes: Option<usize>,
+}
+
+impl TryFrom<std::collections::BTreeMap<String, Option<u64>>> for AppLimitsPatch {
+    type Error = String;
+
+    fn try_from(m: std::collections::BTreeMap<String, Option<u64>>) -> Result<Self, String> {
+        let mut p = Self::default();
+        for (k, v) in m {
+            match k.as_str() {
+                "memory_bytes" => p.memory_bytes = v.map(|v| v as usize),
+                "time_ms" => p.time_ms = v,
+                "instructions" => p.instructions = v,
+                "max_emits" => p.max_emits = v.map(|v| v as usize),
+                "max_doc_bytes" => p.max_doc_bytes = v.map(|v| v as usize),
+                other => {
+                    return Err(format!(
+                        "unknown field `{other}`, expected one of `memory_bytes`, `time_ms`, \
+                         `instructions`, `max_emits`, `max_doc_bytes`"
+                    ));
+                }
+            }
+        }
+        Ok(p)
+    }
+}
+
+impl From<AppLimits> for AppLimitsPatch {
+    fn from(l: AppLimits) -> Self {
+        Self {
+            memory_bytes: Some(l.memory_bytes),
+            time_ms: Some(l.time_ms),
+            instructions: Some(l.instructions),
+            max_emits: Some(l.max_emits),
+            max_doc_bytes: Some(l.max_doc_bytes),
+        }
+    }
+}
+
+impl AppLimitsPatch {
+    /// The limits given, each with the key it is stored under in a profile's
+    /// `constraints.app_limits`.
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        [
+            ("memory_bytes", self.memory_bytes.map(|v| v as u64)),
+            ("time_ms", self.time_ms),
+            ("instructions", self.instructions),
+            ("max_emits", self.max_emits.map(|v| v as u64)),
+            ("max_doc_bytes", self.max_doc_bytes.map(|v| v as u64)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect()
+    }
+
+    /// Each limit given at least 1 (memory at least [`MIN_APP_MEMORY_BYTES`]) and at most
+    /// [`MAX_STORED_INT`]; the error names the first that is not.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in self.fields() {
+            let min = if name == "memory_bytes" {
+                MIN_APP_MEMORY_BYTES as u64
+            } else {
+                1
+            };
             if !(min..=MAX_STORED_INT).contains(&v) {
                 return Err(format!(
                     "app_limits.{name} must be {min} to {MAX_STORED_INT}, not {v}"
@@ -354,6 +447,17 @@ impl AppLimits {
             }
         }
         Ok(())
+    }
+
+    /// `base` with the limits given changed.
+    pub fn apply(&self, base: AppLimits) -> AppLimits {
+        AppLimits {
+            memory_bytes: self.memory_bytes.unwrap_or(base.memory_bytes),
+            time_ms: self.time_ms.unwrap_or(base.time_ms),
+            instructions: self.instructions.unwrap_or(base.instructions),
+            max_emits: self.max_emits.unwrap_or(base.max_emits),
+            max_doc_bytes: self.max_doc_bytes.unwrap_or(base.max_doc_bytes),
+        }
     }
 }
 
@@ -505,7 +609,7 @@ impl Settings {
             )));
         }
         self.apps.check().map_err(ConfigError::Invalid)?;
-        crate::tenants::check_max_file_bytes(self.limits.max_file_bytes)
+        check_max_file_bytes(self.limits.max_file_bytes)
             .map_err(|e| ConfigError::Invalid(format!("limits.{e}")))?;
         if self.batch.lease_ms < 300 {
             return Err(ConfigError::Invalid(format!(

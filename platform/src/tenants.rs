@@ -6,7 +6,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AppLimits, Format, TenantLimits};
+use crate::config::{AppLimits, AppLimitsPatch, Format, TenantLimits};
 
 /// A tenant name that matches `[a-z0-9][a-z0-9_-]{0,31}`; holding one proves it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -106,15 +106,7 @@ pub fn check_description(d: &str) -> Result<(), String> {
     Ok(())
 }
 
-pub fn check_max_file_bytes(v: u64) -> Result<(), String> {
-    if v > crate::config::MAX_STORED_INT {
-        return Err(format!(
-            "max_file_bytes must be at most {}, not {v}",
-            crate::config::MAX_STORED_INT
-        ));
-    }
-    Ok(())
-}
+pub use crate::config::check_max_file_bytes;
 
 /// A tenant profile as stored in `customers.customers` (minus the token hash).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -153,7 +145,8 @@ pub struct AdminPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub formats: Option<Vec<Format>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_limits: Option<AppLimits>,
+    /// The app limits to change; the others stay as they are.
+    pub app_limits: Option<AppLimitsPatch>,
 }
 
 /// A freshly minted API token: `msb_<64 hex>`. Only its SHA-256 is stored.

@@ -215,11 +215,12 @@ impl MongoStore {
             set.insert("constraints.formats", bson::to_bson(&v).map_err(bson_err)?);
         }
         if let Some(v) = patch.app_limits {
+            // Field by field, so the limits not given stay as they are (and two patches at
+            // once each keep theirs).
             v.check().map_err(CoreError::Invalid)?;
-            set.insert(
-                "constraints.app_limits",
-                bson::to_bson(&v).map_err(bson_err)?,
-            );
+            for (key, value) in v.fields() {
+                set.insert(format!("constraints.app_limits.{key}"), value as i64);
+            }
         }
         if !set.is_empty() {
             let r = self

@@ -179,7 +179,7 @@ async fn create_tenant(
         c.formats = v;
     }
     if let Some(v) = limits.app_limits {
-        c.app_limits = v;
+        c.app_limits = v.apply(c.app_limits);
     }
     // Refused before anything is created, so a bad request leaves no tenant behind.
     c.check().map_err(ApiError::bad_request)?;

@@ -116,6 +116,25 @@ async fn json_bodies_must_be_objects_not_arrays_of_their_fields() {
             .expect("answer");
         assert_eq!(r.status, 422, "{path} {body}: {:?}", r.body);
     }
+    // Nested too: the admin's app limits.
+    let r = app
+        .admin
+        .raw(
+            Method::PATCH,
+            &format!("/v1/tenants/{t}"),
+            Some("application/json"),
+            r#"{"app_limits": [null, null]}"#,
+        )
+        .await
+        .expect("answer");
+    assert_eq!(r.status, 400, "{:?}", r.body);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("expected a map")),
+        "{:?}",
+        r.body
+    );
 }
 
 #[tokio::test]
@@ -272,4 +291,34 @@ async fn a_tenant_is_created_with_its_limits_and_profile_and_unknown_fields_are_
         .await
         .expect("answer");
     assert_eq!(r.status, 422, "{:?}", r.body);
+}
+
+/// An admin changing one app limit changes that one: the others stay the tenant's.
+#[tokio::test]
+async fn an_app_limit_patched_alone_leaves_the_others_as_they_were() {
+    let app = TestApp::spawn().await;
+    let (t, c) = app.tenant("onelimit").await;
+    let before = c.tenant(&t).await.expect("profile").constraints.app_limits;
+    for body in [
+        r#"{"app_limits": {"time_ms": 123}}"#,
+        r#"{"app_limits": {"max_emits": 77}}"#,
+    ] {
+        let r = app
+            .admin
+            .raw(
+                Method::PATCH,
+                &format!("/v1/tenants/{t}"),
+                Some("application/json"),
+                body,
+            )
+            .await
+            .expect("answer");
+        assert_eq!(r.status, 200, "{body}: {:?}", r.body);
+    }
+    let after = c.tenant(&t).await.expect("profile").constraints.app_limits;
+    assert_eq!(after.time_ms, 123);
+    assert_eq!(after.max_emits, 77);
+    assert_eq!(after.memory_bytes, before.memory_bytes);
+    assert_eq!(after.instructions, before.instructions);
+    assert_eq!(after.max_doc_bytes, before.max_doc_bytes);
 }
