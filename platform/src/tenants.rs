@@ -6,7 +6,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::config::{AppLimits, AppLimitsPatch, Format, TenantLimits};
+use crate::config::{AppLimits, AppLimitsPatch, Format, TenantLimits, check_max_file_bytes};
 
 /// A tenant name that matches `[a-z0-9][a-z0-9_-]{0,31}`; holding one proves it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -105,8 +105,6 @@ pub fn check_description(d: &str) -> Result<(), String> {
     }
     Ok(())
 }
-
-pub use crate::config::check_max_file_bytes;
 
 /// A tenant profile as stored in `customers.customers` (minus the token hash).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -227,10 +227,9 @@ fn started(t: &TenantName, rec: FileRecord) -> Response {
         .into_response()
 }
 
-/// Re-ingests the failed records of the file's last run with the current app, under that
-/// run: 202 with the file, 409 while it is ingesting or before it ever was.
 /// Re-ingests, with the current app, the records of the file's last run that its log
-/// shows failed or never reached, under that run.
+/// shows failed or never reached, under that run: 202 with the file, 409 while it is
+/// ingesting or before it ever was.
 #[utoipa::path(
     post,
     path = "/v1/tenants/{t}/files/{name}/replay",

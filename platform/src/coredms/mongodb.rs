@@ -205,7 +205,7 @@ impl MongoStore {
             set.insert("description", v);
         }
         if let Some(v) = patch.max_file_bytes {
-            crate::tenants::check_max_file_bytes(v).map_err(CoreError::Invalid)?;
+            crate::config::check_max_file_bytes(v).map_err(CoreError::Invalid)?;
             set.insert("constraints.max_file_bytes", v as i64);
         }
         if let Some(v) = patch.max_staged_files {

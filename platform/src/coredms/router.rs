@@ -181,8 +181,8 @@ async fn create_tenant(
     if let Some(v) = limits.app_limits {
         c.app_limits = v.apply(c.app_limits);
     }
-    // Refused before anything is created, so a bad request leaves no tenant behind.
-    c.check().map_err(ApiError::bad_request)?;
+    // Refused before anything is created, so a bad request leaves no tenant behind (the
+    // constraints are checked by `create_tenant` itself; the description is set after it).
     if let Some(d) = &limits.tenant.description {
         check_description(d).map_err(ApiError::bad_request)?;
     }

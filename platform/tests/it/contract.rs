@@ -5,6 +5,19 @@ use reqwest::Method;
 
 use crate::harness::TestApp;
 
+/// `body` sent as `application/json` by `client`, answered.
+async fn send_json(
+    client: &mysimbdp::client::Client,
+    method: Method,
+    path: &str,
+    body: impl Into<reqwest::Body>,
+) -> mysimbdp::client::Raw {
+    client
+        .raw(method, path, Some("application/json"), body)
+        .await
+        .expect("answer")
+}
+
 /// An operation of the document: its method, its path with the parameters filled in, and
 /// whether it needs a token (it names schemes, and none of its options is "no token").
 struct Operation {
@@ -57,10 +70,7 @@ async fn the_platform_serves_its_document_and_refuses_every_token_route_without_
     let mut checked = 0;
     for op in ops.iter().filter(|o| o.needs_token) {
         let (m, path) = (&op.method, &op.path);
-        let r = anonymous
-            .raw(m.clone(), path, Some("application/json"), "{}")
-            .await
-            .expect("answer");
+        let r = send_json(&anonymous, m.clone(), path, "{}").await;
         let status = r.status.as_u16();
         assert!(
             status == 401 || status == 403,
@@ -110,23 +120,17 @@ async fn json_bodies_must_be_objects_not_arrays_of_their_fields() {
         } else {
             Method::PATCH
         };
-        let r = c
-            .raw(m, &path, Some("application/json"), body)
-            .await
-            .expect("answer");
+        let r = send_json(&c, m, &path, body).await;
         assert_eq!(r.status, 422, "{path} {body}: {:?}", r.body);
     }
     // Nested too: the admin's app limits.
-    let r = app
-        .admin
-        .raw(
-            Method::PATCH,
-            &format!("/v1/tenants/{t}"),
-            Some("application/json"),
-            r#"{"app_limits": [null, null]}"#,
-        )
-        .await
-        .expect("answer");
+    let r = send_json(
+        &app.admin,
+        Method::PATCH,
+        &format!("/v1/tenants/{t}"),
+        r#"{"app_limits": [null, null]}"#,
+    )
+    .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     assert!(
         r.json()["error"]
@@ -181,31 +185,19 @@ async fn limits_a_profile_cannot_hold_are_refused_and_the_tenant_stays_whole() {
         r#"{"app_limits": {"instructions": 9223372036854775808}}"#,
         r#"{"app_limits": {"max_emits": 0}}"#,
     ] {
-        let r = app
-            .admin
-            .raw(
-                Method::PATCH,
-                &format!("/v1/tenants/{t}"),
-                Some("application/json"),
-                body,
-            )
-            .await
-            .expect("answer");
+        let r = send_json(&app.admin, Method::PATCH, &format!("/v1/tenants/{t}"), body).await;
         assert_eq!(r.status, 400, "{body}: {:?}", r.body);
         assert!(r.json()["error"].is_string(), "{body}: {:?}", r.body);
     }
     let after = c.get(&format!("/v1/tenants/{t}")).await.expect("profile");
     assert_eq!(before, after, "nothing of the refused patches was kept");
-    let r = app
-        .admin
-        .raw(
-            Method::POST,
-            "/v1/tenants",
-            Some("application/json"),
-            r#"{"name": "limits2", "max_file_bytes": 18446744073709551614}"#,
-        )
-        .await
-        .expect("answer");
+    let r = send_json(
+        &app.admin,
+        Method::POST,
+        "/v1/tenants",
+        r#"{"name": "limits2", "max_file_bytes": 18446744073709551614}"#,
+    )
+    .await;
     assert_eq!(r.status, 400, "{:?}", r.body);
     let r = app
         .admin
@@ -234,16 +226,13 @@ async fn limits_a_profile_cannot_hold_are_refused_and_the_tenant_stays_whole() {
             .expect("answer");
         assert_eq!(r.status, 404, "a refused creation left {refused} behind");
     }
-    let r = app
-        .admin
-        .raw(
-            Method::PATCH,
-            &format!("/v1/tenants/{t}"),
-            Some("application/json"),
-            r#"{"max_file_bytes": 9223372036854775807}"#,
-        )
-        .await
-        .expect("answer");
+    let r = send_json(
+        &app.admin,
+        Method::PATCH,
+        &format!("/v1/tenants/{t}"),
+        r#"{"max_file_bytes": 9223372036854775807}"#,
+    )
+    .await;
     assert_eq!(r.status, 200, "the largest documented value: {:?}", r.body);
 }
 
@@ -262,16 +251,7 @@ async fn a_tenant_is_created_with_its_limits_and_profile_and_unknown_fields_are_
         "auto_ingest": true,
         "description": "ops@example.com",
     });
-    let r = app
-        .admin
-        .raw(
-            Method::POST,
-            "/v1/tenants",
-            Some("application/json"),
-            body.to_string(),
-        )
-        .await
-        .expect("answer");
+    let r = send_json(&app.admin, Method::POST, "/v1/tenants", body.to_string()).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
     let p = &r.json()["profile"];
     assert_eq!(p["constraints"]["max_file_bytes"], 12345);
@@ -280,16 +260,13 @@ async fn a_tenant_is_created_with_its_limits_and_profile_and_unknown_fields_are_
     assert_eq!(p["constraints"]["app_limits"]["time_ms"], 99);
     assert_eq!(p["auto_ingest"], true);
     assert_eq!(p["description"], "ops@example.com");
-    let r = app
-        .admin
-        .raw(
-            Method::POST,
-            "/v1/tenants",
-            Some("application/json"),
-            r#"{"name": "unknownfield", "max_file_byte": 1}"#,
-        )
-        .await
-        .expect("answer");
+    let r = send_json(
+        &app.admin,
+        Method::POST,
+        "/v1/tenants",
+        r#"{"name": "unknownfield", "max_file_byte": 1}"#,
+    )
+    .await;
     assert_eq!(r.status, 422, "{:?}", r.body);
 }
 
@@ -303,16 +280,7 @@ async fn an_app_limit_patched_alone_leaves_the_others_as_they_were() {
         r#"{"app_limits": {"time_ms": 123}}"#,
         r#"{"app_limits": {"max_emits": 77}}"#,
     ] {
-        let r = app
-            .admin
-            .raw(
-                Method::PATCH,
-                &format!("/v1/tenants/{t}"),
-                Some("application/json"),
-                body,
-            )
-            .await
-            .expect("answer");
+        let r = send_json(&app.admin, Method::PATCH, &format!("/v1/tenants/{t}"), body).await;
         assert_eq!(r.status, 200, "{body}: {:?}", r.body);
     }
     let after = c.tenant(&t).await.expect("profile").constraints.app_limits;
