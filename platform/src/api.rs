@@ -160,8 +160,9 @@ pub struct ScalingDecision {
     pub replica: String,
     pub from: u32,
     pub to: u32,
-    /// Messages ready in the tenant's queue.
-    pub queue_depth: u64,
+    /// Messages ready in the tenant's queue, when the manager looked at it (the controller
+    /// does; a start or stop does not).
+    pub queue_depth: Option<u64>,
     /// The highest publish-to-stored latency of this manager's batches since its last look.
     pub max_latency_ms: u64,
     pub reason: String,

@@ -5,6 +5,10 @@
 //! Hysteresis: a consumer is added after `scale_up_ticks` busy looks in a row and removed
 //! after `scale_down_ticks` idle ones (more by default), one at a time, and the counts start
 //! over after each change; between the busy and the idle thresholds nothing moves.
+//!
+//! The depth is the queue's *ready* messages: consumers that keep up hold what they
+//! prefetched unacknowledged, so an empty queue alone does not say they are idle. A look is
+//! idle only when the slowest batch also took at most half of `scale_up_latency_ms`.
 
 use crate::api::ConsumerTarget;
 use crate::config::StreamSettings;
@@ -58,7 +62,7 @@ impl Control {
         if depth > s.scale_up_depth || slow {
             self.busy += 1;
             self.idle = 0;
-        } else if depth <= s.scale_down_depth {
+        } else if depth <= s.scale_down_depth && seen.max_latency_ms <= s.scale_up_latency_ms / 2 {
             self.idle += 1;
             self.busy = 0;
         } else {
@@ -182,6 +186,17 @@ mod tests {
         let ch = c.step(1, RANGE, slow, &s).expect("a change");
         assert_eq!(ch.to, 2);
         assert!(ch.reason.contains("5000 ms"), "{}", ch.reason);
+    }
+
+    #[test]
+    fn an_empty_queue_with_slowish_batches_is_not_idle() {
+        // Consumers that hold the backlog prefetched leave the queue empty, but their
+        // batches wait: more than half the latency threshold holds the count.
+        let busy_but_empty = Seen {
+            depth: Some(0),
+            max_latency_ms: 600,
+        };
+        assert_eq!(run(3, RANGE, &[busy_but_empty; 8]), [3; 8]);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::broker::{self, Broker, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
 use super::connections::ConsumerConnections;
 use super::control::{Control, Seen};
-use crate::api::{ConsumerTarget, ScalingDecision};
+use crate::api::{ConsumerTarget, ScalingDecision, StreamCounts};
 use crate::config::{AmqpSettings, StreamSettings};
 use crate::coredms::{CoreDms, CoreError};
 use crate::events::{ConsumersChanged, DeadLettered, Ingested};
@@ -62,9 +62,16 @@ pub struct StreamManager {
     control: std::sync::Mutex<HashMap<TenantName, Control>>,
     /// This manager, as its decisions name it: host (the pod, under Kubernetes) and process.
     replica: String,
-    /// Held by a look at the targets and by a start or stop, so that a look that read the
-    /// targets before a start was stored never undoes it.
+    /// Held by a start or stop and by a look while it changes consumers, never across a
+    /// wait for a consumer or the broker.
     turn: Mutex<()>,
+    /// Bumped by each start or stop: a look that read the targets before one is dropped, so
+    /// it never undoes it.
+    epoch: std::sync::atomic::AtomicU64,
+    /// Tasks waiting for cancelled consumers to finish their batch.
+    stopping: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The log's latest counts per tenant and `since`, one reader at a time per key.
+    counts: std::sync::Mutex<HashMap<(TenantName, Option<i64>), CountSlot>>,
     shutdown: CancellationToken,
 }
 
@@ -96,9 +103,30 @@ struct Attempt {
 /// tenant cannot reset another's counts.
 const MAX_REMEMBERED_ATTEMPTS: usize = 10_000;
 
+/// How long the log's counts of a tenant are answered again without asking the log.
+const COUNTS_FRESH: Duration = Duration::from_millis(250);
+/// Most (tenant, since) counts kept; past it they are all forgotten.
+const COUNTS_KEPT: usize = 10_000;
+
+/// Counts and when the log gave them.
+type Counted = (tokio::time::Instant, StreamCounts);
+/// One key's counts, locked while the log is asked.
+type CountSlot = Arc<Mutex<Option<Counted>>>;
+
 /// How long a stopped consumer may take to finish its batch before it is aborted (its
 /// unacknowledged messages then go back to the queue).
 const CONSUMER_STOP: Duration = Duration::from_secs(30);
+
+/// Waits for cancelled consumers to finish their batch, all at once, each at most
+/// [`CONSUMER_STOP`].
+async fn wait_stopped(stopping: Vec<Consumer>) {
+    futures::future::join_all(
+        stopping
+            .into_iter()
+            .map(|c| stop_within(c.task, CONSUMER_STOP)),
+    )
+    .await;
+}
 
 async fn stop_within(mut task: tokio::task::JoinHandle<()>, limit: Duration) {
     if tokio::time::timeout(limit, &mut task).await.is_err() {
@@ -140,18 +168,26 @@ impl StreamManager {
             control: std::sync::Mutex::new(HashMap::new()),
             replica: replica_name(),
             turn: Mutex::new(()),
+            epoch: std::sync::atomic::AtomicU64::new(0),
+            stopping: std::sync::Mutex::new(Vec::new()),
+            counts: std::sync::Mutex::new(HashMap::new()),
             shutdown,
         }
     }
 
-    /// Starts consumers up to `n`, or takes those past `n` out (for the caller to stop);
-    /// the consumers now running.
+    /// Starts consumers up to `n`, or takes those past `n` out and cancels them at once
+    /// (before any wait, so that a caller that is dropped cannot leave one running unseen):
+    /// they finish their batch, and the caller waits for them ([`wait_stopped`]) or hands
+    /// them over ([`Self::stop_later`]). The consumers now running.
     async fn resize(&self, tenant: &TenantName, n: u32) -> (u32, Vec<Consumer>) {
         let n = n.min(self.ctx.settings.max_consumers) as usize;
         let mut all = self.consumers.lock().await;
         let list = all.entry(tenant.clone()).or_default();
         list.retain(|c| !c.task.is_finished());
         let stopping = list.split_off(n.min(list.len()));
+        for c in &stopping {
+            c.cancel.cancel();
+        }
         while list.len() < n {
             let cancel = self.shutdown.child_token();
             let ctx = self.ctx.clone();
@@ -167,43 +203,20 @@ impl StreamManager {
         (running, stopping)
     }
 
-    /// `stream/start` on this manager: the tenant's target stored (every manager follows
-    /// it from its next look) and its consumers here brought within it now.
-    pub async fn start(
-        &self,
-        tenant: &TenantName,
-        target: ConsumerTarget,
-    ) -> Result<u32, CoreError> {
-        let _turn = self.turn.lock().await;
-        self.ctx
-            .coredms
-            .set_stream_target(tenant, Some(target))
-            .await?;
-        let running = self.running(tenant).await;
-        let to = running.clamp(target.min, target.max);
-        let reason = format!("stream/start: target {}..{}", target.min, target.max);
-        Ok(self
-            .change(tenant, running, to, None, false, &reason, true)
-            .await)
+    /// Cancelled consumers finishing their batch in a task of their own, which
+    /// [`Self::stop_all`] waits for too.
+    fn stop_later(&self, stopping: Vec<Consumer>) {
+        if stopping.is_empty() {
+            return;
+        }
+        let mut tasks = lock(&self.stopping);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(tokio::spawn(wait_stopped(stopping)));
     }
 
-    /// `stream/stop` on this manager: the tenant's target removed (every manager stops its
-    /// consumers at its next look) and its consumers here stopped now, each finishing its
-    /// batch.
-    pub async fn stop(&self, tenant: &TenantName) -> Result<u32, CoreError> {
-        let _turn = self.turn.lock().await;
-        self.ctx.coredms.set_stream_target(tenant, None).await?;
-        let running = self.running(tenant).await;
-        Ok(self
-            .change(tenant, running, 0, None, false, "stream/stop", true)
-            .await)
-    }
-
-    /// Changes a tenant's consumers from `from` to `to`, says so (tracing, metrics and the
-    /// tenant's stream report) and, if `wait`, waits for those stopping. A change of nothing
-    /// is not one.
-    #[expect(clippy::too_many_arguments, reason = "one decision, said in full")]
-    async fn change(
+    /// A change of a tenant's consumers here, said: a tracing line and the metrics now, and
+    /// the decision for the stream report (written by the caller, outside the turn).
+    fn said(
         &self,
         tenant: &TenantName,
         from: u32,
@@ -211,55 +224,97 @@ impl StreamManager {
         seen: Option<Seen>,
         by_controller: bool,
         reason: &str,
-        wait: bool,
-    ) -> u32 {
-        let (running, stopping) = self.resize(tenant, to).await;
-        if running != from {
-            ConsumersChanged {
-                tenant: tenant.as_str(),
-                from,
-                to: running,
-                queue_depth: seen.and_then(|s| s.depth),
-                by_controller,
-                reason,
-            }
-            .emit(&self.ctx.metrics);
-            let decision = ScalingDecision {
-                at: mongodb::bson::DateTime::now()
-                    .try_to_rfc3339_string()
-                    .unwrap_or_default(),
-                replica: self.replica.clone(),
-                from,
-                to: running,
-                queue_depth: seen.and_then(|s| s.depth).unwrap_or(0),
-                max_latency_ms: seen.map_or(0, |s| s.max_latency_ms),
-                reason: reason.to_owned(),
-            };
-            if let Err(e) = self.ctx.coredms.record_scaling(tenant, decision).await {
-                tracing::warn!(tenant = %tenant, error = %e, "could not record a change of consumers");
-            }
+    ) -> Option<ScalingDecision> {
+        if from == to {
+            return None;
         }
-        let stop = async move {
-            for c in stopping {
-                c.cancel.cancel();
-                stop_within(c.task, CONSUMER_STOP).await;
-            }
+        let queue_depth = seen.and_then(|s| s.depth);
+        ConsumersChanged {
+            tenant: tenant.as_str(),
+            from,
+            to,
+            queue_depth,
+            by_controller,
+            reason,
+        }
+        .emit(&self.ctx.metrics);
+        Some(ScalingDecision {
+            at: mongodb::bson::DateTime::now()
+                .try_to_rfc3339_string()
+                .unwrap_or_default(),
+            replica: self.replica.clone(),
+            from,
+            to,
+            queue_depth,
+            max_latency_ms: seen.map_or(0, |s| s.max_latency_ms),
+            reason: reason.to_owned(),
+        })
+    }
+
+    /// Keeps a decision for the tenant's stream report; a failure is only logged.
+    async fn record(&self, tenant: &TenantName, decision: Option<ScalingDecision>) {
+        let Some(d) = decision else {
+            return;
         };
-        if wait {
-            stop.await;
-        } else {
-            // The next look must not wait for a consumer finishing its batch.
-            tokio::spawn(stop);
+        if let Err(e) = self.ctx.coredms.record_scaling(tenant, d).await {
+            tracing::warn!(tenant = %tenant, error = %e, "could not record a change of consumers");
         }
-        running
+    }
+
+    /// Stores the tenant's target (or removes it, `None`) and brings its consumers here
+    /// within it; every other manager follows at its next look. Waits for consumers that
+    /// stop to finish their batch. The consumers now running here.
+    async fn set_target(
+        &self,
+        tenant: &TenantName,
+        target: Option<ConsumerTarget>,
+    ) -> Result<u32, CoreError> {
+        let (running, stopping, decision) = {
+            let _turn = self.turn.lock().await;
+            self.ctx.coredms.set_stream_target(tenant, target).await?;
+            // A look that read the targets before this does not apply them.
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let from = self.running(tenant).await;
+            let (to, reason) = match target {
+                Some(t) => (
+                    from.clamp(t.min, t.max),
+                    format!("stream/start: target {}..{}", t.min, t.max),
+                ),
+                None => (0, "stream/stop".to_owned()),
+            };
+            let (running, stopping) = self.resize(tenant, to).await;
+            let decision = self.said(tenant, from, running, None, false, &reason);
+            (running, stopping, decision)
+        };
+        self.record(tenant, decision).await;
+        wait_stopped(stopping).await;
+        Ok(running)
+    }
+
+    /// `stream/start` on this manager: `target` stored and applied here now.
+    pub async fn start(
+        &self,
+        tenant: &TenantName,
+        target: ConsumerTarget,
+    ) -> Result<u32, CoreError> {
+        self.set_target(tenant, Some(target)).await
+    }
+
+    /// `stream/stop` on this manager: the target removed and the consumers here stopped,
+    /// each finishing its batch.
+    pub async fn stop(&self, tenant: &TenantName) -> Result<u32, CoreError> {
+        self.set_target(tenant, None).await
     }
 
     /// Follows the tenants' targets until shutdown: every `stream.reconcile_ms`, the targets
-    /// from coredms, each tenant's consumers here brought within its target, and the elastic
-    /// controller run for tenants whose target is a range. When coredms does not answer,
-    /// the consumers stay as they are.
+    /// from coredms and the queue depths of tenants whose target is a range (read outside
+    /// the turn, bounded in time), then each tenant's consumers here brought within its
+    /// target by the elastic controller. A look that a start or stop overtook is dropped;
+    /// when coredms does not answer, the consumers stay as they are.
     pub async fn reconcile_forever(self: Arc<Self>, broker: Arc<Broker>) {
+        use std::sync::atomic::Ordering::SeqCst;
         let every = Duration::from_millis(self.ctx.settings.reconcile_ms.max(1));
+        let depth_limit = every.max(Duration::from_secs(2));
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
@@ -268,45 +323,81 @@ impl StreamManager {
                 _ = tick.tick() => {}
                 () = self.shutdown.cancelled() => return,
             }
-            let _turn = self.turn.lock().await;
-            match self.ctx.coredms.stream_targets().await {
-                Ok(targets) => {
+            let epoch = self.epoch.load(SeqCst);
+            let targets: HashMap<TenantName, ConsumerTarget> = match self
+                .ctx
+                .coredms
+                .stream_targets()
+                .await
+            {
+                Ok(t) => {
                     warned = false;
-                    self.reconcile(&broker, targets).await;
+                    t.into_iter().collect()
                 }
-                Err(e) if !warned => {
-                    warned = true;
-                    tracing::warn!(error = %e, "cannot read the tenants' consumer targets; consumers stay as they are");
+                Err(e) => {
+                    if !warned {
+                        warned = true;
+                        tracing::warn!(error = %e, "cannot read the tenants' consumer targets; consumers stay as they are");
+                    }
+                    continue;
                 }
-                Err(_) => {}
+            };
+            let elastic: Vec<TenantName> = targets
+                .iter()
+                .filter(|(_, g)| g.max > g.min)
+                .map(|(t, _)| t.clone())
+                .collect();
+            let depths = if elastic.is_empty() {
+                HashMap::new()
+            } else {
+                match tokio::time::timeout(depth_limit, broker.queue_depths(&elastic)).await {
+                    Ok(Ok(d)) => d,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "cannot read queue depths");
+                        HashMap::new()
+                    }
+                    Err(_) => {
+                        tracing::debug!("queue depths not read in time");
+                        HashMap::new()
+                    }
+                }
+            };
+            let (decisions, stopping) = {
+                let _turn = self.turn.lock().await;
+                if self.epoch.load(SeqCst) != epoch {
+                    continue;
+                }
+                self.apply(&targets, &depths).await
+            };
+            for (t, d) in decisions {
+                self.record(&t, Some(d)).await;
             }
+            self.stop_later(stopping);
         }
     }
 
-    async fn reconcile(&self, broker: &Broker, targets: Vec<(TenantName, ConsumerTarget)>) {
-        let targets: HashMap<TenantName, ConsumerTarget> = targets.into_iter().collect();
+    /// One look's changes, made under the turn: consumers of tenants without a target
+    /// stopped, the others within their target as the controller says. What was decided,
+    /// and the consumers cancelled.
+    async fn apply(
+        &self,
+        targets: &HashMap<TenantName, ConsumerTarget>,
+        depths: &HashMap<TenantName, u64>,
+    ) -> (Vec<(TenantName, ScalingDecision)>, Vec<Consumer>) {
+        let mut decisions = Vec::new();
+        let mut stopping = Vec::new();
         let here: Vec<TenantName> = self.consumers.lock().await.keys().cloned().collect();
         for t in here.iter().filter(|t| !targets.contains_key(*t)) {
-            let running = self.running(t).await;
-            self.change(t, running, 0, None, false, "stopped: no target", false)
-                .await;
+            let from = self.running(t).await;
+            let (to, stopped) = self.resize(t, 0).await;
+            stopping.extend(stopped);
+            if let Some(d) = self.said(t, from, to, None, false, "stopped: no target") {
+                decisions.push((t.clone(), d));
+            }
         }
-        let elastic: Vec<TenantName> = targets
-            .iter()
-            .filter(|(_, g)| g.max > g.min)
-            .map(|(t, _)| t.clone())
-            .collect();
-        let depths = if elastic.is_empty() {
-            HashMap::new()
-        } else {
-            broker.queue_depths(&elastic).await.unwrap_or_else(|e| {
-                tracing::debug!(error = %e, "cannot read queue depths");
-                HashMap::new()
-            })
-        };
         let latencies = self.ctx.take_latencies();
         let mut control = std::mem::take(&mut *lock(&self.control));
-        for (t, target) in &targets {
+        for (t, target) in targets {
             let running = self.running(t).await;
             let seen = Seen {
                 depth: depths.get(t).copied(),
@@ -317,19 +408,41 @@ impl StreamManager {
                 continue;
             };
             let by_controller = (target.min..=target.max).contains(&running);
-            self.change(
-                t,
-                running,
-                change.to,
-                Some(seen),
-                by_controller,
-                &change.reason,
-                false,
-            )
-            .await;
+            let (to, stopped) = self.resize(t, change.to).await;
+            stopping.extend(stopped);
+            if let Some(d) = self.said(t, running, to, Some(seen), by_controller, &change.reason) {
+                decisions.push((t.clone(), d));
+            }
         }
         control.retain(|t, _| targets.get(t).is_some_and(|g| g.max > g.min));
         *lock(&self.control) = control;
+        (decisions, stopping)
+    }
+
+    /// The tenant's stream entries as the log counts them (since `since_ms`): asked of the
+    /// log at most once per [`COUNTS_FRESH`] per tenant and filter, however many callers
+    /// poll, since each asking costs the database a pass over the tenant's entries.
+    pub async fn logged(
+        &self,
+        tenant: &TenantName,
+        since_ms: Option<i64>,
+    ) -> Result<StreamCounts, CoreError> {
+        let slot = {
+            let mut m = lock(&self.counts);
+            if m.len() >= COUNTS_KEPT {
+                m.clear();
+            }
+            m.entry((tenant.clone(), since_ms)).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some((at, c)) = *slot
+            && at.elapsed() < COUNTS_FRESH
+        {
+            return Ok(c);
+        }
+        let c = self.ctx.coredms.stream_counts(tenant, since_ms).await?;
+        *slot = Some((tokio::time::Instant::now(), c));
+        Ok(c)
     }
 
     pub async fn running(&self, tenant: &TenantName) -> u32 {
@@ -339,18 +452,20 @@ impl StreamManager {
         })
     }
 
-    /// Stops every consumer and waits for in-flight batches to finish.
+    /// Stops every consumer and waits for in-flight batches to finish, those stopping
+    /// already included.
     pub async fn stop_all(&self) {
         let all: Vec<Consumer> = {
+            let _turn = self.turn.lock().await;
             let mut all = self.consumers.lock().await;
             all.drain().flat_map(|(_, list)| list).collect()
         };
         for c in &all {
             c.cancel.cancel();
         }
-        for c in all {
-            stop_within(c.task, CONSUMER_STOP).await;
-        }
+        wait_stopped(all).await;
+        let stopping = std::mem::take(&mut *lock(&self.stopping));
+        futures::future::join_all(stopping).await;
         self.ctx.connections.close().await;
     }
 }

@@ -438,6 +438,7 @@ async fn stop(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
+    p.coredms.tenant(&t).await?;
     let consumers = p.manager.stop(&t).await?;
     Ok(Json(Consumers { consumers }).into_response())
 }
@@ -556,10 +557,8 @@ async fn stream_status(
     .since
     .map(|d| d.timestamp_millis());
     p.coredms.tenant(&t).await?;
-    let (target, logged) = tokio::try_join!(
-        p.coredms.stream_target(&t),
-        p.coredms.stream_counts(&t, since)
-    )?;
+    let (target, logged) =
+        tokio::try_join!(p.coredms.stream_target(&t), p.manager.logged(&t, since))?;
     Ok(Json(StreamStatus {
         consumers: p.manager.running(&t).await,
         target,
@@ -578,6 +577,27 @@ mod tests {
         check_messages(&m, f)
             .map(|()| m.len())
             .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_target_is_one_to_the_most_consumers_and_its_maximum_not_below_its_minimum() {
+        let t = |c: Option<u32>, m: Option<u32>| {
+            consumer_target(
+                &StartConsumers {
+                    consumers: c,
+                    max_consumers: m,
+                },
+                16,
+            )
+        };
+        assert_eq!(t(None, None), Ok(ConsumerTarget { min: 1, max: 1 }));
+        assert_eq!(t(Some(2), None), Ok(ConsumerTarget { min: 2, max: 2 }));
+        assert_eq!(t(Some(1), Some(16)), Ok(ConsumerTarget { min: 1, max: 16 }));
+        assert!(t(Some(0), None).is_err_and(|e| e.contains("between 1 and 16")));
+        assert!(t(Some(17), None).is_err());
+        assert!(t(Some(3), Some(2)).is_err_and(|e| e.contains("max_consumers")));
+        assert!(t(Some(1), Some(17)).is_err());
+        assert!(t(None, Some(0)).is_err());
     }
 
     #[test]

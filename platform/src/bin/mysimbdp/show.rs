@@ -219,7 +219,7 @@ impl Show for StreamReportAnswer {
                         d.at.clone(),
                         d.replica.clone(),
                         format!("{} -> {}", d.from, d.to),
-                        d.queue_depth.to_string(),
+                        d.queue_depth.map_or_else(|| "-".into(), |q| q.to_string()),
                         d.reason.clone(),
                     ]
                 })
