@@ -108,6 +108,17 @@ fn apps(c: &mut Criterion) {
         b.iter(|| ingest.ingest("wq.csv", black_box(&head)))
     });
     g.finish();
+    // What a quiet tenant's next message pays once its idle VMs were dropped
+    // (`platform.idle_vm_ms`): a VM built from the bytecode, then one map.
+    let mut g = c.benchmark_group("app cold");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("map one record on a VM built for it", |b| {
+        b.iter(|| {
+            map.drop_idle_vms(std::time::Duration::ZERO);
+            map.map_records("wq.csv", black_box(&recs[..1]))
+        })
+    });
+    g.finish();
 }
 
 fn bulk(c: &mut Criterion) {

@@ -61,6 +61,10 @@ pub struct Step {
     pub idle_cost_per_tenant_bytes: u64,
     /// (RSS after the trickle − idle RSS) / tenants.
     pub cost_per_tenant_bytes: u64,
+    /// Once the tenants were quiet for `platform.idle_vm_ms` (their app VMs dropped).
+    pub after_quiet: Sample,
+    /// (RSS once quiet − idle RSS) / tenants.
+    pub quiet_cost_per_tenant_bytes: u64,
 }
 
 /// Retries a call the platform may refuse while busy (503, 429, no answer): every 200 ms
@@ -347,6 +351,11 @@ async fn measure(
         let (trickle_s, counts) = trickle(&db, load, &mut tenants, i, timeout).await?;
         tokio::time::sleep(SETTLE).await;
         let after_trickle = sample(deployment, ns)?;
+        // The platform drops a quiet app's VMs after `platform.idle_vm_ms` (swept every
+        // second): what a tenant costs between trickles.
+        let quiet = Duration::from_millis(mysimbdp::config::PlatformSettings::default().idle_vm_ms);
+        tokio::time::sleep(quiet.saturating_sub(SETTLE) + Duration::from_secs(2)).await;
+        let after_quiet = sample(deployment, ns)?;
         let mut tenants_short = 0;
         for (t, n) in tenants
             .iter()
@@ -369,6 +378,8 @@ async fn measure(
             start_s,
             idle_cost_per_tenant_bytes: per_tenant(&with_consumers),
             cost_per_tenant_bytes: per_tenant(&after_trickle),
+            quiet_cost_per_tenant_bytes: per_tenant(&after_quiet),
+            after_quiet,
             with_consumers,
             trickle_s,
             after_trickle,
@@ -377,12 +388,14 @@ async fn measure(
             tenants_short,
         };
         eprintln!(
-            "{count} tenants: created in {:.1} s, consumers in {:.1} s, trickle stored in {:.1} s; {:.1} MiB ({:.0} KiB per tenant), {} threads, {} AMQP connections, {} channels; {}/{} messages stored",
+            "{count} tenants: created in {:.1} s, consumers in {:.1} s, trickle stored in {:.1} s; {:.1} MiB ({:.0} KiB per tenant), once quiet {:.1} MiB ({:.0} KiB per tenant), {} threads, {} AMQP connections, {} channels; {}/{} messages stored",
             step.create_s,
             step.start_s,
             step.trickle_s,
             mib(step.after_trickle.rss_bytes),
             step.cost_per_tenant_bytes as f64 / 1024.0,
+            mib(step.after_quiet.rss_bytes),
+            step.quiet_cost_per_tenant_bytes as f64 / 1024.0,
             step.after_trickle.threads,
             step.after_trickle.amqp_connections,
             step.after_trickle.amqp_channels,
@@ -435,10 +448,10 @@ fn markdown(
         idle.amqp_connections,
         processes_line(idle),
     );
-    md.push_str("| tenants | created in s | consumers started in s | trickle stored in s | RSS, consumers idle (MiB) | per tenant (KiB) | RSS after trickle (MiB) | per tenant (KiB) | threads | AMQP connections (consumers') | channels | messages stored / published |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| tenants | created in s | consumers started in s | trickle stored in s | RSS, consumers idle (MiB) | per tenant (KiB) | RSS after trickle (MiB) | per tenant (KiB) | RSS once quiet (MiB) | per tenant (KiB) | threads | AMQP connections (consumers') | channels | messages stored / published |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for s in steps {
         md.push_str(&format!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} | {} | {} ({}) | {} | {} / {} |\n",
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} | {} | {} ({}) | {} | {} / {} |\n",
             s.tenants,
             s.create_s,
             s.start_s,
@@ -447,6 +460,8 @@ fn markdown(
             s.idle_cost_per_tenant_bytes as f64 / 1024.0,
             mib(s.after_trickle.rss_bytes),
             s.cost_per_tenant_bytes as f64 / 1024.0,
+            mib(s.after_quiet.rss_bytes),
+            s.quiet_cost_per_tenant_bytes as f64 / 1024.0,
             s.after_trickle.threads,
             s.after_trickle.amqp_connections,
             s.after_trickle.consumer_connections,
@@ -455,7 +470,7 @@ fn markdown(
             s.messages_expected,
         ));
     }
-    md.push_str("\nPer tenant: the RSS above the idle platform's, divided by the tenants. Created in: the step's new tenants only.\n\nAfter the trickle, by process:\n\n");
+    md.push_str(&format!("\nPer tenant: the RSS above the idle platform's, divided by the tenants. Created in: the step's new tenants only. Once quiet: {} s after the trickle, when the platform has dropped the tenants' idle app VMs (`platform.idle_vm_ms`).\n\nAfter the trickle, by process:\n\n", mysimbdp::config::PlatformSettings::default().idle_vm_ms / 1000 + 2));
     for s in steps {
         md.push_str(&format!(
             "- {} tenants: {}\n",

@@ -553,11 +553,24 @@ impl Default for StreamSettings {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PlatformSettings {
     /// Prefix for databases and queues, so several platforms (or tests) share one server.
     pub namespace: String,
+    /// How long a tenant app's VMs stay pooled once none is in use. A quiet tenant then
+    /// holds its bytecode but no Luau heap (about 180 KiB a VM); its next input builds a VM
+    /// again, which runs the app's top level once more.
+    pub idle_vm_ms: u64,
+}
+
+impl Default for PlatformSettings {
+    fn default() -> Self {
+        Self {
+            namespace: String::new(),
+            idle_vm_ms: 30_000,
+        }
+    }
 }
 
 impl Settings {

@@ -185,6 +185,14 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
         }));
         tasks.push(tokio::spawn(manager.run(shutdown.clone())));
     }
+    if runs(Component::Batch) || runs(Component::Stream) {
+        // A quiet tenant's app keeps its bytecode, not its VMs.
+        tasks.push(tokio::spawn(apps.clone().drop_idle_vms_forever(
+            pipeline::VM_SWEEP,
+            std::time::Duration::from_millis(settings.platform.idle_vm_ms),
+            shutdown.clone(),
+        )));
+    }
     if let (true, Some(broker)) = (runs(Component::Stream), broker) {
         let manager = Arc::new(StreamManager::new(
             &infra.amqp_uri,

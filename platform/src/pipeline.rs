@@ -56,6 +56,10 @@ impl RetryableError for AppError {
     }
 }
 
+/// How often the VMs of quiet apps (`platform.idle_vm_ms`) are looked for. A busy tenant's
+/// VMs come back every batch and are never dropped.
+pub const VM_SWEEP: Duration = Duration::from_secs(1);
+
 /// The compiled, active app of each tenant and kind, refreshed when a new version appears.
 #[derive(Default)]
 pub struct AppCache {
@@ -144,6 +148,36 @@ impl AppCache {
             }
         }
         Ok(h)
+    }
+
+    /// Drops the pooled VMs of every app none of whose VMs came back for `idle`; how many.
+    pub fn drop_idle_vms(&self, idle: Duration) -> usize {
+        let handles: Vec<Arc<AppHandle>> = self
+            .apps
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        handles.iter().map(|h| h.drop_idle_vms(idle)).sum()
+    }
+
+    /// Every `every`, drops the VMs idle for `idle` (see [`AppCache::drop_idle_vms`]), until
+    /// `stop`.
+    pub async fn drop_idle_vms_forever(
+        self: Arc<Self>,
+        every: Duration,
+        idle: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => return,
+            }
+            let n = self.drop_idle_vms(idle);
+            if n > 0 {
+                tracing::debug!(vms = n, "idle app VMs dropped");
+            }
+        }
     }
 }
 

@@ -562,6 +562,27 @@ fn a_vm_that_hit_a_limit_is_discarded() {
 }
 
 #[test]
+fn a_quiet_apps_vms_are_dropped_and_its_next_call_builds_one_again() {
+    let a = app(r#"
+        local calls = 0
+        function map(r)
+            calls = calls + 1
+            return {calls = calls}
+        end"#);
+    let calls = |o: Outcome| o.result.expect("ok")[0].1["calls"].as_i64();
+    assert_eq!(calls(map_one(&a, json!({}))), Some(1));
+    assert_eq!(
+        a.drop_idle_vms(std::time::Duration::from_secs(60)),
+        0,
+        "a VM used just now stays"
+    );
+    assert_eq!(calls(map_one(&a, json!({}))), Some(2), "the VM is reused");
+    assert_eq!(a.drop_idle_vms(std::time::Duration::ZERO), 1);
+    assert_eq!(a.pool.lock().expect("pool").len(), 0);
+    assert_eq!(calls(map_one(&a, json!({}))), Some(1), "a fresh VM");
+}
+
+#[test]
 fn backtracking_patterns_are_stopped_by_the_time_limit() {
     for (what, src) in [
         (
