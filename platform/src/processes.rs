@@ -247,9 +247,15 @@ impl SplitProcesses {
     }
 
     fn url(&self, manager: Manager, replica: usize) -> Option<String> {
+        self.replica_addr(manager, replica)
+            .map(|a| format!("http://{a}"))
+    }
+
+    /// The address replica `replica` of `manager` listens on, while it runs.
+    pub fn replica_addr(&self, manager: Manager, replica: usize) -> Option<&str> {
         self.find(manager.as_str(), replica)
             .filter(|c| !c.killed)
-            .map(|c| format!("http://{}", c.addr))
+            .map(|c| c.addr.as_str())
     }
 
     fn find(&self, component: &str, replica: usize) -> Option<&Child> {

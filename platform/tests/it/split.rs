@@ -265,6 +265,8 @@ async fn replicas_answer_at_their_own_addresses_and_a_killed_one_is_left_out_at_
         components.client_at(1, 0, None).is_none(),
         "no client of a dead one"
     );
+    assert_eq!(components.replica_addr(Manager::Batch, 1), None);
+    assert!(components.replica_addr(Manager::Stream, 1).is_some());
     let e = c1
         .file(&t.name, "a.csv")
         .await
