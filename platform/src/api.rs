@@ -122,35 +122,69 @@ pub struct Published {
     pub ids: Vec<String>,
 }
 
-/// `POST /v1/tenants/{t}/stream/start`: how many consumers to run (default 1).
+/// `POST /v1/tenants/{t}/stream/start`: how many consumers every stream manager runs on the
+/// tenant's queue: `consumers` (default 1), and up to `max_consumers` (default `consumers`)
+/// when its queue backs up.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartConsumers {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub consumers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_consumers: Option<u32>,
 }
 
-/// The answer to `stream/start` and `stream/stop`: the consumers now running.
+/// The answer to `stream/start` and `stream/stop`: the consumers now running in the stream
+/// manager that answered (the others follow within `stream.reconcile_ms`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Consumers {
     pub consumers: u32,
 }
 
-/// `GET /v1/tenants/{t}/stream`: consumers running and what this process's consumers did
-/// since it started (a cheap live view; the log is the record).
+/// How many consumers of a tenant's queue each stream manager runs: `min` always, up to
+/// `max` while the queue backs up. Kept by coredms, so every stream manager reads the same.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+pub struct ConsumerTarget {
+    pub min: u32,
+    pub max: u32,
+}
+
+/// A stream manager's change of a tenant's consumers, and what it saw when it decided.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct ScalingDecision {
+    /// When (RFC 3339).
+    pub at: String,
+    /// The stream manager that decided (its host and process).
+    pub replica: String,
+    pub from: u32,
+    pub to: u32,
+    /// Messages ready in the tenant's queue.
+    pub queue_depth: u64,
+    /// The highest publish-to-stored latency of this manager's batches since its last look.
+    pub max_latency_ms: u64,
+    pub reason: String,
+}
+
+/// `GET /v1/tenants/{t}/stream`: the consumers running in the stream manager that answered,
+/// the target every manager follows, and the tenant's stream ingestions as the log counts
+/// them (the same whichever manager answers).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct StreamStatus {
     pub consumers: u32,
-    pub since_start: SinceStart,
+    /// `null` once stopped (or never started).
+    pub target: Option<ConsumerTarget>,
+    pub logged: StreamCounts,
 }
 
+/// Stream log entries by status: documents stored, duplicates, failed inputs, skipped.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
-pub struct SinceStart {
+pub struct StreamCounts {
     pub stored: u64,
     pub duplicates: u64,
     pub failed: u64,
-    pub dead_lettered: u64,
+    pub skipped: u64,
 }
 
 /// A message in a tenant's dead-letter queue, as the tenant lists it.
@@ -187,6 +221,10 @@ pub struct Replayed {
 pub struct StreamReportAnswer {
     pub tenant: String,
     pub periods: Vec<StreamPeriod>,
+    /// The stream managers' latest changes of the tenant's consumers (at most 200), oldest
+    /// first.
+    #[serde(default)]
+    pub scaling: Vec<ScalingDecision>,
 }
 
 /// `GET /v1/logs/summary` (admin).

@@ -415,22 +415,49 @@ impl Client {
         .await
     }
 
-    /// Consumers running and what they ingested since the stream component started.
+    /// The consumers running in the stream manager that answers, the tenant's target, and
+    /// its stream ingestions as the log counts them.
     pub async fn stream_status(&self, tenant: &str) -> Result<StreamStatus, ClientError> {
         self.get_as(&format!("/v1/tenants/{}/stream", enc(tenant)))
             .await
     }
 
+    /// As [`Client::stream_status`], counting the log's entries from `since` (RFC 3339) on.
+    pub async fn stream_status_since(
+        &self,
+        tenant: &str,
+        since: &str,
+    ) -> Result<StreamStatus, ClientError> {
+        self.get_as(&format!(
+            "/v1/tenants/{}/stream?since={}",
+            enc(tenant),
+            enc(since)
+        ))
+        .await
+    }
+
+    /// `consumers` consumers of the tenant's queue in every stream manager.
     pub async fn stream_start(
         &self,
         tenant: &str,
         consumers: u32,
     ) -> Result<Consumers, ClientError> {
+        self.stream_start_range(tenant, consumers, consumers).await
+    }
+
+    /// `min` consumers in every stream manager, up to `max` while the queue backs up.
+    pub async fn stream_start_range(
+        &self,
+        tenant: &str,
+        min: u32,
+        max: u32,
+    ) -> Result<Consumers, ClientError> {
         self.send_json(
             Method::POST,
             &format!("/v1/tenants/{}/stream/start", enc(tenant)),
             &StartConsumers {
-                consumers: Some(consumers),
+                consumers: Some(min),
+                max_consumers: (max != min).then_some(max),
             },
         )
         .await

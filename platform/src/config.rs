@@ -514,6 +514,21 @@ pub struct StreamSettings {
     pub max_deliveries: u32,
     /// Message bytes a consumer's batch holds at most (it may pass this by one message).
     pub max_batch_bytes: usize,
+    /// How often each stream manager reads the tenants' consumer targets (kept by coredms,
+    /// set by `stream/start` on any manager) and looks at the queues of tenants whose target
+    /// is a range.
+    pub reconcile_ms: u64,
+    /// A manager adds a consumer (up to the tenant's `max_consumers`) when the queue held more
+    /// ready messages than this, or a batch took longer than `scale_up_latency_ms` from
+    /// publish to stored, at `scale_up_ticks` looks in a row.
+    pub scale_up_depth: u64,
+    pub scale_up_latency_ms: u64,
+    pub scale_up_ticks: u32,
+    /// It removes one (down to `consumers`) when the queue held at most `scale_down_depth`
+    /// ready messages at `scale_down_ticks` looks in a row: slower down than up, so a load
+    /// that comes and goes does not make consumers flap.
+    pub scale_down_depth: u64,
+    pub scale_down_ticks: u32,
 }
 
 impl Default for StreamSettings {
@@ -528,6 +543,12 @@ impl Default for StreamSettings {
             report_period_s: 60,
             max_deliveries: 5,
             max_batch_bytes: 4 * 1024 * 1024,
+            reconcile_ms: 1000,
+            scale_up_depth: 2000,
+            scale_up_latency_ms: 2000,
+            scale_up_ticks: 2,
+            scale_down_depth: 10,
+            scale_down_ticks: 10,
         }
     }
 }
@@ -596,6 +617,11 @@ impl Settings {
                 self.http.max_in_flight_per_tenant,
             ),
             ("http.rpc_chunk_bytes", self.http.rpc_chunk_bytes),
+            ("stream.scale_up_ticks", self.stream.scale_up_ticks as usize),
+            (
+                "stream.scale_down_ticks",
+                self.stream.scale_down_ticks as usize,
+            ),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -611,6 +637,12 @@ impl Settings {
         self.apps.check().map_err(ConfigError::Invalid)?;
         check_max_file_bytes(self.limits.max_file_bytes)
             .map_err(|e| ConfigError::Invalid(format!("limits.{e}")))?;
+        if !(50..=60_000).contains(&self.stream.reconcile_ms) {
+            return Err(ConfigError::Invalid(format!(
+                "stream.reconcile_ms must be 50 to 60000, not {}",
+                self.stream.reconcile_ms
+            )));
+        }
         if self.batch.lease_ms < 300 {
             return Err(ConfigError::Invalid(format!(
                 "batch.lease_ms must be at least 300, not {}",

@@ -98,3 +98,39 @@ impl DeadLettered<'_> {
         );
     }
 }
+
+/// A stream manager changed how many consumers of a tenant's queue it runs: to follow the
+/// tenant's target (`stream/start`, `stream/stop`, another manager's start) or by its
+/// elastic controller.
+pub struct ConsumersChanged<'a> {
+    pub tenant: &'a str,
+    pub from: u32,
+    pub to: u32,
+    pub queue_depth: Option<u64>,
+    pub by_controller: bool,
+    pub reason: &'a str,
+}
+
+impl ConsumersChanged<'_> {
+    pub fn emit(&self, m: &Metrics) {
+        tracing::info!(
+            tenant = self.tenant,
+            from = self.from,
+            to = self.to,
+            queue_depth = self.queue_depth,
+            reason = self.reason,
+            "stream consumers changed"
+        );
+        let cause = if self.by_controller {
+            "controller"
+        } else {
+            "target"
+        };
+        let (name, n) = if self.to >= self.from {
+            ("mysimbdp_consumers_added_total", self.to - self.from)
+        } else {
+            ("mysimbdp_consumers_removed_total", self.from - self.to)
+        };
+        m.add(name, self.tenant, "stream", cause, u64::from(n));
+    }
+}

@@ -196,6 +196,10 @@ pub async fn start(settings: Settings, component: Component) -> Result<Arc<Platf
             metrics.clone(),
             shutdown.clone(),
         ));
+        // Every stream manager follows the tenants' consumer targets, whichever took them.
+        tasks.push(tokio::spawn(
+            manager.clone().reconcile_forever(broker.clone()),
+        ));
         public.push(stream::router(StreamApi {
             broker,
             manager: manager.clone(),

@@ -36,6 +36,14 @@ const COUNTERS: &[(&str, &str)] = &[
         "Stream messages moved to the dead-letter queue",
     ),
     (
+        "mysimbdp_consumers_added_total",
+        "Stream consumers a stream manager started, by tenant and cause (target, controller)",
+    ),
+    (
+        "mysimbdp_consumers_removed_total",
+        "Stream consumers a stream manager stopped, by tenant and cause (target, controller)",
+    ),
+    (
         "mysimbdp_http_rejected_total",
         "HTTP requests refused or cut off, by reason (tenant_limit, busy, body_timeout, request_timeout)",
     ),

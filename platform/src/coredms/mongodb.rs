@@ -14,6 +14,7 @@ use mongodb::{Client, Collection, IndexModel};
 use super::{
     CoreError, bson_err, buckets, document_entry, entry_document, log_entries, log_id, prepare,
 };
+use crate::api::{ConsumerTarget, ScalingDecision, StreamCounts};
 use crate::config::MongoSettings;
 use crate::logs::{LogEntry, LogFilter, Status};
 use crate::model::{
@@ -1115,6 +1116,150 @@ impl MongoStore {
             .tenant_collection(tenant, collection)
             .count_documents(doc! {})
             .await?)
+    }
+}
+
+/// How many of a tenant's consumer changes the stream report keeps.
+const SCALING_KEPT: i32 = 200;
+
+impl MongoStore {
+    /// Tenants' consumer targets and their stream managers' latest changes, one document
+    /// per tenant that ever started consumers.
+    fn stream_targets_coll(&self) -> Collection<Document> {
+        self.client
+            .database(&format!("{}customers", self.namespace))
+            .collection("stream_targets")
+    }
+
+    pub async fn stream_targets(&self) -> Result<Vec<(TenantName, ConsumerTarget)>, CoreError> {
+        let mut cursor = self
+            .stream_targets_coll()
+            .find(doc! {"target": {"$ne": null}})
+            .projection(doc! {"target": 1})
+            .await?;
+        let mut out = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            let (Ok(name), Ok(target)) = (d.get_str("_id"), d.get_document("target")) else {
+                continue;
+            };
+            let (Ok(tenant), Ok(target)) = (
+                TenantName::parse(name),
+                bson::from_document::<ConsumerTarget>(target.clone()),
+            ) else {
+                tracing::warn!(tenant = name, "unreadable consumer target ignored");
+                continue;
+            };
+            out.push((tenant, target));
+        }
+        Ok(out)
+    }
+
+    pub async fn stream_target(
+        &self,
+        tenant: &TenantName,
+    ) -> Result<Option<ConsumerTarget>, CoreError> {
+        let d = self
+            .stream_targets_coll()
+            .find_one(doc! {"_id": tenant.as_str()})
+            .projection(doc! {"target": 1})
+            .await?;
+        Ok(d.and_then(|d| d.get_document("target").ok().cloned())
+            .and_then(|t| bson::from_document(t).ok()))
+    }
+
+    pub async fn set_stream_target(
+        &self,
+        tenant: &TenantName,
+        target: Option<ConsumerTarget>,
+    ) -> Result<(), CoreError> {
+        let target = match target {
+            Some(t) => bson::to_bson(&t).map_err(bson_err)?,
+            None => bson::Bson::Null,
+        };
+        self.stream_targets_coll()
+            .update_one(
+                doc! {"_id": tenant.as_str()},
+                doc! {"$set": {"target": target, "updated_at": DateTime::now()}},
+            )
+            .upsert(true)
+            .write_concern(self.write_concern.clone())
+            .await?;
+        Ok(())
+    }
+
+    pub async fn record_scaling(
+        &self,
+        tenant: &TenantName,
+        decision: ScalingDecision,
+    ) -> Result<(), CoreError> {
+        let d = bson::to_bson(&decision).map_err(bson_err)?;
+        self.stream_targets_coll()
+            .update_one(
+                doc! {"_id": tenant.as_str()},
+                doc! {"$push": {"decisions": {"$each": [d], "$slice": -SCALING_KEPT}}},
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn scaling(&self, tenant: &TenantName) -> Result<Vec<ScalingDecision>, CoreError> {
+        let Some(d) = self
+            .stream_targets_coll()
+            .find_one(doc! {"_id": tenant.as_str()})
+            .projection(doc! {"decisions": 1})
+            .await?
+        else {
+            return Ok(Vec::new());
+        };
+        let Ok(list) = d.get_array("decisions") else {
+            return Ok(Vec::new());
+        };
+        Ok(list
+            .iter()
+            .filter_map(|b| bson::from_bson(b.clone()).ok())
+            .collect())
+    }
+
+    /// Counted by the database, one group per status. Stream entries are documents of their
+    /// own (batch entries are bucketed), so each counts once.
+    pub async fn stream_counts(
+        &self,
+        tenant: &TenantName,
+        since_ms: Option<i64>,
+    ) -> Result<StreamCounts, CoreError> {
+        let mut m = doc! {"tenant": tenant.as_str()};
+        if let Some(ms) = since_ms {
+            m.insert("timestamp", doc! {"$gte": DateTime::from_millis(ms)});
+        }
+        m.insert(
+            "source",
+            crate::logs::source_str(crate::logs::Source::Stream),
+        );
+        let mut cursor = self
+            .logs()
+            .aggregate([
+                doc! {"$match": m},
+                doc! {"$group": {"_id": "$status", "n": {"$sum": 1}}},
+            ])
+            .await?;
+        let mut out = StreamCounts::default();
+        while let Some(g) = cursor.try_next().await? {
+            let n = match g.get("n") {
+                Some(bson::Bson::Int32(n)) => u64::try_from(*n).unwrap_or(0),
+                Some(bson::Bson::Int64(n)) => u64::try_from(*n).unwrap_or(0),
+                Some(bson::Bson::Double(n)) => *n as u64,
+                _ => 0,
+            };
+            match g.get_str("_id").ok().and_then(|s| s.parse::<Status>().ok()) {
+                Some(Status::Success) => out.stored += n,
+                Some(Status::Duplicate) => out.duplicates += n,
+                Some(Status::Failure) => out.failed += n,
+                Some(Status::Skipped) => out.skipped += n,
+                None => {}
+            }
+        }
+        Ok(out)
     }
 }
 

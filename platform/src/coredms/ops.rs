@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::{CoreDms, CoreError, MongoStore};
+use crate::api::{ConsumerTarget, ScalingDecision, StreamCounts};
 use crate::model::{AppKind, BulkOutcome, BulkWrite, FileRecord, JobRecords, StoredApp};
 use crate::tenants::{AdminPatch, Constraints, Profile, TenantName};
 
@@ -58,7 +59,17 @@ macro_rules! by_value {
 }
 
 by_ref!(TenantName => TenantName, String => str, BulkWrite => BulkWrite, FileRecord => FileRecord, Vec<String> => [String]);
-by_value!(Constraints, AdminPatch, AppKind, i64, u64, u32);
+by_value!(
+    Constraints,
+    AdminPatch,
+    AppKind,
+    i64,
+    u64,
+    u32,
+    Option<i64>,
+    Option<ConsumerTarget>,
+    ScalingDecision
+);
 
 macro_rules! operations {
     (@remote $r:ident, $name:ident, [], $($arg:ident: $ty:ty),*) => {
@@ -147,6 +158,17 @@ operations! {
     /// A page of a tenant's documents in id order, as JSON (ids and dates as strings).
     fn documents(tenant: TenantName, collection: String, limit: i64, skip: u64) -> Vec<serde_json::Value>;
     fn count_documents(tenant: TenantName, collection: String) -> u64;
+    /// The consumer target of every tenant that has one: what each stream manager runs.
+    fn stream_targets() -> Vec<(TenantName, ConsumerTarget)>;
+    fn stream_target(tenant: TenantName) -> Option<ConsumerTarget>;
+    /// Sets a tenant's consumer target, or with `None` removes it (its consumers stop).
+    fn set_stream_target(tenant: TenantName, target: Option<ConsumerTarget>) -> ();
+    /// Keeps a stream manager's change of a tenant's consumers (the latest 200 are kept).
+    fn record_scaling(tenant: TenantName, decision: ScalingDecision) -> ();
+    /// The tenant's latest changes of consumers, oldest first.
+    fn scaling(tenant: TenantName) -> Vec<ScalingDecision>;
+    /// The tenant's stream log entries by status, those since `since_ms` (ms since the epoch) if given.
+    fn stream_counts(tenant: TenantName, since_ms: Option<i64>) -> StreamCounts;
 }
 
 #[cfg(test)]

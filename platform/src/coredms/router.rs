@@ -411,7 +411,8 @@ struct ReportQuery {
 }
 
 /// Per period: messages stored, failures, duplicates, skipped, bytes, average and p99
-/// ingestion time, from the log.
+/// ingestion time, from the log; and the stream managers' latest changes of the tenant's
+/// consumers.
 #[utoipa::path(
     get,
     path = "/v1/tenants/{t}/stream/report",
@@ -446,9 +447,11 @@ async fn stream_report(
     while let Some(e) = cursor.next().await {
         r.add(&e?);
     }
+    let scaling = p.store.scaling(&t).await?;
     Ok(Json(StreamReportAnswer {
         tenant: t.to_string(),
         periods: r.periods(),
+        scaling,
     })
     .into_response())
 }

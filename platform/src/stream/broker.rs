@@ -1,6 +1,7 @@
 //! The data broker: per-tenant RabbitMQ topology, publishing with publisher confirms, and
 //! dead-lettering with a reason.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -347,6 +348,39 @@ impl Broker {
             .ok_or_else(|| BrokerError::Unavailable("no connection".into()))?
             .create_channel()
             .await?)
+    }
+
+    /// Messages ready in each tenant's queue (declared passively: a queue that is missing is
+    /// left out), on one channel of its own.
+    pub async fn queue_depths(
+        &self,
+        tenants: &[TenantName],
+    ) -> Result<HashMap<TenantName, u64>, BrokerError> {
+        let mut out = HashMap::with_capacity(tenants.len());
+        let mut ch = None;
+        for t in tenants {
+            let c = match ch.take() {
+                Some(c) => c,
+                None => self.own_channel().await?,
+            };
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            let queue = self.topology(t).queue;
+            // A failed passive declare closes the channel: the next tenant opens another.
+            if let Ok(q) = c
+                .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+            {
+                out.insert(t.clone(), u64::from(q.message_count()));
+                ch = Some(c);
+            }
+        }
+        if let Some(c) = ch {
+            let _ = c.close(200, "queue depths read".into()).await;
+        }
+        Ok(out)
     }
 
     /// Up to `limit` of a tenant's dead letters, oldest first, left in the queue: they are

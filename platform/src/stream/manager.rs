@@ -14,11 +14,13 @@ use lapin::types::AMQPValue;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::broker::{self, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
+use super::broker::{self, Broker, BrokerError, HEADER_DATA_NAME, HEADER_PUBLISHED_US, Topology};
 use super::connections::ConsumerConnections;
+use super::control::{Control, Seen};
+use crate::api::{ConsumerTarget, ScalingDecision};
 use crate::config::{AmqpSettings, StreamSettings};
 use crate::coredms::{CoreDms, CoreError};
-use crate::events::{DeadLettered, Ingested};
+use crate::events::{ConsumersChanged, DeadLettered, Ingested};
 use crate::logs::Source;
 use crate::metrics::Metrics;
 use crate::model::{AppKind, BulkWrite, InputRef, now_us};
@@ -56,6 +58,13 @@ struct Consumer {
 pub struct StreamManager {
     ctx: Arc<Ctx>,
     consumers: Mutex<HashMap<TenantName, Vec<Consumer>>>,
+    /// The elastic controller of each tenant whose target is a range.
+    control: std::sync::Mutex<HashMap<TenantName, Control>>,
+    /// This manager, as its decisions name it: host (the pod, under Kubernetes) and process.
+    replica: String,
+    /// Held by a look at the targets and by a start or stop, so that a look that read the
+    /// targets before a start was stored never undoes it.
+    turn: Mutex<()>,
     shutdown: CancellationToken,
 }
 
@@ -71,6 +80,9 @@ struct Ctx {
     /// how often, and the last error. Such a message is retried alone, and dead-lettered
     /// after `max_deliveries`, so one message can never make its queue loop forever.
     attempts: std::sync::Mutex<HashMap<TenantName, HashMap<String, Attempt>>>,
+    /// Per tenant, the highest publish-to-stored latency (ms) of a batch since the elastic
+    /// controller last looked.
+    latency: std::sync::Mutex<HashMap<TenantName, u64>>,
 }
 
 #[derive(Clone)]
@@ -122,37 +134,202 @@ impl StreamManager {
                 apps,
                 metrics,
                 attempts: std::sync::Mutex::new(HashMap::new()),
+                latency: std::sync::Mutex::new(HashMap::new()),
             }),
             consumers: Mutex::new(HashMap::new()),
+            control: std::sync::Mutex::new(HashMap::new()),
+            replica: replica_name(),
+            turn: Mutex::new(()),
             shutdown,
         }
     }
 
-    /// Sets the number of consumers of a tenant's queue, starting or stopping some.
-    pub async fn scale(&self, tenant: &TenantName, n: u32) -> u32 {
+    /// Starts consumers up to `n`, or takes those past `n` out (for the caller to stop);
+    /// the consumers now running.
+    async fn resize(&self, tenant: &TenantName, n: u32) -> (u32, Vec<Consumer>) {
         let n = n.min(self.ctx.settings.max_consumers) as usize;
-        let (stopping, running) = {
-            let mut all = self.consumers.lock().await;
-            let list = all.entry(tenant.clone()).or_default();
-            list.retain(|c| !c.task.is_finished());
-            let stopping = list.split_off(n.min(list.len()));
-            while list.len() < n {
-                let cancel = self.shutdown.child_token();
-                let ctx = self.ctx.clone();
-                let t = tenant.clone();
-                let c = cancel.clone();
-                let task = tokio::spawn(async move { consume_forever(ctx, t, c).await });
-                list.push(Consumer { cancel, task });
+        let mut all = self.consumers.lock().await;
+        let list = all.entry(tenant.clone()).or_default();
+        list.retain(|c| !c.task.is_finished());
+        let stopping = list.split_off(n.min(list.len()));
+        while list.len() < n {
+            let cancel = self.shutdown.child_token();
+            let ctx = self.ctx.clone();
+            let t = tenant.clone();
+            let c = cancel.clone();
+            let task = tokio::spawn(async move { consume_forever(ctx, t, c).await });
+            list.push(Consumer { cancel, task });
+        }
+        let running = list.len() as u32;
+        if running == 0 {
+            all.remove(tenant);
+        }
+        (running, stopping)
+    }
+
+    /// `stream/start` on this manager: the tenant's target stored (every manager follows
+    /// it from its next look) and its consumers here brought within it now.
+    pub async fn start(
+        &self,
+        tenant: &TenantName,
+        target: ConsumerTarget,
+    ) -> Result<u32, CoreError> {
+        let _turn = self.turn.lock().await;
+        self.ctx
+            .coredms
+            .set_stream_target(tenant, Some(target))
+            .await?;
+        let running = self.running(tenant).await;
+        let to = running.clamp(target.min, target.max);
+        let reason = format!("stream/start: target {}..{}", target.min, target.max);
+        Ok(self
+            .change(tenant, running, to, None, false, &reason, true)
+            .await)
+    }
+
+    /// `stream/stop` on this manager: the tenant's target removed (every manager stops its
+    /// consumers at its next look) and its consumers here stopped now, each finishing its
+    /// batch.
+    pub async fn stop(&self, tenant: &TenantName) -> Result<u32, CoreError> {
+        let _turn = self.turn.lock().await;
+        self.ctx.coredms.set_stream_target(tenant, None).await?;
+        let running = self.running(tenant).await;
+        Ok(self
+            .change(tenant, running, 0, None, false, "stream/stop", true)
+            .await)
+    }
+
+    /// Changes a tenant's consumers from `from` to `to`, says so (tracing, metrics and the
+    /// tenant's stream report) and, if `wait`, waits for those stopping. A change of nothing
+    /// is not one.
+    #[expect(clippy::too_many_arguments, reason = "one decision, said in full")]
+    async fn change(
+        &self,
+        tenant: &TenantName,
+        from: u32,
+        to: u32,
+        seen: Option<Seen>,
+        by_controller: bool,
+        reason: &str,
+        wait: bool,
+    ) -> u32 {
+        let (running, stopping) = self.resize(tenant, to).await;
+        if running != from {
+            ConsumersChanged {
+                tenant: tenant.as_str(),
+                from,
+                to: running,
+                queue_depth: seen.and_then(|s| s.depth),
+                by_controller,
+                reason,
             }
-            (stopping, list.len() as u32)
+            .emit(&self.ctx.metrics);
+            let decision = ScalingDecision {
+                at: mongodb::bson::DateTime::now()
+                    .try_to_rfc3339_string()
+                    .unwrap_or_default(),
+                replica: self.replica.clone(),
+                from,
+                to: running,
+                queue_depth: seen.and_then(|s| s.depth).unwrap_or(0),
+                max_latency_ms: seen.map_or(0, |s| s.max_latency_ms),
+                reason: reason.to_owned(),
+            };
+            if let Err(e) = self.ctx.coredms.record_scaling(tenant, decision).await {
+                tracing::warn!(tenant = %tenant, error = %e, "could not record a change of consumers");
+            }
+        }
+        let stop = async move {
+            for c in stopping {
+                c.cancel.cancel();
+                stop_within(c.task, CONSUMER_STOP).await;
+            }
         };
-        // Outside the lock: a consumer finishing its batch never holds up another tenant's
-        // start, stop or status.
-        for c in stopping {
-            c.cancel.cancel();
-            stop_within(c.task, CONSUMER_STOP).await;
+        if wait {
+            stop.await;
+        } else {
+            // The next look must not wait for a consumer finishing its batch.
+            tokio::spawn(stop);
         }
         running
+    }
+
+    /// Follows the tenants' targets until shutdown: every `stream.reconcile_ms`, the targets
+    /// from coredms, each tenant's consumers here brought within its target, and the elastic
+    /// controller run for tenants whose target is a range. When coredms does not answer,
+    /// the consumers stay as they are.
+    pub async fn reconcile_forever(self: Arc<Self>, broker: Arc<Broker>) {
+        let every = Duration::from_millis(self.ctx.settings.reconcile_ms.max(1));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            let _turn = self.turn.lock().await;
+            match self.ctx.coredms.stream_targets().await {
+                Ok(targets) => {
+                    warned = false;
+                    self.reconcile(&broker, targets).await;
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "cannot read the tenants' consumer targets; consumers stay as they are");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    async fn reconcile(&self, broker: &Broker, targets: Vec<(TenantName, ConsumerTarget)>) {
+        let targets: HashMap<TenantName, ConsumerTarget> = targets.into_iter().collect();
+        let here: Vec<TenantName> = self.consumers.lock().await.keys().cloned().collect();
+        for t in here.iter().filter(|t| !targets.contains_key(*t)) {
+            let running = self.running(t).await;
+            self.change(t, running, 0, None, false, "stopped: no target", false)
+                .await;
+        }
+        let elastic: Vec<TenantName> = targets
+            .iter()
+            .filter(|(_, g)| g.max > g.min)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let depths = if elastic.is_empty() {
+            HashMap::new()
+        } else {
+            broker.queue_depths(&elastic).await.unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "cannot read queue depths");
+                HashMap::new()
+            })
+        };
+        let latencies = self.ctx.take_latencies();
+        let mut control = std::mem::take(&mut *lock(&self.control));
+        for (t, target) in &targets {
+            let running = self.running(t).await;
+            let seen = Seen {
+                depth: depths.get(t).copied(),
+                max_latency_ms: latencies.get(t).copied().unwrap_or(0),
+            };
+            let c = control.entry(t.clone()).or_default();
+            let Some(change) = c.step(running, *target, seen, &self.ctx.settings) else {
+                continue;
+            };
+            let by_controller = (target.min..=target.max).contains(&running);
+            self.change(
+                t,
+                running,
+                change.to,
+                Some(seen),
+                by_controller,
+                &change.reason,
+                false,
+            )
+            .await;
+        }
+        control.retain(|t, _| targets.get(t).is_some_and(|g| g.max > g.min));
+        *lock(&self.control) = control;
     }
 
     pub async fn running(&self, tenant: &TenantName) -> u32 {
@@ -176,6 +353,24 @@ impl StreamManager {
         }
         self.ctx.connections.close().await;
     }
+}
+
+/// This process as its decisions name it: `HOSTNAME` (a pod's name under Kubernetes) or the
+/// kernel's host name, and the process id.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}/{}", std::process::id())
+}
+
+/// A lock that a panicking holder did not spoil: the maps behind it stay consistent at
+/// every step.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Consumes until cancelled, reconnecting with backoff. Unacknowledged messages go back to
@@ -530,6 +725,18 @@ fn message_id(d: &Delivery) -> String {
 }
 
 impl Ctx {
+    /// A batch of `tenant` stored `ms` after its oldest message was published.
+    fn note_latency(&self, tenant: &TenantName, ms: u64) {
+        let mut m = lock(&self.latency);
+        let worst = m.entry(tenant.clone()).or_insert(0);
+        *worst = (*worst).max(ms);
+    }
+
+    /// The highest latency of each tenant since the last call.
+    fn take_latencies(&self) -> HashMap<TenantName, u64> {
+        std::mem::take(&mut *lock(&self.latency))
+    }
+
     fn has_attempts(&self, tenant: &TenantName) -> bool {
         self.attempts
             .lock()
@@ -757,6 +964,16 @@ async fn commit(
         }
         Err(e) => return Err(Failed::NotStored(e)),
     };
+    if let Some(oldest) = batch
+        .iter()
+        .filter_map(|d| header_i64(d, HEADER_PUBLISHED_US))
+        .min()
+    {
+        ctx.note_latency(
+            tenant,
+            u64::try_from((now_us() - oldest) / 1000).unwrap_or(0),
+        );
+    }
     // Every message with a failed input or a document the database refused goes to the
     // dead-letter queue once, with the first reason.
     let mut dead: Vec<(usize, &str)> = failed_inputs

@@ -3,6 +3,7 @@
 
 pub mod broker;
 mod connections;
+mod control;
 mod manager;
 
 use std::sync::Arc;
@@ -21,7 +22,7 @@ pub use broker::{Broker, BrokerError, Topology};
 pub use manager::StreamManager;
 
 use crate::api::{
-    self, Consumers, DeadLetters, ErrorBody, Replayed, SinceStart, StartConsumers, StreamStatus,
+    self, ConsumerTarget, Consumers, DeadLetters, ErrorBody, Replayed, StartConsumers, StreamStatus,
 };
 use crate::config::StreamSettings;
 use crate::coredms::CoreDms;
@@ -353,7 +354,9 @@ async fn publish(
         .into_response())
 }
 
-/// Starts (or scales to) `consumers` consumers of the tenant's queue in this process.
+/// Sets the tenant's consumer target, which every stream manager follows: `consumers` each
+/// (default 1), up to `max_consumers` (default `consumers`) while the queue backs up. The
+/// manager that answers applies it at once, the others within `stream.reconcile_ms`.
 #[utoipa::path(
     post,
     path = "/v1/tenants/{t}/stream/start",
@@ -361,7 +364,7 @@ async fn publish(
     params(("t" = String, Path, description = "the tenant's name")),
     request_body(content = Option<StartConsumers>, description = "optional: no body starts one consumer"),
     responses(
-        (status = 200, description = "the consumers now running", body = Consumers),
+        (status = 200, description = "the consumers now running in the manager that answered", body = Consumers),
         (status = 400, description = "malformed JSON, or a count out of range", body = ErrorBody),
         (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
         (status = 413, description = "a body over the limit", body = ErrorBody),
@@ -395,27 +398,36 @@ async fn start(
         json_object(value)?
     };
     let t = caller.for_tenant(&t)?;
-    let m = &p.manager;
     p.coredms.tenant(&t).await?;
-    let want = body.consumers.unwrap_or(1);
-    let max = p.settings.max_consumers;
-    if want == 0 || want > max {
-        return Err(ApiError::bad_request(format!(
-            "consumers must be between 1 and {max}"
-        )));
-    }
-    let consumers = m.scale(&t, want).await;
+    let target = consumer_target(&body, p.settings.max_consumers).map_err(ApiError::bad_request)?;
+    let consumers = p.manager.start(&t, target).await?;
     Ok(Json(Consumers { consumers }).into_response())
 }
 
-/// Stops the tenant's consumers in this process.
+/// The target a start asks for, within 1 and `max` (`stream.max_consumers`).
+fn consumer_target(body: &StartConsumers, max: u32) -> Result<ConsumerTarget, String> {
+    let min = body.consumers.unwrap_or(1);
+    let most = body.max_consumers.unwrap_or(min);
+    if min == 0 || min > max {
+        return Err(format!("consumers must be between 1 and {max}"));
+    }
+    if most < min || most > max {
+        return Err(format!(
+            "max_consumers must be between consumers ({min}) and {max}"
+        ));
+    }
+    Ok(ConsumerTarget { min, max: most })
+}
+
+/// Removes the tenant's consumer target: the manager that answers stops its consumers at
+/// once (each finishing its batch), the others within `stream.reconcile_ms`.
 #[utoipa::path(
     post,
     path = "/v1/tenants/{t}/stream/stop",
     tag = "stream",
     params(("t" = String, Path, description = "the tenant's name")),
     responses(
-        (status = 200, description = "no consumer left", body = Consumers),
+        (status = 200, description = "no consumer left in the manager that answered", body = Consumers),
         (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
     ),
     security(("tenant" = []), ("admin" = []))
@@ -426,7 +438,7 @@ async fn stop(
     PathArgs(t): PathArgs<String>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let consumers = p.manager.scale(&t, 0).await;
+    let consumers = p.manager.stop(&t).await?;
     Ok(Json(Consumers { consumers }).into_response())
 }
 
@@ -505,14 +517,25 @@ async fn replay(
     Ok(Json(Replayed { replayed }).into_response())
 }
 
-/// The consumers running in this process, and what they did since it started.
+#[derive(Deserialize, Default, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct StatusQuery {
+    /// Count only entries from this time on (RFC 3339).
+    #[param(format = DateTime)]
+    since: Option<String>,
+}
+
+/// The consumers running in the stream manager that answered, the target every manager
+/// follows, and the tenant's stream ingestions as the log counts them.
 #[utoipa::path(
     get,
     path = "/v1/tenants/{t}/stream",
     tag = "stream",
-    params(("t" = String, Path, description = "the tenant's name")),
+    params(("t" = String, Path, description = "the tenant's name"), StatusQuery),
     responses(
-        (status = 200, description = "consumers and counts", body = StreamStatus),
+        (status = 200, description = "consumers, target and counts", body = StreamStatus),
+        (status = 400, description = "a time that does not parse", body = ErrorBody),
         (status = 404, description = "no such tenant (or another tenant's)", body = ErrorBody),
     ),
     security(("tenant" = []), ("admin" = []))
@@ -521,18 +544,26 @@ async fn stream_status(
     State(p): State<StreamApi>,
     caller: Caller,
     PathArgs(t): PathArgs<String>,
+    QueryArgs(q): QueryArgs<StatusQuery>,
 ) -> Result<Response, ApiError> {
     let t = caller.for_tenant(&t)?;
-    let consumers = p.manager.running(&t).await;
-    let count = |name, status| p.metrics.get(name, t.as_str(), "stream", status);
+    let since = crate::logs::LogQuery {
+        since: q.since,
+        ..Default::default()
+    }
+    .parse()
+    .map_err(ApiError::bad_request)?
+    .since
+    .map(|d| d.timestamp_millis());
+    p.coredms.tenant(&t).await?;
+    let (target, logged) = tokio::try_join!(
+        p.coredms.stream_target(&t),
+        p.coredms.stream_counts(&t, since)
+    )?;
     Ok(Json(StreamStatus {
-        consumers,
-        since_start: SinceStart {
-            stored: count("mysimbdp_ingested_total", "success"),
-            duplicates: count("mysimbdp_ingested_total", "duplicate"),
-            failed: count("mysimbdp_ingested_total", "failure"),
-            dead_lettered: count("mysimbdp_dead_lettered_total", "failure"),
-        },
+        consumers: p.manager.running(&t).await,
+        target,
+        logged,
     })
     .into_response())
 }

@@ -135,6 +135,23 @@ impl TestApp {
     pub async fn logs(&self, client: &Client, tenant: &str, query: &str) -> Vec<LogEntry> {
         client.logs(tenant, query).await.expect("log download")
     }
+
+    /// A stream counter of this process for the tenant (from the admin's `/metrics`): what
+    /// its consumers did, deliveries included, where the log counts each ingestion once.
+    pub async fn stream_metric(&self, name: &str, tenant: &str, status: &str) -> u64 {
+        let r = self
+            .admin
+            .raw(reqwest::Method::GET, "/metrics", None, Vec::new())
+            .await
+            .expect("metrics");
+        let text = String::from_utf8_lossy(&r.body);
+        let series =
+            format!("{name}{{tenant=\"{tenant}\",source=\"stream\",status=\"{status}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for TestApp {

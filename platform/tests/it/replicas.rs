@@ -357,13 +357,15 @@ impl Proc {
     }
 }
 
-/// coredms and `n` batch managers sharing one staging directory, in their own namespace.
+/// coredms and `n` batch managers sharing one staging directory, and stream managers, in
+/// their own namespace.
 struct Replicas {
     infra: Infra,
     ns: String,
     dir: PathBuf,
     coredms: Proc,
     batch: Vec<Proc>,
+    stream: Vec<Proc>,
     overrides: Vec<String>,
 }
 
@@ -398,6 +400,7 @@ impl Replicas {
             dir,
             coredms,
             batch: Vec::new(),
+            stream: Vec::new(),
             overrides,
         };
         for _ in 0..n {
@@ -411,6 +414,26 @@ impl Replicas {
         let log = self.dir.join(format!("batch-{}.log", self.batch.len()));
         let p = Proc::start("batch", &self.overrides, &self.infra, log).await;
         self.batch.push(p);
+    }
+
+    /// One more stream manager over the same coredms and broker.
+    async fn add_stream(&mut self) {
+        let log = self.dir.join(format!("stream-{}.log", self.stream.len()));
+        let p = Proc::start("stream", &self.overrides, &self.infra, log).await;
+        self.stream.push(p);
+    }
+
+    /// A client whose message and consumer requests go to stream manager `i`.
+    fn stream_client(&self, i: usize, token: &str) -> Client {
+        let s = self.stream[i].url();
+        Client::split(
+            &self.coredms.url(),
+            Split {
+                batch: s.clone(),
+                stream: s,
+            },
+            Some(token),
+        )
     }
 
     /// A client whose file requests go to batch manager `i`.
@@ -447,11 +470,15 @@ impl Replicas {
 
     fn logs_of_all(&self) -> String {
         let mut out = String::new();
-        for i in 0..self.batch.len() {
-            let p = self.dir.join(format!("batch-{i}.log"));
+        let procs = self.batch.iter().map(|p| ("batch", p));
+        for (i, (what, p)) in procs
+            .chain(self.stream.iter().map(|p| ("stream", p)))
+            .enumerate()
+        {
             out.push_str(&format!(
-                "--- batch-{i}:\n{}\n",
-                std::fs::read_to_string(p).unwrap_or_default()
+                "--- {what} ({i}, {}):\n{}\n",
+                p.log.display(),
+                std::fs::read_to_string(&p.log).unwrap_or_default()
             ));
         }
         out
@@ -658,5 +685,195 @@ async fn a_batch_manager_killed_mid_file_loses_its_jobs_to_the_others_once_its_l
         (success, duplicate, all),
         (total, 0, total),
         "one success entry per record, none twice"
+    );
+}
+
+// ---- several stream managers, each its own process ----
+
+fn messages(from: usize, to: usize) -> Vec<u8> {
+    (from..to)
+        .flat_map(|i| format!("{{\"seq\": {i}}}\n").into_bytes())
+        .collect()
+}
+
+/// What every stream manager says of the tenant: (consumers running there, target, stored).
+async fn stream_views(
+    clients: &[Client],
+    t: &str,
+) -> Vec<(u32, Option<mysimbdp::api::ConsumerTarget>, u64)> {
+    let mut out = Vec::new();
+    for c in clients {
+        let s = c.stream_status(t).await.expect("stream status");
+        out.push((s.consumers, s.target, s.logged.stored));
+    }
+    out
+}
+
+#[tokio::test]
+async fn consumers_started_on_one_stream_manager_run_on_every_one_and_stop_from_any() {
+    use mysimbdp::api::ConsumerTarget;
+    let mut r = Replicas::start(0, &["stream.reconcile_ms=200"]).await;
+    r.add_stream().await;
+    r.add_stream().await;
+    let admin = r.stream_client(0, ADMIN_TOKEN);
+    let tenant = admin
+        .create_tenant("competing", AdminPatch::default())
+        .await
+        .expect("tenant");
+    let t = tenant.name.as_str();
+    let mut clients: Vec<Client> = (0..2).map(|i| r.stream_client(i, &tenant.token)).collect();
+    assert_eq!(
+        clients[0]
+            .stream_start(t, 2)
+            .await
+            .expect("start")
+            .consumers,
+        2,
+        "the manager asked starts its consumers at once"
+    );
+    let two = Some(ConsumerTarget { min: 2, max: 2 });
+    let all_run = eventually(Duration::from_secs(10), || async {
+        stream_views(&clients, t)
+            .await
+            .iter()
+            .all(|v| (v.0, v.1) == (2, two))
+    })
+    .await;
+    assert!(
+        all_run,
+        "every manager runs the target: {:?}\n{}",
+        stream_views(&clients, t).await,
+        r.logs_of_all()
+    );
+
+    // Published through either, consumed by whichever consumer gets each message.
+    for (i, c) in clients.iter().enumerate() {
+        c.publish(t, "reading", messages(i * 200, i * 200 + 200))
+            .await
+            .expect("publish");
+    }
+    let stored = eventually(Duration::from_secs(60), || async {
+        stream_views(&clients, t).await.iter().all(|v| v.2 == 400)
+    })
+    .await;
+    assert!(
+        stored,
+        "each manager counts the tenant's 400 stored messages from the log: {:?}",
+        stream_views(&clients, t).await
+    );
+    let (n, ids) = r.documents(&tenant.database, "messages").await;
+    assert_eq!((n, ids), (400, 400), "every message stored once");
+
+    // A manager that starts later follows the target it finds.
+    r.add_stream().await;
+    clients.push(r.stream_client(2, &tenant.token));
+    let joined = eventually(Duration::from_secs(10), || async {
+        stream_views(&clients[2..], t).await[0].0 == 2
+    })
+    .await;
+    assert!(joined, "a new manager starts the tenant's consumers");
+
+    // Stopped through another manager: every one stops.
+    assert_eq!(clients[1].stream_stop(t).await.expect("stop").consumers, 0);
+    let stopped = eventually(Duration::from_secs(10), || async {
+        stream_views(&clients, t)
+            .await
+            .iter()
+            .all(|v| (v.0, v.1) == (0, None))
+    })
+    .await;
+    assert!(
+        stopped,
+        "every manager stops: {:?}",
+        stream_views(&clients, t).await
+    );
+    let report = clients[0].stream_report(t).await.expect("report");
+    let replicas: std::collections::BTreeSet<&str> =
+        report.scaling.iter().map(|d| d.replica.as_str()).collect();
+    assert_eq!(
+        replicas.len(),
+        3,
+        "each manager's changes are in the report: {:?}",
+        report.scaling
+    );
+    assert!(
+        report
+            .scaling
+            .iter()
+            .any(|d| d.reason == "stream/stop" && d.from == 2 && d.to == 0),
+        "{:?}",
+        report.scaling
+    );
+}
+
+#[tokio::test]
+async fn a_backlog_makes_a_stream_manager_add_consumers_and_an_empty_queue_takes_them_away() {
+    // Small batches, so that one consumer takes a while over the backlog.
+    let app = TestApp::spawn_with(&[
+        "stream.reconcile_ms=200",
+        "stream.scale_up_depth=100",
+        "stream.scale_up_ticks=2",
+        "stream.scale_down_depth=0",
+        "stream.scale_down_ticks=5",
+        "stream.batch_size=5",
+        "stream.prefetch=5",
+    ])
+    .await;
+    let (t, c) = app.tenant("elastic").await;
+    let n = 3000;
+    for i in (0..n).step_by(500) {
+        c.publish(&t, "reading", messages(i, i + 500))
+            .await
+            .expect("publish");
+    }
+    assert_eq!(
+        c.stream_start_range(&t, 1, 3)
+            .await
+            .expect("start")
+            .consumers,
+        1
+    );
+    let mut most = 0;
+    let started = Instant::now();
+    let mut stored = 0;
+    while started.elapsed() < Duration::from_secs(120) {
+        let s = c.stream_status(&t).await.expect("status");
+        most = most.max(s.consumers);
+        stored = s.logged.stored;
+        if stored == n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stored, n as u64, "the backlog is stored");
+    assert_eq!(most, 3, "the backlog took the consumers to the maximum");
+    let back = eventually(Duration::from_secs(30), || async {
+        c.stream_status(&t).await.is_ok_and(|s| s.consumers == 1)
+    })
+    .await;
+    assert!(back, "an empty queue takes them back to the minimum");
+    let scaling = c.stream_report(&t).await.expect("report").scaling;
+    let ups: Vec<_> = scaling
+        .iter()
+        .filter(|d| d.to > d.from && d.from > 0)
+        .collect();
+    let downs: Vec<_> = scaling.iter().filter(|d| d.to < d.from).collect();
+    assert_eq!(ups.len(), 2, "{scaling:?}");
+    assert!(
+        ups.iter()
+            .all(|d| d.queue_depth > 100 || d.max_latency_ms > 2000),
+        "each addition saw the backlog: {scaling:?}"
+    );
+    assert_eq!(downs.len(), 2, "{scaling:?}");
+    assert!(downs.iter().all(|d| d.queue_depth == 0), "{scaling:?}");
+    assert_eq!(
+        app.stream_metric("mysimbdp_consumers_added_total", &t, "controller")
+            .await,
+        2
+    );
+    assert_eq!(
+        app.stream_metric("mysimbdp_consumers_removed_total", &t, "controller")
+            .await,
+        2
     );
 }

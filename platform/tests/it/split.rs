@@ -75,7 +75,12 @@ async fn a_split_deployment_ingests_batch_files_and_streams_over_http() {
     .await;
     let status = c.stream_status(&t.name).await.expect("stream status");
     assert_eq!(status.consumers, 1, "{status:?}");
-    assert_eq!(status.since_start.stored, 300, "{status:?}");
+    assert_eq!(status.logged.stored, 300, "{status:?}");
+    assert_eq!(
+        status.target,
+        Some(mysimbdp::api::ConsumerTarget { min: 1, max: 1 }),
+        "{status:?}"
+    );
 
     // The log, kept by coredms, has every ingestion of both managers.
     let logs = c.logs(&t.name, "status=success").await.expect("logs");
@@ -369,7 +374,7 @@ async fn messages_stored_once(
     eventually(Duration::from_secs(30), || async {
         c.stream_status(tenant)
             .await
-            .is_ok_and(|s| s.since_start.stored == n)
+            .is_ok_and(|s| s.logged.stored == n)
     })
     .await;
 }

@@ -183,13 +183,23 @@ enum FileCmd {
 
 #[derive(Subcommand)]
 enum StreamCmd {
-    /// Start (or scale to) the tenant's consumers in the stream manager.
-    #[command(after_help = "Example:\n  mysimbdp stream start alice --consumers 4")]
+    /// Run the tenant's consumers in every stream manager: `--consumers` each, up to
+    /// `--max-consumers` while its queue backs up.
+    #[command(
+        after_help = "Example:\n  mysimbdp stream start alice --consumers 1 --max-consumers 4"
+    )]
     Start {
         tenant: String,
         #[arg(long, default_value_t = 1)]
         consumers: u32,
+        /// Defaults to `--consumers` (a fixed count).
+        #[arg(long)]
+        max_consumers: Option<u32>,
     },
+    /// The consumers running in the stream manager that answers, the target, and the
+    /// tenant's stream ingestions as the log counts them.
+    #[command(after_help = "Example:\n  mysimbdp stream status alice")]
+    Status { tenant: String },
     /// Stop the tenant's consumers.
     #[command(after_help = "Example:\n  mysimbdp stream stop alice")]
     Stop { tenant: String },
@@ -302,9 +312,18 @@ async fn run(cli: Cli) -> Result<()> {
             print(&client.publish(&tenant, &data_name, data).await?, json);
         }
         Cmd::Stream { cmd } => match cmd {
-            StreamCmd::Start { tenant, consumers } => {
-                print(&client.stream_start(&tenant, consumers).await?, json)
+            StreamCmd::Start {
+                tenant,
+                consumers,
+                max_consumers,
+            } => {
+                let max = max_consumers.unwrap_or(consumers);
+                print(
+                    &client.stream_start_range(&tenant, consumers, max).await?,
+                    json,
+                )
             }
+            StreamCmd::Status { tenant } => print(&client.stream_status(&tenant).await?, json),
             StreamCmd::Stop { tenant } => print(&client.stream_stop(&tenant).await?, json),
             StreamCmd::Report { tenant } => print(&client.stream_report(&tenant).await?, json),
             StreamCmd::DeadLetters { tenant, limit } => {

@@ -3,7 +3,7 @@
 
 use mysimbdp::api::{
     AppUploaded, Consumers, CreatedTenant, DeadLetters, FileList, IngestStarted, Published,
-    Replayed, StreamReportAnswer, SummaryAnswer,
+    Replayed, StreamReportAnswer, StreamStatus, SummaryAnswer,
 };
 use mysimbdp::logs::status_str;
 use mysimbdp::model::FileRecord;
@@ -192,41 +192,82 @@ impl Show for Consumers {
     }
 }
 
-impl Show for StreamReportAnswer {
+impl Show for StreamStatus {
     fn show(&self) -> String {
-        if self.periods.is_empty() {
-            return format!("no stream ingestion logged for {}\n", self.tenant);
-        }
-        let rows: Vec<Vec<String>> = self
-            .periods
-            .iter()
-            .map(|p| {
-                vec![
-                    p.period_start.clone(),
-                    p.messages.to_string(),
-                    p.failures.to_string(),
-                    p.duplicates.to_string(),
-                    p.skipped.to_string(),
-                    p.bytes.to_string(),
-                    format!("{:.2}", p.avg_ingestion_ms),
-                    format!("{:.2}", p.p99_ingestion_ms),
-                ]
-            })
-            .collect();
-        table(
-            &[
-                "PERIOD",
-                "MESSAGES",
-                "FAILURES",
-                "DUPLICATES",
-                "SKIPPED",
-                "BYTES",
-                "AVG_MS",
-                "P99_MS",
-            ],
-            &rows,
+        let target = match self.target {
+            Some(t) if t.min == t.max => format!("{} per stream manager", t.min),
+            Some(t) => format!("{} to {} per stream manager", t.min, t.max),
+            None => "none (stopped)".into(),
+        };
+        let l = &self.logged;
+        format!(
+            "{} consumers running here; target: {target}\nlogged: {} stored, {} duplicates, {} failed, {} skipped\n",
+            self.consumers, l.stored, l.duplicates, l.failed, l.skipped
         )
     }
+}
+
+impl Show for StreamReportAnswer {
+    fn show(&self) -> String {
+        let mut out = periods_table(self);
+        if !self.scaling.is_empty() {
+            let rows: Vec<Vec<String>> = self
+                .scaling
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.at.clone(),
+                        d.replica.clone(),
+                        format!("{} -> {}", d.from, d.to),
+                        d.queue_depth.to_string(),
+                        d.reason.clone(),
+                    ]
+                })
+                .collect();
+            out.push_str("\nconsumer changes:\n");
+            out.push_str(&table(
+                &["AT", "MANAGER", "CONSUMERS", "QUEUE", "WHY"],
+                &rows,
+            ));
+        }
+        out
+    }
+}
+
+/// The report's periods as a table.
+fn periods_table(r: &StreamReportAnswer) -> String {
+    if r.periods.is_empty() {
+        return format!("no stream ingestion logged for {}\n", r.tenant);
+    }
+    let rows: Vec<Vec<String>> = r
+        .periods
+        .iter()
+        .map(|p| {
+            vec![
+                p.period_start.clone(),
+                p.messages.to_string(),
+                p.failures.to_string(),
+                p.duplicates.to_string(),
+                p.skipped.to_string(),
+                p.bytes.to_string(),
+                format!("{:.2}", p.avg_ingestion_ms),
+                format!("{:.2}", p.p99_ingestion_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PERIOD",
+            "MESSAGES",
+            "FAILURES",
+            "DUPLICATES",
+            "SKIPPED",
+            "BYTES",
+            "AVG_MS",
+            "P99_MS",
+        ],
+        &rows,
+    )
 }
 
 impl Show for DeadLetters {
