@@ -221,13 +221,17 @@ impl SplitProcesses {
     }
 
     /// A client that sends each request to the component that answers it (the first
-    /// replica of each manager).
+    /// running replica of each manager).
     pub fn client(&self, token: Option<&str>) -> Client {
+        let first = |m: Manager| {
+            let r = self.running(m).first().copied()?;
+            self.url(m, r)
+        };
         Client::split(
             &format!("http://{}", self.children[0].addr),
             Split {
-                batch: self.url(Manager::Batch, 0).unwrap_or_default(),
-                stream: self.url(Manager::Stream, 0).unwrap_or_default(),
+                batch: first(Manager::Batch).unwrap_or_default(),
+                stream: first(Manager::Stream).unwrap_or_default(),
             },
             token,
         )

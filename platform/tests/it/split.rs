@@ -282,6 +282,19 @@ async fn replicas_answer_at_their_own_addresses_and_a_killed_one_is_left_out_at_
         "killed once"
     );
 
+    components
+        .kill(Manager::Stream, 0)
+        .await
+        .expect("SIGKILL stream");
+    let survivors = components.client(Some(&t.token));
+    survivors
+        .file(&t.name, "a.csv")
+        .await
+        .expect("the client reaches the first running batch manager");
+    survivors
+        .stream_status(&t.name)
+        .await
+        .expect("and stream-1 in place of the dead stream");
     let n = components.add(Manager::Batch).await.expect("a replacement");
     assert_eq!(n, 2, "a new number: the dead one keeps its own");
     assert!(dir.join("batch-2.log").exists());
@@ -291,8 +304,8 @@ async fn replicas_answer_at_their_own_addresses_and_a_killed_one_is_left_out_at_
         .await
         .expect("batch-2 answers for the shared store");
     assert_eq!(f.name, "a.csv");
-    at(&components, 0, 0)
-        .expect("stream runs")
+    at(&components, 0, 1)
+        .expect("batch and stream-1 run")
         .stream_stop(&t.name)
         .await
         .expect("stop consumers");
