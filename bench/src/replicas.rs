@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::TryStreamExt;
+use mysimbdp::api::{ScalingDecision, StreamStatus};
 use mysimbdp::client::{Client, ClientError};
 use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
@@ -38,88 +39,17 @@ const KILL_PER_REQUEST: u32 = 20;
 /// samples show the rate the platform took.
 const STEP_IN_FLIGHT: usize = 32;
 
-/// The elastic stream API as the workbench reads it, until `mysimbdp::api` and the client
-/// carry it (issue #16, landing on main in parallel): the same names and fields, read from
-/// the untyped answers.
-mod wire {
-    use serde::{Deserialize, Serialize};
-
-    #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-    pub struct ConsumerTarget {
-        pub min: u32,
-        pub max: u32,
-    }
-
-    #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-    pub struct StreamCounts {
-        pub stored: u64,
-        pub duplicates: u64,
-        pub failed: u64,
-        pub skipped: u64,
-    }
-
-    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-    pub struct StreamStatus {
-        pub consumers: u32,
-        pub target: Option<ConsumerTarget>,
-        pub logged: StreamCounts,
-    }
-
-    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-    pub struct ScalingDecision {
-        pub at: String,
-        pub replica: String,
-        pub from: u32,
-        pub to: u32,
-        pub queue_depth: u64,
-        #[serde(default)]
-        pub max_latency_ms: u64,
-        pub reason: String,
-    }
-}
-
-use wire::{ScalingDecision, StreamStatus};
-
+/// The tenant's stream status from the manager `c` reaches; with `since`, the log's
+/// entries counted from then on only (cheap: the count is a scan on SecantusDB).
 async fn stream_status(
     c: &Client,
     tenant: &str,
     since: Option<&str>,
 ) -> Result<StreamStatus, ClientError> {
-    let mut path = format!("/v1/tenants/{tenant}/stream");
-    if let Some(s) = since {
-        path.push_str(&mysimbdp::client::query(&[("since", s)]));
+    match since {
+        Some(s) => c.stream_status_since(tenant, s).await,
+        None => c.stream_status(tenant).await,
     }
-    let v = c.get(&path).await?;
-    serde_json::from_value(v).map_err(|error| ClientError::Decode {
-        status: reqwest::StatusCode::OK,
-        error,
-    })
-}
-
-async fn stream_start_range(
-    c: &Client,
-    tenant: &str,
-    min: u32,
-    max: u32,
-) -> Result<u32, ClientError> {
-    let body = serde_json::json!({"consumers": min, "max_consumers": max});
-    let answer = c
-        .raw(
-            reqwest::Method::POST,
-            &format!("/v1/tenants/{tenant}/stream/start"),
-            Some("application/json"),
-            body.to_string(),
-        )
-        .await?
-        .success()?;
-    Ok(answer.json()["consumers"].as_u64().unwrap_or(0) as u32)
-}
-
-async fn scaling(c: &Client, tenant: &str) -> Result<Vec<ScalingDecision>, ClientError> {
-    let v = c
-        .get(&format!("/v1/tenants/{tenant}/stream/report"))
-        .await?;
-    Ok(serde_json::from_value(v["scaling"].clone()).unwrap_or_default())
 }
 
 /// Inputs the tenant's stream log holds, whatever became of them.
@@ -143,6 +73,9 @@ pub struct ThroughputStep {
     /// From the first publish until the log held every confirmed message.
     pub stored_s: f64,
     pub per_s: f64,
+    /// The machine's one-minute load average when the step ended (this run's processes and
+    /// anything else running).
+    pub load_average: Option<f64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,18 +125,16 @@ pub struct Sample {
     pub offered_per_s: u32,
     /// Messages confirmed so far.
     pub published: u64,
-    /// Inputs in the log so far (`None`: no answer).
-    pub logged: Option<u64>,
-    /// Messages ready in the tenant's queue (not those delivered and unacknowledged).
+    /// Log entries written since the sample before, by their stamps in the log downloaded
+    /// at the end (a count while the load runs costs the database a scan each time).
+    pub logged: u64,
+    /// Messages ready in the tenant's queue (not those delivered and unacknowledged), and
+    /// the queue's consumers on all managers, as the broker counts them (`None`: no answer).
     pub ready: Option<u64>,
-    /// The tenant's consumers on each running stream manager, by replica (`None`: no answer).
-    pub consumers: Vec<(usize, Option<u32>)>,
-}
-
-impl Sample {
-    fn total_consumers(&self) -> u32 {
-        self.consumers.iter().filter_map(|c| c.1).sum()
-    }
+    pub consumers: Option<u32>,
+    /// Each manager's consumers by its own decisions so far, in the order of
+    /// [`ElasticFigures::managers`].
+    pub per_manager: Vec<u32>,
 }
 
 /// A scaling decision as the report shows it: when, relative to the load step's start, and
@@ -229,7 +160,7 @@ pub struct ElasticSummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ElasticFigures {
-    pub managers: usize,
+    pub managers: Vec<String>,
     pub min_consumers: u32,
     pub max_consumers: u32,
     pub published: u64,
@@ -322,15 +253,15 @@ impl Run {
     }
 }
 
-/// The tenant's consumers on each stream manager, asked with `since` = now so the answer
-/// costs no count of the log.
+/// The tenant's consumers on each stream manager (`None`: no answer within 3 s), asked
+/// with `since` = now so the answer costs no count of the log.
 async fn consumers(clients: &[(usize, Client)], tenant: &str) -> Vec<(usize, Option<u32>)> {
     let now = rfc3339(time::OffsetDateTime::now_utc());
     let asks = clients.iter().map(|(i, c)| {
         let now = now.clone();
         async move {
             let s =
-                tokio::time::timeout(Duration::from_secs(2), stream_status(c, tenant, Some(&now)))
+                tokio::time::timeout(Duration::from_secs(3), stream_status(c, tenant, Some(&now)))
                     .await;
             (*i, s.ok().and_then(Result::ok).map(|s| s.consumers))
         }
@@ -500,27 +431,45 @@ async fn throughput_step(
         publish_s,
         stored_s,
         per_s: messages as f64 / stored_s.max(1e-9),
+        load_average: host::load_average(),
         errors,
         unfinished,
     })
 }
 
-/// The time of a log download's latest entry (entries are stamped when coredms writes
-/// them, after their documents).
-fn last_entry_at(body: &[u8]) -> Option<time::OffsetDateTime> {
+/// The stamps of a log download's entries: coredms stamps an entry when it writes it, after
+/// its documents. `None` if the download is not a log.
+fn entry_times(body: &[u8]) -> Option<Vec<time::OffsetDateTime>> {
     #[derive(serde::Deserialize)]
     struct Stamp<'a> {
         #[serde(borrow)]
         timestamp: &'a str,
     }
     let entries: Vec<Stamp> = serde_json::from_slice(body).ok()?;
-    entries
-        .iter()
-        .filter_map(|e| {
-            time::OffsetDateTime::parse(e.timestamp, &time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .max()
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    Some(
+        entries
+            .iter()
+            .filter_map(|e| time::OffsetDateTime::parse(e.timestamp, rfc3339).ok())
+            .collect(),
+    )
+}
+
+/// The time of a log download's latest entry.
+fn last_entry_at(body: &[u8]) -> Option<time::OffsetDateTime> {
+    entry_times(body)?.into_iter().max()
+}
+
+/// How many of `times` fall after each sample's predecessor and at or before it (the first
+/// sample takes everything before it; what follows the last is left out).
+fn per_sample(times: &[f64], samples: &[f64]) -> Vec<u64> {
+    let mut out = vec![0; samples.len()];
+    for t in times {
+        if let Some(i) = samples.iter().position(|s| t <= s) {
+            out[i] += 1;
+        }
+    }
+    out
 }
 
 /// 1, 2, … `managers` stream managers, one more started before each step.
@@ -897,21 +846,24 @@ async fn scan(
 
 // ---- phase 3: the elastic controller under a load step ----
 
-/// The number of messages ready in a queue, by a passive declare (RabbitMQ's management API
-/// is not assumed, and `rabbitmqctl` takes a second and a half of CPU per call).
-struct QueueDepth {
+/// A queue as the broker sees it, by a passive declare: the messages ready in it and its
+/// consumers, on every manager. Cheap and beside the platform: RabbitMQ's management API is
+/// not assumed, `rabbitmqctl` costs a second and a half of CPU a call, and the platform's
+/// `GET …/stream` counts the log (on SecantusDB, a scan that slowed the very controller
+/// being watched when asked every second).
+struct QueueLook {
     connection: lapin::Connection,
     channel: Option<lapin::Channel>,
     queue: String,
 }
 
-impl QueueDepth {
+impl QueueLook {
     async fn connect(uri: &str, queue: String) -> Result<Self> {
         let props = lapin::ConnectionProperties::default()
-            .with_connection_name("mysimbdp-bench-queue-depth".into());
+            .with_connection_name("mysimbdp-bench-queue-look".into());
         let connection = lapin::Connection::connect(uri, props)
             .await
-            .context("connecting to the broker for the queue's depth")?;
+            .context("connecting to the broker to look at the queue")?;
         Ok(Self {
             connection,
             channel: None,
@@ -919,9 +871,9 @@ impl QueueDepth {
         })
     }
 
-    /// `None` when the broker did not answer; a failed declare closes its channel, so the
-    /// next call opens another.
-    async fn ready(&mut self) -> Option<u64> {
+    /// (ready messages, consumers); `None` when the broker did not answer. A failed
+    /// declare closes its channel, so the next call opens another.
+    async fn look(&mut self) -> Option<(u64, u32)> {
         if self
             .channel
             .as_ref()
@@ -938,7 +890,7 @@ impl QueueDepth {
             .queue_declare(self.queue.as_str().into(), opts, Default::default())
             .await
             .ok()?;
-        Some(u64::from(q.message_count()))
+        Some((u64::from(q.message_count()), q.consumer_count()))
     }
 }
 
@@ -1013,12 +965,9 @@ async fn elastic(run: &mut Run, load: &ElasticLoad, managers: usize) -> Result<E
     let t = run.tenant("elastic").await?;
     let clients = run.stream_clients(&t)?;
     retry(|| {
-        stream_start_range(
-            &clients[0].1,
-            &t.name,
-            load.min_consumers,
-            load.max_consumers,
-        )
+        clients[0]
+            .1
+            .stream_start_range(&t.name, load.min_consumers, load.max_consumers)
     })
     .await
     .context("starting the consumers")?;
@@ -1026,8 +975,8 @@ async fn elastic(run: &mut Run, load: &ElasticLoad, managers: usize) -> Result<E
     if let Err(e) = run.consumers_started(&t, load.min_consumers).await {
         note(&mut errors, e);
     }
-    let mut depth =
-        QueueDepth::connect(&run.amqp_uri, format!("{}mysimbdp.{}", run.ns, t.name)).await?;
+    let mut queue =
+        QueueLook::connect(&run.amqp_uri, format!("{}mysimbdp.{}", run.ns, t.name)).await?;
     let state = Arc::new(StepState::default());
     let wall_start = time::OffsetDateTime::now_utc();
     let started = Instant::now();
@@ -1044,43 +993,58 @@ async fn elastic(run: &mut Run, load: &ElasticLoad, managers: usize) -> Result<E
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let (ready, per_manager, status) = tokio::join!(
-            depth.ready(),
-            consumers(&clients, &t.name),
-            tokio::time::timeout(
-                Duration::from_secs(2),
-                stream_status(&clients[0].1, &t.name, None)
-            ),
-        );
+        let seen = queue.look().await;
         let s = Sample {
             t_s: started.elapsed().as_secs_f64(),
             offered_per_s: state.rate.load(Ordering::Relaxed),
             published: state.published.load(Ordering::Relaxed),
-            logged: status.ok().and_then(Result::ok).map(|s| logged(&s)),
-            ready,
-            consumers: per_manager,
+            logged: 0,
+            ready: seen.map(|s| s.0),
+            consumers: seen.map(|s| s.1),
+            per_manager: Vec::new(),
         };
         let done = state.done.load(Ordering::Relaxed);
-        let settled = done
-            && s.ready == Some(0)
-            && s.logged.is_some_and(|l| l >= s.published)
-            && s.consumers
-                .iter()
-                .all(|(_, c)| *c == Some(load.min_consumers))
-            && s.total_consumers() == floor;
+        let idle = done && seen == Some((0, floor));
+        let published = s.published;
         samples.push(s);
+        // The log is counted only once all is idle: then the count competes with nothing.
+        if idle
+            && tokio::time::timeout(
+                Duration::from_secs(30),
+                stream_status(&clients[0].1, &t.name, None),
+            )
+            .await
+            .is_ok_and(|s| s.is_ok_and(|s| logged(&s) >= published))
+        {
+            break;
+        }
         if done && settle_until.is_none() {
             settle_until = Some(Instant::now() + Duration::from_secs(load.settle_s));
         }
-        if settled || settle_until.is_some_and(|u| Instant::now() > u) {
+        if settle_until.is_some_and(|u| Instant::now() > u) {
             break;
         }
     }
     let _ = offer.await;
     let published = state.published.load(Ordering::Relaxed);
-    let in_log = samples.last().and_then(|s| s.logged).unwrap_or(0);
-    let decisions = match retry(|| scaling(&clients[0].1, &t.name)).await {
-        Ok(d) => d,
+    let mut in_log = 0;
+    match retry(|| clients[0].1.logs_raw(&t.name, "")).await {
+        Ok(log) => {
+            let times: Vec<f64> = entry_times(&log.body)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|at| (at - wall_start).as_seconds_f64())
+                .collect();
+            in_log = times.len() as u64;
+            let at: Vec<f64> = samples.iter().map(|s| s.t_s).collect();
+            for (s, n) in samples.iter_mut().zip(per_sample(&times, &at)) {
+                s.logged = n;
+            }
+        }
+        Err(e) => note(&mut errors, format!("log download: {e}")),
+    }
+    let decisions = match retry(|| clients[0].1.stream_report(&t.name)).await {
+        Ok(r) => r.scaling,
         Err(e) => {
             note(&mut errors, format!("stream/report: {e}"));
             Vec::new()
@@ -1093,19 +1057,26 @@ async fn elastic(run: &mut Run, load: &ElasticLoad, managers: usize) -> Result<E
         note(&mut errors, e);
     }
     let pids = run.procs.replica_pids(Manager::Stream);
-    let decisions = decisions
+    let decisions: Vec<Decision> = decisions
         .into_iter()
         .filter_map(|d| {
-            let t_s = seconds_since(wall_start, &d.at)?;
-            (t_s >= -1.0).then(|| Decision {
-                t_s,
+            // All of them: the tenant is the phase's own, from its start on.
+            Some(Decision {
+                t_s: seconds_since(wall_start, &d.at)?,
                 manager: manager_of(&d.replica, &pids),
                 decision: d,
             })
         })
         .collect();
+    let managers: Vec<String> = clients
+        .iter()
+        .map(|(i, _)| manager_name("stream", *i))
+        .collect();
+    for s in &mut samples {
+        s.per_manager = consumers_by_decisions(s.t_s, &decisions, &managers);
+    }
     Ok(ElasticFigures {
-        managers: clients.len(),
+        managers,
         min_consumers: load.min_consumers,
         max_consumers: load.max_consumers,
         published,
@@ -1139,37 +1110,39 @@ fn manager_of(replica: &str, pids: &[(usize, u32)]) -> String {
         .map_or_else(|| replica.to_owned(), |(i, _)| manager_name("stream", *i))
 }
 
+/// Each manager's consumers at `t_s` by its decisions up to then (0 before its first).
+fn consumers_by_decisions(t_s: f64, decisions: &[Decision], managers: &[String]) -> Vec<u32> {
+    managers
+        .iter()
+        .map(|m| {
+            decisions
+                .iter()
+                .filter(|d| &d.manager == m && d.t_s <= t_s)
+                .max_by(|a, b| a.t_s.total_cmp(&b.t_s))
+                .map_or(0, |d| d.decision.to)
+        })
+        .collect()
+}
+
 /// The controller as the samples show it: its range of total consumers, when it first went
 /// above where it started, when it was back there after the peak, the deepest queue.
 fn summarize(samples: &[Sample]) -> ElasticSummary {
-    let Some(first) = samples.first() else {
-        return ElasticSummary::default();
-    };
-    let start = first.total_consumers();
-    let peak_total = samples
+    // Only the samples the broker answered: a missing answer is not a consumer less.
+    let seen: Vec<(f64, u32)> = samples
         .iter()
-        .map(Sample::total_consumers)
-        .max()
-        .unwrap_or(0);
-    let peak_at = samples
-        .iter()
-        .position(|s| s.total_consumers() == peak_total)
-        .unwrap_or(0);
+        .filter_map(|s| Some((s.t_s, s.consumers?)))
+        .collect();
+    let start = seen.first().map_or(0, |w| w.1);
+    let peak_total = seen.iter().map(|w| w.1).max().unwrap_or(0);
+    let peak_at = seen.iter().position(|w| w.1 == peak_total).unwrap_or(0);
     ElasticSummary {
-        min_total: samples
-            .iter()
-            .map(Sample::total_consumers)
-            .min()
-            .unwrap_or(0),
+        min_total: seen.iter().map(|w| w.1).min().unwrap_or(0),
         peak_total,
-        scaled_up_at_s: samples
+        scaled_up_at_s: seen.iter().find(|w| w.1 > start).map(|w| w.0),
+        back_down_at_s: seen[peak_at..]
             .iter()
-            .find(|s| s.total_consumers() > start)
-            .map(|s| s.t_s),
-        back_down_at_s: samples[peak_at..]
-            .iter()
-            .find(|s| peak_total > start && s.total_consumers() <= start)
-            .map(|s| s.t_s),
+            .find(|w| peak_total > start && w.1 <= start)
+            .map(|w| w.0),
         max_ready: samples.iter().filter_map(|s| s.ready).max().unwrap_or(0),
     }
 }
@@ -1237,6 +1210,7 @@ pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) ->
         amqp_uri: infra.amqp_uri.clone(),
         timeout: Duration::from_secs(sc.timeout_s),
     };
+    let load_before = host::load_average();
     let measured = phases(&mut run, load).await;
     let stopped = run.procs.stop().await;
     let _ = std::fs::remove_dir_all(&staging);
@@ -1257,7 +1231,7 @@ pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) ->
         "schema_version": crate::report::SCHEMA_VERSION,
         "scenario": sc.name,
         "run_id": run_id,
-        "environment": environment(&infra.versions, sc),
+        "environment": environment(&infra.versions, sc, load_before),
         "load": load,
         "throughput": steps,
         // Read by `--strict` as a fault's figures, like the faults scenario's.
@@ -1279,6 +1253,7 @@ pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) ->
             &steps,
             &killed.figures,
             &elastic,
+            load_before,
         ),
     )?;
     Ok(dir)
@@ -1346,7 +1321,11 @@ fn unfinished_steps(steps: &[ThroughputStep], elastic: &ElasticFigures) -> Vec<s
     out
 }
 
-fn environment(versions: &ServerVersions, sc: &Scenario) -> serde_json::Value {
+fn environment(
+    versions: &ServerVersions,
+    sc: &Scenario,
+    load_before: Option<f64>,
+) -> serde_json::Value {
     serde_json::json!({
         "mongodb_version": versions.mongodb,
         "mongodb_server": versions.mongodb_server,
@@ -1357,6 +1336,7 @@ fn environment(versions: &ServerVersions, sc: &Scenario) -> serde_json::Value {
         "build": host::build(),
         "stream_batch_size": sc.platform.stream_batch_size,
         "prefetch": sc.platform.prefetch,
+        "load_average_before": load_before,
     })
 }
 
@@ -1370,7 +1350,7 @@ fn elastic_svg(e: &ElasticFigures) -> Result<String> {
     let consumers: Vec<(f64, f64)> = e
         .samples
         .iter()
-        .map(|s| (s.t_s, f64::from(s.total_consumers())))
+        .filter_map(|s| Some((s.t_s, f64::from(s.consumers?))))
         .collect();
     over_time(
         "load step: queue depth and consumers",
@@ -1387,12 +1367,12 @@ fn elastic_svg(e: &ElasticFigures) -> Result<String> {
 
 fn throughput_table(steps: &[ThroughputStep]) -> String {
     let mut md = String::from(
-        "| stream managers | consumers | messages | published in s | in the log in s | messages/s | vs 1 manager |\n|---|---|---|---|---|---|---|\n",
+        "| stream managers | consumers | messages | published in s | in the log in s | messages/s | vs 1 manager | load average |\n|---|---|---|---|---|---|---|---|\n",
     );
     let base = steps.first().map_or(0.0, |s| s.per_s);
     for s in steps {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2}× |\n",
+            "| {} | {} | {} | {:.1} | {:.1} | {:.0} | {:.2}× | {} |\n",
             s.managers,
             s.consumers,
             s.messages,
@@ -1400,6 +1380,7 @@ fn throughput_table(steps: &[ThroughputStep]) -> String {
             s.stored_s,
             s.per_s,
             if base > 0.0 { s.per_s / base } else { 0.0 },
+            s.load_average.map_or("?".into(), |l| format!("{l:.1}")),
         ));
     }
     for s in steps {
@@ -1459,8 +1440,9 @@ fn timeline<'a>(samples: &[Sample], decisions: &'a [Decision]) -> Vec<Vec<&'a De
 fn elastic_tables(e: &ElasticFigures) -> String {
     let s = &e.summary;
     let mut md = format!(
-        "{} stream managers, each running {} to {} consumers of the tenant's queue. Consumers in all: {} at the start, {} at the peak (first above the start at {}, back at {} after the peak); deepest queue {} ready messages. {} of {} confirmed messages in the log at the end.\n\n",
-        e.managers,
+        "{} stream managers ({}), each running {} to {} consumers of the tenant's queue. The queue's consumers, as the broker counts them: from {} to {} (first above where they started at {}, back there after the peak at {}); deepest queue {} ready messages. {} of {} confirmed messages in the log at the end.\n\n",
+        e.managers.len(),
+        e.managers.join(", "),
         e.min_consumers,
         e.max_consumers,
         s.min_total,
@@ -1488,30 +1470,25 @@ fn elastic_tables(e: &ElasticFigures) -> String {
     if e.decisions.is_empty() {
         md.push_str("| – | – | – | – | none reported |\n");
     }
-    md.push_str("\nOnce a second (consumers per stream manager as each reports them; ready = messages waiting in the queue, not those delivered and unacknowledged):\n\n| s | offered /s | published /s | in the log /s | ready | consumers per manager | in all | decisions |\n|---|---|---|---|---|---|---|---|\n");
+    md.push_str(&format!("\nOnce a second: ready (messages waiting in the queue, not those delivered and unacknowledged) and consumers as the broker counts them; consumers per manager ({}) by the managers' own decisions; published and in the log per second, the latter by the stamps of the log's entries:\n\n| s | offered /s | published /s | in the log /s | ready | consumers | per manager | decisions |\n|---|---|---|---|---|---|---|---|\n", e.managers.join(" / ")));
     let rows = timeline(&e.samples, &e.decisions);
     let mut before: Option<&Sample> = None;
     for (smp, ds) in e.samples.iter().zip(rows) {
-        let rate = |now: Option<u64>, then: Option<u64>| match (now, then) {
-            (Some(a), Some(b)) => {
-                let dt = smp.t_s - before.map_or(0.0, |b| b.t_s);
-                format!("{:.0}", a.saturating_sub(b) as f64 / dt.max(1e-9))
-            }
-            _ => "?".into(),
-        };
-        let published = rate(Some(smp.published), Some(before.map_or(0, |b| b.published)));
-        let logged = rate(smp.logged, before.map_or(Some(0), |b| b.logged));
+        let dt = (smp.t_s - before.map_or(0.0, |b| b.t_s)).max(1e-9);
+        let published = smp.published - before.map_or(0, |b| b.published);
+        let per_s = |n: u64| format!("{:.0}", n as f64 / dt);
+        let (published, logged) = (per_s(published), per_s(smp.logged));
         md.push_str(&format!(
             "| {:.0} | {} | {published} | {logged} | {} | {} | {} | {} |\n",
             smp.t_s,
             smp.offered_per_s,
             smp.ready.map_or("?".into(), |r| r.to_string()),
-            smp.consumers
+            smp.consumers.map_or("?".into(), |n| n.to_string()),
+            smp.per_manager
                 .iter()
-                .map(|(_, c)| c.map_or("?".into(), |c| c.to_string()))
+                .map(u32::to_string)
                 .collect::<Vec<_>>()
                 .join(" / "),
-            smp.total_consumers(),
             ds.iter()
                 .map(|d| format!("{} {}→{}", d.manager, d.decision.from, d.decision.to))
                 .collect::<Vec<_>>()
@@ -1532,9 +1509,10 @@ fn markdown(
     steps: &[ThroughputStep],
     killed: &KillFigures,
     elastic: &ElasticFigures,
+    load_before: Option<f64>,
 ) -> String {
     format!(
-        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: RabbitMQ {}. Stream batches of {}, prefetch {}.\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
+        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: RabbitMQ {}. Stream batches of {}, prefetch {}. Load average (1 min) before the run: {} (it counts whatever else the machine was running).\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
         sc.name,
         sc.description,
         host::build(),
@@ -1544,6 +1522,7 @@ fn markdown(
         versions.rabbitmq,
         sc.platform.stream_batch_size,
         sc.platform.prefetch,
+        load_before.map_or("?".into(), |l| format!("{l:.1}")),
         throughput_table(steps),
         kill_table(killed),
         elastic_tables(elastic),
@@ -1554,18 +1533,15 @@ fn markdown(
 mod tests {
     use super::*;
 
-    fn sample(t_s: f64, ready: u64, consumers: &[u32]) -> Sample {
+    fn sample(t_s: f64, ready: u64, consumers: u32) -> Sample {
         Sample {
             t_s,
             offered_per_s: 100,
             published: 0,
-            logged: Some(0),
+            logged: 0,
             ready: Some(ready),
-            consumers: consumers
-                .iter()
-                .enumerate()
-                .map(|(i, c)| (i, Some(*c)))
-                .collect(),
+            consumers: Some(consumers),
+            per_manager: Vec::new(),
         }
     }
 
@@ -1588,12 +1564,12 @@ mod tests {
     #[test]
     fn the_summary_finds_the_scale_up_the_peak_and_the_way_back() {
         let samples = [
-            sample(1.0, 0, &[1, 1, 1]),
-            sample(2.0, 3000, &[1, 1, 1]),
-            sample(3.0, 6000, &[2, 1, 2]),
-            sample(4.0, 4000, &[3, 3, 3]),
-            sample(5.0, 0, &[2, 3, 3]),
-            sample(6.0, 0, &[1, 1, 1]),
+            sample(1.0, 0, 3),
+            sample(2.0, 3000, 3),
+            sample(3.0, 6000, 5),
+            sample(4.0, 4000, 9),
+            sample(5.0, 0, 8),
+            sample(6.0, 0, 3),
         ];
         assert_eq!(
             summarize(&samples),
@@ -1605,7 +1581,7 @@ mod tests {
                 max_ready: 6000,
             }
         );
-        let flat = [sample(1.0, 0, &[1, 1]), sample(2.0, 10, &[1, 1])];
+        let flat = [sample(1.0, 0, 2), sample(2.0, 10, 2)];
         let s = summarize(&flat);
         assert_eq!(
             (s.scaled_up_at_s, s.back_down_at_s),
@@ -1616,12 +1592,48 @@ mod tests {
     }
 
     #[test]
-    fn decisions_land_in_the_row_of_the_first_sample_after_them() {
-        let samples = [
-            sample(1.0, 0, &[1]),
-            sample(2.0, 0, &[1]),
-            sample(3.0, 0, &[1]),
+    fn a_look_the_broker_did_not_answer_is_not_a_consumer_less() {
+        let mut gap = sample(2.0, 0, 0);
+        gap.consumers = None;
+        let samples = [sample(1.0, 0, 3), gap, sample(3.0, 0, 4)];
+        let s = summarize(&samples);
+        assert_eq!((s.min_total, s.peak_total), (3, 4));
+        assert_eq!(s.scaled_up_at_s, Some(3.0));
+        assert_eq!(s.back_down_at_s, None, "the gap is not a way back");
+    }
+
+    #[test]
+    fn each_managers_consumers_follow_its_own_latest_decision() {
+        let mut ds = vec![
+            decision(-0.5, 0, 1),
+            decision(4.0, 1, 2),
+            decision(6.0, 2, 1),
         ];
+        let mut other = decision(0.0, 0, 1);
+        other.manager = "stream-2".into();
+        ds.push(other);
+        let managers = [
+            "stream-1".to_owned(),
+            "stream-2".to_owned(),
+            "stream-3".to_owned(),
+        ];
+        let at = |t| consumers_by_decisions(t, &ds, &managers);
+        assert_eq!(at(-1.0), [0, 0, 0], "before any");
+        assert_eq!(at(1.0), [1, 1, 0], "stream-3 never decided");
+        assert_eq!(at(4.0), [2, 1, 0]);
+        assert_eq!(at(9.0), [1, 1, 0]);
+    }
+
+    #[test]
+    fn log_entries_are_counted_in_the_sample_that_follows_them() {
+        let times = [-0.5, 0.2, 1.0, 1.01, 2.5, 9.0];
+        assert_eq!(per_sample(&times, &[1.0, 2.0, 3.0]), [3, 1, 1]);
+        assert_eq!(per_sample(&times, &[]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn decisions_land_in_the_row_of_the_first_sample_after_them() {
+        let samples = [sample(1.0, 0, 1), sample(2.0, 0, 1), sample(3.0, 0, 1)];
         let ds = [
             decision(-0.5, 1, 1),
             decision(1.5, 1, 2),
@@ -1675,15 +1687,16 @@ mod tests {
             publish_s: 1.0,
             stored_s: 4000.0 / per_s,
             per_s,
+            load_average: Some(1.5),
             errors: vec![],
             unfinished: None,
         };
         let md = throughput_table(&[step(1, 800.0), step(2, 1200.0), step(3, 1000.0)]);
         let rows: Vec<&str> = md.lines().skip(2).collect();
         assert_eq!(rows.len(), 3);
-        assert!(rows[0].ends_with("| 800 | 1.00× |"), "{}", rows[0]);
-        assert!(rows[1].ends_with("| 1200 | 1.50× |"), "{}", rows[1]);
-        assert!(rows[2].ends_with("| 1000 | 1.25× |"), "{}", rows[2]);
+        assert!(rows[0].ends_with("| 800 | 1.00× | 1.5 |"), "{}", rows[0]);
+        assert!(rows[1].ends_with("| 1200 | 1.50× | 1.5 |"), "{}", rows[1]);
+        assert!(rows[2].ends_with("| 1000 | 1.25× | 1.5 |"), "{}", rows[2]);
     }
 
     #[test]
