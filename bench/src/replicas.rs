@@ -748,7 +748,7 @@ async fn kill(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     }
     let figures = KillFigures {
         fault: format!(
-            "SIGKILL {} and {} (not restarted)",
+            "SIGKILL to `{}` and `{}` (a batch and a stream manager; not restarted)",
             manager_name("batch", victim_batch),
             manager_name("stream", victim_stream)
         ),
@@ -1396,7 +1396,7 @@ fn throughput_table(steps: &[ThroughputStep]) -> String {
 
 fn kill_table(f: &KillFigures) -> String {
     let mut md = format!(
-        "{}, {:.1} s into the load: {} file(s) ingesting ({} records read), {} of {} confirmed messages in the log. Every input accounted for {:.1} s after the kill; {} publish requests retried on another stream manager.\n\n| path | offered | stored | failed | lost | duplicated | stored, no log entry | \n|---|---|---|---|---|---|---|\n",
+        "{}, {:.1} s into the load: {} file(s) ingesting ({} records read), {} of {} confirmed messages in the log. Every input accounted for {:.1} s after the kill; {} publish requests retried on another stream manager.\n\n| path | offered | stored | failed | lost | duplicated | stored, no log entry |\n|---|---|---|---|---|---|---|\n",
         f.fault,
         f.at_kill.after_s,
         f.at_kill.files_ingesting,
@@ -1512,7 +1512,7 @@ fn markdown(
     load_before: Option<f64>,
 ) -> String {
     format!(
-        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: RabbitMQ {}. Stream batches of {}, prefetch {}. Load average (1 min) before the run: {} (it counts whatever else the machine was running).\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
+        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: {}. Stream batches of {}, prefetch {}. Load average (1 min) before the run: {} (it counts whatever else the machine was running).\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
         sc.name,
         sc.description,
         host::build(),
