@@ -298,8 +298,8 @@ async fn replicas_answer_at_their_own_addresses_and_a_killed_one_is_left_out_at_
     let n = components.add(Manager::Batch).await.expect("a replacement");
     assert_eq!(n, 2, "a new number: the dead one keeps its own");
     assert!(dir.join("batch-2.log").exists());
-    let f = at(&components, 2, 0)
-        .expect("batch-2 runs")
+    let f = at(&components, 2, 1)
+        .expect("batch-2 and stream-1 run")
         .file(&t.name, "a.csv")
         .await
         .expect("batch-2 answers for the shared store");
