@@ -77,8 +77,10 @@ mod tests {
             .arg("10")
             .spawn()
             .expect("sleep");
-        let other = peak_rss(Some(child.id()));
+        // The resident size first: the child may still be exec'ing, and only a peak read
+        // after it is sure to be at least as high.
         let (rss, threads) = rss_and_threads(child.id()).expect("running");
+        let other = peak_rss(Some(child.id()));
         assert!(rss > 0 && rss <= other, "{rss} vs peak {other}");
         assert_eq!(threads, 1, "sleep has one thread");
         let _ = child.kill();
