@@ -77,8 +77,16 @@ mod tests {
             .arg("10")
             .spawn()
             .expect("sleep");
-        // The resident size first: the child may still be exec'ing, and only a peak read
-        // after it is sure to be at least as high.
+        // Once it runs `sleep`: before the exec, its figures are the forked copy's, and the
+        // exec starts the peak afresh. Then the resident size first, so the peak read after
+        // it is sure to be at least as high.
+        let comm = format!("/proc/{}/comm", child.id());
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep")
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let (rss, threads) = rss_and_threads(child.id()).expect("running");
         let other = peak_rss(Some(child.id()));
         assert!(rss > 0 && rss <= other, "{rss} vs peak {other}");
