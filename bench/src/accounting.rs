@@ -417,7 +417,7 @@ impl ArrayCut {
 /// How well a log covers the inputs of a run: inputs without any entry, entries twice.
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Coverage {
-    /// Batch records (by index in the file) with no entry at all.
+    /// Batch records (by index in their file's run) with no entry at all.
     pub batch_unlogged: u64,
     /// Stored stream messages (by id) with no entry at all.
     pub stream_unlogged: u64,
@@ -426,15 +426,19 @@ pub struct Coverage {
     pub logged_twice: u64,
 }
 
-/// Folds a log download against what was offered and stored: `batch_records` records of
-/// one file, and the ids of the stream messages found stored.
+/// Folds a log download against what was offered and stored: the records of each file's
+/// run (its job id, which a resumed or taken-over job keeps, and its records), and the ids
+/// of the stream messages found stored. Entries of other runs count only for `logged_twice`.
 pub fn coverage(
     body: &[u8],
-    batch_records: u64,
+    batch_runs: &HashMap<String, u64>,
     stored_messages: &HashSet<String>,
 ) -> Result<Coverage> {
     let entries: Vec<Value> = serde_json::from_slice(body)?;
-    let mut records = vec![false; batch_records as usize];
+    let mut records: HashMap<&str, Vec<bool>> = batch_runs
+        .iter()
+        .map(|(job, n)| (job.as_str(), vec![false; *n as usize]))
+        .collect();
     let mut messages: HashSet<&str> = HashSet::new();
     let mut seen: HashSet<String> = HashSet::new();
     let mut c = Coverage::default();
@@ -443,7 +447,8 @@ pub fn coverage(
         let doc = e["document_id"].as_str();
         let input = match (e["record"].as_u64(), e["message_id"].as_str()) {
             (Some(r), _) => {
-                if let Some(slot) = records.get_mut(r as usize) {
+                let run = e["ingestion"].as_str().and_then(|j| records.get_mut(j));
+                if let Some(slot) = run.and_then(|rs| rs.get_mut(r as usize)) {
                     *slot = true;
                 }
                 format!("r{r}")
@@ -462,7 +467,7 @@ pub fn coverage(
             c.logged_twice += 1;
         }
     }
-    c.batch_unlogged = records.iter().filter(|r| !**r).count() as u64;
+    c.batch_unlogged = records.values().flatten().filter(|r| !**r).count() as u64;
     c.stream_unlogged = stored_messages
         .iter()
         .filter(|m| !messages.contains(m.as_str()))
@@ -497,6 +502,7 @@ pub fn problems(report: &Value) -> Vec<String> {
         for key in [
             "stream_lost",
             "stream_duplicated",
+            "batch_duplicated",
             "batch_lost",
             "batch_unlogged",
             "stream_unlogged",
@@ -839,11 +845,14 @@ mod tests {
             {"status": "duplicate", "collection": "data", "document_id": "h:0", "record": 0, "ingestion": "k"},
         ]);
         let stored: HashSet<String> = ["m1", "m2"].map(str::to_owned).into();
-        let c = coverage(log.to_string().as_bytes(), 3, &stored).expect("folds");
+        // Run `j` of 3 records, and run `i` of another file, of 1 record, that logged none:
+        // `k`'s entry about its record 0 is not `i`'s.
+        let runs: HashMap<String, u64> = [("j".to_owned(), 3), ("i".to_owned(), 1)].into();
+        let c = coverage(log.to_string().as_bytes(), &runs, &stored).expect("folds");
         assert_eq!(
             c,
             Coverage {
-                batch_unlogged: 1,
+                batch_unlogged: 2,
                 stream_unlogged: 1,
                 logged_twice: 1
             }

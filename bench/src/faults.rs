@@ -202,9 +202,10 @@ async fn one_fault(
     let (total_docs, distinct, batch) = counts(&uri, &tdb).await;
     let _ = c.stream_stop(&t.name).await;
     let log = retry(|| c.logs_raw(&t.name, "")).await?;
+    let job = retry(|| c.file(&t.name, "data.csv")).await?.job;
     let cover = crate::accounting::coverage(
         &log.body,
-        batch_offered,
+        &[(job, batch_offered)].into(),
         &stored_messages(&uri, &tdb).await?,
     )?;
     drop(platform);

@@ -1,5 +1,5 @@
 //! Facts about the machine and its processes that a report records: cores, memory, peak
-//! resident memory, the commit. Imports nothing of the crate.
+//! resident memory, load, the commit. Imports nothing of the crate.
 
 use procfs_core::FromRead;
 use procfs_core::process::Status;
@@ -31,6 +31,14 @@ pub fn peak_rss(pid: Option<u32>) -> u64 {
 pub fn rss_and_threads(pid: u32) -> Option<(u64, u64)> {
     let s = Status::from_file(format!("/proc/{pid}/status")).ok()?;
     Some((s.vmrss? * 1024, s.threads))
+}
+
+/// The one-minute load average: runnable tasks, of this run and whatever else the machine
+/// runs beside it (which throughput on a shared machine depends on); `None` where unknown.
+pub fn load_average() -> Option<f64> {
+    procfs_core::LoadAverage::from_file("/proc/loadavg")
+        .ok()
+        .map(|l| f64::from(l.one))
 }
 
 /// The checkout's short commit, or `unknown`.
@@ -69,12 +77,26 @@ mod tests {
             .arg("10")
             .spawn()
             .expect("sleep");
-        let other = peak_rss(Some(child.id()));
+        // Once it runs `sleep`: before the exec, its figures are the forked copy's, and the
+        // exec starts the peak afresh. Then the resident size first, so the peak read after
+        // it is sure to be at least as high.
+        let comm = format!("/proc/{}/comm", child.id());
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() != "sleep")
+            && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         let (rss, threads) = rss_and_threads(child.id()).expect("running");
+        let other = peak_rss(Some(child.id()));
         assert!(rss > 0 && rss <= other, "{rss} vs peak {other}");
         assert_eq!(threads, 1, "sleep has one thread");
         let _ = child.kill();
         let _ = child.wait();
         assert!(other > 0, "{other}");
+        assert!(
+            load_average().is_some_and(|l| l >= 0.0),
+            "Linux has /proc/loadavg"
+        );
     }
 }

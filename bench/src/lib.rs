@@ -13,6 +13,7 @@ pub mod faults;
 pub mod host;
 pub mod load;
 pub mod progress;
+pub mod replicas;
 pub mod report;
 pub mod run;
 pub mod schema;

@@ -23,6 +23,10 @@ pub struct Scenario {
     pub faults: Option<FaultLoad>,
     /// What each tenant with a consumer costs the platform; a scenario with it runs only it.
     pub cost: Option<CostLoad>,
+    /// Several batch and stream managers as processes of their own: throughput by stream
+    /// manager count, managers killed under load, the elastic controller under a load step;
+    /// a scenario with it runs only it.
+    pub replicas: Option<ReplicaLoad>,
     /// Bounds each phase's load: what has not finished by then is reported as unfinished.
     #[serde(default = "default_timeout")]
     pub timeout_s: u64,
@@ -291,6 +295,140 @@ fn check_cost(c: &CostLoad) -> Result<()> {
     Ok(())
 }
 
+/// `[replicas]`: coredms, `batch_managers` batch and up to `stream_managers` stream
+/// managers, each a process of its own over one staging directory; three phases, each on
+/// tenants of its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaLoad {
+    #[serde(default = "three")]
+    pub batch_managers: u32,
+    /// The throughput phase runs with 1, 2, … up to this many; the others with all of them.
+    #[serde(default = "three")]
+    pub stream_managers: u32,
+    #[serde(default)]
+    pub throughput: ThroughputLoad,
+    pub kill: KillLoad,
+    #[serde(default)]
+    pub elastic: ElasticLoad,
+    /// Platform settings for the run (`section.key=value`, as `serve --set` takes them),
+    /// after the scenario's own (`batch.lease_ms=3000`), e.g. `stream.reconcile_ms=500`.
+    #[serde(default)]
+    pub set: Vec<String>,
+}
+
+/// `[replicas.throughput]`: the same closed-loop publish load once per stream manager
+/// count, each time on a fresh tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThroughputLoad {
+    pub messages: u32,
+    /// Publishers, each sending its next request when the last was confirmed.
+    pub publishers: u32,
+    pub per_request: u32,
+    /// The tenant's consumers on each stream manager.
+    pub consumers: u32,
+}
+
+impl Default for ThroughputLoad {
+    fn default() -> Self {
+        Self {
+            messages: 4000,
+            publishers: 4,
+            per_request: 50,
+            consumers: 1,
+        }
+    }
+}
+
+/// `[replicas.kill]`: files ingesting across every batch manager and messages published at
+/// a fixed rate across every stream manager; `kill_after_s` in, one of each is killed
+/// (SIGKILL) and not restarted, and the survivors must finish the work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KillLoad {
+    /// The files: uploaded and ingested in turn through each batch manager.
+    pub batch: BatchLoad,
+    pub messages: u32,
+    /// Offered rate, messages per second, in requests of 20.
+    pub rate: u32,
+    #[serde(default = "two")]
+    pub kill_after_s: u64,
+}
+
+/// `[replicas.elastic]`: a tenant whose consumers may range from `min_consumers` to
+/// `max_consumers` on each stream manager, offered each step's rate in turn, then nothing
+/// until its consumers are back at the minimum (at most `settle_s`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElasticLoad {
+    pub min_consumers: u32,
+    pub max_consumers: u32,
+    pub per_request: u32,
+    pub steps: Vec<RateStep>,
+    pub settle_s: u64,
+}
+
+impl Default for ElasticLoad {
+    fn default() -> Self {
+        let step = |rate, seconds| RateStep { rate, seconds };
+        Self {
+            min_consumers: 1,
+            max_consumers: 3,
+            per_request: 50,
+            steps: vec![step(100, 10), step(2000, 10), step(100, 20)],
+            settle_s: 60,
+        }
+    }
+}
+
+/// An offered rate (messages per second) held for `seconds`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateStep {
+    pub rate: u32,
+    pub seconds: u64,
+}
+
+fn three() -> u32 {
+    3
+}
+
+fn check_replicas(r: &mut ReplicaLoad, base: &Path) -> Result<()> {
+    if r.batch_managers < 2 || r.stream_managers < 2 {
+        bail!(
+            "replicas.batch_managers and replicas.stream_managers must be at least 2: one of each is killed and the others finish its work"
+        );
+    }
+    if r.batch_managers > 8 || r.stream_managers > 8 {
+        bail!("replicas: at most 8 batch and 8 stream managers");
+    }
+    let t = &r.throughput;
+    if t.messages == 0 || t.publishers == 0 || t.per_request == 0 || t.consumers == 0 {
+        bail!(
+            "replicas.throughput: messages, publishers, per_request and consumers must be at least 1"
+        );
+    }
+    check_batch(&mut r.kill.batch, base).context("replicas.kill")?;
+    if r.kill.messages == 0 || r.kill.rate == 0 {
+        bail!("replicas.kill.messages and replicas.kill.rate must be at least 1");
+    }
+    let e = &r.elastic;
+    if e.min_consumers == 0 || e.max_consumers < e.min_consumers {
+        bail!("replicas.elastic: 1 <= min_consumers <= max_consumers");
+    }
+    if e.per_request == 0
+        || e.steps.is_empty()
+        || e.steps.iter().any(|s| s.rate == 0 || s.seconds == 0)
+    {
+        bail!("replicas.elastic: per_request and each step's rate and seconds must be at least 1");
+    }
+    if let Some(bad) = r.set.iter().find(|kv| !kv.contains('=')) {
+        bail!("replicas.set: `{bad}` is not `section.key=value`");
+    }
+    Ok(())
+}
+
 fn one() -> u32 {
     1
 }
@@ -436,9 +574,13 @@ impl Scenario {
         }
         if let Some(c) = &s.cost {
             check_cost(c)?;
-            if s.faults.is_some() {
-                bail!("give [cost] or [faults]: each is a scenario of its own");
-            }
+        }
+        if let Some(r) = &mut s.replicas {
+            check_replicas(r, &base)?;
+        }
+        let kinds = [s.faults.is_some(), s.cost.is_some(), s.replicas.is_some()];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            bail!("give one of [faults], [cost] and [replicas]: each is a scenario of its own");
         }
         if !["none", "map"].contains(&s.tenants.app.as_str()) {
             bail!("tenants.app must be `none` or `map`");
@@ -473,7 +615,7 @@ impl Scenario {
         if let Some(p) = plans
             .iter()
             .find(|p| p.batch.is_none() && p.stream.is_none())
-            .filter(|_| s.faults.is_none() && s.cost.is_none())
+            .filter(|_| s.faults.is_none() && s.cost.is_none() && s.replicas.is_none())
         {
             bail!(
                 "group `{}` has no load: give [batch] or [stream] (the scenario's or its own)",
@@ -683,6 +825,7 @@ poison_every = 2
         let dir = scenario_dir("badgroups");
         let p = dir.join("x.toml");
         let load = "[stream]\nmessages = 1\nrate = 1\n";
+        let kill = "[replicas.kill]\nmessages = 1\nrate = 1\n[replicas.kill.batch]\nfiles = 1\nrecords_per_file = 1\n";
         for (text, expect) in [
             (
                 "[[tenants.group]]\nname = \"a\"\nspeed = 1\n",
@@ -736,6 +879,28 @@ poison_every = 2
             (
                 "[cost]\nsteps = [1]\nmessages = 1\nset = [\"amqp.consumer_connections\"]\n",
                 "is not `section.key=value`",
+            ),
+            (
+                format!("[replicas]\nbatch_managers = 1\n{kill}").as_str(),
+                "must be at least 2: one of each is killed",
+            ),
+            (
+                format!("[replicas.elastic]\nmin_consumers = 3\nmax_consumers = 2\n{kill}")
+                    .as_str(),
+                "1 <= min_consumers <= max_consumers",
+            ),
+            (
+                format!("[replicas.elastic]\nsteps = [{{ rate = 0, seconds = 5 }}]\n{kill}")
+                    .as_str(),
+                "each step's rate and seconds must be at least 1",
+            ),
+            (
+                format!("[replicas.throughput]\npublishers = 0\n{kill}").as_str(),
+                "replicas.throughput: messages, publishers",
+            ),
+            (
+                format!("[cost]\nsteps = [1]\nmessages = 1\n{kill}").as_str(),
+                "give one of [faults], [cost] and [replicas]",
             ),
         ] {
             std::fs::write(&p, format!("name = \"x\"\n{text}{load}")).expect("write");

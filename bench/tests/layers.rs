@@ -12,7 +12,7 @@ const BENCH: &[&[&str]] = &[
     &["schema", "host", "progress"],
     &["dataset", "accounting"],
     &["report", "deploy"],
-    &["load", "ceiling", "faults", "cost"],
+    &["load", "ceiling", "faults", "cost", "replicas"],
     &["run"],
 ];
 

@@ -1,5 +1,5 @@
 //! Reports: `report.json` (a stable, versioned format), `report.md`, a latency plot (SVG)
-//! and the serialized HDR histograms.
+//! and the serialized HDR histograms; the plot of two lines over time other scenarios draw.
 
 use std::path::Path;
 use std::time::Duration;
@@ -17,6 +17,7 @@ mod markdown;
 mod plot;
 
 pub use compare::compare;
+pub use plot::{Line, over_time};
 
 /// Bumped whenever a field changes meaning. 2: `accounting` (offered, stored, failed, lost
 /// per tenant and path, from the database and the log), `phases`, `baseline`,

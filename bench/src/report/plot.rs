@@ -1,5 +1,6 @@
 //! `latency.svg`: latency by percentile, on the usual HDR scale where each step to the right
-//! adds a nine (0 %, 90 %, 99 %, 99.9 %, 99.99 %), drawn with plotters' SVG backend.
+//! adds a nine (0 %, 90 %, 99 %, 99.9 %, 99.99 %), drawn with plotters' SVG backend; and
+//! two lines over time on two scales ([`over_time`]).
 
 use anyhow::{Result, anyhow};
 use hdrhistogram::Histogram;
@@ -102,6 +103,74 @@ impl Report {
     }
 }
 
+/// A line over time: its name and its (seconds, value) points.
+pub struct Line<'a> {
+    pub name: &'a str,
+    pub points: &'a [(f64, f64)],
+}
+
+/// Two lines over one time axis, each on its own scale: `left` against the left axis,
+/// `right` against the right one (a queue's depth beside the consumers draining it).
+pub fn over_time(title: &str, left: &Line, right: &Line) -> Result<String> {
+    let end = [left, right]
+        .iter()
+        .flat_map(|l| l.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let top = |l: &Line| l.points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let (blue, red) = (RGBColor(0x1f, 0x77, 0xb4), RGBColor(0xd6, 0x27, 0x28));
+    let mut svg = String::new();
+    let err = |e| anyhow!("{title} plot: {e:?}");
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(err)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .right_y_label_area_size(60)
+            .build_cartesian_2d(0.0..end, 0.0..top(left))
+            .map_err(err)?
+            .set_secondary_coord(0.0..end, 0.0..top(right));
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .y_desc(left.name)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .light_line_style(BLACK.mix(0.04))
+            .bold_line_style(BLACK.mix(0.15))
+            .draw()
+            .map_err(err)?;
+        chart
+            .configure_secondary_axes()
+            .y_desc(right.name)
+            .y_label_formatter(&|v| format!("{v:.0}"))
+            .draw()
+            .map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(left.points.to_vec(), blue.stroke_width(2)))
+            .map_err(err)?
+            .label(left.name)
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2))
+            });
+        chart
+            .draw_secondary_series(LineSeries::new(right.points.to_vec(), red.stroke_width(2)))
+            .map_err(err)?
+            .label(right.name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], red.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(err)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,5 +189,26 @@ mod tests {
         let p99 = pts[2 * STEPS as usize];
         assert!((p99.1 - 9900.0).abs() < 10.0, "{p99:?}");
         assert!(pts.windows(2).all(|w| w[0].1 <= w[1].1), "never falls");
+    }
+
+    #[test]
+    fn a_plot_over_time_names_both_lines_and_both_axes() {
+        let depth = [(0.0, 0.0), (1.0, 5000.0), (2.0, 100.0)];
+        let consumers = [(0.0, 3.0), (1.0, 9.0), (2.0, 3.0)];
+        let svg = over_time(
+            "load step",
+            &Line {
+                name: "queue depth",
+                points: &depth,
+            },
+            &Line {
+                name: "consumers",
+                points: &consumers,
+            },
+        )
+        .expect("plots");
+        for text in ["load step", "queue depth", "consumers", "seconds", "5000"] {
+            assert!(svg.contains(text), "{text} missing");
+        }
     }
 }

@@ -11,7 +11,7 @@ use mysimbdp::infra::ServerVersions;
 use crate::deploy::Deployment;
 use crate::report::{Environment, Report, Results};
 use crate::schema::{Expect, Scenario};
-use crate::{accounting, ceiling, cost, faults, host};
+use crate::{accounting, ceiling, cost, faults, host, replicas};
 
 mod look;
 mod phase;
@@ -34,6 +34,9 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     }
     if let Some(c) = &sc.cost {
         return cost::run(&sc, c, out, &run_id).await;
+    }
+    if let Some(r) = &sc.replicas {
+        return replicas::run(&sc, r, out, &run_id).await;
     }
     let plans = sc.plans()?;
     let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);

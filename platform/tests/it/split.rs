@@ -7,7 +7,8 @@ use mysimbdp::client::Client;
 use mysimbdp::config::{HttpSettings, Settings};
 use mysimbdp::coredms::{CoreDms, Remote};
 use mysimbdp::infra::Infra;
-use mysimbdp::processes::SplitProcesses;
+use mysimbdp::model::FileState;
+use mysimbdp::processes::{Manager, Replicas, SplitProcesses};
 use mysimbdp::tenants::TenantName;
 
 use crate::harness::{ADMIN_TOKEN, eventually, messages_stored, unique};
@@ -227,9 +228,109 @@ async fn a_split_deployment_stores_bulks_of_several_megabytes_once() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Several managers of each kind beside one coredms: each answers at its own address over
+/// the shared store; one killed (SIGKILL) stops answering, keeps its number and is no failure
+/// at stop; one added takes the next number.
+#[tokio::test]
+async fn replicas_answer_at_their_own_addresses_and_a_killed_one_is_left_out_at_stop() {
+    let two = Replicas {
+        batch: 2,
+        stream: 2,
+    };
+    let (_infra, dir, mut components) = start_replicas(&[], two).await;
+    assert_eq!(components.running(Manager::Batch), [0, 1]);
+    assert_eq!(components.running(Manager::Stream), [0, 1]);
+    let pids = components.replica_pids(Manager::Stream);
+    assert!(pids.len() == 2 && pids[0].1 != pids[1].1, "{pids:?}");
+    let admin = components.client(Some(ADMIN_TOKEN));
+    let t = admin
+        .create_tenant("replicas", AdminPatch::default())
+        .await
+        .expect("tenant");
+    let at = |p: &SplitProcesses, b, s| p.client_at(b, s, Some(&t.token));
+    let c1 = at(&components, 1, 1).expect("batch-1 and stream-1 run");
+    c1.upload_file(&t.name, "a.csv", "k\n1\n")
+        .await
+        .expect("batch-1 stages");
+    let seen = at(&components, 0, 0)
+        .expect("batch and stream run")
+        .file(&t.name, "a.csv")
+        .await
+        .expect("batch sees batch-1's file");
+    assert_eq!(seen.state, FileState::Staged);
+    let started = c1.stream_start(&t.name, 1).await.expect("stream-1 answers");
+    assert_eq!(started.consumers, 1);
+
+    components
+        .kill(Manager::Batch, 1)
+        .await
+        .expect("SIGKILL batch-1");
+    assert_eq!(components.running(Manager::Batch), [0]);
+    assert!(
+        components.client_at(1, 0, None).is_none(),
+        "no client of a dead one"
+    );
+    assert_eq!(components.replica_addr(Manager::Batch, 1), None);
+    assert!(components.replica_addr(Manager::Stream, 1).is_some());
+    let e = c1
+        .file(&t.name, "a.csv")
+        .await
+        .expect_err("batch-1 is gone");
+    assert_eq!(e.status(), None, "no answer at all: {e}");
+    assert!(
+        components.kill(Manager::Batch, 1).await.is_err(),
+        "killed once"
+    );
+
+    components
+        .kill(Manager::Stream, 0)
+        .await
+        .expect("SIGKILL stream");
+    let survivors = components.client(Some(&t.token));
+    survivors
+        .file(&t.name, "a.csv")
+        .await
+        .expect("the client reaches the first running batch manager");
+    survivors
+        .stream_status(&t.name)
+        .await
+        .expect("and stream-1 in place of the dead stream");
+    let n = components.add(Manager::Batch).await.expect("a replacement");
+    assert_eq!(n, 2, "a new number: the dead one keeps its own");
+    assert!(dir.join("batch-2.log").exists());
+    let f = at(&components, 2, 1)
+        .expect("batch-2 and stream-1 run")
+        .file(&t.name, "a.csv")
+        .await
+        .expect("batch-2 answers for the shared store");
+    assert_eq!(f.name, "a.csv");
+    at(&components, 0, 1)
+        .expect("batch and stream-1 run")
+        .stream_stop(&t.name)
+        .await
+        .expect("stop consumers");
+    components
+        .stop()
+        .await
+        .expect("the living drain and exit 0; the killed one is no failure");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The three components as real processes over the servers of `MONGODB_URI`/`AMQP_URI`, in a
 /// namespace and directory of their own, with `extra` settings.
 async fn start(extra: &[&str]) -> (Infra, std::path::PathBuf, SplitProcesses) {
+    let one = Replicas {
+        batch: 1,
+        stream: 1,
+    };
+    start_replicas(extra, one).await
+}
+
+/// As [`start`], with `replicas` batch and stream managers.
+async fn start_replicas(
+    extra: &[&str],
+    replicas: Replicas,
+) -> (Infra, std::path::PathBuf, SplitProcesses) {
     let env: Vec<(String, String)> = ["MONGODB_URI", "AMQP_URI"]
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -250,11 +351,12 @@ async fn start(extra: &[&str]) -> (Infra, std::path::PathBuf, SplitProcesses) {
         "mongodb.max_pool_size=4".to_owned(),
     ];
     overrides.extend(extra.iter().map(|s| (*s).to_owned()));
-    let components = SplitProcesses::start(
+    let components = SplitProcesses::start_replicas(
         std::path::Path::new(env!("CARGO_BIN_EXE_mysimbdp")),
         &overrides,
         &infra,
         &dir,
+        replicas,
     )
     .await
     .expect("every `mysimbdp serve <component>` becomes healthy");
