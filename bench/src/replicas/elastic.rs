@@ -377,7 +377,17 @@ fn summarize(samples: &[Sample]) -> ElasticSummary {
         .iter()
         .filter_map(|s| Some((s.t_s, s.consumers?)))
         .collect();
-    let start = seen.first().map_or(0, |w| w.1);
+    // Where the consumers stood when the load rose (the last look before the first step
+    // up), not at the first look, which may still see a manager's consumer starting.
+    let first_rate = samples.first().map_or(0, |s| s.offered_per_s);
+    let rise_at = samples
+        .iter()
+        .find(|s| s.offered_per_s > first_rate)
+        .map(|s| s.t_s);
+    let start = rise_at
+        .and_then(|t| seen.iter().rev().find(|w| w.0 < t))
+        .or(seen.first())
+        .map_or(0, |w| w.1);
     let peak_total = seen.iter().map(|w| w.1).max().unwrap_or(0);
     let peak_at = seen.iter().position(|w| w.1 == peak_total).unwrap_or(0);
     ElasticSummary {
@@ -435,7 +445,7 @@ mod tests {
                 replica: "host:42".into(),
                 from,
                 to,
-                queue_depth: 5000,
+                queue_depth: Some(5000),
                 max_latency_ms: 0,
                 reason: "queue".into(),
             },
@@ -470,6 +480,23 @@ mod tests {
             "never scaled"
         );
         assert_eq!(summarize(&[]), ElasticSummary::default());
+    }
+
+    #[test]
+    fn the_start_is_where_the_consumers_stood_when_the_load_rose() {
+        // The first look sees 2 of 3 managers' consumers; the load rises at 3 s.
+        let mut samples = [
+            sample(1.0, 0, 2),
+            sample(2.0, 0, 3),
+            sample(3.0, 500, 3),
+            sample(4.0, 900, 6),
+            sample(5.0, 0, 3),
+        ];
+        for s in &mut samples[2..4] {
+            s.offered_per_s = 2000;
+        }
+        let s = summarize(&samples);
+        assert_eq!((s.scaled_up_at_s, s.back_down_at_s), (Some(4.0), Some(5.0)));
     }
 
     #[test]

@@ -166,7 +166,9 @@ pub(super) fn elastic_tables(e: &ElasticFigures) -> String {
             d.manager,
             d.decision.from,
             d.decision.to,
-            d.decision.queue_depth,
+            d.decision
+                .queue_depth
+                .map_or_else(|| "–".to_owned(), |q| q.to_string()),
             d.decision.reason
         ));
     }
