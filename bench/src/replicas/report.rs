@@ -217,7 +217,7 @@ pub(super) fn markdown(
     load_before: Option<f64>,
 ) -> String {
     format!(
-        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: {}. Stream batches of {}, prefetch {}. Load average (1 min) before the run: {} (it counts whatever else the machine was running).\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
+        "# Scenario `{}` — run {run_id}\n\n{}\n\nPlatform: coredms, batch and stream managers as processes of their own ({} build, commit {}, {} cores); database: {}; broker: {}. Stream batches of {}, prefetch {}; settings: {}. Load average (1 min) before the run: {} (it counts whatever else the machine was running).\n\n## Throughput by stream managers\n\nThe same closed-loop load on a fresh tenant each time; messages/s from the first publish until the log held every confirmed message.\n\n{}\n\n## Managers killed under load\n\n{}\n## The elastic controller under a load step\n\n![queue depth and consumers](elastic.svg)\n\n{}\n",
         sc.name,
         sc.description,
         host::build(),
@@ -227,6 +227,13 @@ pub(super) fn markdown(
         versions.rabbitmq,
         sc.platform.stream_batch_size,
         sc.platform.prefetch,
+        sc.replicas
+            .as_ref()
+            .filter(|r| !r.set.is_empty())
+            .map_or_else(
+                || "defaults".to_owned(),
+                |r| format!("`{}`", r.set.join("`, `"))
+            ),
         load_before.map_or("?".into(), |l| format!("{l:.1}")),
         throughput_table(steps),
         kill_table(killed),
