@@ -188,7 +188,6 @@ pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     tokio::time::sleep(Duration::from_secs(load.kill_after_s)).await;
     let mut at_kill = AtKill {
         after_s: started.elapsed().as_secs_f64(),
-        messages_confirmed: tally.lock().map_or(0, |t| t.offered),
         ..AtKill::default()
     };
     for f in &outcomes {
@@ -202,6 +201,9 @@ pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     if let Ok(s) = stream_status(&survivor, &t.name, None).await {
         at_kill.messages_logged = logged(&s);
     }
+    // Confirmed counted after the log was asked: the load goes on meanwhile, and the log
+    // cannot hold more than was confirmed (it read "604 of 600" counted the other way).
+    at_kill.messages_confirmed = tally.lock().map_or(0, |t| t.offered);
     run.procs.kill(Manager::Batch, victim_batch).await?;
     run.procs.kill(Manager::Stream, victim_stream).await?;
     let killed_at = Instant::now();
