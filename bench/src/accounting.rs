@@ -30,6 +30,21 @@ pub struct FileOutcome {
     pub error: Option<String>,
 }
 
+/// One line per file that ended `failed`, with the platform's reason.
+pub fn failed_files(files: &[FileOutcome]) -> Vec<String> {
+    files
+        .iter()
+        .filter(|f| f.state == "failed")
+        .map(|f| {
+            format!(
+                "{} ended `failed`: {}",
+                f.name,
+                f.error.as_deref().unwrap_or("no error given")
+            )
+        })
+        .collect()
+}
+
 /// The histogram every latency is recorded in: 1 µs to 1 h, three significant digits.
 pub fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")

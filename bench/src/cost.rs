@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::{StreamExt, TryStreamExt};
-use mysimbdp::client::{Client, ClientError};
+use mysimbdp::client::Client;
 use mysimbdp::tenants::AdminPatch;
 use serde::Serialize;
 
-use crate::deploy::Deployment;
+use crate::deploy::{Deployment, retry};
 use crate::host;
 use crate::schema::{CostLoad, Scenario};
 
@@ -65,26 +65,6 @@ pub struct Step {
     pub after_quiet: Sample,
     /// (RSS once quiet − idle RSS) / tenants.
     pub quiet_cost_per_tenant_bytes: u64,
-}
-
-/// Retries a call the platform may refuse while busy (503, 429, no answer): every 200 ms
-/// for up to a minute.
-async fn retry<T, F, Fut>(f: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    use backon::{ConstantBuilder, Retryable};
-    let every = ConstantBuilder::new()
-        .with_delay(Duration::from_millis(200))
-        .with_max_times(300);
-    f.retry(every)
-        .sleep(tokio::time::sleep)
-        .when(|e| {
-            e.status()
-                .is_none_or(|s| s.as_u16() == 503 || s.as_u16() == 429)
-        })
-        .await
 }
 
 /// The namespace's connections as RabbitMQ lists them: (connections, consumer connections,

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use mysimbdp::client::Client;
+use mysimbdp::client::{Client, ClientError};
 use mysimbdp::config::Settings;
 use mysimbdp::infra::{Infra, ServerVersions};
 use mysimbdp::processes::SplitProcesses;
@@ -175,4 +175,27 @@ impl Deployment {
         }
         Ok(())
     }
+}
+
+/// Retries a call the platform may refuse while busy or restarting (no answer, 503, 429):
+/// every 200 ms for up to a minute.
+pub async fn retry<T, F, Fut>(f: F) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    use backon::{ConstantBuilder, Retryable};
+    let every = ConstantBuilder::new()
+        .with_delay(std::time::Duration::from_millis(200))
+        .with_max_times(300);
+    f.retry(every)
+        .sleep(tokio::time::sleep)
+        .when(transient)
+        .await
+}
+
+/// An answer worth asking again: none at all, 503 (busy) or 429 (over the tenant's share).
+pub fn transient(e: &ClientError) -> bool {
+    e.status()
+        .is_none_or(|s| s.as_u16() == 503 || s.as_u16() == 429)
 }

@@ -257,17 +257,7 @@ pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     };
     let mut batch_account = account("batch", &batch_counts, &tally_log.batch);
     batch_account.refusals = refusals;
-    batch_account.files_failed = outcomes
-        .iter()
-        .filter(|f| f.state == "failed")
-        .map(|f| {
-            format!(
-                "{} ended `failed`: {}",
-                f.name,
-                f.error.as_deref().unwrap_or("no error given")
-            )
-        })
-        .collect();
+    batch_account.files_failed = accounting::failed_files(&outcomes);
     let mut stream_account = account("stream", &stream_counts, &tally_log.stream);
     for e in &confirmed.errors {
         note(&mut stream_account.errors, e.clone());

@@ -24,6 +24,7 @@ use mysimbdp::processes::{Manager, Replicas, SplitProcesses};
 use mysimbdp::tenants::AdminPatch;
 
 use crate::accounting;
+use crate::deploy::{retry, transient};
 use crate::host;
 use crate::schema::{ReplicaLoad, Scenario};
 
@@ -172,28 +173,6 @@ fn manager_name(component: &str, replica: usize) -> String {
         0 => component.to_owned(),
         n => format!("{component}-{n}"),
     }
-}
-
-/// Retries a call the platform may refuse while busy or restarting (no answer, 503, 429):
-/// every 200 ms for up to a minute.
-async fn retry<T, F, Fut>(f: F) -> Result<T, ClientError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, ClientError>>,
-{
-    use backon::{ConstantBuilder, Retryable};
-    let every = ConstantBuilder::new()
-        .with_delay(Duration::from_millis(200))
-        .with_max_times(300);
-    f.retry(every)
-        .sleep(tokio::time::sleep)
-        .when(transient)
-        .await
-}
-
-fn transient(e: &ClientError) -> bool {
-    e.status()
-        .is_none_or(|s| s.as_u16() == 503 || s.as_u16() == 429)
 }
 
 /// NDJSON of messages `from..to`, as the other stream loads send them.

@@ -11,7 +11,7 @@ use mysimbdp::tenants::AdminPatch;
 
 use super::PhaseSpec;
 use super::look::{Looked, look};
-use crate::accounting::{Counts, Tally, TenantAccount};
+use crate::accounting::{self, Counts, Tally, TenantAccount};
 use crate::dataset::{GroupFiles, make_files};
 use crate::load::{self, PathRun, TenantCtx};
 use crate::progress::Progress;
@@ -213,18 +213,7 @@ fn account(
             path: kind.as_str().into(),
             expect: g.expect,
             counts: counts.clone(),
-            files_failed: r
-                .files
-                .iter()
-                .filter(|f| f.state == "failed")
-                .map(|f| {
-                    format!(
-                        "{} ended `failed`: {}",
-                        f.name,
-                        f.error.as_deref().unwrap_or("no error given")
-                    )
-                })
-                .collect(),
+            files_failed: accounting::failed_files(&r.files),
             unfinished: r.unfinished.clone(),
             errors,
             refusals: r.refusals.clone(),
