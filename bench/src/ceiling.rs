@@ -1,5 +1,6 @@
-//! The ceiling: what the MongoDB driver alone achieves on the same server in the same run,
-//! for the report to set the platform's batch throughput against.
+//! The ceilings: what the MongoDB driver alone achieves on the same server in the same run,
+//! for the report to set the platform's batch throughput against; and the raw stream
+//! pipeline (`stream`), RabbitMQ and the driver alone, for its stream path.
 
 use std::time::Instant;
 
@@ -8,6 +9,22 @@ use anyhow::Result;
 use crate::dataset::make_files;
 use crate::report::Ceiling;
 use crate::schema::BatchLoad;
+
+mod stream;
+
+pub use stream::{RawStream, raw_stream};
+
+/// The platform's write concern: `w` (a number of nodes, or majority) and `j`.
+pub fn write_concern(w: &str, journal: bool) -> mongodb::options::WriteConcern {
+    let w = match w.parse::<u32>() {
+        Ok(n) => mongodb::options::Acknowledgment::Nodes(n),
+        Err(_) => mongodb::options::Acknowledgment::Majority,
+    };
+    mongodb::options::WriteConcern::builder()
+        .w(w)
+        .journal(journal)
+        .build()
+}
 
 /// The driver alone: the same documents and the platform's log of them (its buckets: one
 /// entry per record, a few documents per bulk) bulk-inserted in batches of the same size;
@@ -37,14 +54,7 @@ pub async fn raw_ceiling(
         }
     }
     let client = mongodb::Client::with_uri_str(uri).await?;
-    let w = match wc.parse::<u32>() {
-        Ok(n) => mongodb::options::Acknowledgment::Nodes(n),
-        Err(_) => mongodb::options::Acknowledgment::Majority,
-    };
-    let wc = mongodb::options::WriteConcern::builder()
-        .w(w)
-        .journal(journal)
-        .build();
+    let wc = write_concern(wc, journal);
     let db = client.database(&format!("{ns}ceiling"));
     let data = db.collection::<Document>("data");
     let logs = db.collection::<Document>("logs");

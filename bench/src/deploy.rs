@@ -25,6 +25,8 @@ pub struct Deployment {
     pub versions: ServerVersions,
     /// Where MongoDB is, for the raw driver ceiling.
     pub mongodb_uri: String,
+    /// Where RabbitMQ is, for the raw stream pipeline.
+    pub amqp_uri: String,
     running: Running,
 }
 
@@ -57,6 +59,7 @@ impl Deployment {
             admin: Client::new(&platform.url(), Some(admin)),
             versions: platform.versions.clone(),
             mongodb_uri: platform.mongodb_uri.clone(),
+            amqp_uri: platform.amqp_uri.clone(),
             running: Running::InProcess(platform),
         })
     }
@@ -91,6 +94,7 @@ impl Deployment {
             admin: processes.client(Some(admin)),
             versions: infra.versions.clone(),
             mongodb_uri: infra.mongodb_uri.clone(),
+            amqp_uri: infra.amqp_uri.clone(),
             running: Running::Separate {
                 processes,
                 _infra: infra,

@@ -15,7 +15,7 @@ mod batch;
 mod stream;
 
 pub use batch::drive_batch;
-pub use stream::drive_stream;
+pub use stream::{drive_stream, schedule};
 
 /// A tenant as the load drivers see it.
 #[derive(Clone)]

@@ -57,6 +57,24 @@ fn requests(s: &StreamLoad) -> Vec<Request> {
     out
 }
 
+/// The stream load's messages as its publish requests carry them: (schedule slot, the
+/// request's messages), for a baseline that publishes the same messages on the same
+/// schedule.
+pub fn schedule(s: &StreamLoad) -> Vec<(u32, Vec<Vec<u8>>)> {
+    requests(s)
+        .into_iter()
+        .map(|r| {
+            let messages = r
+                .body
+                .split(|b| *b == b'\n')
+                .filter(|m| !m.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect();
+            (r.slot, messages)
+        })
+        .collect()
+}
+
 /// What the publishers learnt; shared so that what was confirmed before a deadline counts.
 #[derive(Default)]
 struct Published {

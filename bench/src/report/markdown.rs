@@ -83,8 +83,31 @@ impl Report {
                 ));
             }
         }
+        s.push_str(&self.stream_raw_md());
+        s.push_str("\nEach second of the run (inputs completed, p50 and p99): `series.svg`, and `series` in report.json.\n");
         s.push_str(&self.accounting_md());
         s
+    }
+
+    /// The raw stream pipeline and the stream path's ratios to it.
+    fn stream_raw_md(&self) -> String {
+        let (Some(r), Some(v)) = (&self.stream_raw, &self.stream_vs_raw) else {
+            return String::new();
+        };
+        format!(
+            "\n## Raw stream pipeline\n\nThe same messages on the same schedule in the same run, without the platform ({}).\n\n| | stored | throughput /s | p50 ms | p99 ms | p99.9 ms | uncorrected p99 ms |\n|---|---|---|---|---|---|---|\n| raw pipeline | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |\n\nThe platform's stream path: {:.2}× the raw throughput; p50 {:.2}× ({:+.2} ms); p99 {:.2}×.\n",
+            r.note,
+            r.messages,
+            r.throughput_per_s,
+            r.latency.p50_ms,
+            r.latency.p99_ms,
+            r.latency.p999_ms,
+            r.uncorrected.p99_ms,
+            v.throughput_ratio,
+            v.p50_ratio,
+            v.p50_excess_ms,
+            v.p99_ratio
+        )
     }
 
     /// The groups (with both phases, side by side), every tenant's accounting, the problems.

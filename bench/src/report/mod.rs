@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use serde::{Deserialize, Serialize};
 
-use crate::accounting::{Counts, TenantAccount};
+use crate::accounting::{Counts, SecondPoint, Series, TenantAccount};
 use crate::schema::{Expect, Scenario};
 
 mod compare;
@@ -39,7 +39,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Self {
+    pub fn of(h: &Histogram<u64>) -> Self {
         let q = |x: f64| h.value_at_quantile(x) as f64 / 1000.0;
         Self {
             p50_ms: q(0.5),
@@ -70,6 +70,9 @@ pub struct PathStats {
     /// Offered, stored, failed, lost (schema 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accounting: Option<Counts>,
+    /// Per second of the run: inputs completed, their p50 and p99.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<SecondPoint>,
     #[serde(skip)]
     pub histogram: Option<Histogram<u64>>,
 }
@@ -94,6 +97,7 @@ impl PathStats {
             per_file: per_file.as_ref().map(Latency::of),
             uncorrected: uncorrected.as_ref().map(Latency::of),
             accounting: None,
+            series: Vec::new(),
             histogram: Some(latency),
         }
     }
@@ -107,6 +111,7 @@ pub struct PathParts {
     pub latency: Histogram<u64>,
     pub per_file: Option<Histogram<u64>>,
     pub uncorrected: Option<Histogram<u64>>,
+    pub series: Series,
 }
 
 fn merge(a: &mut Option<Histogram<u64>>, b: &Option<Histogram<u64>>) {
@@ -126,6 +131,7 @@ impl PathParts {
         let _ = self.latency.add(&o.latency);
         merge(&mut self.per_file, &o.per_file);
         merge(&mut self.uncorrected, &o.uncorrected);
+        self.series.add(&o.series);
     }
 
     /// Count: inputs stored; failures: failure entries; throughput: stored per second.
@@ -139,6 +145,7 @@ impl PathParts {
             self.uncorrected.clone(),
         );
         s.accounting = Some(self.counts.clone());
+        s.series = self.series.points();
         s
     }
 }
@@ -247,6 +254,51 @@ pub struct Ceiling {
     pub note: String,
 }
 
+/// The raw stream pipeline: the same messages at the same offered rate (or closed loop)
+/// through RabbitMQ and the MongoDB driver alone, in the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamCeiling {
+    pub messages: u64,
+    pub elapsed_s: f64,
+    pub throughput_per_s: f64,
+    /// Publish → stored, corrected for coordinated omission at the offered rate.
+    pub latency: Latency,
+    pub uncorrected: Latency,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<SecondPoint>,
+    pub note: String,
+}
+
+/// The baselines measured in the same run, each where the scenario has its path.
+#[derive(Default)]
+pub struct Ceilings {
+    pub batch: Option<Ceiling>,
+    pub stream: Option<StreamCeiling>,
+}
+
+/// The platform's stream path set against the raw stream pipeline of the same run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamVsRaw {
+    /// Platform throughput over the raw pipeline's.
+    pub throughput_ratio: f64,
+    pub p50_ratio: f64,
+    /// Platform p50 minus the raw pipeline's (ms).
+    pub p50_excess_ms: f64,
+    /// Platform p99 over the raw pipeline's (both corrected for coordinated omission).
+    pub p99_ratio: f64,
+}
+
+impl StreamVsRaw {
+    fn of(platform: &PathStats, raw: &StreamCeiling) -> Self {
+        Self {
+            throughput_ratio: platform.throughput_per_s / raw.throughput_per_s.max(1e-9),
+            p50_ratio: platform.latency.p50_ms / raw.latency.p50_ms.max(1e-9),
+            p50_excess_ms: platform.latency.p50_ms - raw.latency.p50_ms,
+            p99_ratio: platform.latency.p99_ms / raw.latency.p99_ms.max(1e-9),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Environment {
     pub cores: usize,
@@ -280,6 +332,12 @@ pub struct Report {
     /// Batch throughput as a fraction of the raw driver writing the records alone.
     #[serde(default)]
     pub batch_fraction_of_data_alone: Option<f64>,
+    /// The raw stream pipeline of the same run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_raw: Option<StreamCeiling>,
+    /// The stream path as a ratio to [`Report::stream_raw`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_vs_raw: Option<StreamVsRaw>,
     pub reference: serde_json::Value,
     /// Every tenant's path in every phase: offered, stored, failed, lost.
     #[serde(default)]
@@ -303,9 +361,13 @@ impl Report {
         run_id: &str,
         environment: Environment,
         results: Results,
-        ceiling: Option<Ceiling>,
+        ceilings: Ceilings,
         wall: Duration,
     ) -> Self {
+        let Ceilings {
+            batch: ceiling,
+            stream: stream_raw,
+        } = ceilings;
         let batch = results.batch.as_ref().map(PathParts::stats);
         let stream = results.stream.as_ref().map(PathParts::stats);
         let baseline = baseline_rows(&results.phases, &results.accounting);
@@ -319,6 +381,10 @@ impl Report {
                 .map(|alone| b.throughput_per_s / alone),
             _ => None,
         };
+        let stream_vs_raw = stream
+            .as_ref()
+            .zip(stream_raw.as_ref())
+            .map(|(s, r)| StreamVsRaw::of(s, r));
         let reference = serde_json::json!({
             "original_batch_ms_per_ingestion": ORIGINAL_BATCH_MS,
             "original_stream_ms_per_ingestion": ORIGINAL_STREAM_MS,
@@ -336,6 +402,8 @@ impl Report {
             ceiling,
             batch_fraction_of_ceiling: fraction,
             batch_fraction_of_data_alone: fraction_alone,
+            stream_vs_raw,
+            stream_raw,
             reference,
             accounting: results.accounting,
             phases: results.phases,
@@ -360,6 +428,7 @@ impl Report {
         std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(self)?)?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
         std::fs::write(dir.join("latency.svg"), self.svg()?)?;
+        std::fs::write(dir.join("series.svg"), self.series_svg()?)?;
         for (name, p) in [("batch", &self.batch), ("stream", &self.stream)] {
             if let Some(h) = p.as_ref().and_then(|p| p.histogram.as_ref()) {
                 let mut buf = Vec::new();

@@ -1,12 +1,14 @@
 //! `latency.svg`: latency by percentile, on the usual HDR scale where each step to the right
-//! adds a nine (0 %, 90 %, 99 %, 99.9 %, 99.99 %), drawn with plotters' SVG backend; and
-//! two lines over time on two scales ([`over_time`]).
+//! adds a nine (0 %, 90 %, 99 %, 99.9 %, 99.99 %); `series.svg`: each second of the run,
+//! inputs completed and their p50/p99, so a stall shows where it happened; and two lines
+//! over time on two scales ([`over_time`]). All drawn with plotters' SVG backend.
 
 use anyhow::{Result, anyhow};
 use hdrhistogram::Histogram;
 use plotters::prelude::*;
 
 use super::Report;
+use crate::accounting::SecondPoint;
 
 /// The nines shown: x runs from 0 (the minimum) to 4 (p99.99).
 const NINES: f64 = 4.0;
@@ -77,8 +79,9 @@ impl Report {
                 })
                 .x_desc("percentile")
                 .y_desc("latency (ms)")
-                .light_line_style(BLACK.mix(0.04))
-                .bold_line_style(BLACK.mix(0.15))
+                .light_line_style(BLACK.mix(0.08))
+                .bold_line_style(BLACK.mix(0.25))
+                .axis_style(BLACK.mix(0.8))
                 .draw()
                 .map_err(err)?;
             for (name, colour, pts) in lines {
@@ -171,6 +174,137 @@ pub fn over_time(title: &str, left: &Line, right: &Line) -> Result<String> {
     Ok(svg)
 }
 
+/// One line of the series plot (`series.svg`): its name, colour and points.
+type SeriesLine<'a> = (&'static str, RGBColor, &'a [SecondPoint]);
+
+/// A value's ticks as text: at most three decimals, no trailing zeros.
+fn tick(v: &f64) -> String {
+    let s = format!("{v:.3}");
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+impl Report {
+    /// The lines of the series plot: each path of the platform, and the raw stream
+    /// pipeline of the same run.
+    fn series_lines(&self) -> Vec<SeriesLine<'_>> {
+        let mut lines: Vec<SeriesLine<'_>> = Vec::new();
+        if let Some(b) = &self.batch {
+            lines.push(("batch", RGBColor(0x1f, 0x77, 0xb4), b.series.as_slice()));
+        }
+        if let Some(s) = &self.stream {
+            lines.push(("stream", RGBColor(0xd6, 0x27, 0x28), s.series.as_slice()));
+        }
+        if let Some(r) = &self.stream_raw {
+            lines.push((
+                "raw stream",
+                RGBColor(0x55, 0x55, 0x55),
+                r.series.as_slice(),
+            ));
+        }
+        lines.retain(|(_, _, pts)| !pts.is_empty());
+        lines
+    }
+
+    /// `series.svg`: above, inputs completed per second; below, their p50 (thin) and p99
+    /// (thick) latency per second, on the same time axis.
+    pub(super) fn series_svg(&self) -> Result<String> {
+        let lines = self.series_lines();
+        let seconds = lines
+            .iter()
+            .filter_map(|(_, _, pts)| pts.last().map(|p| p.second))
+            .max()
+            .unwrap_or(0)
+            .max(1) as f64;
+        let top_rate = lines
+            .iter()
+            .flat_map(|(_, _, pts)| pts.iter().map(|p| p.completed as f64))
+            .fold(1.0, f64::max);
+        let top_ms = lines
+            .iter()
+            .flat_map(|(_, _, pts)| pts.iter().filter_map(|p| p.p99_ms))
+            .fold(1.0, f64::max);
+        let mut svg = String::new();
+        let err = |e| anyhow!("series plot: {e:?}");
+        {
+            let root = SVGBackend::with_string(&mut svg, (720, 640)).into_drawing_area();
+            root.fill(&WHITE).map_err(err)?;
+            let root = root
+                .titled(
+                    &format!("{} — each second of the run", self.scenario.name),
+                    ("sans-serif", 16),
+                )
+                .map_err(err)?;
+            let (upper, lower) = root.split_vertically(300);
+            let mut rate = ChartBuilder::on(&upper)
+                .margin(12)
+                .margin_right(32)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..seconds, 0.0..top_rate * 1.1)
+                .map_err(err)?;
+            rate.configure_mesh()
+                .x_desc("second of the run")
+                .y_desc("completed per second")
+                .x_label_formatter(&tick)
+                .y_label_formatter(&tick)
+                .light_line_style(BLACK.mix(0.08))
+                .bold_line_style(BLACK.mix(0.25))
+                .axis_style(BLACK.mix(0.8))
+                .draw()
+                .map_err(err)?;
+            for (name, colour, pts) in &lines {
+                let colour = *colour;
+                let xy = pts.iter().map(|p| (p.second as f64, p.completed as f64));
+                rate.draw_series(LineSeries::new(xy, colour.stroke_width(2)))
+                    .map_err(err)?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+                    });
+            }
+            rate.configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK.mix(0.3))
+                .draw()
+                .map_err(err)?;
+            let mut latency = ChartBuilder::on(&lower)
+                .margin(12)
+                .margin_right(32)
+                .x_label_area_size(36)
+                .y_label_area_size(60)
+                .build_cartesian_2d(0.0..seconds, 0.0..top_ms * 1.1)
+                .map_err(err)?;
+            latency
+                .configure_mesh()
+                .x_desc("second of the run")
+                .y_desc("latency (ms): p99 thick, p50 thin")
+                .x_label_formatter(&tick)
+                .y_label_formatter(&tick)
+                .light_line_style(BLACK.mix(0.08))
+                .bold_line_style(BLACK.mix(0.25))
+                .axis_style(BLACK.mix(0.8))
+                .draw()
+                .map_err(err)?;
+            for (_, colour, pts) in &lines {
+                let p99: fn(&SecondPoint) -> Option<f64> = |p| p.p99_ms;
+                let p50: fn(&SecondPoint) -> Option<f64> = |p| p.p50_ms;
+                for (width, pick) in [(3, p99), (1, p50)] {
+                    // A second with no completions has no latency: the line breaks there.
+                    for run in pts.split(|p| pick(p).is_none()) {
+                        let xy = run.iter().filter_map(|p| Some((p.second as f64, pick(p)?)));
+                        latency
+                            .draw_series(LineSeries::new(xy, colour.stroke_width(width)))
+                            .map_err(err)?;
+                    }
+                }
+            }
+            root.present().map_err(err)?;
+        }
+        Ok(svg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,5 +344,59 @@ mod tests {
         for text in ["load step", "queue depth", "consumers", "seconds", "5000"] {
             assert!(svg.contains(text), "{text} missing");
         }
+    }
+
+    #[test]
+    fn the_series_plot_draws_each_line_with_its_gaps() {
+        let pts = |p99: &[Option<f64>]| -> Vec<SecondPoint> {
+            p99.iter()
+                .enumerate()
+                .map(|(i, v)| SecondPoint {
+                    second: i as u64,
+                    completed: u64::from(v.is_some()) * 100,
+                    p50_ms: v.map(|v| v / 2.0),
+                    p99_ms: *v,
+                })
+                .collect()
+        };
+        let mut r: Report = serde_json::from_value(serde_json::json!({
+            "schema_version": 2,
+            "scenario": {"name": "s", "description": ""},
+            "run_id": "r",
+            "environment": {"cores": 1, "memory_bytes": 1, "os": "linux",
+                "mongodb_version": "", "mongodb_server": "", "rabbitmq": "",
+                "commit": "", "build": "", "peak_rss_bytes": 0},
+            "wall_s": 1.0, "batch": null, "stream": null, "ceiling": null,
+            "batch_fraction_of_ceiling": null, "reference": null
+        }))
+        .expect("a minimal report");
+        r.stream_raw = Some(crate::report::StreamCeiling {
+            messages: 200,
+            elapsed_s: 3.0,
+            throughput_per_s: 66.0,
+            latency: crate::report::Latency::of(&crate::accounting::hist()),
+            uncorrected: crate::report::Latency::of(&crate::accounting::hist()),
+            series: pts(&[Some(4.0), Some(5.0), None, Some(8.0), Some(9.0)]),
+            note: String::new(),
+        });
+        assert_eq!(r.series_lines().len(), 1, "only the paths with a series");
+        let svg = r.series_svg().expect("drawn");
+        assert!(
+            svg.contains("completed per second"),
+            "the rate axis is named"
+        );
+        assert!(svg.contains("second of the run"), "the time axis is named");
+        // The raw pipeline's lines: its rate and its legend's; p99 and p50, each broken in
+        // two by the empty second.
+        let grey = svg
+            .split("<polyline")
+            .skip(1)
+            .filter(|l| {
+                l.split('>')
+                    .next()
+                    .is_some_and(|tag| tag.contains("#555555"))
+            })
+            .count();
+        assert_eq!(grey, 2 + 2 * 2, "{svg}");
     }
 }

@@ -9,9 +9,9 @@ use anyhow::Result;
 use mysimbdp::infra::ServerVersions;
 
 use crate::deploy::Deployment;
-use crate::report::{Environment, Report, Results};
+use crate::report::{Ceilings, Environment, Report, Results};
 use crate::schema::{Expect, Scenario};
-use crate::{accounting, ceiling, cost, faults, host, replicas};
+use crate::{accounting, ceiling, cost, faults, host, load, replicas};
 
 mod look;
 mod phase;
@@ -63,6 +63,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let deployment = Deployment::start(sc.platform.topology, overrides, &admin).await?;
     let versions = deployment.versions.clone();
     let mongodb_uri = deployment.mongodb_uri.clone();
+    let amqp_uri = deployment.amqp_uri.clone();
     let admin = deployment.admin.clone();
     let phases = if sc.baseline {
         vec![
@@ -101,7 +102,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         }
         let wall = started.elapsed();
         // The ceiling: the same documents straight into the same server with the raw driver.
-        let ceiling = match &sc.batch {
+        let batch = match &sc.batch {
             Some(b) => Some(
                 ceiling::raw_ceiling(
                     &mongodb_uri,
@@ -115,6 +116,35 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             ),
             None => None,
         };
+        // The raw stream pipeline: the same messages on the same schedule. It mirrors one
+        // tenant running the map app on a clean load; a run of many tenants, groups or
+        // poison would be set against a different load, so it has none.
+        let mirrored =
+            sc.tenants.count == 1 && sc.tenants.groups.is_empty() && sc.tenants.app == "map";
+        let stream = match &sc.stream {
+            Some(s) if mirrored && s.poison_every.is_none() => {
+                eprintln!("raw stream pipeline: {} messages", s.messages);
+                Some(
+                    ceiling::raw_stream(ceiling::RawStream {
+                        amqp_uri: &amqp_uri,
+                        mongodb_uri: &mongodb_uri,
+                        ns: &ns,
+                        load: s,
+                        schedule: load::schedule(s),
+                        batch_size: sc.platform.stream_batch_size,
+                        prefetch: sc.platform.prefetch,
+                        write_concern: ceiling::write_concern(
+                            &sc.platform.write_concern,
+                            sc.platform.journal,
+                        ),
+                        timeout: std::time::Duration::from_secs(sc.timeout_s),
+                    })
+                    .await?,
+                )
+            }
+            _ => None,
+        };
+        let ceiling = Ceilings { batch, stream };
         Ok::<_, anyhow::Error>((results, ceiling, wall))
     }
     .await;

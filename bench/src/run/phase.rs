@@ -230,6 +230,7 @@ fn account(
             latency: tally.latency.clone(),
             per_file: r.file_hist,
             uncorrected: (kind == PathKind::Stream).then(|| tally.uncorrected.clone()),
+            series: tally.series.clone(),
         };
         match parts.iter_mut().find(|(x, k, _)| *x == *gi && *k == kind) {
             Some((_, _, q)) => q.add(&p),
