@@ -290,6 +290,9 @@ pub struct Tally {
     pub uncorrected: Histogram<u64>,
     /// Batch: every entry; stream: successes; by the second they were logged in.
     pub series: Series,
+    /// When the latest entry was logged, Unix ms: where the path's work ended, whenever
+    /// the runner learnt it.
+    pub last_ms: Option<i64>,
 }
 
 impl Default for Tally {
@@ -303,6 +306,7 @@ impl Default for Tally {
             latency: hist(),
             uncorrected: hist(),
             series: Series::default(),
+            last_ms: None,
         }
     }
 }
@@ -389,6 +393,8 @@ fn add_entry(t: &mut LogTally, l: Line, stream_interval_us: Option<u64>) {
         Source::Stream => (&mut t.stream, true),
     };
     let v = l.latency_us.max(1);
+    let at = l.timestamp.timestamp_millis();
+    p.last_ms = Some(p.last_ms.map_or(at, |m| m.max(at)));
     match l.status {
         Status::Success => p.success += 1,
         Status::Duplicate => p.duplicate += 1,
@@ -410,9 +416,9 @@ fn add_entry(t: &mut LogTally, l: Line, stream_interval_us: Option<u64>) {
     }
     if !stream {
         p.latency.saturating_record(v);
-        p.series.record(l.timestamp.timestamp_millis(), v);
+        p.series.record(at, v);
     } else if l.status == Status::Success {
-        p.series.record(l.timestamp.timestamp_millis(), v);
+        p.series.record(at, v);
         p.uncorrected.saturating_record(v);
         match stream_interval_us {
             Some(i) => {
