@@ -15,6 +15,7 @@ pub mod events;
 pub mod http;
 pub mod infra;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod openapi;

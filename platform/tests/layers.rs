@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 /// The allowed order, bottom-up. A module may import only modules of lower layers.
 const LAYERS: &[(&str, &[&str])] = &[
-    ("configuration", &["config"]),
+    ("configuration; the allocator", &["config", "memory"]),
     (
         "vocabulary: tenant names, log entries, counters",
         &["tenants", "logs", "metrics"],

@@ -85,6 +85,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOCATOR: mysimbdp::memory::Allocator = mysimbdp::memory::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,6 +103,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    mysimbdp::memory::return_freed_memory();
     let serving = matches!(cli.command, Cmd::Serve { .. });
     let code = match run(cli).await {
         Ok(()) => 0,

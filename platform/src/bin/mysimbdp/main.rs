@@ -381,6 +381,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+#[global_allocator]
+static ALLOCATOR: mysimbdp::memory::Allocator = mysimbdp::memory::Allocator;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -390,6 +393,7 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    mysimbdp::memory::return_freed_memory();
     match run(Cli::parse()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
