@@ -51,7 +51,7 @@ struct Measured {
     latency: Histogram<u64>,
     uncorrected: Histogram<u64>,
     series: Series,
-    last_ack: Option<Instant>,
+    last_stored: Option<Instant>,
 }
 
 /// Runs the raw pipeline over the load's messages and measures it as the report measures
@@ -88,7 +88,7 @@ pub async fn raw_stream(r: RawStream<'_>) -> Result<StreamCeiling> {
         latency: hist(),
         uncorrected: hist(),
         series: Series::default(),
-        last_ack: None,
+        last_stored: None,
     }));
     let stored = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -113,24 +113,52 @@ pub async fn raw_stream(r: RawStream<'_>) -> Result<StreamCeiling> {
     }
     let started = Instant::now();
     let deadline = started + r.timeout;
-    let published = publish(&conn, &queue, r.load, r.schedule, deadline).await?;
-    while stored.load(Ordering::Relaxed) < published && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Publish and wait for every confirmed message to be stored, or for a consumer to fail,
+    // or for the timeout; a broker that stops confirming does not hold the run past it.
+    let outcome = async {
+        let published = tokio::time::timeout(
+            r.timeout + Duration::from_secs(30),
+            publish(&conn, &queue, r.load, r.schedule, deadline),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the raw publishes were not confirmed in time"))??;
+        while stored.load(Ordering::Relaxed) < published
+            && Instant::now() < deadline
+            && !consumers.iter().any(tokio::task::JoinHandle::is_finished)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok::<_, anyhow::Error>(published)
     }
+    .await;
     done.store(true, Ordering::Relaxed);
+    let mut failed = None;
     for c in consumers {
-        c.await??;
+        let e = match tokio::time::timeout(Duration::from_secs(30), c).await {
+            Ok(Ok(Ok(()))) => continue,
+            Ok(Ok(Err(e))) => e,
+            Ok(Err(e)) => anyhow::anyhow!("a raw consumer failed: {e}"),
+            Err(_) => anyhow::anyhow!("a raw consumer did not stop"),
+        };
+        failed.get_or_insert(e);
     }
+    // Whatever happened, the queue and the database go.
     let _ = setup
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await;
     let _ = conn.close(200, "raw stream pipeline done".into()).await;
     let _ = db.drop().await;
+    let published = outcome?;
+    if let Some(e) = failed {
+        return Err(e.context("the raw stream pipeline"));
+    }
     let n = stored.load(Ordering::Relaxed);
     let m = measured
         .lock()
         .map_err(|_| anyhow::anyhow!("a raw consumer panicked"))?;
-    let elapsed = m.last_ack.unwrap_or_else(Instant::now) - started;
+    // From the first publish to the last message stored, as the platform's stream path is
+    // timed from its consumers' start to its last log entry.
+    let elapsed = m.last_stored.unwrap_or_else(Instant::now) - started;
     if n < published {
         anyhow::bail!(
             "the raw stream pipeline stored {n} of {published} messages within {} s",
@@ -297,9 +325,6 @@ async fn consume(
             })
             .await?;
         stored.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        if let Ok(mut m) = measured.lock() {
-            m.last_ack = Some(Instant::now());
-        }
     }
     let _ = ch.close(200, "done".into()).await;
     Ok(())
@@ -375,6 +400,7 @@ async fn write(sink: &Sink, w: &BulkWrite, measured: &Mutex<Measured>) -> Result
     }
     // Publish → documents stored, as coredms measures each entry's `latency_us`.
     let stored_us = now_us();
+    let stored_at = Instant::now();
     let n = w.docs.len();
     let entries = log_entries(w, &vec![Status::Success; n], &vec![None; n]);
     sink.logs
@@ -385,6 +411,7 @@ async fn write(sink: &Sink, w: &BulkWrite, measured: &Mutex<Measured>) -> Result
     let mut m = measured
         .lock()
         .map_err(|_| anyhow::anyhow!("a raw consumer panicked"))?;
+    m.last_stored = Some(m.last_stored.map_or(stored_at, |t| t.max(stored_at)));
     for d in &w.docs {
         let us = u64::try_from(stored_us - d.started_us).unwrap_or(0).max(1);
         m.series.record(stored_us / 1000, us);

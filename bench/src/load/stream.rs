@@ -166,6 +166,7 @@ pub async fn drive_stream(
         run.elapsed = started.elapsed();
         return run;
     }
+    let consumers_started_ms = mysimbdp::model::now_us() / 1000;
     let requests = u64::from(s.messages.div_ceil(s.per_request));
     let tally = Arc::new(Mutex::new(Published::default()));
     let mut sender = tokio::spawn(publish_all(
@@ -194,6 +195,15 @@ pub async fn drive_stream(
         let offered = tally.lock().map_or(0, |p| p.run.offered);
         if Instant::now() > deadline {
             let sent = tally.lock().map_or(0, |p| p.sent);
+            if sending {
+                // Not asked while sending: ask once, for the figure below.
+                if let Ok(st) =
+                    bounded(Duration::from_secs(10), t.client.stream_status(&t.name)).await
+                {
+                    let n = st.logged;
+                    logged = n.stored + n.duplicates + n.failed + n.skipped;
+                }
+            }
             let mut why = format!(
                 "{logged} of {offered} confirmed messages in the log when the timeout passed"
             );
@@ -268,6 +278,7 @@ pub async fn drive_stream(
     }
     run.unfinished = unfinished;
     run.elapsed = elapsed;
+    run.started_ms = Some(consumers_started_ms);
     run
 }
 

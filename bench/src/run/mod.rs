@@ -117,30 +117,34 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             None => None,
         };
         // The raw stream pipeline: the same messages on the same schedule. It mirrors one
-        // tenant running the map app on a clean load; a run of many tenants, groups or
-        // poison would be set against a different load, so it has none.
-        let mirrored =
-            sc.tenants.count == 1 && sc.tenants.groups.is_empty() && sc.tenants.app == "map";
+        // tenant running the map app on a clean stream load alone; a run of many tenants,
+        // groups, poison or a batch load beside it (sharing the database) would be set
+        // against a different load, so it has none.
+        let mirrored = sc.tenants.count == 1
+            && sc.tenants.groups.is_empty()
+            && sc.tenants.app == "map"
+            && sc.batch.is_none();
         let stream = match &sc.stream {
             Some(s) if mirrored && s.poison_every.is_none() => {
                 eprintln!("raw stream pipeline: {} messages", s.messages);
-                Some(
-                    ceiling::raw_stream(ceiling::RawStream {
-                        amqp_uri: &amqp_uri,
-                        mongodb_uri: &mongodb_uri,
-                        ns: &ns,
-                        load: s,
-                        schedule: load::schedule(s),
-                        batch_size: sc.platform.stream_batch_size,
-                        prefetch: sc.platform.prefetch,
-                        write_concern: ceiling::write_concern(
-                            &sc.platform.write_concern,
-                            sc.platform.journal,
-                        ),
-                        timeout: std::time::Duration::from_secs(sc.timeout_s),
-                    })
-                    .await?,
-                )
+                let raw = ceiling::raw_stream(ceiling::RawStream {
+                    amqp_uri: &amqp_uri,
+                    mongodb_uri: &mongodb_uri,
+                    ns: &ns,
+                    load: s,
+                    schedule: load::schedule(s),
+                    batch_size: sc.platform.stream_batch_size,
+                    prefetch: sc.platform.prefetch,
+                    write_concern: ceiling::write_concern(
+                        &sc.platform.write_concern,
+                        sc.platform.journal,
+                    ),
+                    timeout: std::time::Duration::from_secs(sc.timeout_s),
+                })
+                .await;
+                // A baseline that failed leaves the platform's run reported, without it.
+                raw.map_err(|e| eprintln!("raw stream pipeline: {e:#}"))
+                    .ok()
             }
             _ => None,
         };

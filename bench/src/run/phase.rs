@@ -35,17 +35,9 @@ pub(super) async fn run_phase(
     db: &mongodb::Client,
 ) -> Result<PhaseOutcome> {
     let tenants = tenants(plans, ph, admin).await?;
-    let started_ms = mysimbdp::model::now_us() / 1000;
     let (runs, load_elapsed) = drive(sc, plans, ph, &tenants).await?;
     let looked = look(&tenants, plans, &runs, db).await;
-    Ok(account(
-        plans,
-        ph,
-        &tenants,
-        runs,
-        &looked,
-        (load_elapsed, started_ms),
-    ))
+    Ok(account(plans, ph, &tenants, runs, &looked, load_elapsed))
 }
 
 /// The phase's tenants, each with its group's app, as (group index, tenant).
@@ -177,7 +169,7 @@ fn account(
     tenants: &[(usize, TenantCtx)],
     runs: Vec<(usize, PathKind, PathRun)>,
     looked: &[Looked],
-    (load_elapsed, started_ms): (Duration, i64),
+    load_elapsed: Duration,
 ) -> PhaseOutcome {
     let mut accounts = Vec::new();
     let mut parts: Vec<(usize, PathKind, PathParts)> = Vec::new();
@@ -214,6 +206,16 @@ fn account(
             logged_stored: tally.success + tally.duplicate,
         }
         .settle();
+        // A stream load runs from its consumers' start to its last message logged: the
+        // runner learns the end by asking the log every second (each answer a pass over
+        // the log), so the log's own time is the end, as the raw pipeline's is its last
+        // message stored.
+        let elapsed = match (kind, r.started_ms, tally.last_ms) {
+            (PathKind::Stream, Some(from), Some(to)) if to > from => {
+                r.elapsed.min(Duration::from_millis(to.abs_diff(from)))
+            }
+            _ => r.elapsed,
+        };
         let a = TenantAccount {
             phase: ph.name.into(),
             group: g.name.clone(),
@@ -226,21 +228,12 @@ fn account(
             errors,
             refusals: r.refusals.clone(),
             reasons: tally.top_reasons(3),
-            elapsed_s: r.elapsed.as_secs_f64(),
+            elapsed_s: elapsed.as_secs_f64(),
         };
         if let Some(u) = &a.unfinished {
             eprintln!("  {} {}: unfinished: {u}", a.tenant, a.path);
         }
         accounts.push(a);
-        // A stream load ends when its last message is logged: the runner learns that by
-        // asking the log every second (each answer a pass over the log), so the log's own
-        // time is the end, as the raw pipeline's last ack is its end.
-        let elapsed = match (kind, tally.last_ms) {
-            (PathKind::Stream, Some(last)) => r.elapsed.min(Duration::from_millis(
-                u64::try_from(last - started_ms).unwrap_or(0).max(1),
-            )),
-            _ => r.elapsed,
-        };
         let p = PathParts {
             counts,
             elapsed,
