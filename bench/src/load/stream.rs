@@ -186,7 +186,12 @@ pub async fn drive_stream(
     loop {
         if sending {
             tokio::select! {
-                _ = &mut sender => sending = false,
+                _ = &mut sender => {
+                    sending = false;
+                    // The last messages are still being written: the first ask waits a
+                    // second, not to stall them (the path's end is the log's own time).
+                    last_look = Some(Instant::now());
+                }
                 () = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         } else {
