@@ -196,19 +196,18 @@ async fn publish(
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let confirmed = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    let ids = Arc::new(AtomicU64::new(0));
     if load.concurrency > 0 {
         let work = Arc::new(Mutex::new(schedule.into_iter()));
         for _ in 0..load.concurrency {
             let (ch, queue, work) = (ch.clone(), queue.to_owned(), work.clone());
-            let (confirmed, ids) = (confirmed.clone(), ids.clone());
+            let confirmed = confirmed.clone();
             tasks.spawn(async move {
                 loop {
                     let next = work.lock().ok().and_then(|mut w| w.next());
                     let Some((_, messages)) = next.filter(|_| Instant::now() < deadline) else {
                         return Ok::<_, anyhow::Error>(());
                     };
-                    let n = publish_request(&ch, &queue, &messages, &ids).await?;
+                    let n = publish_request(&ch, &queue, &messages).await?;
                     confirmed.fetch_add(n, Ordering::Relaxed);
                 }
             });
@@ -224,9 +223,9 @@ async fn publish(
             }
             tokio::time::sleep_until(at).await;
             let (ch, queue) = (ch.clone(), queue.to_owned());
-            let (confirmed, ids) = (confirmed.clone(), ids.clone());
+            let confirmed = confirmed.clone();
             tasks.spawn(async move {
-                let n = publish_request(&ch, &queue, &messages, &ids).await?;
+                let n = publish_request(&ch, &queue, &messages).await?;
                 confirmed.fetch_add(n, Ordering::Relaxed);
                 Ok(())
             });
@@ -240,15 +239,12 @@ async fn publish(
 
 /// One request: its messages published persistent, with an id and the publish time as the
 /// platform's broker stamps them, then every confirm awaited.
-async fn publish_request(
-    ch: &Channel,
-    queue: &str,
-    messages: &[Vec<u8>],
-    ids: &AtomicU64,
-) -> Result<u64> {
+async fn publish_request(ch: &Channel, queue: &str, messages: &[Vec<u8>]) -> Result<u64> {
     let mut confirms = Vec::with_capacity(messages.len());
     for m in messages {
-        let id = format!("raw{:016x}", ids.fetch_add(1, Ordering::Relaxed));
+        // Ids as the platform's broker gives them (random, 128 bits): sequential ones would
+        // insert at the end of every index, cheaper than the platform's writes.
+        let id = mysimbdp::stream::broker::new_message_id();
         let mut headers = FieldTable::default();
         headers.insert(PUBLISHED_US.into(), AMQPValue::LongLongInt(now_us()));
         let props = BasicProperties::default()
