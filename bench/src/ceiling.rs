@@ -16,18 +16,6 @@ mod stream;
 
 pub use stream::{RawStream, raw_stream};
 
-/// The platform's write concern: `w` (a number of nodes, or majority) and `j`.
-pub fn write_concern(w: &str, journal: bool) -> mongodb::options::WriteConcern {
-    let w = match w.parse::<u32>() {
-        Ok(n) => mongodb::options::Acknowledgment::Nodes(n),
-        Err(_) => mongodb::options::Acknowledgment::Majority,
-    };
-    mongodb::options::WriteConcern::builder()
-        .w(w)
-        .journal(journal)
-        .build()
-}
-
 /// The driver alone: the same documents and the platform's log of them (its buckets: one
 /// entry per record, a few documents per bulk) bulk-inserted in batches of the same size;
 /// then the same documents with no log, the baseline of a loader that keeps no record.
@@ -41,7 +29,7 @@ pub async fn raw_ceiling(
 ) -> Result<Ceiling> {
     let files = make_files(b, b.files.min(2))?;
     let client = mongodb::Client::with_uri_str(uri).await?;
-    let wc = write_concern(wc, journal);
+    let wc = mysimbdp::config::write_concern(wc, journal);
     let db = client.database(&format!("{ns}ceiling"));
     let data = db.collection::<Document>("data");
     let logs = db.collection::<Document>("logs");

@@ -188,6 +188,13 @@ pub struct StreamCounts {
     pub skipped: u64,
 }
 
+impl StreamCounts {
+    /// Inputs logged, whatever became of them.
+    pub fn total(&self) -> u64 {
+        self.stored + self.duplicates + self.failed + self.skipped
+    }
+}
+
 /// A message in a tenant's dead-letter queue, as the tenant lists it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetter {

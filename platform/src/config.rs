@@ -71,6 +71,17 @@ pub struct MongoSettings {
     pub connect_timeout_ms: u64,
 }
 
+/// The write concern `w` (`majority`, or a number of acknowledging nodes) and `j` ask for:
+/// coredms writes with it, and the workbench's raw baselines write as coredms does.
+pub fn write_concern(w: &str, journal: bool) -> mongodb::options::WriteConcern {
+    use mongodb::options::{Acknowledgment, WriteConcern};
+    let w = match w.parse::<u32>() {
+        Ok(n) => Acknowledgment::Nodes(n),
+        Err(_) => Acknowledgment::Majority,
+    };
+    WriteConcern::builder().w(w).journal(journal).build()
+}
+
 impl Default for MongoSettings {
     fn default() -> Self {
         Self {

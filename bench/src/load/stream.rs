@@ -206,8 +206,7 @@ pub async fn drive_stream(
                 if let Ok(st) =
                     bounded(Duration::from_secs(10), t.client.stream_status(&t.name)).await
                 {
-                    let n = st.logged;
-                    logged = n.stored + n.duplicates + n.failed + n.skipped;
+                    logged = st.logged.total();
                 }
             }
             let mut why = format!(
@@ -243,8 +242,7 @@ pub async fn drive_stream(
         match answer {
             Ok(st) => {
                 heard = Instant::now();
-                let n = st.logged;
-                logged = n.stored + n.duplicates + n.failed + n.skipped;
+                logged = st.logged.total();
                 let now = logged.min(offered);
                 track.add(now.saturating_sub(shown));
                 shown = shown.max(now);

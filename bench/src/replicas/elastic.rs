@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::schema::ElasticLoad;
 
-use super::{Run, entry_times, logged, manager_name, messages, note, retry, stream_status};
+use super::{Run, entry_times, manager_name, messages, note, retry, stream_status};
 
 /// Publish requests in flight at most in the load step: past it the schedule slips, and the
 /// samples show the rate the platform took.
@@ -259,7 +259,7 @@ pub(super) async fn run(
                 stream_status(&clients[0].1, &t.name, None),
             )
             .await
-            .is_ok_and(|s| s.is_ok_and(|s| logged(&s) >= published))
+            .is_ok_and(|s| s.is_ok_and(|s| s.logged.total() >= published))
         {
             break;
         }

@@ -19,7 +19,7 @@ use crate::accounting::{
 use crate::dataset::{GroupFiles, make_files};
 use crate::schema::{Expect, KillLoad};
 
-use super::{Run, Tenant, logged, manager_name, messages, note, retry, stream_status, transient};
+use super::{Run, Tenant, manager_name, messages, note, retry, stream_status, transient};
 
 /// Messages per publish request in the kill phase.
 const KILL_PER_REQUEST: u32 = 20;
@@ -199,7 +199,7 @@ pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
         }
     }
     if let Ok(s) = stream_status(&survivor, &t.name, None).await {
-        at_kill.messages_logged = logged(&s);
+        at_kill.messages_logged = s.logged.total();
     }
     // Confirmed counted after the log was asked: the load goes on meanwhile, and the log
     // cannot hold more than was confirmed (it read "604 of 600" counted the other way).
@@ -376,7 +376,7 @@ async fn finish_after_kill(
         let offered = tally.lock().map_or(0, |t| t.offered);
         let in_log = stream_status(c, &t.name, None)
             .await
-            .map_or(0, |s| logged(&s));
+            .map_or(0, |s| s.logged.total());
         let published = publisher.is_finished();
         if files_left == 0 && published && in_log >= offered {
             return None;

@@ -50,12 +50,6 @@ async fn stream_status(
     }
 }
 
-/// Inputs the tenant's stream log holds, whatever became of them.
-fn logged(s: &StreamStatus) -> u64 {
-    let l = &s.logged;
-    l.stored + l.duplicates + l.failed + l.skipped
-}
-
 /// What every phase works with.
 struct Run {
     procs: SplitProcesses,

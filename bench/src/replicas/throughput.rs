@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::host;
 use crate::schema::ThroughputLoad;
 
-use super::{Run, last_entry_at, logged, messages, note, retry, stream_status};
+use super::{Run, last_entry_at, messages, note, retry, stream_status};
 
 /// One throughput step: the load with `managers` stream managers.
 #[derive(Debug, Clone, Serialize)]
@@ -100,7 +100,7 @@ async fn throughput_step(
     let mut seen = 0;
     loop {
         if let Ok(s) = stream_status(&clients[0].1, &t.name, None).await {
-            seen = logged(&s);
+            seen = s.logged.total();
             if seen >= messages {
                 break;
             }

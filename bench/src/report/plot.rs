@@ -5,6 +5,8 @@
 
 use anyhow::{Result, anyhow};
 use hdrhistogram::Histogram;
+use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::Report;
@@ -183,6 +185,36 @@ fn tick(v: &f64) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
+/// One panel of the series plot: the run's seconds across, `0..top` (with a tenth to spare)
+/// up, its axes named and its gridlines drawn.
+fn second_panel<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, Shift>,
+    seconds: f64,
+    top: f64,
+    y_desc: &str,
+) -> Result<
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    DrawingAreaErrorKind<std::io::Error>,
+> {
+    let mut chart = ChartBuilder::on(area)
+        .margin(12)
+        .margin_right(32)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..seconds, 0.0..top * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("second of the run")
+        .y_desc(y_desc)
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
+        .light_line_style(BLACK.mix(0.08))
+        .bold_line_style(BLACK.mix(0.25))
+        .axis_style(BLACK.mix(0.8))
+        .draw()?;
+    Ok(chart)
+}
+
 impl Report {
     /// The lines of the series plot: each path of the platform, and the raw stream
     /// pipeline of the same run.
@@ -235,23 +267,8 @@ impl Report {
                 )
                 .map_err(err)?;
             let (upper, lower) = root.split_vertically(300);
-            let mut rate = ChartBuilder::on(&upper)
-                .margin(12)
-                .margin_right(32)
-                .x_label_area_size(36)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0.0..seconds, 0.0..top_rate * 1.1)
-                .map_err(err)?;
-            rate.configure_mesh()
-                .x_desc("second of the run")
-                .y_desc("completed per second")
-                .x_label_formatter(&tick)
-                .y_label_formatter(&tick)
-                .light_line_style(BLACK.mix(0.08))
-                .bold_line_style(BLACK.mix(0.25))
-                .axis_style(BLACK.mix(0.8))
-                .draw()
-                .map_err(err)?;
+            let mut rate =
+                second_panel(&upper, seconds, top_rate, "completed per second").map_err(err)?;
             for (name, colour, pts) in &lines {
                 let colour = *colour;
                 let xy = pts.iter().map(|p| (p.second as f64, p.completed as f64));
@@ -268,24 +285,9 @@ impl Report {
                 .border_style(BLACK.mix(0.3))
                 .draw()
                 .map_err(err)?;
-            let mut latency = ChartBuilder::on(&lower)
-                .margin(12)
-                .margin_right(32)
-                .x_label_area_size(36)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0.0..seconds, 0.0..top_ms * 1.1)
-                .map_err(err)?;
-            latency
-                .configure_mesh()
-                .x_desc("second of the run")
-                .y_desc("latency (ms): p99 thick, p50 thin")
-                .x_label_formatter(&tick)
-                .y_label_formatter(&tick)
-                .light_line_style(BLACK.mix(0.08))
-                .bold_line_style(BLACK.mix(0.25))
-                .axis_style(BLACK.mix(0.8))
-                .draw()
-                .map_err(err)?;
+            let mut latency =
+                second_panel(&lower, seconds, top_ms, "latency (ms): p99 thick, p50 thin")
+                    .map_err(err)?;
             for (_, colour, pts) in &lines {
                 let p99: fn(&SecondPoint) -> Option<f64> = |p| p.p99_ms;
                 let p50: fn(&SecondPoint) -> Option<f64> = |p| p.p50_ms;

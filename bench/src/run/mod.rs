@@ -135,7 +135,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
                     schedule: load::schedule(s),
                     batch_size: sc.platform.stream_batch_size,
                     prefetch: sc.platform.prefetch,
-                    write_concern: ceiling::write_concern(
+                    write_concern: mysimbdp::config::write_concern(
                         &sc.platform.write_concern,
                         sc.platform.journal,
                     ),

@@ -8,7 +8,7 @@ use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use mongodb::bson::{self, DateTime, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
-use mongodb::options::{Acknowledgment, ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
+use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
 use mongodb::{Client, Collection, IndexModel};
 
 use super::{
@@ -54,14 +54,7 @@ impl MongoStore {
         opts.max_pool_size = Some(settings.max_pool_size);
         opts.server_selection_timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
         opts.connect_timeout = Some(Duration::from_millis(settings.connect_timeout_ms));
-        let w = match settings.write_concern.parse::<u32>() {
-            Ok(n) => Acknowledgment::Nodes(n),
-            Err(_) => Acknowledgment::Majority,
-        };
-        let write_concern = WriteConcern::builder()
-            .w(w)
-            .journal(settings.journal)
-            .build();
+        let write_concern = crate::config::write_concern(&settings.write_concern, settings.journal);
         let store = Self {
             client: Client::with_options(opts)?,
             namespace: namespace.to_owned(),
