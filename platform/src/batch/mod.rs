@@ -8,8 +8,8 @@
 //! this process's id, expiry renewed at each checkpoint and by a heartbeat every third of
 //! `batch.lease_ms`); the heartbeat also claims `ingesting` files whose lease expired (their
 //! manager died), as many as this manager has free workers, so N replicas over one staging
-//! directory share the work and resume each other's from the last checkpoint (stored once
-//! a slice of bulks, at most a second apart; what a resumed job writes again is logged
+//! directory share the work and resume each other's from the last checkpoint (stored every
+//! few bulks, at most a second apart; what a resumed job writes again is logged
 //! once, as its run's). A job that loses its compare-and-set stops without writing. Ids derive from (content hash, record
 //! index), so records written again after a crash are duplicates, never new documents.
 
@@ -86,7 +86,9 @@ struct Prepared {
 }
 
 /// Round-robin over tenants with pending jobs, so one tenant's huge file does not starve
-/// the others: each turn runs a slice of one job, then the next tenant goes.
+/// the others: each turn runs a slice of one job, then the next tenant goes. A tenant's own
+/// files go in the order they were started (a job whose slice ended stays first in its
+/// tenant's line), so its first file is done first rather than all at the end.
 /// Tenants in turn order, and each tenant's queued jobs.
 type Queues = (VecDeque<TenantName>, HashMap<TenantName, VecDeque<Job>>);
 
@@ -97,16 +99,42 @@ struct Scheduler {
 }
 
 impl Scheduler {
+    /// A new job: last in its tenant's line.
     fn push(&self, job: Job) {
+        self.queue(job, false);
+    }
+
+    /// A job whose slice ended: first in its tenant's line, the tenant behind the others.
+    fn resume(&self, job: Job) {
+        self.queue(job, true);
+    }
+
+    fn queue(&self, job: Job, first: bool) {
         if let Ok(mut g) = self.inner.lock() {
             let (order, queues) = &mut *g;
             let t = job.tenant.clone();
-            queues.entry(t.clone()).or_default().push_back(job);
-            if !order.contains(&t) {
+            let q = queues.entry(t.clone()).or_default();
+            if first {
+                q.push_front(job);
+                // Behind every tenant waiting now, even if its other files kept it in line.
+                order.retain(|x| x != &t);
                 order.push_back(t);
+            } else {
+                q.push_back(job);
+                if !order.contains(&t) {
+                    order.push_back(t);
+                }
             }
         }
         self.notify.notify_one();
+    }
+
+    /// Whether a tenant other than `tenant` has a job waiting for its turn.
+    fn others_waiting(&self, tenant: &TenantName) -> bool {
+        self.inner
+            .lock()
+            .map(|g| g.0.iter().any(|t| t != tenant))
+            .unwrap_or(true)
     }
 
     /// The next job of the next tenant in turn; a tenant with more jobs goes to the back.
@@ -487,10 +515,11 @@ impl BatchManager {
         // Two bulks deep: while one bulk is written, the next is read and transformed on a
         // blocking thread (the database and the app's CPU work at once). Bulks are written
         // and checkpointed in order; a bulk read ahead but not written is read again from
-        // the checkpoint by whoever resumes the job.
+        // the checkpoint by whoever resumes the job. The slice goes on past SLICE_BATCHES
+        // while no other tenant waits, so a lone tenant's pipeline never drains.
         let mut ahead = job.source.take().map(|source| self.prepare(&job, source));
         let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
-        for n in 0..SLICE_BATCHES {
+        for n in 0.. {
             if cancel.is_cancelled() {
                 // Left `ingesting`: the next start resumes from the checkpoint.
                 self.last_checkpoint(job.unsaved, job.record.clone()).await;
@@ -503,15 +532,19 @@ impl BatchManager {
             let outcome = match prepared {
                 Ok(Some(mut bulk)) => {
                     let source = bulk.source.take();
+                    let last = n + 1 >= SLICE_BATCHES && self.scheduler.others_waiting(&job.tenant);
+                    // Every SLICE_BATCHES bulks the progress is stored, slice or not: what
+                    // another manager resumes from if this one dies.
+                    let boundary = (n + 1) % SLICE_BATCHES == 0;
                     // The last bulk of the slice hands the source back to the job instead.
                     match source {
-                        Some(src) if bulk.more && n + 1 < SLICE_BATCHES => {
+                        Some(src) if bulk.more && !last => {
                             ahead = Some(self.prepare(&job, src));
                         }
                         src => job.source = src,
                     }
                     let more = bulk.more;
-                    // The checkpoint once a slice (and at the end, by `finish`), and before
+                    // The checkpoint every SLICE_BATCHES bulks (and at the end, by `finish`), and before
                     // a bulk when the last is `every` old: a manager that stalled past its
                     // lease learns it lost the job before it writes again. A job resumed
                     // from the checkpoint writes again what followed, which the log takes
@@ -523,7 +556,7 @@ impl BatchManager {
                     };
                     match fence {
                         Ok(()) => match self.commit(&mut job, bulk, cancel).await {
-                            Ok(()) if more && n + 1 == SLICE_BATCHES => {
+                            Ok(()) if more && (last || boundary) => {
                                 self.checkpoint(&mut job, cancel).await.map(|()| more)
                             }
                             r => r.map(|()| more),
@@ -535,7 +568,8 @@ impl BatchManager {
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(true) => continue,
+                Ok(true) if ahead.is_some() => continue,
+                Ok(true) => break,
                 Ok(false) => {
                     self.finish(job, None).await;
                     return;
@@ -550,7 +584,7 @@ impl BatchManager {
                 }
             }
         }
-        self.scheduler.push(job);
+        self.scheduler.resume(job);
     }
 
     /// On the way out (the manager stopping): the progress of bulks written since the last
@@ -1045,8 +1079,25 @@ mod tests {
         s.push(job("c", "c1"));
         let first = s.pop().expect("a job");
         assert_eq!(first.record.name, "a1");
-        // A slice of a1 ran; it goes back in line behind the other tenants.
-        s.push(first);
-        assert_eq!(order(&s), ["b1", "c1", "a2", "a3", "a1"]);
+        // A slice of a1 ran; it goes back in line behind the other tenants, and before
+        // its tenant's later files.
+        assert!(s.others_waiting(&first.tenant), "b and c wait");
+        s.resume(first);
+        assert_eq!(order(&s), ["b1", "c1", "a1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn a_lone_tenants_slice_goes_on_while_no_other_tenant_waits() {
+        let s = Scheduler::default();
+        for n in ["a1", "a2"] {
+            s.push(job("a", n));
+        }
+        let a1 = s.pop().expect("a job");
+        assert!(
+            !s.others_waiting(&a1.tenant),
+            "only a's own later file waits: it comes after a1 anyway"
+        );
+        s.push(job("b", "b1"));
+        assert!(s.others_waiting(&a1.tenant));
     }
 }
