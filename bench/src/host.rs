@@ -41,15 +41,24 @@ pub fn load_average() -> Option<f64> {
         .map(|l| f64::from(l.one))
 }
 
-/// The checkout's short commit, or `unknown`.
+/// The checkout's short commit (saying so when the work tree differs from it), or `unknown`.
 pub fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown".into();
+    };
+    // Changes not committed: the figures are of code no commit holds.
+    match git(&["status", "--porcelain", "--untracked-files=no"]) {
+        Some(s) if !s.is_empty() => format!("{head} with uncommitted changes"),
+        _ => head,
+    }
 }
 
 /// `debug` or `release`: the build the figures came from.

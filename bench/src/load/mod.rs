@@ -44,7 +44,8 @@ pub struct PathRun {
     pub unfinished: Option<String>,
     /// From the phase's start to the end of this tenant's load on this path.
     pub elapsed: Duration,
-    /// Stream: when its consumers were started (Unix ms), where its work can begin.
+    /// Where its work can begin (Unix ms): stream, when its consumers were started; batch,
+    /// its first ingest request.
     pub started_ms: Option<i64>,
     pub files: Vec<FileOutcome>,
     /// Ids of the confirmed messages.

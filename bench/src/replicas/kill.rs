@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::accounting::{
     self, Counts, FileOutcome, LogFold, LogTally, Matcher, TenantAccount, split_id,
 };
-use crate::dataset::{GroupFiles, make_files};
+use crate::dataset::GroupFiles;
 use crate::schema::{Expect, KillLoad};
 
 use super::{Run, Tenant, manager_name, messages, note, retry, stream_status, transient};
@@ -139,7 +139,7 @@ fn messages_body(k: u32, per: u32, total: u32) -> Vec<u8> {
 /// waited for and every input accounted for.
 pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     let t = run.tenant("kill").await?;
-    let files = GroupFiles::new(make_files(&load.batch, load.batch.files)?);
+    let files = GroupFiles::new(&load.batch, load.batch.files)?;
     let batch = run.procs.running(Manager::Batch);
     let streams = run.stream_clients(&t)?;
     let (victim_batch, victim_stream) = (batch[0], streams[0].0);
@@ -155,11 +155,11 @@ pub(super) async fn run(run: &mut Run, load: &KillLoad) -> Result<KillOutcome> {
     let mut outcomes = Vec::new();
     let mut refusals = Vec::new();
     let mut refused = 0;
-    for (i, body) in files.bodies.iter().enumerate() {
+    for i in 0..files.len() {
         let c = run.client(&t, batch[i % batch.len()], streams[0].0)?;
         let name = format!("f{i}.csv");
         let sent = async {
-            retry(|| c.upload_file(&t.name, &name, body.clone())).await?;
+            retry(|| c.upload_file(&t.name, &name, files.body(i))).await?;
             retry(|| c.ingest(&t.name, &name)).await
         };
         match sent.await {

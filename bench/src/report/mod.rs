@@ -107,7 +107,12 @@ impl PathStats {
 #[derive(Debug, Clone)]
 pub struct PathParts {
     pub counts: Counts,
+    /// How long the load took: [`PathParts::timed`].
     pub elapsed: Duration,
+    /// From the phase's start to the end of the load, as the runner saw it.
+    pub ran: Duration,
+    /// Where the work could begin and the last input logged (Unix ms), where both are known.
+    pub span: Option<(i64, i64)>,
     pub latency: Histogram<u64>,
     pub per_file: Option<Histogram<u64>>,
     pub uncorrected: Option<Histogram<u64>>,
@@ -125,9 +130,27 @@ fn merge(a: &mut Option<Histogram<u64>>, b: &Option<Histogram<u64>>) {
 }
 
 impl PathParts {
+    /// A load runs from where its work can begin (the consumers' start, the first ingest
+    /// request) to its last input logged: the runner learns the end by asking (the log every
+    /// second, the files' states every 200 ms), so the log's own time is the end, as the raw
+    /// pipeline's is its last message stored. Never longer than the runner saw it run.
+    pub fn timed(ran: Duration, span: Option<(i64, i64)>) -> Duration {
+        match span {
+            Some((from, to)) if to > from => ran.min(Duration::from_millis(to.abs_diff(from))),
+            _ => ran,
+        }
+    }
+
+    /// Adds another tenant's (or group's) figures: the span from the earliest start to the
+    /// latest end, so tenants that began apart are not timed as if they overlapped.
     pub fn add(&mut self, o: &PathParts) {
         self.counts.add(&o.counts);
-        self.elapsed = self.elapsed.max(o.elapsed);
+        self.ran = self.ran.max(o.ran);
+        self.span = match (self.span, o.span) {
+            (Some((f1, t1)), Some((f2, t2))) => Some((f1.min(f2), t1.max(t2))),
+            _ => None,
+        };
+        self.elapsed = Self::timed(self.ran, self.span);
         let _ = self.latency.add(&o.latency);
         merge(&mut self.per_file, &o.per_file);
         merge(&mut self.uncorrected, &o.uncorrected);

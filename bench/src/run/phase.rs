@@ -12,7 +12,7 @@ use mysimbdp::tenants::AdminPatch;
 use super::PhaseSpec;
 use super::look::{Looked, look};
 use crate::accounting::{self, Counts, Tally, TenantAccount};
-use crate::dataset::{GroupFiles, make_files};
+use crate::dataset::GroupFiles;
 use crate::load::{self, PathRun, TenantCtx};
 use crate::progress::Progress;
 use crate::report::{GroupReport, PathParts, PhaseReport};
@@ -99,7 +99,7 @@ async fn drive(
     let mut files = HashMap::new();
     for &gi in &ph.groups {
         if let Some(b) = &plans[gi].batch {
-            files.insert(gi, Arc::new(GroupFiles::new(make_files(b, b.files)?)));
+            files.insert(gi, Arc::new(GroupFiles::new(b, b.files)?));
         }
     }
     let (mut batch_total, mut stream_total) = (0u64, 0u64);
@@ -206,16 +206,11 @@ fn account(
             logged_stored: tally.success + tally.duplicate,
         }
         .settle();
-        // A stream load runs from its consumers' start to its last message logged: the
-        // runner learns the end by asking the log every second (each answer a pass over
-        // the log), so the log's own time is the end, as the raw pipeline's is its last
-        // message stored.
-        let elapsed = match (kind, r.started_ms, tally.last_ms) {
-            (PathKind::Stream, Some(from), Some(to)) if to > from => {
-                r.elapsed.min(Duration::from_millis(to.abs_diff(from)))
-            }
-            _ => r.elapsed,
-        };
+        // Timed from where the work could begin to the last input logged: see
+        // `PathParts::timed`. Uploads before the first ingest request are the client's, as a
+        // loader's reading of its file is not timed.
+        let span = r.started_ms.zip(tally.last_ms);
+        let elapsed = PathParts::timed(r.elapsed, span);
         let a = TenantAccount {
             phase: ph.name.into(),
             group: g.name.clone(),
@@ -237,6 +232,8 @@ fn account(
         let p = PathParts {
             counts,
             elapsed,
+            ran: r.elapsed,
+            span,
             latency: tally.latency.clone(),
             per_file: r.file_hist,
             uncorrected: (kind == PathKind::Stream).then(|| tally.uncorrected.clone()),
