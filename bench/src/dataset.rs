@@ -109,10 +109,15 @@ impl Generator {
         r
     }
 
+    /// The first rows of a file's chunks of [`CHUNK_ROWS`] rows (one chunk, the header, for
+    /// a file of no rows).
+    fn chunk_starts(&self) -> impl Iterator<Item = usize> + Send + use<> {
+        (0..self.records.max(1)).step_by(CHUNK_ROWS)
+    }
+
     /// File `f` in chunks of [`CHUNK_ROWS`] rows, each made when it is asked for.
     pub fn chunks(&self, f: usize) -> impl Iterator<Item = Result<Vec<u8>>> + '_ {
-        (0..self.records.max(1))
-            .step_by(CHUNK_ROWS)
+        self.chunk_starts()
             .map(move |from| self.chunk(f, from, from + CHUNK_ROWS))
     }
 }
@@ -179,7 +184,7 @@ impl GroupFiles {
     /// File `i` as an upload body: its chunks made as the upload sends them.
     pub fn body(&self, i: usize) -> reqwest::Body {
         let g = self.generator.clone();
-        let chunks = (0..g.records.max(1)).step_by(CHUNK_ROWS).map(move |from| {
+        let chunks = g.chunk_starts().map(move |from| {
             g.chunk(i, from, from + CHUNK_ROWS)
                 .map(bytes::Bytes::from)
                 .map_err(std::io::Error::other)

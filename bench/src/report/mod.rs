@@ -107,8 +107,6 @@ impl PathStats {
 #[derive(Debug, Clone)]
 pub struct PathParts {
     pub counts: Counts,
-    /// How long the load took: [`PathParts::timed`].
-    pub elapsed: Duration,
     /// From the phase's start to the end of the load, as the runner saw it.
     pub ran: Duration,
     /// Where the work could begin and the last input logged (Unix ms), where both are known.
@@ -130,10 +128,16 @@ fn merge(a: &mut Option<Histogram<u64>>, b: &Option<Histogram<u64>>) {
 }
 
 impl PathParts {
-    /// A load runs from where its work can begin (the consumers' start, the first ingest
-    /// request) to its last input logged: the runner learns the end by asking (the log every
-    /// second, the files' states every 200 ms), so the log's own time is the end, as the raw
-    /// pipeline's is its last message stored. Never longer than the runner saw it run.
+    /// How long the load took. It runs from where its work can begin (the consumers' start,
+    /// the first ingest request) to its last input logged: the runner learns the end by
+    /// asking (the log every second, the files' states every 200 ms), so the log's own time
+    /// is the end, as the raw pipeline's is its last message stored. Never longer than the
+    /// runner saw it run.
+    pub fn elapsed(&self) -> Duration {
+        Self::timed(self.ran, self.span)
+    }
+
+    /// [`Self::elapsed`] of a load that ran for `ran` over `span`.
     pub fn timed(ran: Duration, span: Option<(i64, i64)>) -> Duration {
         match span {
             Some((from, to)) if to > from => ran.min(Duration::from_millis(to.abs_diff(from))),
@@ -150,7 +154,6 @@ impl PathParts {
             (Some((f1, t1)), Some((f2, t2))) => Some((f1.min(f2), t1.max(t2))),
             _ => None,
         };
-        self.elapsed = Self::timed(self.ran, self.span);
         let _ = self.latency.add(&o.latency);
         merge(&mut self.per_file, &o.per_file);
         merge(&mut self.uncorrected, &o.uncorrected);
@@ -162,7 +165,7 @@ impl PathParts {
         let mut s = PathStats::new(
             self.counts.stored,
             self.counts.failed,
-            self.elapsed,
+            self.elapsed(),
             self.latency.clone(),
             self.per_file.clone(),
             self.uncorrected.clone(),

@@ -231,7 +231,6 @@ fn account(
         accounts.push(a);
         let p = PathParts {
             counts,
-            elapsed,
             ran: r.elapsed,
             span,
             latency: tally.latency.clone(),
