@@ -6,13 +6,18 @@
 //! every run, whatever its bulk size, finds all entries about a record range by one range
 //! query on `_id`, the index every collection has. The fields all of a bucket's entries
 //! share (time, tenant, source, run, data name, app version) are stored once, in the bucket;
-//! each entry keeps the rest. What tenants download is the same entries, one by one
-//! ([`expand`]). Stream entries stay one document each (their ids make redeliveries
+//! each entry keeps the rest. The entries are stored packed: their BSON, deflated, in one
+//! binary field (`packed`), with the statuses they hold beside it (`statuses`, for queries
+//! by status). A server pays for every element it parses and stores: 1,000 entries as an
+//! array of documents cost SecantusDB about 9% of the time of writing their 1,000 records,
+//! packed about 2%. What tenants download is the same entries, one by one ([`expand`]). Stream entries stay one document each (their ids make redeliveries
 //! idempotent: see `log_id`).
 
 use std::collections::HashSet;
+use std::io::{Read, Write};
 
-use ::mongodb::bson::{Bson, Document, doc};
+use ::mongodb::bson::spec::BinarySubtype;
+use ::mongodb::bson::{Binary, Bson, Document, doc};
 
 use super::log_id;
 use crate::logs::{LogEntry, Status};
@@ -126,9 +131,14 @@ fn bucket(id: String, entries: &[LogEntry]) -> Document {
             out.insert(k, v.clone());
         }
     }
+    let mut statuses: Vec<&str> = Vec::new();
     let list: Vec<Bson> = entries
         .iter()
         .map(|e| {
+            let status = crate::logs::status_str(e.status);
+            if !statuses.contains(&status) {
+                statuses.push(status);
+            }
             let mut d = e.to_document();
             for k in SHARED {
                 if d.get(k) == shared.get(k) {
@@ -138,13 +148,52 @@ fn bucket(id: String, entries: &[LogEntry]) -> Document {
             Bson::Document(d)
         })
         .collect();
-    out.insert("entries", list);
+    out.insert("statuses", statuses);
+    out.insert(
+        "packed",
+        Binary {
+            subtype: BinarySubtype::Generic,
+            bytes: pack(&doc! {"entries": list}),
+        },
+    );
     out
 }
 
+/// A document's BSON, deflated (fast level: the entries are repetitive, the CPU is shared).
+fn pack(d: &Document) -> Vec<u8> {
+    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+    // Writing to a Vec fails only when memory does.
+    let bytes = ::mongodb::bson::to_vec(d).expect("a document encodes");
+    z.write_all(&bytes).expect("deflate into memory");
+    z.finish().expect("deflate into memory")
+}
+
+/// What [`pack`] made, back; `None` for bytes that are not.
+fn unpack(bytes: &[u8]) -> Option<Document> {
+    let mut raw = Vec::new();
+    flate2::read::DeflateDecoder::new(bytes)
+        .take(4 * MAX_BYTES as u64)
+        .read_to_end(&mut raw)
+        .ok()?;
+    Document::from_reader(&raw[..]).ok()
+}
+
 /// The entries a stored log document holds: a bucket's, each with the bucket's shared
-/// fields, or the document itself (a stream entry).
+/// fields, or the document itself (a stream entry). Buckets stored before entries were
+/// packed hold them as an `entries` array; they read the same.
 pub fn expand(mut d: Document) -> Vec<Document> {
+    if let Some(Bson::Binary(b)) = d.remove("packed") {
+        d.remove("statuses");
+        match unpack(&b.bytes).and_then(|mut p| p.remove("entries")) {
+            Some(e) => {
+                d.insert("entries", e);
+            }
+            None => {
+                tracing::warn!(bucket = ?d.get("_id"), "a log bucket's entries cannot be read");
+                return Vec::new();
+            }
+        }
+    }
     let Some(Bson::Array(entries)) = d.remove("entries") else {
         d.remove("_id");
         return vec![d];
@@ -271,6 +320,67 @@ mod tests {
             .map(|d| decode(d).expect("an entry"))
             .collect();
         assert_eq!(back, entries);
+    }
+
+    #[test]
+    fn a_bucket_holds_its_entries_packed_with_their_statuses_beside_them() {
+        let entries: Vec<LogEntry> = (0..1000)
+            .map(|r| entry(Some(r), Status::Success))
+            .chain([entry(Some(1000), Status::Failure)])
+            .collect();
+        let docs = buckets("alice", "abc", &entries[..1000], "");
+        assert_eq!(docs.len(), 1);
+        let d = &docs[0];
+        assert!(!d.contains_key("entries"), "{d:?}");
+        assert_eq!(
+            d.get_array("statuses").expect("statuses"),
+            &vec![Bson::from("success")]
+        );
+        let packed = d.get_binary_generic("packed").expect("packed");
+        // Deflated: a fraction of the entries' own BSON.
+        let plain = ::mongodb::bson::to_vec(&unpack(packed).expect("unpacks")).expect("bson");
+        assert!(
+            packed.len() * 4 < plain.len(),
+            "{} bytes packed, {} plain",
+            packed.len(),
+            plain.len()
+        );
+        let mixed = buckets("alice", "abc", &entries[990..], "");
+        assert_eq!(
+            mixed[0].get_array("statuses").expect("statuses"),
+            &vec![Bson::from("success"), Bson::from("failure")]
+        );
+    }
+
+    #[test]
+    fn buckets_stored_before_packing_read_the_same_and_a_corrupt_one_reads_as_none() {
+        let entries: Vec<LogEntry> = (0..10).map(|r| entry(Some(r), Status::Success)).collect();
+        let mut old = buckets("alice", "abc", &entries, "").remove(0);
+        let packed = old.remove("packed");
+        old.remove("statuses");
+        let Some(Bson::Binary(b)) = packed else {
+            panic!("packed")
+        };
+        let inner = unpack(&b.bytes).expect("unpacks");
+        old.insert(
+            "entries",
+            inner.get_array("entries").expect("entries").clone(),
+        );
+        let back: Vec<LogEntry> = expand(old)
+            .into_iter()
+            .map(|d| decode(d).expect("entry"))
+            .collect();
+        assert_eq!(back, entries);
+
+        let mut corrupt = buckets("alice", "abc", &entries, "").remove(0);
+        corrupt.insert(
+            "packed",
+            Binary {
+                subtype: BinarySubtype::Generic,
+                bytes: vec![1, 2, 3],
+            },
+        );
+        assert!(expand(corrupt).is_empty());
     }
 
     #[test]

@@ -933,6 +933,8 @@ impl MongoStore {
             "$or",
             vec![
                 doc! {"status": "failure"},
+                doc! {"statuses": "failure"},
+                // Buckets stored before entries were packed.
                 doc! {"entries.status": "failure"},
             ],
         );
@@ -1037,7 +1039,15 @@ impl MongoStore {
         let status = filter.status;
         if let Some(s) = status {
             let s = crate::logs::status_str(s);
-            q.insert("$or", vec![doc! {"status": s}, doc! {"entries.status": s}]);
+            // A stream entry, a bucket, a bucket stored before entries were packed.
+            q.insert(
+                "$or",
+                vec![
+                    doc! {"status": s},
+                    doc! {"statuses": s},
+                    doc! {"entries.status": s},
+                ],
+            );
         }
         if let Some(s) = filter.source {
             q.insert("source", crate::logs::source_str(s));
