@@ -27,7 +27,7 @@ pub async fn raw_ceiling(
     wc: &str,
     journal: bool,
 ) -> Result<Ceiling> {
-    let files = make_files(b, b.files.min(2))?;
+    let files = make_files(b, ceiling_files(b))?;
     let client = mongodb::Client::with_uri_str(uri).await?;
     let wc = mysimbdp::config::write_concern(wc, journal);
     let db = client.database(&format!("{ns}ceiling"));
@@ -114,6 +114,17 @@ pub async fn raw_ceiling(
     })
 }
 
+/// Records the ceilings write at most: the files of one tenant, or as many of them as hold
+/// this many records (at least one), so a large scenario does not spend its time on them.
+const CEILING_RECORDS: u32 = 100_000;
+
+/// How many of one tenant's files the ceilings write: all of them up to [`CEILING_RECORDS`],
+/// so that `seed-batch` compares the same 24,000 records on both sides.
+fn ceiling_files(b: &BatchLoad) -> u32 {
+    b.files
+        .min((CEILING_RECORDS / b.records_per_file.max(1)).max(1))
+}
+
 /// The files' records as documents under ids of their own, one at a time.
 fn documents(files: &[Vec<u8>]) -> impl Iterator<Item = Result<Document>> + '_ {
     files.iter().enumerate().flat_map(|(f, body)| {
@@ -131,4 +142,30 @@ fn documents(files: &[Vec<u8>]) -> impl Iterator<Item = Result<Document>> + '_ {
         };
         records
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: u32, records_per_file: u32) -> BatchLoad {
+        BatchLoad {
+            files,
+            records_per_file,
+            record_bytes: None,
+            dataset: None,
+            poison_every: None,
+        }
+    }
+
+    #[test]
+    fn the_ceilings_write_one_tenants_files_up_to_their_record_cap() {
+        // seed-batch: the same 24,000 records as the platform.
+        assert_eq!(ceiling_files(&load(3, 8000)), 3);
+        // scale: 2 of its 5 files of 50,000.
+        assert_eq!(ceiling_files(&load(5, 50_000)), 2);
+        // One file larger than the cap is still written whole.
+        assert_eq!(ceiling_files(&load(4, 250_000)), 1);
+        assert_eq!(ceiling_files(&load(0, 0)), 0);
+    }
 }
