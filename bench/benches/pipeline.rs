@@ -8,7 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use mysimbdp::apps::{AppHandle, compile};
 use mysimbdp::batch::parse;
 use mysimbdp::config::{AppLimits, Format};
-use mysimbdp::coredms::{log_entries, prepare};
+use mysimbdp::coredms::{buckets, log_entries, log_values, prepare};
 use mysimbdp::logs::{Source, Status};
 use mysimbdp::model::{AppKind, BulkWrite, InputRef};
 use mysimbdp::pipeline::{Input, transform};
@@ -160,6 +160,11 @@ fn bulk(c: &mut Criterion) {
     });
     g.bench_function("log entries for 1000 documents", |b| {
         b.iter(|| log_entries(black_box(&write), &statuses, &reasons))
+    });
+    // What the log of one bulk costs before it is sent: its entries, in buckets, packed.
+    let entries = log_values(&write, &statuses, &reasons);
+    g.bench_function("log buckets of 1000 entries (packed)", |b| {
+        b.iter(|| buckets::buckets("bench", "0123456789abcdef", black_box(&entries), ""))
     });
     g.bench_function("transform 1000 records without app (ids, sizes)", |b| {
         b.iter_batched(

@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::io::{Read, Write};
 
 use ::mongodb::bson::spec::BinarySubtype;
-use ::mongodb::bson::{Binary, Bson, Document, doc};
+use ::mongodb::bson::{Binary, Bson, Document, RawArrayBuf, RawBsonRef, RawDocumentBuf, doc};
 
 use super::log_id;
 use crate::logs::{LogEntry, Status};
@@ -124,7 +124,8 @@ fn approximate_bytes(e: &LogEntry) -> usize {
 /// One bucket: the shared fields from its first entry, and each entry without the fields it
 /// shares with the bucket.
 fn bucket(id: String, entries: &[LogEntry]) -> Document {
-    let shared = entries[0].to_document();
+    let first = &entries[0];
+    let shared = first.to_document();
     let mut out = doc! {"_id": id};
     for k in SHARED {
         if let Some(v) = shared.get(k) {
@@ -132,43 +133,101 @@ fn bucket(id: String, entries: &[LogEntry]) -> Document {
         }
     }
     let mut statuses: Vec<&str> = Vec::new();
-    let list: Vec<Bson> = entries
-        .iter()
-        .map(|e| {
-            let status = crate::logs::status_str(e.status);
-            if !statuses.contains(&status) {
-                statuses.push(status);
-            }
-            let mut d = e.to_document();
-            for k in SHARED {
-                if d.get(k) == shared.get(k) {
-                    d.remove(k);
-                }
-            }
-            Bson::Document(d)
-        })
-        .collect();
+    let mut list = RawArrayBuf::new();
+    for e in entries {
+        let status = crate::logs::status_str(e.status);
+        if !statuses.contains(&status) {
+            statuses.push(status);
+        }
+        list.push(packed_entry(e, first));
+    }
+    let mut packed = RawDocumentBuf::new();
+    packed.append("entries", list);
     out.insert("statuses", statuses);
     out.insert(
         "packed",
         Binary {
             subtype: BinarySubtype::Generic,
-            bytes: pack(&doc! {"entries": list}),
+            bytes: deflate(packed.as_bytes()),
         },
     );
     out
 }
 
-/// A document's BSON, deflated (fast level: the entries are repetitive, the CPU is shared).
-fn pack(d: &Document) -> Vec<u8> {
-    let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+/// Entry `e` of a bucket whose shared fields are `first`'s: the fields `LogEntry::to_document`
+/// writes, less those equal to `first`'s. A shared field `e` lacks and `first` has is
+/// written as null, so that [`expand`] does not give it `first`'s. Encoded straight to BSON:
+/// this runs for every entry of every bulk, between its data write and its log write.
+fn packed_entry(e: &LogEntry, first: &LogEntry) -> RawDocumentBuf {
+    fn opt<'a>(d: &mut RawDocumentBuf, k: &str, v: Option<RawBsonRef<'a>>, shared: bool) {
+        match v {
+            Some(v) => d.append_ref(k, v),
+            None if shared => d.append_ref(k, RawBsonRef::Null),
+            None => {}
+        }
+    }
+    let mut d = RawDocumentBuf::new();
+    if e.timestamp != first.timestamp {
+        d.append_ref("timestamp", e.timestamp);
+    }
+    if e.tenant != first.tenant {
+        d.append_ref("tenant", e.tenant.as_str());
+    }
+    if e.source != first.source {
+        d.append_ref("source", crate::logs::source_str(e.source));
+    }
+    if e.data_name != first.data_name {
+        d.append_ref("data_name", e.data_name.as_str());
+    }
+    d.append_ref("collection", e.collection.as_str());
+    d.append_ref("status", crate::logs::status_str(e.status));
+    opt(
+        &mut d,
+        "reason",
+        e.reason.as_deref().map(RawBsonRef::String),
+        false,
+    );
+    d.append_ref("bytes", e.bytes as i64);
+    d.append_ref("latency_us", e.latency_us as i64);
+    if e.app_version != first.app_version {
+        let v = e.app_version.map(|v| RawBsonRef::Int64(i64::from(v)));
+        opt(&mut d, "app_version", v, true);
+    }
+    if e.ingestion != first.ingestion {
+        let v = e.ingestion.as_deref().map(RawBsonRef::String);
+        opt(&mut d, "ingestion", v, true);
+    }
+    opt(
+        &mut d,
+        "record",
+        e.record.map(|v| RawBsonRef::Int64(v as i64)),
+        false,
+    );
+    opt(
+        &mut d,
+        "line",
+        e.line.map(|v| RawBsonRef::Int64(v as i64)),
+        false,
+    );
+    let v = e.message_id.as_deref().map(RawBsonRef::String);
+    opt(&mut d, "message_id", v, false);
+    let v = e.document_id.as_deref().map(RawBsonRef::String);
+    opt(&mut d, "document_id", v, false);
+    d
+}
+
+/// Bytes deflated (fast level: the entries are repetitive, the CPU is shared).
+fn deflate(bytes: &[u8]) -> Vec<u8> {
+    let mut z = flate2::write::DeflateEncoder::new(
+        Vec::with_capacity(bytes.len() / 4),
+        flate2::Compression::fast(),
+    );
     // Writing to a Vec fails only when memory does.
-    let bytes = ::mongodb::bson::to_vec(d).expect("a document encodes");
-    z.write_all(&bytes).expect("deflate into memory");
+    z.write_all(bytes).expect("deflate into memory");
     z.finish().expect("deflate into memory")
 }
 
-/// What [`pack`] made, back; `None` for bytes that are not.
+/// What [`deflate`] made of a document, back; `None` for bytes that are not.
 fn unpack(bytes: &[u8]) -> Option<Document> {
     let mut raw = Vec::new();
     flate2::read::DeflateDecoder::new(bytes)
@@ -350,6 +409,22 @@ mod tests {
             mixed[0].get_array("statuses").expect("statuses"),
             &vec![Bson::from("success"), Bson::from("failure")]
         );
+    }
+
+    #[test]
+    fn entries_that_differ_from_the_first_in_shared_fields_keep_their_own() {
+        let mut entries: Vec<LogEntry> = (0..4).map(|r| entry(Some(r), Status::Success)).collect();
+        entries[1].app_version = None;
+        entries[2].ingestion = None;
+        entries[3].timestamp = DateTime::from_millis(1_700_000_000_001);
+        entries[3].data_name = "g.csv".into();
+        entries[3].reason = Some("why".into());
+        let back: Vec<LogEntry> = buckets("alice", "abc", &entries, "")
+            .into_iter()
+            .flat_map(expand)
+            .map(|d| decode(d).expect("an entry"))
+            .collect();
+        assert_eq!(back, entries);
     }
 
     #[test]
