@@ -59,7 +59,13 @@ struct Job {
     checkpointed: Option<std::time::Instant>,
     /// Bulks written since then.
     unsaved: bool,
+    /// Opened, and its first bulk read, while the file before it was written: its first
+    /// bulk, or why it could not be opened (reported when its turn comes).
+    warmed: Option<Result<Ahead, JobError>>,
 }
+
+/// A bulk being read and transformed on a blocking thread.
+type Ahead = tokio::task::JoinHandle<Result<Option<Prepared>, JobError>>;
 
 /// The longest a job's progress goes unstored while its bulks are written (a third of the
 /// lease, when that is shorter).
@@ -125,6 +131,35 @@ impl Scheduler {
                     order.push_back(t);
                 }
             }
+        }
+        self.notify.notify_one();
+    }
+
+    /// The next job of `tenant`, taken out of line while its current one ends, when it is the
+    /// one a worker would run next anyway: no other tenant waits.
+    fn take_next_of(&self, tenant: &TenantName) -> Option<Job> {
+        let mut g = self.inner.lock().ok()?;
+        let (order, queues) = &mut *g;
+        if order.iter().any(|t| t != tenant) {
+            return None;
+        }
+        let q = queues.get_mut(tenant)?;
+        let job = q.pop_front()?;
+        if q.is_empty() {
+            queues.remove(tenant);
+            order.retain(|t| t != tenant);
+        }
+        Some(job)
+    }
+
+    /// A job taken by [`Self::take_next_of`], back first in line, its tenant first in turn.
+    fn put_back(&self, job: Job) {
+        if let Ok(mut g) = self.inner.lock() {
+            let (order, queues) = &mut *g;
+            let t = job.tenant.clone();
+            queues.entry(t.clone()).or_default().push_front(job);
+            order.retain(|x| x != &t);
+            order.push_front(t);
         }
         self.notify.notify_one();
     }
@@ -497,11 +532,32 @@ impl BatchManager {
             settled: None,
             checkpointed: None,
             unsaved: false,
+            warmed: None,
         });
         Ok(())
     }
 
-    async fn run_slice(&self, mut job: Job, cancel: &CancellationToken) {
+    async fn run_slice(&self, job: Job, cancel: &CancellationToken) {
+        let mut next = None;
+        self.run_slice_warming(job, &mut next, cancel).await;
+        if let Some(n) = next {
+            self.scheduler.put_back(n);
+        }
+    }
+
+    /// Runs a slice of `job`; while the last bulk of its file is written, the tenant's next
+    /// file (`next`, taken out of line when it is the one to run next) is opened and its first
+    /// bulk read, so the worker does not wait for it when the file ends.
+    async fn run_slice_warming(
+        &self,
+        mut job: Job,
+        next: &mut Option<Job>,
+        cancel: &CancellationToken,
+    ) {
+        if let Some(Err(e)) = job.warmed.take_if(|w| w.is_err()) {
+            self.finish(job, Some(e)).await;
+            return;
+        }
         if !job.started {
             if let Err(e) = self.open(&mut job, cancel).await {
                 if cancel.is_cancelled() {
@@ -517,7 +573,12 @@ impl BatchManager {
         // and checkpointed in order; a bulk read ahead but not written is read again from
         // the checkpoint by whoever resumes the job. The slice goes on past SLICE_BATCHES
         // while no other tenant waits, so a lone tenant's pipeline never drains.
-        let mut ahead = job.source.take().map(|source| self.prepare(&job, source));
+        let mut ahead = match job.warmed.take() {
+            Some(Ok(first)) => Some(first),
+            _ => job.source.take().map(|source| self.prepare(&job, source)),
+        };
+        // The bulk read ahead, when it was awaited already (see `warming` below).
+        let mut done: Option<Result<Option<Prepared>, JobError>> = None;
         let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
         for n in 0.. {
             if cancel.is_cancelled() {
@@ -525,9 +586,10 @@ impl BatchManager {
                 self.last_checkpoint(job.unsaved, job.record.clone()).await;
                 return;
             }
-            let prepared = match ahead.take() {
-                Some(task) => task.await.map_err(JobError::from).and_then(|r| r),
-                None => Ok(None),
+            let prepared = match (done.take(), ahead.take()) {
+                (Some(r), _) => r,
+                (None, Some(task)) => task.await.map_err(JobError::from).and_then(|r| r),
+                (None, None) => Ok(None),
             };
             let outcome = match prepared {
                 Ok(Some(mut bulk)) => {
@@ -554,21 +616,47 @@ impl BatchManager {
                     } else {
                         Ok(())
                     };
-                    match fence {
-                        Ok(()) => match self.commit(&mut job, bulk, cancel).await {
-                            Ok(()) if more && (last || boundary) => {
-                                self.checkpoint(&mut job, cancel).await.map(|()| more)
+                    // While the bulk is written: when the file ends with it (or the bulk read
+                    // ahead finds its end), the tenant's next file is opened and its first
+                    // bulk read, if it is the one to run next.
+                    let tenant = job.tenant.clone();
+                    let warming = async {
+                        let ends = match ahead.as_mut() {
+                            _ if !more => true,
+                            Some(task) => {
+                                let r = task.await.map_err(JobError::from).and_then(|r| r);
+                                let ends = matches!(r, Ok(None));
+                                done = Some(r);
+                                ends
                             }
-                            r => r.map(|()| more),
-                        },
+                            None => false,
+                        };
+                        if ends && next.is_none() {
+                            *next = self.scheduler.take_next_of(&tenant);
+                        }
+                        self.warm(next.as_mut(), cancel).await;
+                    };
+                    match fence {
+                        Ok(()) => {
+                            match tokio::join!(self.commit(&mut job, bulk, cancel), warming).0 {
+                                Ok(()) if more && (last || boundary) => {
+                                    self.checkpoint(&mut job, cancel).await.map(|()| more)
+                                }
+                                r => r.map(|()| more),
+                            }
+                        }
                         Err(e) => Err(e),
                     }
                 }
                 Ok(None) => Ok(false),
                 Err(e) => Err(e),
             };
+            if done.is_some() {
+                // Awaited already: its handle must not be awaited again.
+                ahead = None;
+            }
             match outcome {
-                Ok(true) if ahead.is_some() => continue,
+                Ok(true) if ahead.is_some() || done.is_some() => continue,
                 Ok(true) => break,
                 Ok(false) => {
                     self.finish(job, None).await;
@@ -585,6 +673,27 @@ impl BatchManager {
             }
         }
         self.scheduler.resume(job);
+    }
+
+    /// Opens `job` (the next file, see [`Self::run_slice_warming`]) and starts reading its
+    /// first bulk; a failure to open it is kept for its turn.
+    async fn warm(&self, job: Option<&mut Job>, cancel: &CancellationToken) {
+        let Some(job) = job else { return };
+        if job.started || job.warmed.is_some() {
+            return;
+        }
+        match self.open(job, cancel).await {
+            Ok(()) => {
+                job.started = true;
+                if let Some(source) = job.source.take() {
+                    job.warmed = Some(Ok(self.prepare(job, source)));
+                }
+                tracing::debug!(tenant = %job.tenant, file = %job.record.name, "opened while the file before it is written");
+            }
+            // Cancelled: its next run opens it again.
+            Err(_) if cancel.is_cancelled() => {}
+            Err(e) => job.warmed = Some(Err(e)),
+        }
     }
 
     /// On the way out (the manager stopping): the progress of bulks written since the last
@@ -1028,6 +1137,7 @@ mod tests {
             settled: None,
             checkpointed: None,
             unsaved: false,
+            warmed: None,
         }
     }
 
@@ -1099,5 +1209,31 @@ mod tests {
         );
         s.push(job("b", "b1"));
         assert!(s.others_waiting(&a1.tenant));
+    }
+
+    #[test]
+    fn the_next_file_is_taken_early_only_when_it_would_run_next_and_goes_back_first() {
+        let s = Scheduler::default();
+        for n in ["a1", "a2", "a3"] {
+            s.push(job("a", n));
+        }
+        let a1 = s.pop().expect("a job");
+        let a2 = s.take_next_of(&a1.tenant).expect("a2 runs next");
+        assert_eq!(a2.record.name, "a2");
+        // Not run (a1 failed, or the manager stops): first in line again.
+        s.put_back(a2);
+        assert_eq!(order(&s), ["a2", "a3"]);
+
+        s.push(job("a", "a4"));
+        s.push(job("b", "b1"));
+        assert!(
+            s.take_next_of(&a1.tenant).is_none(),
+            "b waits: its turn comes before a's next file"
+        );
+        assert!(
+            s.take_next_of(&TenantName::parse("c").expect("valid"))
+                .is_none()
+        );
+        assert_eq!(order(&s), ["a4", "b1"]);
     }
 }
