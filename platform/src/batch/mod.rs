@@ -152,14 +152,16 @@ impl Scheduler {
         Some(job)
     }
 
-    /// A job taken by [`Self::take_next_of`], back first in line, its tenant first in turn.
+    /// A job taken by [`Self::take_next_of`], back first in its tenant's line; the tenant
+    /// keeps its turn, or is first when it had left the turns (no other tenant waited then).
     fn put_back(&self, job: Job) {
         if let Ok(mut g) = self.inner.lock() {
             let (order, queues) = &mut *g;
             let t = job.tenant.clone();
             queues.entry(t.clone()).or_default().push_front(job);
-            order.retain(|x| x != &t);
-            order.push_front(t);
+            if !order.contains(&t) {
+                order.push_front(t);
+            }
         }
         self.notify.notify_one();
     }
@@ -546,8 +548,9 @@ impl BatchManager {
     }
 
     /// Runs a slice of `job`; while the last bulk of its file is written, the tenant's next
-    /// file (`next`, taken out of line when it is the one to run next) is opened and its first
-    /// bulk read, so the worker does not wait for it when the file ends.
+    /// file (`next`, taken out of line when it is the one to run next and this is the only
+    /// worker) is opened and its first bulk read, so the worker does not wait for it when
+    /// the file ends.
     async fn run_slice_warming(
         &self,
         mut job: Job,
@@ -631,7 +634,9 @@ impl BatchManager {
                             }
                             None => false,
                         };
-                        if ends && next.is_none() {
+                        // With more workers, an idle one would have taken it already, and one
+                        // that becomes idle must find it in line, in its order.
+                        if ends && next.is_none() && self.settings.workers == 1 {
                             *next = self.scheduler.take_next_of(&tenant);
                         }
                         self.warm(next.as_mut(), cancel).await;
