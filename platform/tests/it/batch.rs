@@ -246,4 +246,8 @@ async fn many_files_of_one_tenant_all_complete_and_another_tenant_is_not_starved
         app.count(&a, "f0").await + app.count(&a, "f1").await + app.count(&a, "f2").await,
         3 * 9999
     );
+    // One worker: each file after the first was opened and read while the one before it
+    // ended; every record still has exactly one entry.
+    assert_eq!(app.logs(&ca, &a, "").await.len(), 3 * 9999);
+    assert_eq!(app.logs(&ca, &a, "status=success").await.len(), 3 * 9999);
 }
