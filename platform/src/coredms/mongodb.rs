@@ -1,11 +1,12 @@
 //! The in-process coredms: the platform's one MongoDB client.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
+use mongodb::bson::oid::ObjectId;
 use mongodb::bson::{self, DateTime, Document, RawDocumentBuf, doc};
 use mongodb::error::ErrorKind;
 use mongodb::options::{ClientOptions, IndexOptions, ReturnDocument, WriteConcern};
@@ -40,6 +41,66 @@ pub struct MongoStore {
     namespace: String,
     write_concern: WriteConcern,
     auth_cache: Mutex<HashMap<String, (TenantName, Instant)>>,
+    /// This store's takes of file origins' log locks (see [`Self::lock_origin`]).
+    takes: Arc<Mutex<HashMap<String, Take>>>,
+}
+
+/// The last take of one origin lock by this store: the run it was for, the token it wrote,
+/// and whether a bulk write is under it now.
+struct Take {
+    job: String,
+    token: ObjectId,
+    busy: bool,
+}
+
+/// An origin lock taken for one bulk write. Dropped, it stays in the database for the
+/// run's next bulk, and is released [`LOCK_IDLE`] after unless taken again since.
+struct OriginLock {
+    id: String,
+    token: ObjectId,
+    takes: Arc<Mutex<HashMap<String, Take>>>,
+    locks: Collection<Document>,
+}
+
+/// How long an origin lock stays after its run's last bulk: a run's bulks follow each other
+/// within it, so each takes the lock with one write and none releases it.
+const LOCK_IDLE: Duration = Duration::from_millis(200);
+/// How long a lock handed over to a waiting run stays its own without being claimed.
+const HANDOVER_US: i64 = 5_000_000;
+
+impl Drop for OriginLock {
+    fn drop(&mut self) {
+        if let Ok(mut takes) = self.takes.lock()
+            && let Some(t) = takes.get_mut(&self.id)
+            && t.token == self.token
+        {
+            t.busy = false;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (id, token, takes, locks) = (
+            self.id.clone(),
+            self.token,
+            self.takes.clone(),
+            self.locks.clone(),
+        );
+        rt.spawn(async move {
+            tokio::time::sleep(LOCK_IDLE).await;
+            let idle = takes.lock().is_ok_and(|mut takes| {
+                let idle = takes.get(&id).is_some_and(|t| t.token == token && !t.busy);
+                if idle {
+                    takes.remove(&id);
+                }
+                idle
+            });
+            // The token: a take since (this run's next bulk, through another replica too,
+            // or another run's) is not released.
+            if idle && let Err(e) = locks.delete_one(doc! {"_id": &id, "token": token}).await {
+                tracing::warn!(lock = id, error = %e, "cannot release a log lock; it expires");
+            }
+        });
+    }
 }
 
 impl MongoStore {
@@ -60,6 +121,7 @@ impl MongoStore {
             namespace: namespace.to_owned(),
             write_concern,
             auth_cache: Mutex::new(HashMap::new()),
+            takes: Arc::default(),
         };
         store.ensure_indexes().await?;
         Ok(store)
@@ -279,10 +341,8 @@ impl MongoStore {
             // Nothing another run could store too: no lock needed.
             return self.bulk_write_bucketed(w, origin, &job).await;
         }
-        let lock = self.lock_origin(&w.tenant, origin, &job).await?;
-        let r = self.bulk_write_bucketed(w, origin, &job).await;
-        self.unlock_origin(&lock, &job).await;
-        r
+        let _lock = self.lock_origin(&w.tenant, origin, &job).await?;
+        self.bulk_write_bucketed(w, origin, &job).await
     }
 
     /// The data of a bulk write: what became of each document (`Success` until the log says
@@ -424,50 +484,122 @@ impl MongoStore {
     /// Takes the lock of a file origin's log for run `job`, waiting while another run holds
     /// it: two runs of the same file must not both find a document stored and neither
     /// logged. A lock not released within [`ORIGIN_LOCK_US`] (its holder died) is taken over;
-    /// the same run takes its own over at once (a retry).
+    /// the same run takes its own over at once (a retry, or its bulk through another
+    /// replica). Every take is a write the database checks, with a token of its own; the
+    /// lock is not released after the bulk but [`LOCK_IDLE`] after the run's last one, so a
+    /// run's next bulk takes it with one conditional update. A run that waits asks for it
+    /// (`wanted`): the holder's next bulk hands it over instead of taking it, so runs of the
+    /// same file still take turns per bulk.
     async fn lock_origin(
         &self,
         tenant: &TenantName,
         origin: &str,
         job: &str,
-    ) -> Result<String, CoreError> {
+    ) -> Result<OriginLock, CoreError> {
         let id = format!("{tenant}/{origin}");
         let locks = self.locks();
+        let token = ObjectId::new();
+        let taken = |busy_token: ObjectId| {
+            if let Ok(mut takes) = self.takes.lock() {
+                takes.insert(
+                    id.clone(),
+                    Take {
+                        job: job.to_owned(),
+                        token: busy_token,
+                        busy: true,
+                    },
+                );
+            }
+            OriginLock {
+                id: id.clone(),
+                token: busy_token,
+                takes: self.takes.clone(),
+                locks: locks.clone(),
+            }
+        };
+        let mine = self
+            .takes
+            .lock()
+            .is_ok_and(|t| t.get(&id).is_some_and(|t| t.job == job));
+        if mine {
+            let renewed = locks
+                .update_one(
+                    doc! {"_id": &id, "by": job, "wanted": {"$exists": false}},
+                    doc! {"$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token}},
+                )
+                .await?;
+            if renewed.matched_count == 1 {
+                return Ok(taken(token));
+            }
+        }
         let began = Instant::now();
         let mut wait = Duration::from_millis(2);
         loop {
-            let until = now_us() + ORIGIN_LOCK_US;
-            let taken = locks
-                .insert_one(doc! {"_id": &id, "by": job, "until_us": until})
-                .await;
-            match taken {
-                Ok(_) => return Ok(id),
-                Err(e) if is_duplicate(&e) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let over = locks
-                .update_one(
-                    doc! {"_id": &id, "$or": [{"by": job}, {"until_us": {"$lt": now_us()}}]},
-                    doc! {"$set": {"by": job, "until_us": until}},
-                )
-                .await?;
-            if over.matched_count == 1 {
-                return Ok(id);
-            }
             if began.elapsed() > Duration::from_micros(2 * ORIGIN_LOCK_US as u64) {
                 return Err(CoreError::Unavailable(format!(
                     "the log of `{origin}` stays locked by another run"
                 )));
             }
+            let until = now_us() + ORIGIN_LOCK_US;
+            let inserted = locks
+                .insert_one(doc! {"_id": &id, "by": job, "until_us": until, "token": token})
+                .await;
+            match inserted {
+                Ok(_) => return Ok(taken(token)),
+                Err(e) if is_duplicate(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            let Some(held) = locks.find_one(doc! {"_id": &id}).await? else {
+                continue; // released meanwhile
+            };
+            // Each change below applies to the lock exactly as read.
+            let mut exact = doc! {"_id": &id};
+            match held.get("token") {
+                Some(t) => exact.insert("token", t.clone()),
+                None => exact.insert("token", doc! {"$exists": false}),
+            };
+            let by = held.get_str("by").unwrap_or_default();
+            let wanted = held.get_str("wanted").ok().filter(|w| *w != job);
+            let expired = held.get_i64("until_us").is_ok_and(|u| u < now_us());
+            // Handed over to this run by another: its turn, whoever waits now.
+            let handed = held.get_bool("handed").unwrap_or(false);
+            if by == job
+                && !expired
+                && !handed
+                && let Some(other) = wanted
+            {
+                // Ours since an earlier bulk, and another run waits: its turn.
+                locks
+                    .update_one(
+                        exact,
+                        doc! {
+                            "$set": {"by": other, "until_us": now_us() + HANDOVER_US, "token": ObjectId::new(), "handed": true},
+                            "$unset": {"wanted": ""},
+                        },
+                    )
+                    .await?;
+            } else if by == job || expired {
+                let mut change = doc! {"$set": {"by": job, "until_us": until, "token": token}};
+                let mut clear = doc! {"handed": ""};
+                if held.get_str("wanted").is_ok_and(|w| w == job) {
+                    clear.insert("wanted", "");
+                }
+                change.insert("$unset", clear);
+                if locks.update_one(exact, change).await?.matched_count == 1 {
+                    return Ok(taken(token));
+                }
+                continue; // changed since read
+            } else if held.get_str("wanted").is_err() {
+                // Another run's: ask for it, whichever of its takes holds it by now.
+                locks
+                    .update_one(
+                        doc! {"_id": &id, "by": {"$ne": job}, "wanted": {"$exists": false}},
+                        doc! {"$set": {"wanted": job}},
+                    )
+                    .await?;
+            }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_millis(100));
-        }
-    }
-
-    /// Releases a lock taken by [`Self::lock_origin`]; one left behind expires.
-    async fn unlock_origin(&self, id: &str, job: &str) {
-        if let Err(e) = self.locks().delete_one(doc! {"_id": id, "by": job}).await {
-            tracing::warn!(lock = id, error = %e, "cannot release a log lock; it expires");
         }
     }
 

@@ -464,3 +464,90 @@ async fn two_ingestions_at_once(app: &TestApp, shape: Shape) {
         2000
     );
 }
+
+/// Bulk `k` (records 300k..300k+300) of run `job` of the file origin `feed`.
+fn slice_of(tenant: &TenantName, job: &str, k: u64) -> BulkWrite {
+    let mut w = bulk_shaped(tenant, job, 1200, Shape::Batch);
+    w.docs.drain(..(300 * k) as usize);
+    w.docs.truncate(300);
+    w
+}
+
+#[tokio::test]
+async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_document_once() {
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("turns").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let connect = || {
+        MongoStore::connect(
+            &app.settings.mongodb.uri,
+            &app.settings.mongodb,
+            &app.namespace,
+        )
+    };
+    let (one, two) = (
+        connect().await.expect("store"),
+        connect().await.expect("store"),
+    );
+    // Run x alternates between the two stores (its lock is taken over by its own run);
+    // run y, of the same file, writes through the second one at the same time.
+    let done = std::sync::Mutex::new(Vec::new());
+    let x = async {
+        for k in 0..4 {
+            let store = if k % 2 == 0 { &one } else { &two };
+            store
+                .bulk_write(&slice_of(&tenant, "x", k))
+                .await
+                .expect("x");
+            done.lock().expect("order").push("x");
+        }
+    };
+    let y = async {
+        for k in 0..4 {
+            two.bulk_write(&slice_of(&tenant, "y", k)).await.expect("y");
+            done.lock().expect("order").push("y");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(x, y) })
+        .await
+        .expect("neither run waits for an expiry");
+    // The lock stays with a run between its bulks, but one that waits gets the next turn.
+    let done = done.into_inner().expect("order");
+    assert!(
+        done[..4].iter().any(|r| *r != done[0]),
+        "the runs take turns, not whole files: {done:?}"
+    );
+    let logs = app.logs(&alice, &name, "").await;
+    for run in ["x", "y"] {
+        let mine: std::collections::HashSet<_> = logs
+            .iter()
+            .filter(|e| e.ingestion.as_deref() == Some(run))
+            .map(|e| e.document_id.clone())
+            .collect();
+        assert_eq!(mine.len(), 1200, "run {run} names every document");
+    }
+    assert_eq!(logs.len(), 2400, "each run logs each document once");
+    let success: std::collections::HashSet<_> = logs
+        .iter()
+        .filter(|e| e.status == Status::Success)
+        .map(|e| e.document_id.clone())
+        .collect();
+    assert_eq!(success.len(), 1200);
+    assert_eq!(
+        logs.iter().filter(|e| e.status == Status::Success).count(),
+        1200,
+        "one success entry per document"
+    );
+    // Idle, the lock is released: a third run is not kept waiting for its expiry.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let locks = app
+        .mongo()
+        .await
+        .database(&format!("{}logs", app.namespace))
+        .collection::<mongodb::bson::Document>("locks");
+    let left = locks
+        .count_documents(mongodb::bson::doc! {"_id": {"$regex": format!("^{name}/")}})
+        .await
+        .expect("count");
+    assert_eq!(left, 0, "released once idle");
+}
