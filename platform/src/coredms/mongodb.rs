@@ -53,9 +53,12 @@ struct Take {
     busy: bool,
 }
 
-/// An origin lock taken for one bulk write. Dropped, it stays in the database for the
-/// run's next bulk, and is released [`LOCK_IDLE`] after unless taken again since.
+/// An origin lock taken for one bulk write. Dropped after its bulk ended, it stays in the
+/// database for the run's next bulk, and is released [`LOCK_IDLE`] after unless taken again
+/// since. Dropped mid-bulk (cancelled: writes already sent may still land), it stays busy
+/// and is left to the run's next take or to its expiry.
 struct OriginLock {
+    ended: bool,
     id: String,
     token: ObjectId,
     takes: Arc<Mutex<HashMap<String, Take>>>,
@@ -70,6 +73,9 @@ const HANDOVER_US: i64 = 5_000_000;
 
 impl Drop for OriginLock {
     fn drop(&mut self) {
+        if !self.ended {
+            return;
+        }
         if let Ok(mut takes) = self.takes.lock()
             && let Some(t) = takes.get_mut(&self.id)
             && t.token == self.token
@@ -341,8 +347,10 @@ impl MongoStore {
             // Nothing another run could store too: no lock needed.
             return self.bulk_write_bucketed(w, origin, &job).await;
         }
-        let _lock = self.lock_origin(&w.tenant, origin, &job).await?;
-        self.bulk_write_bucketed(w, origin, &job).await
+        let mut lock = self.lock_origin(&w.tenant, origin, &job).await?;
+        let r = self.bulk_write_bucketed(w, origin, &job).await;
+        lock.ended = true;
+        r
     }
 
     /// The data of a bulk write: what became of each document (`Success` until the log says
@@ -511,6 +519,7 @@ impl MongoStore {
                 );
             }
             OriginLock {
+                ended: false,
                 id: id.clone(),
                 token: busy_token,
                 takes: self.takes.clone(),
@@ -525,7 +534,10 @@ impl MongoStore {
             let renewed = locks
                 .update_one(
                     doc! {"_id": &id, "by": job, "wanted": {"$exists": false}},
-                    doc! {"$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token}},
+                    doc! {
+                        "$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token},
+                        "$unset": {"handed": ""},
+                    },
                 )
                 .await?;
             if renewed.matched_count == 1 {
@@ -563,9 +575,15 @@ impl MongoStore {
             let expired = held.get_i64("until_us").is_ok_and(|u| u < now_us());
             // Handed over to this run by another: its turn, whoever waits now.
             let handed = held.get_bool("handed").unwrap_or(false);
+            // A bulk of this run still under it here (a retry overlapping its attempt) keeps it.
+            let busy_here = self
+                .takes
+                .lock()
+                .is_ok_and(|t| t.get(&id).is_some_and(|t| t.job == job && t.busy));
             if by == job
                 && !expired
                 && !handed
+                && !busy_here
                 && let Some(other) = wanted
             {
                 // Ours since an earlier bulk, and another run waits: its turn.
