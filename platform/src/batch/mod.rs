@@ -580,7 +580,7 @@ impl BatchManager {
             Some(Ok(first)) => Some(first),
             _ => job.source.take().map(|source| self.prepare(&job, source)),
         };
-        // The bulk read ahead, when it was awaited already (see `warming` below).
+        // The bulk read ahead, once awaited (see `warming` below).
         let mut done: Option<Result<Option<Prepared>, JobError>> = None;
         let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
         for n in 0.. {
@@ -624,16 +624,18 @@ impl BatchManager {
                     // bulk read, if it is the one to run next.
                     let tenant = job.tenant.clone();
                     let warming = async {
-                        let ends = match ahead.as_mut() {
-                            _ if !more => true,
-                            Some(task) => {
-                                let r = task.await.map_err(JobError::from).and_then(|r| r);
-                                let ends = matches!(r, Ok(None));
-                                done = Some(r);
-                                ends
-                            }
-                            None => false,
-                        };
+                        // The bulk read ahead is awaited here, once: the loop takes it from
+                        // `done`.
+                        let ends = !more
+                            || match ahead.take() {
+                                Some(task) => {
+                                    let r = task.await.map_err(JobError::from).and_then(|r| r);
+                                    let ends = matches!(r, Ok(None));
+                                    done = Some(r);
+                                    ends
+                                }
+                                None => false,
+                            };
                         // With more workers, an idle one would have taken it already, and one
                         // that becomes idle must find it in line, in its order.
                         if ends && next.is_none() && self.settings.workers == 1 {
@@ -656,10 +658,6 @@ impl BatchManager {
                 Ok(None) => Ok(false),
                 Err(e) => Err(e),
             };
-            if done.is_some() {
-                // Awaited already: its handle must not be awaited again.
-                ahead = None;
-            }
             match outcome {
                 Ok(true) if ahead.is_some() || done.is_some() => continue,
                 Ok(true) => break,

@@ -571,7 +571,7 @@ impl MongoStore {
                 None => exact.insert("token", doc! {"$exists": false}),
             };
             let by = held.get_str("by").unwrap_or_default();
-            let wanted = held.get_str("wanted").ok().filter(|w| *w != job);
+            let wanted = held.get_str("wanted").ok();
             let expired = held.get_i64("until_us").is_ok_and(|u| u < now_us());
             // Handed over to this run by another: its turn, whoever waits now.
             let handed = held.get_bool("handed").unwrap_or(false);
@@ -584,7 +584,7 @@ impl MongoStore {
                 && !expired
                 && !handed
                 && !busy_here
-                && let Some(other) = wanted
+                && let Some(other) = wanted.filter(|w| *w != job)
             {
                 // Ours since an earlier bulk, and another run waits: its turn.
                 locks
@@ -599,7 +599,7 @@ impl MongoStore {
             } else if by == job || expired {
                 let mut change = doc! {"$set": {"by": job, "until_us": until, "token": token}};
                 let mut clear = doc! {"handed": ""};
-                if held.get_str("wanted").is_ok_and(|w| w == job) {
+                if wanted == Some(job) {
                     clear.insert("wanted", "");
                 }
                 change.insert("$unset", clear);
@@ -607,7 +607,7 @@ impl MongoStore {
                     return Ok(taken(token));
                 }
                 continue; // changed since read
-            } else if held.get_str("wanted").is_err() {
+            } else if wanted.is_none() {
                 // Another run's: ask for it, whichever of its takes holds it by now.
                 locks
                     .update_one(
