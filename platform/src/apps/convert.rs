@@ -122,61 +122,141 @@ pub fn json_to_lua(lua: &Lua, v: &Json) -> mlua::Result<Value> {
     })
 }
 
-/// A record (an app's `map` argument) as a Luau value, its keys taken from `keys` where
-/// they are the same as the last record's. When the VM's memory limit is lifted (see
-/// `Vm::record_to_lua`), mlua pushes the strings straight onto the Luau stack and sets
-/// the table's slots without a protected call each: most of what converting costs.
+/// A record (an app's `map` argument) as a Luau value. Its keys, and its strings that
+/// repeat the last record's at the same position, are pushed as the Luau strings the VM
+/// holds ([`RecordKeys`]); a record of scalars (a CSV row, most NDJSON lines) goes straight
+/// into its table, with nothing collected on the host first. When the VM's memory limit is
+/// lifted (see `Vm::record_to_lua`), mlua pushes the strings straight onto the Luau stack
+/// and sets the table's slots without a protected call each: most of what converting costs.
 pub fn record_to_lua(lua: &Lua, record: &Json, keys: &mut RecordKeys) -> mlua::Result<Value> {
     let Json::Object(m) = record else {
         return json_to_lua(lua, record);
     };
-    keys.learn(lua, m.keys())?;
+    keys.learn(lua, m)?;
+    if m.values()
+        .all(|v| !matches!(v, Json::Array(_) | Json::Object(_)))
+    {
+        let fields = m.iter().enumerate().map(|(i, (k, v))| {
+            let value = match keys.value(i) {
+                Some(held) => Either::Left(held),
+                None => Either::Right(scalar(lua, v)),
+            };
+            (keys.key(i, k), value)
+        });
+        return Ok(Value::Table(lua.create_table_from(fields)?));
+    }
     let values = m
         .values()
         .map(|v| pushable(lua, v))
         .collect::<mlua::Result<Vec<_>>>()?;
-    let names = m.keys().enumerate().map(|(i, k)| keys.get(i, k));
+    let names = m.keys().enumerate().map(|(i, k)| keys.key(i, k));
     let t = lua.create_table_from(names.zip(values))?;
     Ok(Value::Table(t))
 }
 
-/// The keys of the last record converted, by position, as the Luau strings the VM holds:
-/// the records of one file (or stream) carry the same keys in the same order, and pushing a
-/// string the VM holds costs less than hashing and interning it again. At most
-/// [`KEPT_KEYS`] keys of at most [`KEPT_KEY_BYTES`] bytes are kept.
+/// The keys of the last record converted, by position, as the Luau strings the VM holds,
+/// and its short string values: the records of one file (or stream) carry the same keys in
+/// the same order, and often the same value as the record before in a column (a sampling
+/// point, a unit, a date). Pushing a string the VM holds costs less than hashing and
+/// interning it again, and is the same value to the app: Luau strings are interned and
+/// immutable. A value is held from its second record in a row. At most [`KEPT_KEYS`]
+/// positions, keys and values of at most [`KEPT_BYTES`] bytes, are kept.
 #[derive(Default)]
-pub struct RecordKeys(Vec<(String, LuaString)>);
+pub struct RecordKeys(Vec<Kept>);
+
+struct Kept {
+    key: String,
+    lua_key: LuaString,
+    /// The record being converted has `key` at this position.
+    key_now: bool,
+    value: String,
+    lua_value: Option<LuaString>,
+    /// The record being converted has `value` at this position, held as `lua_value`.
+    value_now: bool,
+}
 
 const KEPT_KEYS: usize = 64;
-const KEPT_KEY_BYTES: usize = 64;
+const KEPT_BYTES: usize = 64;
 
 impl RecordKeys {
-    /// Keeps `keys` in place of those that differ at the same position.
-    fn learn<'a>(&mut self, lua: &Lua, keys: impl Iterator<Item = &'a String>) -> mlua::Result<()> {
-        for (i, k) in keys.take(KEPT_KEYS).enumerate() {
-            if k.len() > KEPT_KEY_BYTES || self.0.get(i).is_some_and(|(known, _)| known == k) {
-                continue;
+    /// Learns the keys and values of `record`, the one converted next.
+    fn learn(&mut self, lua: &Lua, record: &Map<String, Json>) -> mlua::Result<()> {
+        for (i, (k, v)) in record.iter().take(KEPT_KEYS).enumerate() {
+            if i == self.0.len() {
+                if k.len() > KEPT_BYTES {
+                    // Positions past a key not kept are not kept either.
+                    break;
+                }
+                self.0.push(Kept {
+                    key: k.clone(),
+                    lua_key: lua.create_string(k)?,
+                    key_now: true,
+                    value: String::new(),
+                    lua_value: None,
+                    value_now: false,
+                });
             }
-            let kept = (k.clone(), lua.create_string(k)?);
-            if i < self.0.len() {
-                self.0[i] = kept;
-            } else if i == self.0.len() {
-                self.0.push(kept);
-            } else {
-                // A longer key before it was not kept: positions past it are not either.
-                break;
+            let kept = &mut self.0[i];
+            kept.key_now = kept.key == *k;
+            if !kept.key_now && k.len() <= KEPT_BYTES {
+                kept.lua_key = lua.create_string(k)?;
+                kept.key.clone_from(k);
+                kept.key_now = true;
             }
+            kept.learn_value(lua, v)?;
         }
         Ok(())
     }
 
     /// The key at position `i`: the string the VM holds when it is the one kept.
-    fn get<'a>(&'a self, i: usize, k: &'a str) -> Either<&'a LuaString, &'a str> {
+    fn key<'a>(&'a self, i: usize, k: &'a str) -> Either<&'a LuaString, &'a str> {
         match self.0.get(i) {
-            Some((known, s)) if known == k => Either::Left(s),
+            Some(kept) if kept.key_now => Either::Left(&kept.lua_key),
             _ => Either::Right(k),
         }
     }
+
+    /// The value at position `i` as the string the VM holds, when it is held.
+    fn value(&self, i: usize) -> Option<&LuaString> {
+        let kept = self.0.get(i)?;
+        kept.lua_value.as_ref().filter(|_| kept.value_now)
+    }
+}
+
+impl Kept {
+    fn learn_value(&mut self, lua: &Lua, v: &Json) -> mlua::Result<()> {
+        self.value_now = false;
+        match v {
+            Json::String(s) if s.len() <= KEPT_BYTES => {
+                if self.value != *s {
+                    self.value.clone_from(s);
+                    self.lua_value = None;
+                    return Ok(());
+                }
+                if self.lua_value.is_none() {
+                    self.lua_value = Some(lua.create_string(s)?);
+                }
+                self.value_now = true;
+            }
+            _ => {
+                self.value.clear();
+                self.lua_value = None;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A scalar as what is pushed for it: a string stays the host's `&str`.
+fn scalar<'a>(lua: &Lua, v: &'a Json) -> Either<&'a str, Value> {
+    Either::Right(match v {
+        Json::String(s) => return Either::Left(s.as_str()),
+        Json::Null => lua.null(),
+        Json::Bool(b) => Value::Boolean(*b),
+        Json::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        // Not scalars: callers convert them with `pushable`.
+        Json::Array(_) | Json::Object(_) => Value::Nil,
+    })
 }
 
 /// A string stays the host's `&str` until it is pushed into its table (no reference to it
@@ -199,10 +279,7 @@ fn pushable<'a>(lua: &Lua, v: &'a Json) -> mlua::Result<Either<&'a str, Value>> 
                 .collect::<mlua::Result<Vec<_>>>()?;
             Value::Table(lua.create_table_from(fields)?)
         }
-        Json::String(s) => return Ok(Either::Left(s.as_str())),
-        Json::Null => lua.null(),
-        Json::Bool(b) => Value::Boolean(*b),
-        Json::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+        other => return Ok(scalar(lua, other)),
     }))
 }
 
@@ -315,7 +392,7 @@ fn table(lua: &Lua, t: &Table, depth: usize, meter: &mut Meter) -> Result<Json, 
         return Ok(Json::Array(out));
     }
     meter.charge(2)?;
-    let mut m = Map::new();
+    let mut m = Map::with_capacity(8);
     let mut failed: Option<ConvertError> = None;
     let walked = t.for_each::<Value, Value>(|k, v| {
         match entry(lua, &k, &v, depth, meter, m.is_empty()) {

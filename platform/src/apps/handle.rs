@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mlua::{Function, Lua, Value};
+use mlua::{Lua, Value};
 
 use super::budget::{CpuClock, Limit, is_memory, limit_reason, meter};
 use super::compile::{Compiled, Shape};
@@ -146,9 +146,9 @@ impl AppHandle {
         self.run(records.iter().map(|r| (data_name, Call::Map(r))))
     }
 
-    /// The VM ready to call `function` (the app's `name` function) for `data_name`: context
-    /// set, budget armed. Or the outcome when it cannot be, with the VM unless it must be
-    /// discarded.
+    /// The VM ready to call the app's `name` function for `data_name` (`defined`: the app
+    /// has it): context set, budget armed. Or the outcome when it cannot be, with the VM
+    /// unless it must be discarded.
     #[expect(
         clippy::result_large_err,
         reason = "the error is the call's outcome, returned at once"
@@ -156,12 +156,12 @@ impl AppHandle {
     fn ready(
         &self,
         mut vm: Vm,
-        function: Option<Function>,
+        defined: bool,
         name: &str,
         data_name: &str,
         clock: &mut CpuClock,
-    ) -> Result<(Vm, Function), (Outcome, Option<Vm>)> {
-        let Some(function) = function else {
+    ) -> Result<Vm, (Outcome, Option<Vm>)> {
+        if !defined {
             let missing = Outcome {
                 result: Err(AppFailure {
                     reason: format!("app defines no `{name}` function"),
@@ -170,7 +170,7 @@ impl AppHandle {
                 log: None,
             };
             return Err((missing, Some(vm)));
-        };
+        }
         if let Err(e) = vm.set_context(self.tenant.as_str(), data_name) {
             let f = vm.failure(&e, &self.limits);
             return Err((
@@ -182,7 +182,7 @@ impl AppHandle {
             ));
         }
         vm.begin(&self.limits, clock);
-        Ok((vm, function))
+        Ok(vm)
     }
 
     /// One record through `map`; returns the VM unless it hit a limit and must be discarded.
@@ -193,14 +193,14 @@ impl AppHandle {
         record: &serde_json::Value,
         clock: &mut CpuClock,
     ) -> (Outcome, Option<Vm>) {
-        let map = vm.map.clone();
-        let (mut vm, map) = match self.ready(vm, map, "map", data_name, clock) {
+        let defined = vm.map.is_some();
+        let mut vm = match self.ready(vm, defined, "map", data_name, clock) {
             Ok(ready) => ready,
             Err(done) => return done,
         };
         let result = vm
             .record_to_lua(record, &self.limits)
-            .and_then(|arg| map.call::<Value>(arg));
+            .and_then(|arg| vm.call_map(arg));
         let result = match result {
             Ok(v) => match vm.caught_limit(&self.limits) {
                 Some(f) => Err(f),
@@ -301,12 +301,12 @@ impl AppHandle {
         data: &str,
         clock: &mut CpuClock,
     ) -> (Outcome, Option<Vm>) {
-        let ingest = vm.ingest.clone();
-        let (vm, ingest) = match self.ready(vm, ingest, "ingest", data_name, clock) {
+        let defined = vm.ingest.is_some();
+        let vm = match self.ready(vm, defined, "ingest", data_name, clock) {
             Ok(ready) => ready,
             Err(done) => return done,
         };
-        let r = ingest.call::<()>((self.tenant.as_str(), data_name, data));
+        let r = vm.call_ingest((self.tenant.as_str(), data_name, data));
         let log = vm.take_log();
         if r.is_ok()
             && let Some(f) = vm.caught_limit(&self.limits)

@@ -150,9 +150,11 @@ fn deep_recursion_and_memory_bombs_are_stopped() {
 
 #[test]
 fn records_reach_map_as_they_are_whatever_their_keys_from_one_record_to_the_next() {
-    // The VM keeps the last record's keys: records whose keys change, move, grow past what
-    // is kept (in number and in length) or nest must still arrive exactly as sent.
+    // The VM keeps the last record's keys, and its short string values: records whose keys
+    // or values change, repeat, move, change type, grow past what is kept (in number and in
+    // length) or nest must still arrive exactly as sent.
     let long = "k".repeat(100);
+    let long_value = "v".repeat(65);
     let many: serde_json::Map<String, serde_json::Value> =
         (0..80).map(|i| (format!("f{i:02}"), json!(i))).collect();
     let records = [
@@ -164,6 +166,19 @@ fn records_reach_map_as_they_are_whatever_their_keys_from_one_record_to_the_next
         json!({"a": 1.5, "b": true, "c": null, long: "again", "z": "last"}),
         json!({}),
         json!({"a": "1", "b": "2", "c": "3"}),
+        json!({"a": "v", "b": "w"}),
+        json!({"a": "v", "b": "w"}),
+        json!({"a": "v", "b": "w"}),
+        json!({"a": 1, "b": "w"}),
+        json!({"a": "v", "b": "w"}),
+        json!({"a": "v", "b": "w", "c": "w"}),
+        json!({"b": "v", "a": "w"}),
+        json!({"a": "", "b": ""}),
+        json!({"a": "", "b": null}),
+        json!({"a": "", "b": ""}),
+        json!({"a": long_value.clone(), "b": [long_value.clone()]}),
+        json!({"a": long_value.clone(), "b": "w"}),
+        json!({"a": "v", "b": "w"}),
     ];
     let a = app("function map(r) return { r = r } end");
     let out = a.map_records("f.csv", &records);

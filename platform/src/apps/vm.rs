@@ -168,6 +168,22 @@ impl Vm {
         arg
     }
 
+    /// The app's `map` on `arg`.
+    pub(super) fn call_map(&self, arg: Value) -> mlua::Result<Value> {
+        match &self.map {
+            Some(map) => map.call(arg),
+            None => Err(mlua::Error::runtime("app defines no `map` function")),
+        }
+    }
+
+    /// The app's `ingest` on `(tenant, data name, data)`.
+    pub(super) fn call_ingest(&self, args: (&str, &str, &str)) -> mlua::Result<()> {
+        match &self.ingest {
+            Some(ingest) => ingest.call(args),
+            None => Err(mlua::Error::runtime("app defines no `ingest` function")),
+        }
+    }
+
     pub(super) fn take_log(&self) -> Option<String> {
         let mut st = self.lua.app_data_mut::<CallState>()?;
         (!st.log.is_empty()).then(|| std::mem::take(&mut st.log))
