@@ -35,11 +35,25 @@ pub struct Scenario {
     /// by side. Each phase has its own tenants.
     #[serde(default)]
     pub baseline: bool,
+    /// The load run this many times, each round with tenants of its own and followed by the
+    /// raw driver's ceilings (measured before it in every other round, so neither side is
+    /// always second). The report's headline is the median round by its ratio to the
+    /// records alone; every round is in its `rounds`. For batch scenarios, on a server whose
+    /// rate varies from one minute to the next.
+    #[serde(default = "one_round")]
+    pub rounds: u32,
 }
 
 fn default_timeout() -> u64 {
     600
 }
+
+fn one_round() -> u32 {
+    1
+}
+
+/// Most rounds a scenario may ask for.
+pub const MAX_ROUNDS: u32 = 15;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -622,6 +636,16 @@ impl Scenario {
                 p.name
             );
         }
+        if !(1..=MAX_ROUNDS).contains(&s.rounds) {
+            bail!("rounds must be from 1 to {MAX_ROUNDS}");
+        }
+        if s.rounds > 1
+            && (s.batch.is_none() || s.stream.is_some() || s.baseline || kinds.iter().any(|k| *k))
+        {
+            bail!(
+                "rounds > 1 repeats a batch load against the raw driver's ceilings: it needs [batch], and no [stream], baseline, [faults], [cost] or [replicas]"
+            );
+        }
         if s.baseline
             && !(plans.iter().any(|p| p.expect == Expect::Success)
                 && plans.iter().any(|p| p.expect == Expect::Failures))
@@ -901,6 +925,13 @@ poison_every = 2
             (
                 format!("[cost]\nsteps = [1]\nmessages = 1\n{kill}").as_str(),
                 "give one of [faults], [cost] and [replicas]",
+            ),
+            ("rounds = 0\n", "rounds must be from 1 to 15"),
+            ("rounds = 16\n", "rounds must be from 1 to 15"),
+            // The stream load the cases share is what a round cannot repeat.
+            (
+                "rounds = 3\n[batch]\nfiles = 1\nrecords_per_file = 1\n",
+                "needs [batch], and no [stream]",
             ),
         ] {
             std::fs::write(&p, format!("name = \"x\"\n{text}{load}")).expect("write");

@@ -83,9 +83,51 @@ impl Report {
                 ));
             }
         }
+        s.push_str(&self.rounds_md());
         s.push_str(&self.stream_raw_md());
         s.push_str("\nEach second of the run (inputs completed, p50 and p99): `series.svg`, and `series` in report.json.\n");
         s.push_str(&self.accounting_md());
+        s
+    }
+
+    /// Each round of a scenario run several times, and the spread of its ratios.
+    fn rounds_md(&self) -> String {
+        if self.rounds.is_empty() {
+            return String::new();
+        }
+        let mut s = format!(
+            "\n## Rounds\n\nThe load ran {} times, each round with tenants of its own, the raw driver's ceilings measured after the platform's load (before it in every other round). The figures above are the median round's, by its ratio to the records alone.\n\n| round | order | platform records/s | raw, same writes | raw, records alone | ratio to same writes | ratio to records alone |\n|---|---|---|---|---|---|---|\n",
+            self.rounds.len()
+        );
+        for r in &self.rounds {
+            s.push_str(&format!(
+                "| {}{} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                r.round,
+                if r.median { " (median)" } else { "" },
+                if r.ceiling_first {
+                    "raw first"
+                } else {
+                    "platform first"
+                },
+                r.records_per_s,
+                r.ceiling_records_per_s,
+                r.data_alone_records_per_s,
+                r.fraction_of_ceiling,
+                r.fraction_of_data_alone
+            ));
+        }
+        let spread = |f: fn(&super::Round) -> f64| {
+            let v: Vec<f64> = self.rounds.iter().map(f).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (lo, hi)
+        };
+        let (alo, ahi) = spread(|r| r.fraction_of_data_alone);
+        let (clo, chi) = spread(|r| r.fraction_of_ceiling);
+        s.push_str(&format!(
+            "\nRatio to the records alone: median {:.2}, {alo:.2}–{ahi:.2} over the rounds; to the same writes: {clo:.2}–{chi:.2}.\n",
+            self.batch_fraction_of_data_alone.unwrap_or(f64::NAN)
+        ));
         s
     }
 

@@ -225,6 +225,55 @@ pub struct Results {
     pub stream: Option<PathParts>,
     pub accounting: Vec<TenantAccount>,
     pub phases: Vec<PhaseReport>,
+    /// Each round of a scenario with `rounds` > 1; `batch` is then the median round's.
+    pub rounds: Vec<Round>,
+}
+
+/// One round of a scenario run several times: the platform and the raw driver on the
+/// same records, one after the other.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Round {
+    pub round: usize,
+    /// The ceilings were measured before the platform's load (every other round).
+    pub ceiling_first: bool,
+    pub records_per_s: f64,
+    pub ceiling_records_per_s: f64,
+    pub data_alone_records_per_s: f64,
+    pub fraction_of_ceiling: f64,
+    pub fraction_of_data_alone: f64,
+    /// The round the report's headline figures are of.
+    #[serde(default)]
+    pub median: bool,
+}
+
+impl Round {
+    pub fn of(round: usize, ceiling_first: bool, parts: &PathParts, c: &Ceiling) -> Self {
+        let records_per_s = parts.stats().throughput_per_s;
+        let alone = c.data_alone_records_per_s.unwrap_or(f64::NAN);
+        Self {
+            round,
+            ceiling_first,
+            records_per_s,
+            ceiling_records_per_s: c.records_per_s,
+            data_alone_records_per_s: alone,
+            fraction_of_ceiling: records_per_s / c.records_per_s,
+            fraction_of_data_alone: records_per_s / alone,
+            median: false,
+        }
+    }
+
+    /// The round as a line of progress.
+    pub fn line(&self) -> String {
+        format!(
+            "round {}: platform {:.0} records/s; raw driver {:.0} (same writes), {:.0} (records alone): {:.2} and {:.2} of them",
+            self.round,
+            self.records_per_s,
+            self.ceiling_records_per_s,
+            self.data_alone_records_per_s,
+            self.fraction_of_ceiling,
+            self.fraction_of_data_alone
+        )
+    }
 }
 
 /// The side-by-side rows of the groups that expect success, when there are both phases.
@@ -370,6 +419,10 @@ pub struct Report {
     pub accounting: Vec<TenantAccount>,
     #[serde(default)]
     pub phases: Vec<PhaseReport>,
+    /// Each round of a scenario run several times (`rounds`); the figures above are the
+    /// median round's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rounds: Vec<Round>,
     /// The groups that expect success, alone and beside the others.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub baseline: Vec<BaselineRow>,
@@ -433,6 +486,7 @@ impl Report {
             reference,
             accounting: results.accounting,
             phases: results.phases,
+            rounds: results.rounds,
             baseline,
             platform_errors: Vec::new(),
             problems: Vec::new(),

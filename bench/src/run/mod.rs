@@ -9,7 +9,7 @@ use anyhow::Result;
 use mysimbdp::infra::ServerVersions;
 
 use crate::deploy::Deployment;
-use crate::report::{Ceilings, Environment, Report, Results};
+use crate::report::{Ceiling, Ceilings, Environment, PathParts, Report, Results, Round};
 use crate::schema::{Expect, Scenario};
 use crate::{accounting, ceiling, cost, faults, host, load, replicas};
 
@@ -18,8 +18,8 @@ mod phase;
 
 /// A phase: its name, the prefix of its tenants' names, the groups it runs.
 struct PhaseSpec {
-    name: &'static str,
-    prefix: &'static str,
+    name: String,
+    prefix: String,
     groups: Vec<usize>,
 }
 
@@ -65,25 +65,33 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let mongodb_uri = deployment.mongodb_uri.clone();
     let amqp_uri = deployment.amqp_uri.clone();
     let admin = deployment.admin.clone();
-    let phases = if sc.baseline {
+    let phases = if sc.rounds > 1 {
+        (1..=sc.rounds)
+            .map(|r| PhaseSpec {
+                name: format!("round {r}"),
+                prefix: format!("r{r}-"),
+                groups: (0..plans.len()).collect(),
+            })
+            .collect()
+    } else if sc.baseline {
         vec![
             PhaseSpec {
-                name: "baseline",
-                prefix: "b-",
+                name: "baseline".into(),
+                prefix: "b-".into(),
                 groups: (0..plans.len())
                     .filter(|&i| plans[i].expect == Expect::Success)
                     .collect(),
             },
             PhaseSpec {
-                name: "mixed",
-                prefix: "m-",
+                name: "mixed".into(),
+                prefix: "m-".into(),
                 groups: (0..plans.len()).collect(),
             },
         ]
     } else {
         vec![PhaseSpec {
-            name: "main",
-            prefix: "",
+            name: "main".into(),
+            prefix: String::new(),
             groups: (0..plans.len()).collect(),
         }]
     };
@@ -94,27 +102,44 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         }
         let db = mongodb::Client::with_uri_str(&mongodb_uri).await?;
         let mut results = Results::default();
-        for ph in &phases {
+        let mut rounds = Vec::new();
+        for (i, ph) in phases.iter().enumerate() {
+            // Rounds alternate which side goes first: the server's state after one is not
+            // always the other's.
+            let ceiling_first = sc.rounds > 1 && i % 2 == 1;
+            let early = if ceiling_first {
+                batch_ceiling(&sc, &mongodb_uri, &ns).await?
+            } else {
+                None
+            };
             let o = phase::run_phase(&sc, &plans, ph, &admin, &db).await?;
             results.accounting.extend(o.accounts);
             results.phases.push(o.report);
-            (results.batch, results.stream) = (o.batch, o.stream);
+            if sc.rounds > 1 {
+                let ceiling = match early {
+                    Some(c) => Some(c),
+                    None => batch_ceiling(&sc, &mongodb_uri, &ns).await?,
+                };
+                if let (Some(parts), Some(ceiling)) = (o.batch, ceiling) {
+                    let round = Round::of(i + 1, ceiling_first, &parts, &ceiling);
+                    eprintln!("{}", round.line());
+                    rounds.push((round, parts, ceiling));
+                }
+            } else {
+                (results.batch, results.stream) = (o.batch, o.stream);
+            }
         }
         let wall = started.elapsed();
-        // The ceiling: the same documents straight into the same server with the raw driver.
-        let batch = match &sc.batch {
-            Some(b) => Some(
-                ceiling::raw_ceiling(
-                    &mongodb_uri,
-                    &ns,
-                    b,
-                    sc.platform.batch_size,
-                    &sc.platform.write_concern,
-                    sc.platform.journal,
-                )
-                .await?,
-            ),
-            None => None,
+        // The ceiling: the same documents straight into the same server with the raw driver;
+        // with rounds, the median round's, beside its platform figures.
+        let (rounds, median) = median_round(rounds);
+        results.rounds = rounds;
+        let batch = match median {
+            Some((parts, ceiling)) => {
+                results.batch = Some(parts);
+                Some(ceiling)
+            }
+            None => batch_ceiling(&sc, &mongodb_uri, &ns).await?,
         };
         // The raw stream pipeline: the same messages on the same schedule. It mirrors one
         // tenant running the map app on a clean stream load alone; a run of many tenants,
@@ -179,6 +204,49 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let dir = out.join(&sc.name).join(&run_id);
     report.write(&dir)?;
     Ok(dir)
+}
+
+/// The raw driver's ceilings for the scenario's batch load, when it has one.
+async fn batch_ceiling(sc: &Scenario, mongodb_uri: &str, ns: &str) -> Result<Option<Ceiling>> {
+    let Some(b) = &sc.batch else {
+        return Ok(None);
+    };
+    let c = ceiling::raw_ceiling(
+        mongodb_uri,
+        ns,
+        b,
+        sc.platform.batch_size,
+        &sc.platform.write_concern,
+        sc.platform.journal,
+    )
+    .await?;
+    Ok(Some(c))
+}
+
+/// The rounds' figures, the median round marked, and that round's platform figures and
+/// ceilings: the round whose ratio to the records alone is the median (the lower one of an
+/// even count).
+fn median_round(
+    rounds: Vec<(Round, PathParts, Ceiling)>,
+) -> (Vec<Round>, Option<(PathParts, Ceiling)>) {
+    let mut order: Vec<usize> = (0..rounds.len()).collect();
+    order.sort_by(|&a, &b| {
+        rounds[a]
+            .0
+            .fraction_of_data_alone
+            .total_cmp(&rounds[b].0.fraction_of_data_alone)
+    });
+    let median = order.len().checked_sub(1).map(|last| order[last / 2]);
+    let mut figures = Vec::with_capacity(rounds.len());
+    let mut chosen = None;
+    for (i, (mut round, parts, ceiling)) in rounds.into_iter().enumerate() {
+        if Some(i) == median {
+            round.median = true;
+            chosen = Some((parts, ceiling));
+        }
+        figures.push(round);
+    }
+    (figures, chosen)
 }
 
 /// The machine, the servers and each process of the run with its peak resident memory.

@@ -212,7 +212,7 @@ fn account(
         let span = r.started_ms.zip(tally.last_ms);
         let elapsed = PathParts::timed(r.elapsed, span);
         let a = TenantAccount {
-            phase: ph.name.into(),
+            phase: ph.name.clone(),
             group: g.name.clone(),
             tenant: t.name.clone(),
             path: kind.as_str().into(),
@@ -276,7 +276,7 @@ fn account(
     let [batch, stream] = headline;
     PhaseOutcome {
         report: PhaseReport {
-            name: ph.name.into(),
+            name: ph.name.clone(),
             elapsed_s: load_elapsed.as_secs_f64(),
             groups,
         },
