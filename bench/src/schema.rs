@@ -35,11 +35,10 @@ pub struct Scenario {
     /// by side. Each phase has its own tenants.
     #[serde(default)]
     pub baseline: bool,
-    /// The load run this many times, each round with tenants of its own and followed by the
-    /// raw driver's ceilings (measured before it in every other round, so neither side is
-    /// always second). The report's headline is the median round by its ratio to the
-    /// records alone; every round is in its `rounds`. For batch scenarios, on a server whose
-    /// rate varies from one minute to the next.
+    /// The load run this many times, each round with tenants of its own, the raw driver's
+    /// ceilings measured just before and just after it. The report's headline is the
+    /// median round by its ratio to the records alone; every round is in its `rounds`. For
+    /// batch scenarios, on a server whose rate drifts from one minute to the next.
     #[serde(default = "one_round")]
     pub rounds: u32,
 }

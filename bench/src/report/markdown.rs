@@ -96,22 +96,19 @@ impl Report {
             return String::new();
         }
         let mut s = format!(
-            "\n## Rounds\n\nThe load ran {} times, each round with tenants of its own, the raw driver's ceilings measured after the platform's load (before it in every other round). The figures above are the median round's, by its ratio to the records alone.\n\n| round | order | platform records/s | raw, same writes | raw, records alone | ratio to same writes | ratio to records alone |\n|---|---|---|---|---|---|---|\n",
+            "\n## Rounds\n\nThe load ran {} times, each round with tenants of its own, the raw driver's ceilings measured just before and just after it; each round's ratios are to the mean of the two. The figures above are the median round's, by its ratio to the records alone.\n\n| round | platform records/s | raw, same writes (before / after) | raw, records alone (before / after) | ratio to same writes | ratio to records alone |\n|---|---|---|---|---|---|\n",
             self.rounds.len()
         );
         for r in &self.rounds {
             s.push_str(&format!(
-                "| {}{} | {} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |\n",
+                "| {}{} | {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.2} | {:.2} |\n",
                 r.round,
                 if r.median { " (median)" } else { "" },
-                if r.ceiling_first {
-                    "raw first"
-                } else {
-                    "platform first"
-                },
                 r.records_per_s,
-                r.ceiling_records_per_s,
-                r.data_alone_records_per_s,
+                r.ceiling_records_per_s.0,
+                r.ceiling_records_per_s.1,
+                r.data_alone_records_per_s.0,
+                r.data_alone_records_per_s.1,
                 r.fraction_of_ceiling,
                 r.fraction_of_data_alone
             ));

@@ -229,16 +229,17 @@ pub struct Results {
     pub rounds: Vec<Round>,
 }
 
-/// One round of a scenario run several times: the platform and the raw driver on the
-/// same records, one after the other.
+/// One round of a scenario run several times: the raw driver on the same records just
+/// before and just after the platform's load, and the platform set against their mean.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Round {
     pub round: usize,
-    /// The ceilings were measured before the platform's load (every other round).
-    pub ceiling_first: bool,
     pub records_per_s: f64,
-    pub ceiling_records_per_s: f64,
-    pub data_alone_records_per_s: f64,
+    /// The same writes as the platform's, before and after its load.
+    pub ceiling_records_per_s: (f64, f64),
+    /// The records alone, before and after its load.
+    pub data_alone_records_per_s: (f64, f64),
+    /// Over the mean of the two ceilings.
     pub fraction_of_ceiling: f64,
     pub fraction_of_data_alone: f64,
     /// The round the report's headline figures are of.
@@ -247,17 +248,17 @@ pub struct Round {
 }
 
 impl Round {
-    pub fn of(round: usize, ceiling_first: bool, parts: &PathParts, c: &Ceiling) -> Self {
+    pub fn of(round: usize, parts: &PathParts, before: &Ceiling, after: &Ceiling) -> Self {
         let records_per_s = parts.stats().throughput_per_s;
-        let alone = c.data_alone_records_per_s.unwrap_or(f64::NAN);
+        let alone = |c: &Ceiling| c.data_alone_records_per_s.unwrap_or(f64::NAN);
+        let mean = Ceiling::around(before, after);
         Self {
             round,
-            ceiling_first,
             records_per_s,
-            ceiling_records_per_s: c.records_per_s,
-            data_alone_records_per_s: alone,
-            fraction_of_ceiling: records_per_s / c.records_per_s,
-            fraction_of_data_alone: records_per_s / alone,
+            ceiling_records_per_s: (before.records_per_s, after.records_per_s),
+            data_alone_records_per_s: (alone(before), alone(after)),
+            fraction_of_ceiling: records_per_s / mean.records_per_s,
+            fraction_of_data_alone: records_per_s / alone(&mean),
             median: false,
         }
     }
@@ -265,14 +266,35 @@ impl Round {
     /// The round as a line of progress.
     pub fn line(&self) -> String {
         format!(
-            "round {}: platform {:.0} records/s; raw driver {:.0} (same writes), {:.0} (records alone): {:.2} and {:.2} of them",
+            "round {}: platform {:.0} records/s; raw driver before and after it {:.0} and {:.0} (same writes), {:.0} and {:.0} (records alone): {:.2} and {:.2} of their means",
             self.round,
             self.records_per_s,
-            self.ceiling_records_per_s,
-            self.data_alone_records_per_s,
+            self.ceiling_records_per_s.0,
+            self.ceiling_records_per_s.1,
+            self.data_alone_records_per_s.0,
+            self.data_alone_records_per_s.1,
             self.fraction_of_ceiling,
             self.fraction_of_data_alone
         )
+    }
+}
+
+impl Ceiling {
+    /// The mean of two measurements of the same ceilings, one before and one after a load.
+    pub fn around(before: &Ceiling, after: &Ceiling) -> Ceiling {
+        let mean = |a: f64, b: f64| (a + b) / 2.0;
+        Ceiling {
+            documents: before.documents,
+            records_per_s: mean(before.records_per_s, after.records_per_s),
+            data_alone_records_per_s: before
+                .data_alone_records_per_s
+                .zip(after.data_alone_records_per_s)
+                .map(|(a, b)| mean(a, b)),
+            note: format!(
+                "{}; the mean of a measurement just before the platform's load and one just after it",
+                before.note
+            ),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::Result;
 use mysimbdp::infra::ServerVersions;
 
 use crate::deploy::Deployment;
-use crate::report::{Ceiling, Ceilings, Environment, PathParts, Report, Results, Round};
+use crate::report::{Ceiling, Ceilings, Environment, Report, Results, Round};
 use crate::schema::{Expect, Scenario};
 use crate::{accounting, ceiling, cost, faults, host, load, replicas};
 
@@ -104,10 +104,10 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         let mut results = Results::default();
         let mut rounds = Vec::new();
         for (i, ph) in phases.iter().enumerate() {
-            // Rounds alternate which side goes first: the server's state after one is not
-            // always the other's.
-            let ceiling_first = sc.rounds > 1 && i % 2 == 1;
-            let early = if ceiling_first {
+            // A round's ceilings are measured just before and just after its load: the
+            // server's rate drifts from one minute to the next, and the mean of the two
+            // is what it could do while the platform ran.
+            let before = if sc.rounds > 1 {
                 batch_ceiling(&sc, &mongodb_uri, &ns).await?
             } else {
                 None
@@ -116,14 +116,11 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             results.accounting.extend(o.accounts);
             results.phases.push(o.report);
             if sc.rounds > 1 {
-                let ceiling = match early {
-                    Some(c) => Some(c),
-                    None => batch_ceiling(&sc, &mongodb_uri, &ns).await?,
-                };
-                if let (Some(parts), Some(ceiling)) = (o.batch, ceiling) {
-                    let round = Round::of(i + 1, ceiling_first, &parts, &ceiling);
+                let after = batch_ceiling(&sc, &mongodb_uri, &ns).await?;
+                if let (Some(parts), Some(before), Some(after)) = (o.batch, before, after) {
+                    let round = Round::of(i + 1, &parts, &before, &after);
                     eprintln!("{}", round.line());
-                    rounds.push((round, parts, ceiling));
+                    rounds.push((round, parts, Ceiling::around(&before, &after)));
                 }
             } else {
                 (results.batch, results.stream) = (o.batch, o.stream);
@@ -226,9 +223,7 @@ async fn batch_ceiling(sc: &Scenario, mongodb_uri: &str, ns: &str) -> Result<Opt
 /// The rounds' figures, the median round marked, and that round's platform figures and
 /// ceilings: the round whose ratio to the records alone is the median (the lower one of an
 /// even count).
-fn median_round(
-    rounds: Vec<(Round, PathParts, Ceiling)>,
-) -> (Vec<Round>, Option<(PathParts, Ceiling)>) {
+fn median_round<P>(rounds: Vec<(Round, P, Ceiling)>) -> (Vec<Round>, Option<(P, Ceiling)>) {
     let mut order: Vec<usize> = (0..rounds.len()).collect();
     order.sort_by(|&a, &b| {
         rounds[a]
@@ -270,4 +265,69 @@ fn rand_u32() -> u32 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(n: usize, alone: f64) -> (Round, usize, Ceiling) {
+        let c = Ceiling {
+            documents: 1,
+            records_per_s: 1.0,
+            data_alone_records_per_s: Some(1.0),
+            note: String::new(),
+        };
+        let r = Round {
+            round: n,
+            records_per_s: alone,
+            ceiling_records_per_s: (1.0, 1.0),
+            data_alone_records_per_s: (1.0, 1.0),
+            fraction_of_ceiling: alone,
+            fraction_of_data_alone: alone,
+            median: false,
+        };
+        (r, n, c)
+    }
+
+    #[test]
+    fn the_median_round_is_marked_and_its_figures_taken_the_rounds_kept_in_order() {
+        let (rounds, chosen) = median_round(vec![
+            round(1, 0.9),
+            round(2, 1.3),
+            round(3, 0.7),
+            round(4, 0.8),
+            round(5, 1.0),
+        ]);
+        assert_eq!(chosen.map(|(n, _)| n), Some(1));
+        let order: Vec<(usize, bool)> = rounds.iter().map(|r| (r.round, r.median)).collect();
+        assert_eq!(
+            order,
+            [(1, true), (2, false), (3, false), (4, false), (5, false)]
+        );
+        // Of an even count, the lower of the two middle rounds.
+        let (_, chosen) = median_round(vec![
+            round(1, 0.9),
+            round(2, 0.7),
+            round(3, 1.1),
+            round(4, 0.8),
+        ]);
+        assert_eq!(chosen.map(|(n, _)| n), Some(4));
+        let (rounds, chosen) = median_round::<usize>(Vec::new());
+        assert!(rounds.is_empty() && chosen.is_none());
+    }
+
+    #[test]
+    fn a_rounds_ceiling_is_the_mean_of_the_one_before_and_the_one_after() {
+        let c = |same: f64, alone: f64| Ceiling {
+            documents: 24_000,
+            records_per_s: same,
+            data_alone_records_per_s: Some(alone),
+            note: "raw".into(),
+        };
+        let mean = Ceiling::around(&c(8_000.0, 10_000.0), &c(10_000.0, 6_000.0));
+        assert_eq!(mean.records_per_s, 9_000.0);
+        assert_eq!(mean.data_alone_records_per_s, Some(8_000.0));
+        assert!(mean.note.starts_with("raw; the mean"));
+    }
 }
