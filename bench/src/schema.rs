@@ -645,6 +645,15 @@ impl Scenario {
                 "rounds > 1 repeats a batch load against the raw driver's ceilings: it needs [batch], and no [stream], baseline, [faults], [cost] or [replicas]"
             );
         }
+        if s.rounds > 1
+            && !plans
+                .iter()
+                .any(|p| p.expect == Expect::Success && p.batch.is_some())
+        {
+            bail!(
+                "rounds > 1 sets the batch load of the groups that expect success against the raw driver's: it needs one"
+            );
+        }
         if s.baseline
             && !(plans.iter().any(|p| p.expect == Expect::Success)
                 && plans.iter().any(|p| p.expect == Expect::Failures))
@@ -840,6 +849,28 @@ poison_every = 2
             (plans[0].name.as_str(), plans[0].count, plans[0].separator),
             ("p", 2, "")
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rounds_need_a_batch_load_expected_to_succeed() {
+        let dir = scenario_dir("rounds");
+        let p = dir.join("x.toml");
+        let batch = "[batch]\nfiles = 1\nrecords_per_file = 1\n";
+        std::fs::write(
+            &p,
+            format!(
+                "name = \"x\"\nrounds = 3\n{batch}[[tenants.group]]\nname = \"a\"\nexpect = \"failures\"\n"
+            ),
+        )
+        .expect("write");
+        let e = format!(
+            "{:#}",
+            Scenario::load(&p).expect_err("no group expects success")
+        );
+        assert!(e.contains("it needs one"), "{e}");
+        std::fs::write(&p, format!("name = \"x\"\nrounds = 3\n{batch}")).expect("write");
+        assert_eq!(Scenario::load(&p).expect("one group, success").rounds, 3);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

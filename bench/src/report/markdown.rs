@@ -67,8 +67,14 @@ impl Report {
             ));
         }
         if let (Some(c), Some(f)) = (&self.ceiling, self.batch_fraction_of_ceiling) {
+            let median = self.rounds.iter().find(|r| r.median).map_or(String::new(), |r| {
+                format!(
+                    " In round {}, the median round (see Rounds below), whose figures these are:",
+                    r.round
+                )
+            });
             s.push_str(&format!(
-                "\n## Ceiling\n\nRaw driver on the same server in the same run: {:.0} records/s ({}). The platform's batch path reached {:.0}% of it.\n",
+                "\n## Ceiling\n{median}\n\nRaw driver on the same server in the same run: {:.0} records/s ({}). The platform's batch path reached {:.0}% of it.\n",
                 c.records_per_s,
                 c.note,
                 f * 100.0
@@ -85,7 +91,11 @@ impl Report {
         }
         s.push_str(&self.rounds_md());
         s.push_str(&self.stream_raw_md());
-        s.push_str("\nEach second of the run (inputs completed, p50 and p99): `series.svg`, and `series` in report.json.\n");
+        s.push_str(if self.rounds.is_empty() {
+            "\nEach second of the run (inputs completed, p50 and p99): `series.svg`, and `series` in report.json.\n"
+        } else {
+            "\nEach second of the median round (inputs completed, p50 and p99): `series.svg`, and `series` in report.json.\n"
+        });
         s.push_str(&self.accounting_md());
         s
     }
@@ -114,16 +124,16 @@ impl Report {
             ));
         }
         let spread = |f: fn(&super::Round) -> f64| {
-            let v: Vec<f64> = self.rounds.iter().map(f).collect();
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            (lo, hi)
+            let mut v: Vec<f64> = self.rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            // The lower middle of an even count, as the median round is chosen.
+            let median = v[(v.len() - 1) / 2];
+            format!("median {median:.2}, {:.2}–{:.2}", v[0], v[v.len() - 1])
         };
-        let (alo, ahi) = spread(|r| r.fraction_of_data_alone);
-        let (clo, chi) = spread(|r| r.fraction_of_ceiling);
         s.push_str(&format!(
-            "\nRatio to the records alone: median {:.2}, {alo:.2}–{ahi:.2} over the rounds; to the same writes: {clo:.2}–{chi:.2}.\n",
-            self.batch_fraction_of_data_alone.unwrap_or(f64::NAN)
+            "\nOver the rounds, the ratio to the records alone: {}; to the same writes: {} (each median taken on its own: the median round by the first need not be the median by the second). Each ceiling is the arithmetic mean of its two measurements, which is at least their harmonic mean (the rate of the two taken as one run): if anything it sets the ceiling high.\n",
+            spread(|r| r.fraction_of_data_alone),
+            spread(|r| r.fraction_of_ceiling)
         ));
         s
     }

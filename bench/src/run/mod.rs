@@ -95,7 +95,6 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             groups: (0..plans.len()).collect(),
         }]
     };
-    let started = Instant::now();
     let measured = async {
         if let Some(mb) = sc.platform.memory_limit_mb {
             deployment.limit_memory(mb.saturating_mul(1 << 20))?;
@@ -103,30 +102,40 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         let db = mongodb::Client::with_uri_str(&mongodb_uri).await?;
         let mut results = Results::default();
         let mut rounds = Vec::new();
+        // The time spent in the phases' loads (with rounds, not their ceilings).
+        let mut loaded = std::time::Duration::ZERO;
         for (i, ph) in phases.iter().enumerate() {
             // A round's ceilings are measured just before and just after its load: the
             // server's rate drifts from one minute to the next, and the mean of the two
             // is what it could do while the platform ran.
             let before = if sc.rounds > 1 {
-                batch_ceiling(&sc, &mongodb_uri, &ns).await?
+                batch_ceiling(&sc, &mongodb_uri, &ns, false).await?
             } else {
                 None
             };
+            let phase_started = Instant::now();
             let o = phase::run_phase(&sc, &plans, ph, &admin, &db).await?;
+            loaded += phase_started.elapsed();
             results.accounting.extend(o.accounts);
             results.phases.push(o.report);
             if sc.rounds > 1 {
-                let after = batch_ceiling(&sc, &mongodb_uri, &ns).await?;
-                if let (Some(parts), Some(before), Some(after)) = (o.batch, before, after) {
-                    let round = Round::of(i + 1, &parts, &before, &after);
-                    eprintln!("{}", round.line());
-                    rounds.push((round, parts, Ceiling::around(&before, &after)));
+                let after = batch_ceiling(&sc, &mongodb_uri, &ns, true).await?;
+                match (o.batch, before, after) {
+                    (Some(parts), Some(before), Some(after)) => {
+                        let round = Round::of(i + 1, &parts, &before, &after);
+                        eprintln!("{}", round.line());
+                        rounds.push((round, parts, Ceiling::around(&before, &after)));
+                    }
+                    _ => eprintln!(
+                        "round {}: no batch figures to set against the ceilings",
+                        i + 1
+                    ),
                 }
             } else {
                 (results.batch, results.stream) = (o.batch, o.stream);
             }
         }
-        let wall = started.elapsed();
+        let wall = loaded;
         // The ceiling: the same documents straight into the same server with the raw driver;
         // with rounds, the median round's, beside its platform figures.
         let (rounds, median) = median_round(rounds);
@@ -136,7 +145,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
                 results.batch = Some(parts);
                 Some(ceiling)
             }
-            None => batch_ceiling(&sc, &mongodb_uri, &ns).await?,
+            None => batch_ceiling(&sc, &mongodb_uri, &ns, false).await?,
         };
         // The raw stream pipeline: the same messages on the same schedule. It mirrors one
         // tenant running the map app on a clean stream load alone; a run of many tenants,
@@ -203,8 +212,14 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The raw driver's ceilings for the scenario's batch load, when it has one.
-async fn batch_ceiling(sc: &Scenario, mongodb_uri: &str, ns: &str) -> Result<Option<Ceiling>> {
+/// The raw driver's ceilings for the scenario's batch load, when it has one (`alone_first`:
+/// the records alone measured before the same writes as the platform's).
+async fn batch_ceiling(
+    sc: &Scenario,
+    mongodb_uri: &str,
+    ns: &str,
+    alone_first: bool,
+) -> Result<Option<Ceiling>> {
     let Some(b) = &sc.batch else {
         return Ok(None);
     };
@@ -215,6 +230,7 @@ async fn batch_ceiling(sc: &Scenario, mongodb_uri: &str, ns: &str) -> Result<Opt
         sc.platform.batch_size,
         &sc.platform.write_concern,
         sc.platform.journal,
+        alone_first,
     )
     .await?;
     Ok(Some(c))

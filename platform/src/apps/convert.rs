@@ -159,8 +159,9 @@ pub fn record_to_lua(lua: &Lua, record: &Json, keys: &mut RecordKeys) -> mlua::R
 /// the same order, and often the same value as the record before in a column (a sampling
 /// point, a unit, a date). Pushing a string the VM holds costs less than hashing and
 /// interning it again, and is the same value to the app: Luau strings are interned and
-/// immutable. A value is held from its second record in a row. At most [`KEPT_KEYS`]
-/// positions, keys and values of at most [`KEPT_BYTES`] bytes, are kept.
+/// immutable. A value is held from its second record in a row (an empty one from its
+/// first). At most [`KEPT_KEYS`] positions, keys and values of at most [`KEPT_BYTES`]
+/// bytes, are kept.
 #[derive(Default)]
 pub struct RecordKeys(Vec<Kept>);
 
