@@ -69,12 +69,12 @@ impl Report {
         if let (Some(c), Some(f)) = (&self.ceiling, self.batch_fraction_of_ceiling) {
             let median = self.rounds.iter().find(|r| r.median).map_or(String::new(), |r| {
                 format!(
-                    " In round {}, the median round (see Rounds below), whose figures these are:",
+                    "The median round's figures (round {}; every round is under Rounds below). ",
                     r.round
                 )
             });
             s.push_str(&format!(
-                "\n## Ceiling\n{median}\n\nRaw driver on the same server in the same run: {:.0} records/s ({}). The platform's batch path reached {:.0}% of it.\n",
+                "\n## Ceiling\n\n{median}Raw driver on the same server in the same run: {:.0} records/s ({}). The platform's batch path reached {:.0}% of it.\n",
                 c.records_per_s,
                 c.note,
                 f * 100.0
