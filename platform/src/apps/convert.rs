@@ -318,6 +318,28 @@ pub fn lua_to_json(
     depth: usize,
     meter: &mut Meter,
 ) -> Result<Json, ConvertError> {
+    to_json(lua, v, depth, meter, None)
+}
+
+/// [`lua_to_json`] for the documents an app returns call after call, its keys looked up in
+/// `keys` and learnt there.
+pub fn lua_to_json_keyed(
+    lua: &Lua,
+    v: &Value,
+    depth: usize,
+    meter: &mut Meter,
+    keys: &mut OutputKeys,
+) -> Result<Json, ConvertError> {
+    to_json(lua, v, depth, meter, Some(keys))
+}
+
+fn to_json(
+    lua: &Lua,
+    v: &Value,
+    depth: usize,
+    meter: &mut Meter,
+    keys: Option<&mut OutputKeys>,
+) -> Result<Json, ConvertError> {
     if depth > MAX_DEPTH {
         return Err(invalid(format!("nesting deeper than {MAX_DEPTH} levels")));
     }
@@ -351,7 +373,7 @@ pub fn lua_to_json(
             let s = std::str::from_utf8(&b).map_err(|_| invalid("a string is not valid UTF-8"))?;
             Json::String(s.to_owned())
         }
-        Value::Table(t) => table(lua, t, depth, meter)?,
+        Value::Table(t) => table(lua, t, depth, meter, keys)?,
         Value::Buffer(b) => {
             // The lossy text is never shorter than the buffer: check before copying it out.
             meter.fits(b.len() + 2)?;
@@ -380,7 +402,13 @@ pub fn array_len(lua: &Lua, t: &Table) -> mlua::Result<Option<usize>> {
     Ok((pairs == len).then_some(len))
 }
 
-fn table(lua: &Lua, t: &Table, depth: usize, meter: &mut Meter) -> Result<Json, ConvertError> {
+fn table(
+    lua: &Lua,
+    t: &Table,
+    depth: usize,
+    meter: &mut Meter,
+    mut keys: Option<&mut OutputKeys>,
+) -> Result<Json, ConvertError> {
     if let Some(len) = array_len(lua, t).map_err(ConvertError::Lua)? {
         // Brackets and commas, then at least one byte per item: known before allocating.
         meter.charge(2 + len.saturating_sub(1))?;
@@ -388,15 +416,21 @@ fn table(lua: &Lua, t: &Table, depth: usize, meter: &mut Meter) -> Result<Json, 
         let mut out = Vec::with_capacity(len);
         for i in 1..=len {
             let v: Value = t.raw_get(i).map_err(ConvertError::Lua)?;
-            out.push(lua_to_json(lua, &v, depth + 1, meter)?);
+            out.push(to_json(lua, &v, depth + 1, meter, keys.as_deref_mut())?);
         }
         return Ok(Json::Array(out));
     }
     meter.charge(2)?;
-    let mut m = Map::with_capacity(8);
+    // A document (not a member of one) is made as large as the last one was.
+    let document = depth <= 1;
+    let capacity = match &keys {
+        Some(k) if document => k.last_len.clamp(1, KEPT_KEYS),
+        _ => 8,
+    };
+    let mut m = Map::with_capacity(capacity);
     let mut failed: Option<ConvertError> = None;
     let walked = t.for_each::<Value, Value>(|k, v| {
-        match entry(lua, &k, &v, depth, meter, m.is_empty()) {
+        match entry(lua, &k, &v, depth, meter, m.is_empty(), keys.as_deref_mut()) {
             Ok((key, value)) => {
                 m.insert(key, value);
                 Ok(())
@@ -412,7 +446,64 @@ fn table(lua: &Lua, t: &Table, depth: usize, meter: &mut Meter) -> Result<Json, 
         return Err(e);
     }
     walked.map_err(ConvertError::Lua)?;
+    if let Some(k) = keys
+        && document
+    {
+        k.last_len = m.len();
+    }
     Ok(Json::Object(m))
+}
+
+/// The keys of the documents an app returned before, by the identity of their Luau
+/// strings: an app's documents carry the same keys call after call (constants of its code,
+/// or the keys of the record it was given), and a key found here is taken as it was read the
+/// first time (its text, its length in JSON, its check) without reading it out of the VM
+/// again. Each string is held while it is here, so its address stays its own (Luau does not
+/// move objects). At most [`KEPT_KEYS`] keys of at most [`KEPT_BYTES`] bytes; when full, it
+/// starts over.
+#[derive(Default)]
+pub struct OutputKeys {
+    keys: Vec<OutputKey>,
+    /// Where a key is looked for first: after the last one found.
+    next: usize,
+    /// Members of the last document converted: the next one's map is made this large.
+    last_len: usize,
+}
+
+struct OutputKey {
+    /// The string's address while it is held.
+    at: usize,
+    _held: LuaString,
+    text: String,
+    /// Bytes of `"text":` in JSON.
+    json_len: usize,
+}
+
+impl OutputKeys {
+    fn find(&mut self, at: usize) -> Option<&OutputKey> {
+        let n = self.keys.len();
+        let i = (0..n)
+            .map(|j| (self.next + j) % n)
+            .find(|&i| self.keys[i].at == at)?;
+        self.next = i + 1;
+        Some(&self.keys[i])
+    }
+
+    fn learn(&mut self, at: usize, s: &LuaString, text: &str, json_len: usize) {
+        if text.len() > KEPT_BYTES {
+            return;
+        }
+        if self.keys.len() == KEPT_KEYS {
+            self.keys.clear();
+            self.next = 0;
+        }
+        self.keys.push(OutputKey {
+            at,
+            _held: s.clone(),
+            text: text.to_owned(),
+            json_len,
+        });
+    }
 }
 
 /// One object member: its key (charged with the quotes, colon and separating comma) and value.
@@ -423,39 +514,55 @@ fn entry(
     depth: usize,
     meter: &mut Meter,
     first: bool,
+    mut keys: Option<&mut OutputKeys>,
 ) -> Result<(String, Json), ConvertError> {
-    let key = match k {
-        Value::String(s) => {
-            let b = s.as_bytes();
-            meter.charge(escaped_len(&b) + 1 + usize::from(!first))?;
-            std::str::from_utf8(&b)
-                .map_err(|_| invalid("a key is not valid UTF-8"))?
-                .to_owned()
+    let comma = usize::from(!first);
+    let key = match (k, keys.as_deref_mut()) {
+        (Value::String(s), Some(known)) => {
+            let at = s.to_pointer() as usize;
+            if let Some(key) = known.find(at) {
+                meter.charge(key.json_len + comma)?;
+                key.text.clone()
+            } else {
+                // Checked before it is learnt: a key found is never checked again.
+                let text = string_key(s, meter, comma)?;
+                known.learn(at, s, &text, escaped_len(text.as_bytes()) + 1);
+                text
+            }
         }
-        Value::Integer(i) => {
-            meter.charge(int_len(*i) + 3 + usize::from(!first))?;
+        (Value::String(s), None) => string_key(s, meter, comma)?,
+        (Value::Integer(i), _) => {
+            meter.charge(int_len(*i) + 3 + comma)?;
             i.to_string()
         }
-        Value::Number(n) if n.fract() == 0.0 => {
+        (Value::Number(n), _) if n.fract() == 0.0 => {
             let i = *n as i64;
-            meter.charge(int_len(i) + 3 + usize::from(!first))?;
+            meter.charge(int_len(i) + 3 + comma)?;
             i.to_string()
         }
-        other => {
+        (other, _) => {
             return Err(invalid(format!(
                 "a {} cannot be a document key",
                 other.type_name()
             )));
         }
     };
+    let value = to_json(lua, v, depth + 1, meter, keys)?;
+    Ok((key, value))
+}
+
+/// A string key's text, charged as `"key":` and its separating comma, and checked.
+fn string_key(s: &LuaString, meter: &mut Meter, comma: usize) -> Result<String, ConvertError> {
+    let b = s.as_bytes();
+    meter.charge(escaped_len(&b) + 1 + comma)?;
+    let key = std::str::from_utf8(&b).map_err(|_| invalid("a key is not valid UTF-8"))?;
     if key.starts_with('$') || key.contains('\0') {
         return Err(invalid(format!(
             "key `{}` is not allowed (starts with `$` or holds NUL)",
             key.chars().take(64).collect::<String>()
         )));
     }
-    let value = lua_to_json(lua, v, depth + 1, meter)?;
-    Ok((key, value))
+    Ok(key.to_owned())
 }
 
 fn number(n: f64) -> Result<Number, ConvertError> {

@@ -7,7 +7,7 @@ use mlua::{Lua, Value};
 
 use super::budget::{CpuClock, Limit, is_memory, limit_reason, meter};
 use super::compile::{Compiled, Shape};
-use super::convert::{self, ConvertError, Meter, lua_to_json};
+use super::convert::{self, ConvertError, Meter, OutputKeys, lua_to_json_keyed};
 use super::host::CallState;
 use super::vm::{AppFailure, Emitted, Outcome, Vm, describe};
 use crate::config::AppLimits;
@@ -211,7 +211,8 @@ impl AppHandle {
                         st.emits = Vec::new();
                         st.meter.clone()
                     });
-                    self.documents_of(&vm.lua, v, left.unwrap_or_else(|| meter(&self.limits)))
+                    let meter = left.unwrap_or_else(|| meter(&self.limits));
+                    self.documents_of(&vm.lua, v, meter, &mut vm.out_keys)
                 }
             },
             Err(e) => Err(vm.failure(&e, &self.limits)),
@@ -227,7 +228,13 @@ impl AppHandle {
     /// A `map` return value as documents: a table, a list of tables, or nil. Converted under
     /// the call's output budget; a list longer than the emitted-documents limit is refused
     /// before any of it is converted.
-    fn documents_of(&self, lua: &Lua, v: Value, mut meter: Meter) -> Result<Emitted, AppFailure> {
+    fn documents_of(
+        &self,
+        lua: &Lua,
+        v: Value,
+        mut meter: Meter,
+        keys: &mut OutputKeys,
+    ) -> Result<Emitted, AppFailure> {
         let fail = |reason: String, limit: bool| AppFailure { reason, limit };
         let converted = |e: ConvertError| match e {
             ConvertError::Invalid(m) => {
@@ -248,7 +255,9 @@ impl AppHandle {
         };
         let Some(len) = convert::array_len(lua, &t).map_err(|e| converted(ConvertError::Lua(e)))?
         else {
-            return match lua_to_json(lua, &Value::Table(t), 0, &mut meter).map_err(converted)? {
+            return match lua_to_json_keyed(lua, &Value::Table(t), 0, &mut meter, keys)
+                .map_err(converted)?
+            {
                 serde_json::Value::Object(m) => Ok(vec![(None, m)]),
                 _ => Err(fail(
                     "map must return a table, a list of tables, or nil".into(),
@@ -269,7 +278,7 @@ impl AppHandle {
                 ));
             }
             meter.start_document();
-            match lua_to_json(lua, &item, 1, &mut meter).map_err(converted)? {
+            match lua_to_json_keyed(lua, &item, 1, &mut meter, keys).map_err(converted)? {
                 serde_json::Value::Object(m) => docs.push((None, m)),
                 _ => {
                     return Err(fail(

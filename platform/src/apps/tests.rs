@@ -196,6 +196,58 @@ fn records_reach_map_as_they_are_whatever_their_keys_from_one_record_to_the_next
 }
 
 #[test]
+fn documents_keep_their_keys_exactly_call_after_call() {
+    // The VM remembers the keys of the documents `map` returned, by the identity of their
+    // strings: keys that change, are made anew at each call (more of them than are kept),
+    // start with `$` after a valid one, or are the record's own must still arrive exactly,
+    // and be checked.
+    let a = app(r#"
+        local n = 0
+        function map(r)
+            n = n + 1
+            if r.kind == "fresh" then return { ["k" .. n] = n, same = 1 } end
+            if r.kind == "dollar" then return { ["$" .. r.key] = 1 } end
+            if r.kind == "copy" then
+                local o = {}
+                for k, v in pairs(r) do o[k] = v end
+                return o
+            end
+            return { a = 1, [r.key] = 2 }
+        end"#);
+    let mut records: Vec<serde_json::Value> = (0..70).map(|_| json!({"kind": "fresh"})).collect();
+    records.extend([
+        json!({"kind": "x", "key": "b"}),
+        json!({"kind": "x", "key": "a"}),
+        json!({"kind": "x", "key": "b"}),
+        json!({"kind": "dollar", "key": "a"}),
+        json!({"kind": "x", "key": "b"}),
+        json!({"kind": "copy", "z": "1", "y": "2"}),
+        json!({"kind": "copy", "y": "2", "z": "1"}),
+    ]);
+    let out = a.map_records("f.csv", &records);
+    let doc = |i: usize| match &out[i].result {
+        Ok(docs) if docs.len() == 1 => serde_json::Value::Object(docs[0].1.clone()),
+        other => panic!("record {i}: {other:?}"),
+    };
+    for i in 0..70 {
+        let n = i + 1;
+        assert_eq!(
+            doc(i),
+            json!({ format!("k{n}"): n, "same": 1 }),
+            "record {i}"
+        );
+    }
+    assert_eq!(doc(70), json!({"a": 1, "b": 2}));
+    assert_eq!(doc(71), json!({"a": 2}));
+    assert_eq!(doc(72), json!({"a": 1, "b": 2}));
+    let f = out[73].result.as_ref().expect_err("a `$` key");
+    assert!(f.reason.contains("not allowed"), "{}", f.reason);
+    assert_eq!(doc(74), json!({"a": 1, "b": 2}));
+    assert_eq!(doc(75), records[75]);
+    assert_eq!(doc(76), records[76]);
+}
+
+#[test]
 fn a_record_larger_than_the_memory_limit_fails_on_it_and_the_next_record_is_served() {
     let a = app("function map(r) return { n = #r.s } end");
     let huge = json!({ "s": "x".repeat(limits().memory_bytes + 1) });

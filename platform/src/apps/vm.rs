@@ -7,7 +7,7 @@ use mlua::{Function, Lua, LuaOptions, StdLib, Value};
 
 use super::budget::{Budget, CpuClock, Limit, is_memory, limit_reason, meter, root};
 use super::builtins;
-use super::convert::{self, RecordKeys};
+use super::convert::{self, OutputKeys, RecordKeys};
 use super::host::{CallState, install_host_api};
 use crate::config::AppLimits;
 
@@ -53,6 +53,8 @@ pub(super) struct Vm {
     pub(super) ingest: Option<Function>,
     context: Option<(String, String)>,
     keys: RecordKeys,
+    /// The keys of the documents `map` returned before.
+    pub(super) out_keys: OutputKeys,
 }
 
 impl Vm {
@@ -106,6 +108,7 @@ impl Vm {
             ingest,
             context: None,
             keys: RecordKeys::default(),
+            out_keys: OutputKeys::default(),
         })
     }
 
