@@ -421,13 +421,9 @@ fn table(
         return Ok(Json::Array(out));
     }
     meter.charge(2)?;
-    // A document (not a member of one) is made as large as the last one was.
-    let document = depth <= 1;
-    let capacity = match &keys {
-        Some(k) if document => k.last_len.clamp(1, KEPT_KEYS),
-        _ => 8,
-    };
-    let mut m = Map::with_capacity(capacity);
+    // Grown as members are charged: an empty table the app shares a million times must not
+    // hold host memory a million times.
+    let mut m = Map::new();
     let mut failed: Option<ConvertError> = None;
     let walked = t.for_each::<Value, Value>(|k, v| {
         match entry(lua, &k, &v, depth, meter, m.is_empty(), keys.as_deref_mut()) {
@@ -446,11 +442,6 @@ fn table(
         return Err(e);
     }
     walked.map_err(ConvertError::Lua)?;
-    if let Some(k) = keys
-        && document
-    {
-        k.last_len = m.len();
-    }
     Ok(Json::Object(m))
 }
 
@@ -466,8 +457,6 @@ pub struct OutputKeys {
     keys: Vec<OutputKey>,
     /// Where a key is looked for first: after the last one found.
     next: usize,
-    /// Members of the last document converted: the next one's map is made this large.
-    last_len: usize,
 }
 
 struct OutputKey {

@@ -248,6 +248,48 @@ fn documents_keep_their_keys_exactly_call_after_call() {
 }
 
 #[test]
+fn a_kept_key_is_the_string_it_was_even_after_the_vms_garbage_is_collected() {
+    // Keys made anew at each call, each call's garbage collected before the next: a string
+    // at the address of one kept before must not be taken for it.
+    let a = app(r#"
+        local n = 0
+        function map(r) n = n + 1 return { [string.rep("k", 1 + n % 3) .. n] = n } end"#);
+    for i in 1..=200usize {
+        let out = map_one(&a, json!({}));
+        let docs = out.result.expect("mapped");
+        let want = format!("{}{i}", "k".repeat(1 + i % 3));
+        assert_eq!(
+            serde_json::Value::Object(docs[0].1.clone()),
+            json!({ want: i }),
+            "call {i}"
+        );
+        for vm in a.pool.lock().expect("pool").iter() {
+            vm.lua.gc_collect().expect("collect");
+        }
+    }
+}
+
+#[test]
+fn kept_keys_are_checked_and_counted_as_the_first_time() {
+    // A refused key is refused every time; a key with escapes counts as written, every time.
+    let a = app(r#"function map(r) return { [r.key] = 1 } end"#);
+    for key in ["$set", "a\u{0}b", "$set", "a\u{0}b"] {
+        let f = map_one(&a, json!({ "key": key })).result.expect_err(key);
+        assert!(f.reason.contains("not allowed"), "{key}: {}", f.reason);
+    }
+    // {"a\"b":"…"} is 11 bytes around the string.
+    let a = app(r#"function map(r) return { ['a"b'] = string.rep('x', r.n) } end"#);
+    for _ in 0..2 {
+        assert!(map_one(&a, json!({"n": 65536 - 11})).result.is_ok());
+        assert_limit(
+            "one byte over, the key kept",
+            &map_one(&a, json!({"n": 65536 - 10})),
+            "65536 bytes document limit",
+        );
+    }
+}
+
+#[test]
 fn a_record_larger_than_the_memory_limit_fails_on_it_and_the_next_record_is_served() {
     let a = app("function map(r) return { n = #r.s } end");
     let huge = json!({ "s": "x".repeat(limits().memory_bytes + 1) });
