@@ -13,6 +13,7 @@ use mysimbdp::logs::{Source, Status};
 use mysimbdp::model::{AppKind, BulkWrite, InputRef};
 use mysimbdp::pipeline::{Input, transform};
 use mysimbdp::tenants::TenantName;
+use mysimbdp_bench::schema::AppChoice;
 
 fn dataset() -> Vec<u8> {
     let p =
@@ -32,17 +33,6 @@ function map(r)
     local v = tonumber(r.result)
     return { site = r["sample.samplingPoint.notation"], determinand = r["determinand.label"],
              value = v, unit = r["determinand.unit.label"], at = r["sample.sampleDateTime"] }
-end"#;
-
-/// The workbench's `map` app (scenarios with `app = "map"`): every field copied, two added.
-const COPY_APP: &str = r#"
-function map(r)
-    local out = {}
-    for k, v in pairs(r) do out[k] = v end
-    local n = tonumber(r.result or r.v)
-    if n then out.value = n end
-    out.tenant = tenant
-    return out
 end"#;
 
 const INGEST_APP: &str = r#"
@@ -110,7 +100,7 @@ fn apps(c: &mut Criterion) {
         b.iter(|| map.map_records("wq.csv", black_box(&recs[..1000])))
     });
     // What the scenarios' `map` app costs: all 17 fields back out, and two more.
-    let copy = handle(COPY_APP);
+    let copy = handle(AppChoice::Map.source().unwrap_or_default());
     g.bench_function("map copying every field per record (x1000)", |b| {
         b.iter(|| copy.map_records("wq.csv", black_box(&recs[..1000])))
     });
