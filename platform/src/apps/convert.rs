@@ -426,11 +426,22 @@ fn table(
     let mut m = Map::new();
     let mut failed: Option<ConvertError> = None;
     let walked = t.for_each::<Value, Value>(|k, v| {
-        match entry(lua, &k, &v, depth, meter, m.is_empty(), keys.as_deref_mut()) {
-            Ok((key, value)) => {
-                m.insert(key, value);
-                Ok(())
-            }
+        let member = entry(lua, &k, &v, depth, meter, m.is_empty(), keys.as_deref_mut()).and_then(
+            |(key, value)| match m.entry(key) {
+                // Only a number key and a string key can meet (`[1]` and `["1"]`): neither
+                // is dropped in silence.
+                serde_json::map::Entry::Occupied(o) => Err(invalid(format!(
+                    "key `{}` appears twice (as a number and as a string)",
+                    o.key().chars().take(64).collect::<String>()
+                ))),
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                    Ok(())
+                }
+            },
+        );
+        match member {
+            Ok(()) => Ok(()),
             Err(e) => {
                 failed = Some(e);
                 // Stops the walk; the reason is in `failed`.
@@ -524,10 +535,17 @@ fn entry(
             meter.charge(int_len(*i) + 3 + comma)?;
             i.to_string()
         }
-        (Value::Number(n), _) if n.fract() == 0.0 => {
-            let i = *n as i64;
-            meter.charge(int_len(i) + 3 + comma)?;
-            i.to_string()
+        // A whole number is an `Integer` up to ±2^63 (its exact value, as a value would be
+        // stored); a `Number` here is a fraction, past ±2^63 (where a cast would saturate to
+        // i64::MAX), or -0.
+        (Value::Number(n), _) if *n == 0.0 => {
+            meter.charge(1 + 3 + comma)?;
+            "0".to_owned()
+        }
+        (Value::Number(n), _) => {
+            return Err(invalid(format!(
+                "a number key must be a whole number within ±2^63, not {n}"
+            )));
         }
         (other, _) => {
             return Err(invalid(format!(

@@ -12,7 +12,9 @@
 //! Conversions (Luau numbers are doubles): a whole number within ±2^53 is stored as a 64-bit
 //! integer, any other number as a double (integers beyond 2^53 lose precision); NaN and
 //! infinities are rejected; a table with keys exactly 1..n (or made by `parse_json` from an
-//! array) is an array, any other table an object with string keys; an empty table is `{}`;
+//! array) is an array, any other table an object with string keys (a whole-number key within
+//! ±2^63 becomes its decimal text, any other number key fails the record, as does a number
+//! key meeting a string key of the same text); an empty table is `{}`;
 //! `nil` fields are absent and JSON `null` arrives as the sentinel `null`.
 //!
 //! Limits (invariant 6): memory, time and instructions inside the VM; emitted documents,

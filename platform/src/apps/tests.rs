@@ -396,6 +396,56 @@ fn invalid_documents_fail_the_record() {
 }
 
 #[test]
+fn number_keys_name_one_integer_and_never_collide_in_silence() {
+    // Whole numbers are keys as the decimal text of their exact value, up to ±2^63.
+    let a = app(
+        "function map(r) return {[3] = 'a', [-7] = 'b', x = 1, [2^53 + 2] = 'c', [-2^63] = 'd', [-0] = 'e'} end",
+    );
+    let docs = map_one(&a, json!({})).result.expect("ok");
+    assert_eq!(
+        serde_json::Value::Object(docs[0].1.clone()),
+        json!({"3": "a", "-7": "b", "x": 1, "9007199254740994": "c", "-9223372036854775808": "d", "0": "e"})
+    );
+    // A fraction, or a whole number past what a 64-bit integer holds: refused, not saturated
+    // to i64::MAX.
+    for key in [
+        "2^63",
+        "1e19",
+        "-1e300",
+        "0.5",
+        "-2.5",
+        "math.huge",
+        "-math.huge",
+    ] {
+        let a = app(&format!(
+            "function map(r) return {{[{key}] = 1, x = 2}} end"
+        ));
+        let f = map_one(&a, json!({})).result.expect_err(key);
+        assert!(f.reason.contains("invalid document"), "{key}: {}", f.reason);
+        assert!(!f.limit, "{key}: an invalid document keeps its VM");
+    }
+    // A number key and a string key with the same text (tables that are not arrays): the
+    // record fails with the key named, whichever the walk meets first, in a document or nested.
+    for src in [
+        "return {[1] = 'n', ['1'] = 's'}",
+        "return {['1'] = 's', [1] = 'n', x = 0}",
+        "return {inner = {[10] = 1, ['10'] = 2}}",
+        "return {{[5] = 1, ['5'] = 2}}",
+    ] {
+        let a = app(&format!("function map(r) {src} end"));
+        for _ in 0..2 {
+            let f = map_one(&a, json!({})).result.expect_err(src);
+            assert!(f.reason.contains("appears twice"), "{src}: {}", f.reason);
+            assert!(!f.limit, "{src}");
+        }
+    }
+    // The same through `emit`.
+    let a = app("function ingest(t, n, d) emit({[2] = 1, ['2'] = 1}) end");
+    let f = a.ingest("f", "").result.expect_err("emit");
+    assert!(f.reason.contains("appears twice"), "{}", f.reason);
+}
+
+#[test]
 fn json_null_and_arrays_round_trip() {
     let a = app("function map(r) return r end");
     let v = json!({"a": null, "b": [1, 2, {"c": []}], "d": {"e": "f"}, "n": -3});
