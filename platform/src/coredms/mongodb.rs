@@ -109,6 +109,49 @@ impl Drop for OriginLock {
     }
 }
 
+/// A run waiting for an origin lock. Dropped before it took the lock (it gave up, or its
+/// caller went away: a client's HTTP timeout cancels the request), it takes back what it
+/// asked for: its `wanted` mark, and the lock when it was handed over to it and not claimed.
+/// Left there, either keeps the file's other runs waiting [`HANDOVER_US`] for a run that is
+/// gone.
+struct Waiting {
+    id: String,
+    job: String,
+    locks: Collection<Document>,
+    took: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.took {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (id, job, locks) = (
+            std::mem::take(&mut self.id),
+            std::mem::take(&mut self.job),
+            self.locks.clone(),
+        );
+        rt.spawn(async move {
+            let unmark = locks
+                .update_one(
+                    doc! {"_id": &id, "wanted": &job},
+                    doc! {"$unset": {"wanted": ""}},
+                )
+                .await;
+            // Handed over and not claimed: no write of this run is under it.
+            let unhand = locks
+                .delete_one(doc! {"_id": &id, "by": &job, "handed": true})
+                .await;
+            if let Err(e) = unmark.and(unhand) {
+                tracing::warn!(lock = id, error = %e, "cannot withdraw a wait for a log lock");
+            }
+        });
+    }
+}
+
 impl MongoStore {
     /// Connects and creates the indexes coredms relies on (idempotent).
     pub async fn connect(
@@ -497,7 +540,8 @@ impl MongoStore {
     /// lock is not released after the bulk but [`LOCK_IDLE`] after the run's last one, so a
     /// run's next bulk takes it with one conditional update. A run that waits asks for it
     /// (`wanted`): the holder's next bulk hands it over instead of taking it, so runs of the
-    /// same file still take turns per bulk.
+    /// same file still take turns per bulk; a run that stops waiting takes its request back
+    /// ([`Waiting`]).
     async fn lock_origin(
         &self,
         tenant: &TenantName,
@@ -546,6 +590,12 @@ impl MongoStore {
         }
         let began = Instant::now();
         let mut wait = Duration::from_millis(2);
+        let mut waiting = Waiting {
+            id: id.clone(),
+            job: job.to_owned(),
+            locks: locks.clone(),
+            took: false,
+        };
         loop {
             if began.elapsed() > Duration::from_micros(2 * ORIGIN_LOCK_US as u64) {
                 return Err(CoreError::Unavailable(format!(
@@ -557,7 +607,10 @@ impl MongoStore {
                 .insert_one(doc! {"_id": &id, "by": job, "until_us": until, "token": token})
                 .await;
             match inserted {
-                Ok(_) => return Ok(taken(token)),
+                Ok(_) => {
+                    waiting.took = true;
+                    return Ok(taken(token));
+                }
                 Err(e) if is_duplicate(&e) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -604,6 +657,7 @@ impl MongoStore {
                 }
                 change.insert("$unset", clear);
                 if locks.update_one(exact, change).await?.matched_count == 1 {
+                    waiting.took = true;
                     return Ok(taken(token));
                 }
                 continue; // changed since read

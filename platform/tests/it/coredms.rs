@@ -554,3 +554,105 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
         "released once idle"
     );
 }
+
+#[tokio::test]
+async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
+    use mongodb::bson::{Document, doc, oid::ObjectId};
+    let app = TestApp::spawn().await;
+    let (name, _alice) = app.tenant("gone").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let connect = || {
+        MongoStore::connect(
+            &app.settings.mongodb.uri,
+            &app.settings.mongodb,
+            &app.namespace,
+        )
+    };
+    let locks = app
+        .mongo()
+        .await
+        .database(&format!("{}logs", app.namespace))
+        .collection::<Document>("locks");
+    let id = format!("{name}/feed");
+    let lock = || async { locks.find_one(doc! {"_id": &id}).await.expect("read") };
+    let holder = connect().await.expect("store");
+    // The waiter goes away while it waits; then right after the lock was handed over to it
+    // (as the holder's next bulk does), before it claimed it. Should it claim the lock in
+    // the moment between the two (its bulk is then cancelled under it, and the lock left to
+    // expire, as documented), that attempt is set aside and the case tried again.
+    let mut attempts = 0;
+    for (round, hand_over) in [false, true].into_iter().enumerate() {
+        loop {
+            attempts += 1;
+            assert!(
+                attempts <= 6,
+                "the waiter claimed the handed lock every time"
+            );
+            let (x, y) = (format!("x{attempts}"), format!("y{attempts}"));
+            // Run x holds the file's lock, as between two of its bulks.
+            locks
+                .insert_one(doc! {"_id": &id, "by": &x, "until_us": now_us() + 60_000_000, "token": ObjectId::new()})
+                .await
+                .expect("lock");
+            // Run y waits for it, through another replica, until its caller goes away.
+            let waiter = connect().await.expect("store");
+            let w = slice_of(&tenant, &y, 0);
+            let waiting = tokio::spawn(async move { waiter.bulk_write(&w).await });
+            let asked = crate::harness::eventually(Duration::from_secs(20), || async {
+                lock()
+                    .await
+                    .is_some_and(|l| l.get_str("wanted").ok() == Some(y.as_str()))
+            })
+            .await;
+            assert!(asked, "y asks for the lock");
+            if hand_over {
+                locks
+                    .update_one(
+                        doc! {"_id": &id, "by": &x},
+                        doc! {"$set": {"by": &y, "until_us": now_us() + 5_000_000, "token": ObjectId::new(), "handed": true}, "$unset": {"wanted": ""}},
+                    )
+                    .await
+                    .expect("hand over");
+            }
+            waiting.abort();
+            let _ = waiting.await;
+            let withdrawn = crate::harness::eventually(Duration::from_secs(10), || async {
+                lock().await.is_none_or(|l| {
+                    l.get_str("wanted").is_err() && l.get_str("by").ok() != Some(y.as_str())
+                })
+            })
+            .await;
+            if !withdrawn {
+                let l = lock().await.expect("held");
+                let claimed = l.get_str("by").ok() == Some(y.as_str())
+                    && l.get_bool("handed").is_err()
+                    && l.get_str("wanted").is_err();
+                assert!(
+                    hand_over && claimed,
+                    "round {round}: y's request is taken back: {l:?}"
+                );
+                locks.delete_one(doc! {"_id": &id}).await.expect("clear");
+                continue;
+            }
+            // x's next bulk goes on at once: nothing is handed to a run that is gone (that
+            // would hold x for 5 s; the bound is far above one bulk's time).
+            let next = tokio::time::timeout(
+                Duration::from_millis(4_500),
+                holder.bulk_write(&slice_of(&tenant, &x, 1)),
+            )
+            .await;
+            assert!(
+                next.is_ok_and(|r| r.is_ok()),
+                "round {round}: x is not held by a gone run's request"
+            );
+            assert!(
+                crate::harness::eventually(Duration::from_secs(20), || async {
+                    lock().await.is_none()
+                })
+                .await,
+                "released once idle"
+            );
+            break;
+        }
+    }
+}
