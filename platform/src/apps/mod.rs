@@ -9,8 +9,9 @@
 //! - helpers: `parse_csv(text)`, `parse_json(text)`, `log(msg)`, and the values `tenant` and
 //!   `data_name`.
 //!
-//! Conversions (Luau numbers are doubles): a whole number within ±2^53 is stored as a 64-bit
-//! integer, any other number as a double (integers beyond 2^53 lose precision); NaN and
+//! Conversions (Luau numbers are doubles): a whole number within ±2^63 is stored as a 64-bit
+//! integer, the double's exact value (beyond ±2^53 a double holds only some integers, so it
+//! may not be the one the app computed), any other number as a double; NaN and
 //! infinities are rejected; a table with keys exactly 1..n (or made by `parse_json` from an
 //! array) is an array, any other table an object with string keys (a whole-number key within
 //! ±2^63 becomes its decimal text, any other number key fails the record, as does a number

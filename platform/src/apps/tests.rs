@@ -406,6 +406,12 @@ fn number_keys_name_one_integer_and_never_collide_in_silence() {
         serde_json::Value::Object(docs[0].1.clone()),
         json!({"3": "a", "-7": "b", "x": 1, "9007199254740994": "c", "-9223372036854775808": "d", "0": "e"})
     );
+    // Values alike: a whole number within ±2^63 is its exact integer, past it a double.
+    let a = app("function map(r) return {big = 2^60, huge = 2^64} end");
+    let docs = map_one(&a, json!({})).result.expect("ok");
+    assert_eq!(docs[0].1["big"], json!(1_152_921_504_606_846_976_i64));
+    assert!(docs[0].1["big"].is_i64());
+    assert!(docs[0].1["huge"].is_f64());
     // A fraction, or a whole number past what a 64-bit integer holds: refused, not saturated
     // to i64::MAX.
     for key in [
