@@ -109,14 +109,17 @@ impl Drop for OriginLock {
     }
 }
 
-/// A run waiting for an origin lock. Dropped before it took the lock (it gave up, or its
-/// caller went away: a client's HTTP timeout cancels the request), it takes back what it
-/// asked for: its `wanted` mark, and the lock when it was handed over to it and not claimed.
-/// Left there, either keeps the file's other runs waiting [`HANDOVER_US`] for a run that is
-/// gone.
+/// One attempt of a run waiting for an origin lock, by its token. Dropped before it took the
+/// lock (it gave up, or its caller went away: a client's HTTP timeout cancels the request),
+/// it takes back what it asked for: its `wanted` mark, and the lock where it bears its token
+/// (handed over to it and not claimed, or taken by a write that landed after the attempt was
+/// cancelled): no write is under such a lock. Left there, either keeps the file's other runs
+/// waiting [`HANDOVER_US`] or [`ORIGIN_LOCK_US`] for an attempt that is gone. Keyed by the
+/// attempt's token, a late cleanup cannot touch another attempt's mark or lock, even of the
+/// same run.
 struct Waiting {
     id: String,
-    job: String,
+    token: ObjectId,
     locks: Collection<Document>,
     took: bool,
 }
@@ -129,23 +132,16 @@ impl Drop for Waiting {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (id, job, locks) = (
-            std::mem::take(&mut self.id),
-            std::mem::take(&mut self.job),
-            self.locks.clone(),
-        );
+        let (id, token, locks) = (std::mem::take(&mut self.id), self.token, self.locks.clone());
         rt.spawn(async move {
             let unmark = locks
                 .update_one(
-                    doc! {"_id": &id, "wanted": &job},
-                    doc! {"$unset": {"wanted": ""}},
+                    doc! {"_id": &id, "wanted_token": token},
+                    doc! {"$unset": {"wanted": "", "wanted_token": ""}},
                 )
                 .await;
-            // Handed over and not claimed: no write of this run is under it.
-            let unhand = locks
-                .delete_one(doc! {"_id": &id, "by": &job, "handed": true})
-                .await;
-            if let Err(e) = unmark.and(unhand) {
+            let unlock = locks.delete_one(doc! {"_id": &id, "token": token}).await;
+            if let Err(e) = unmark.and(unlock) {
                 tracing::warn!(lock = id, error = %e, "cannot withdraw a wait for a log lock");
             }
         });
@@ -592,7 +588,7 @@ impl MongoStore {
         let mut wait = Duration::from_millis(2);
         let mut waiting = Waiting {
             id: id.clone(),
-            job: job.to_owned(),
+            token,
             locks: locks.clone(),
             took: false,
         };
@@ -639,13 +635,19 @@ impl MongoStore {
                 && !busy_here
                 && let Some(other) = wanted.filter(|w| *w != job)
             {
-                // Ours since an earlier bulk, and another run waits: its turn.
+                // Ours since an earlier bulk, and another run waits: its turn, under the
+                // token of the attempt that asked (so that it can take back an unclaimed
+                // lock), and only while that one still asks.
+                let to = held
+                    .get_object_id("wanted_token")
+                    .unwrap_or_else(|_| ObjectId::new());
+                exact.insert("wanted", other);
                 locks
                     .update_one(
                         exact,
                         doc! {
-                            "$set": {"by": other, "until_us": now_us() + HANDOVER_US, "token": ObjectId::new(), "handed": true},
-                            "$unset": {"wanted": ""},
+                            "$set": {"by": other, "until_us": now_us() + HANDOVER_US, "token": to, "handed": true},
+                            "$unset": {"wanted": "", "wanted_token": ""},
                         },
                     )
                     .await?;
@@ -654,6 +656,7 @@ impl MongoStore {
                 let mut clear = doc! {"handed": ""};
                 if wanted == Some(job) {
                     clear.insert("wanted", "");
+                    clear.insert("wanted_token", "");
                 }
                 change.insert("$unset", clear);
                 if locks.update_one(exact, change).await?.matched_count == 1 {
@@ -666,7 +669,7 @@ impl MongoStore {
                 locks
                     .update_one(
                         doc! {"_id": &id, "by": {"$ne": job}, "wanted": {"$exists": false}},
-                        doc! {"$set": {"wanted": job}},
+                        doc! {"$set": {"wanted": job, "wanted_token": token}},
                     )
                     .await?;
             }

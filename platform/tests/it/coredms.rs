@@ -606,10 +606,15 @@ async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
             .await;
             assert!(asked, "y asks for the lock");
             if hand_over {
+                // As x's next bulk does: under the token of y's attempt that asked.
+                let asking = lock()
+                    .await
+                    .and_then(|l| l.get_object_id("wanted_token").ok())
+                    .expect("the asking attempt's token");
                 locks
                     .update_one(
-                        doc! {"_id": &id, "by": &x},
-                        doc! {"$set": {"by": &y, "until_us": now_us() + 5_000_000, "token": ObjectId::new(), "handed": true}, "$unset": {"wanted": ""}},
+                        doc! {"_id": &id, "by": &x, "wanted": &y},
+                        doc! {"$set": {"by": &y, "until_us": now_us() + 5_000_000, "token": asking, "handed": true}, "$unset": {"wanted": "", "wanted_token": ""}},
                     )
                     .await
                     .expect("hand over");
@@ -634,16 +639,33 @@ async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
                 locks.delete_one(doc! {"_id": &id}).await.expect("clear");
                 continue;
             }
-            // x's next bulk goes on at once: nothing is handed to a run that is gone (that
-            // would hold x for 5 s; the bound is far above one bulk's time).
-            let next = tokio::time::timeout(
-                Duration::from_millis(4_500),
-                holder.bulk_write(&slice_of(&tenant, &x, 1)),
-            )
+            // x's next bulk takes the lock itself: nothing is handed to a run that is gone
+            // (which would hold x for 5 s). Watched while it runs.
+            let handed_to_y = std::sync::atomic::AtomicBool::new(false);
+            let next_bulk = slice_of(&tenant, &x, 1);
+            let bulk = holder.bulk_write(&next_bulk);
+            let watch = async {
+                loop {
+                    if lock()
+                        .await
+                        .is_some_and(|l| l.get_str("by").ok() == Some(y.as_str()))
+                    {
+                        handed_to_y.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            let next = tokio::time::timeout(Duration::from_secs(60), async {
+                tokio::select! {
+                    r = bulk => r,
+                    () = watch => unreachable!("the watch never ends"),
+                }
+            })
             .await;
+            assert!(next.is_ok_and(|r| r.is_ok()), "round {round}: x's bulk");
             assert!(
-                next.is_ok_and(|r| r.is_ok()),
-                "round {round}: x is not held by a gone run's request"
+                !handed_to_y.load(std::sync::atomic::Ordering::Relaxed),
+                "round {round}: x handed its lock to a run that is gone"
             );
             assert!(
                 crate::harness::eventually(Duration::from_secs(20), || async {
