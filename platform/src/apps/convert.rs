@@ -427,24 +427,17 @@ fn table(
     let mut failed: Option<ConvertError> = None;
     let walked = t.for_each::<Value, Value>(|k, v| {
         let member = entry(lua, &k, &v, depth, meter, m.is_empty(), keys.as_deref_mut()).and_then(
-            |(key, value)| {
-                let before = m.len();
-                m.insert(key, value);
-                if m.len() > before {
-                    return Ok(());
+            |(key, value)| match m.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                    Ok(())
                 }
                 // Only a number key and a string key can meet (`[1]` and `["1"]`): neither
-                // is dropped in silence. (The document fails: what the insert replaced is
-                // not needed.)
-                let text = match &k {
-                    Value::String(s) => s.to_string_lossy(),
-                    Value::Integer(i) => i.to_string(),
-                    _ => "0".to_owned(),
-                };
-                Err(invalid(format!(
+                // is dropped in silence.
+                serde_json::map::Entry::Occupied(o) => Err(invalid(format!(
                     "key `{}` appears twice (as a number and as a string)",
-                    text.chars().take(64).collect::<String>()
-                )))
+                    o.key().chars().take(64).collect::<String>()
+                ))),
             },
         );
         match member {

@@ -185,13 +185,7 @@ async fn a_bulk_write_of_10000_documents_is_stored_and_logged_once_and_only_anot
 
 async fn bulk_write_of_10000(app: &TestApp, shape: Shape) {
     let (name, alice) = app.tenant(&shape.tenant("bulk")).await;
-    let store = MongoStore::connect(
-        &app.settings.mongodb.uri,
-        &app.settings.mongodb,
-        &app.namespace,
-    )
-    .await
-    .expect("store");
+    let store = store(app).await;
     let tenant = TenantName::parse(&name).expect("valid");
     let write = bulk_shaped(&tenant, "first", 10_000, shape);
     let first = store.bulk_write(&write).await.expect("first write");
@@ -239,13 +233,7 @@ async fn a_write_stopped_between_the_data_and_the_log_is_completed_by_its_retry_
 
 async fn write_stopped_between_data_and_log(app: &TestApp, shape: Shape) {
     let (name, alice) = app.tenant(&shape.tenant("halfway")).await;
-    let store = MongoStore::connect(
-        &app.settings.mongodb.uri,
-        &app.settings.mongodb,
-        &app.namespace,
-    )
-    .await
-    .expect("store");
+    let store = store(app).await;
     let tenant = TenantName::parse(&name).expect("valid");
     let write = bulk_shaped(&tenant, "m1", 500, shape);
     mysimbdp::coredms::faults::stall_before_log(&name);
@@ -417,13 +405,7 @@ async fn two_ingestions_storing_the_same_documents_at_once_log_one_success_and_o
 
 async fn two_ingestions_at_once(app: &TestApp, shape: Shape) {
     let (name, alice) = app.tenant(&shape.tenant("race")).await;
-    let store = MongoStore::connect(
-        &app.settings.mongodb.uri,
-        &app.settings.mongodb,
-        &app.namespace,
-    )
-    .await
-    .expect("store");
+    let store = store(app).await;
     let tenant = TenantName::parse(&name).expect("valid");
     for round in 0..3 {
         let (a, b) = (format!("a{round}"), format!("b{round}"));
@@ -465,6 +447,25 @@ async fn two_ingestions_at_once(app: &TestApp, shape: Shape) {
     );
 }
 
+/// A coredms store of its own on the test's database (as another replica would have).
+async fn store(app: &TestApp) -> MongoStore {
+    MongoStore::connect(
+        &app.settings.mongodb.uri,
+        &app.settings.mongodb,
+        &app.namespace,
+    )
+    .await
+    .expect("store")
+}
+
+/// The file origins' log locks.
+async fn locks(app: &TestApp) -> mongodb::Collection<mongodb::bson::Document> {
+    app.mongo()
+        .await
+        .database(&format!("{}logs", app.namespace))
+        .collection("locks")
+}
+
 /// Bulk `k` (records 300k..300k+300) of run `job` of the file origin `feed`.
 fn slice_of(tenant: &TenantName, job: &str, k: u64) -> BulkWrite {
     let mut w = bulk_shaped(tenant, job, 1200, Shape::Batch);
@@ -478,17 +479,7 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
     let app = TestApp::spawn().await;
     let (name, alice) = app.tenant("turns").await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let connect = || {
-        MongoStore::connect(
-            &app.settings.mongodb.uri,
-            &app.settings.mongodb,
-            &app.namespace,
-        )
-    };
-    let (one, two) = (
-        connect().await.expect("store"),
-        connect().await.expect("store"),
-    );
+    let (one, two) = (store(&app).await, store(&app).await);
     // Run x alternates between the two stores (its lock is taken over by its own run);
     // run y, of the same file, writes through the second one at the same time.
     let done = std::sync::Mutex::new(Vec::new());
@@ -540,11 +531,7 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
     );
     // Idle, the lock is released (well before its 60 s expiry): a third run is not kept
     // waiting.
-    let locks = app
-        .mongo()
-        .await
-        .database(&format!("{}logs", app.namespace))
-        .collection::<mongodb::bson::Document>("locks");
+    let locks = locks(&app).await;
     let mine = mongodb::bson::doc! {"_id": {"$regex": format!("^{name}/")}};
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
@@ -557,25 +544,14 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
 
 #[tokio::test]
 async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
-    use mongodb::bson::{Document, doc, oid::ObjectId};
+    use mongodb::bson::{doc, oid::ObjectId};
     let app = TestApp::spawn().await;
     let (name, _alice) = app.tenant("gone").await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let connect = || {
-        MongoStore::connect(
-            &app.settings.mongodb.uri,
-            &app.settings.mongodb,
-            &app.namespace,
-        )
-    };
-    let locks = app
-        .mongo()
-        .await
-        .database(&format!("{}logs", app.namespace))
-        .collection::<Document>("locks");
+    let locks = locks(&app).await;
     let id = format!("{name}/feed");
     let lock = || async { locks.find_one(doc! {"_id": &id}).await.expect("read") };
-    let holder = connect().await.expect("store");
+    let holder = store(&app).await;
     // The waiter goes away while it waits; then right after the lock was handed over to it
     // (as the holder's next bulk does), before it claimed it. Should it claim the lock in
     // the moment between the two (its bulk is then cancelled under it, and the lock left to
@@ -595,7 +571,7 @@ async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
                 .await
                 .expect("lock");
             // Run y waits for it, through another replica, until its caller goes away.
-            let waiter = connect().await.expect("store");
+            let waiter = store(&app).await;
             let w = slice_of(&tenant, &y, 0);
             let waiting = tokio::spawn(async move { waiter.bulk_write(&w).await });
             let asked = crate::harness::eventually(Duration::from_secs(20), || async {
