@@ -281,6 +281,13 @@ pub struct DocWrite {
     /// A different data name than the batch's (e.g. per stream message type).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_name: Option<String>,
+    /// `doc` under `id` as coredms stores it, or why it cannot be (the reason logged), when
+    /// it was encoded ahead (`coredms::encode_ahead`): the batch and stream stages encode on
+    /// their read-ahead thread while the bulk before is written, so the write does not wait
+    /// for it. Whoever changes `id` or `doc` afterwards sets it back to `None`. Never sent: a
+    /// coredms in another process encodes what it receives.
+    #[serde(skip)]
+    pub encoded: Option<Result<mongodb::bson::RawDocumentBuf, String>>,
 }
 
 /// An input that stores nothing, and why: `reason` is `None` when the app returned nothing

@@ -349,6 +349,7 @@ pub fn transform(
                 bytes: per_doc_bytes,
                 started_us: input.started_us,
                 data_name: Some(input.data_name.clone()),
+                encoded: None,
             });
         }
     }

@@ -362,6 +362,7 @@ fn bulk(tenant: &TenantName, batch: &[lapin::message::Delivery]) -> BulkWrite {
                 bytes: d.data.len() as u64,
                 started_us: published,
                 data_name: Some("reading".into()),
+                encoded: None,
             }
         })
         .collect();

@@ -794,6 +794,7 @@ impl BatchManager {
             .map_or(crate::config::AppLimits::default().max_doc_bytes, |a| {
                 a.limits().max_doc_bytes
             });
+        let coredms = self.coredms.clone();
         tokio::task::spawn_blocking(move || {
             let mut inputs = Vec::with_capacity(batch);
             let mut more = true;
@@ -828,7 +829,8 @@ impl BatchManager {
             if read == 0 {
                 return Ok(None);
             }
-            let transformed = transform(app.as_deref(), &collection, max_doc, &inputs);
+            let mut transformed = transform(app.as_deref(), &collection, max_doc, &inputs);
+            crate::coredms::encode_ahead(&coredms, &mut transformed.docs);
             Ok(Some(Prepared {
                 source: Some(source),
                 read,

@@ -105,6 +105,18 @@ pub fn transient_code(code: i32) -> bool {
     )
 }
 
+/// Encodes `docs` now, for a bulk write through this process's coredms to use
+/// ([`DocWrite::encoded`]): called off the write's path, on the thread that read and
+/// transformed them. Through a coredms in another process it would be work thrown away.
+pub fn encode_ahead(coredms: &CoreDms, docs: &mut [crate::model::DocWrite]) {
+    if !matches!(coredms, CoreDms::Local(_)) {
+        return;
+    }
+    for d in docs {
+        d.encoded = Some(encode(&d.id, &d.doc).map_err(|e| e.to_string()));
+    }
+}
+
 /// The documents of a bulk write as BSON, grouped by collection, ready to insert.
 pub struct Prepared {
     /// (collection, indexes into `BulkWrite::docs`, encoded documents)
@@ -266,10 +278,14 @@ pub fn prepare(w: &BulkWrite) -> Prepared {
     let mut collections: Vec<(String, Vec<usize>, Vec<RawDocumentBuf>)> = Vec::new();
     let mut invalid = Vec::new();
     for (i, d) in w.docs.iter().enumerate() {
-        let doc = match encode(&d.id, &d.doc) {
+        let encoded = match &d.encoded {
+            Some(ahead) => ahead.clone(),
+            None => encode(&d.id, &d.doc).map_err(|e| e.to_string()),
+        };
+        let doc = match encoded {
             Ok(doc) => doc,
             Err(reason) => {
-                invalid.push((i, reason.to_string()));
+                invalid.push((i, reason));
                 continue;
             }
         };
@@ -514,6 +530,7 @@ mod tests {
                     bytes: 3,
                     started_us: now_us(),
                     data_name: None,
+                    encoded: None,
                 })
                 .collect(),
             unstored: vec![],

@@ -297,6 +297,7 @@ mod tests {
             bytes: len as u64,
             started_us: 0,
             data_name: None,
+            encoded: None,
         }
     }
 

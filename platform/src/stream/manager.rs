@@ -1020,8 +1020,10 @@ async fn prepare(
         .collect();
     let app2 = app.clone();
     let max_doc = limits.max_doc_bytes;
+    let coredms = ctx.coredms.clone();
     let (inputs, t) = tokio::task::spawn_blocking(move || {
-        let t = transform(app2.as_deref(), "messages", max_doc, &inputs);
+        let mut t = transform(app2.as_deref(), "messages", max_doc, &inputs);
+        crate::coredms::encode_ahead(&coredms, &mut t.docs);
         (inputs, t)
     })
     .await

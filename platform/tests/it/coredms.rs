@@ -166,6 +166,7 @@ fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
                 bytes: 20,
                 started_us: now_us(),
                 data_name: None,
+                encoded: None,
             })
             .collect(),
         unstored: vec![],
