@@ -794,7 +794,7 @@ impl BatchManager {
             .map_or(crate::config::AppLimits::default().max_doc_bytes, |a| {
                 a.limits().max_doc_bytes
             });
-        let coredms = self.coredms.clone();
+        let in_process = self.coredms.in_process();
         tokio::task::spawn_blocking(move || {
             let mut inputs = Vec::with_capacity(batch);
             let mut more = true;
@@ -830,7 +830,9 @@ impl BatchManager {
                 return Ok(None);
             }
             let mut transformed = transform(app.as_deref(), &collection, max_doc, &inputs);
-            crate::coredms::encode_ahead(&coredms, &mut transformed.docs);
+            if in_process {
+                crate::coredms::encode_ahead(&mut transformed.docs);
+            }
             Ok(Some(Prepared {
                 source: Some(source),
                 read,

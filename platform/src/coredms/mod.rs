@@ -105,13 +105,11 @@ pub fn transient_code(code: i32) -> bool {
     )
 }
 
-/// Encodes `docs` now, for a bulk write through this process's coredms to use
-/// ([`DocWrite::encoded`]): called off the write's path, on the thread that read and
-/// transformed them. Through a coredms in another process it would be work thrown away.
-pub fn encode_ahead(coredms: &CoreDms, docs: &mut [crate::model::DocWrite]) {
-    if !matches!(coredms, CoreDms::Local(_)) {
-        return;
-    }
+/// Encodes `docs` now, for a bulk write to use ([`DocWrite::encoded`](crate::model::DocWrite)):
+/// called off the write's path, on the thread that read and transformed them, where the
+/// coredms is in this process ([`CoreDms::in_process`]); one in another process encodes
+/// what it receives.
+pub fn encode_ahead(docs: &mut [crate::model::DocWrite]) {
     for d in docs {
         d.encoded = Some(encode(&d.id, &d.doc).map_err(|e| e.to_string()));
     }
@@ -478,6 +476,13 @@ pub enum CoreDms {
     Remote(Arc<Remote>),
 }
 
+impl CoreDms {
+    /// Whether the database is reached from this process (bulk writes are encoded here).
+    pub fn in_process(&self) -> bool {
+        matches!(self, Self::Local(_))
+    }
+}
+
 /// Converts stored BSON back to JSON for API responses: ids and dates as strings.
 pub fn to_json(doc: Document) -> serde_json::Value {
     fn conv(b: Bson) -> serde_json::Value {
@@ -609,6 +614,43 @@ mod tests {
             when.get_datetime("when").is_ok(),
             "Extended JSON dates become dates: {when:?}"
         );
+    }
+
+    #[test]
+    fn documents_encoded_ahead_are_written_as_prepare_would_encode_them() {
+        let docs = vec![
+            json!({"ok": 1, "s": "text", "f": 2.5}),
+            json!({"a\u{0}b": 1}),
+            json!({"_id": "mine", "nested": {"$set": 1}}),
+            json!({"when": {"$date": "2026-11-28T16:00:00Z"}}),
+            json!({"big": "x".repeat(MAX_BSON_BYTES)}),
+            json!({"n": u64::MAX}),
+            json!({"_id": "mine", "ok": [1, {"k": "v"}]}),
+        ];
+        let now = prepare(&write(docs.clone()));
+        let mut w = write(docs);
+        encode_ahead(&mut w.docs);
+        assert!(w.docs.iter().all(|d| d.encoded.is_some()));
+        let ahead = prepare(&w);
+        assert_eq!(ahead.invalid, now.invalid);
+        assert_eq!(ahead.invalid.len(), 4, "{:?}", ahead.invalid);
+        let bytes = |p: &Prepared| -> Vec<(String, Vec<usize>, Vec<Vec<u8>>)> {
+            p.collections
+                .iter()
+                .map(|(c, idx, docs)| {
+                    let docs = docs.iter().map(|d| d.as_bytes().to_vec()).collect();
+                    (c.clone(), idx.clone(), docs)
+                })
+                .collect()
+        };
+        assert_eq!(bytes(&ahead), bytes(&now));
+        assert_eq!(
+            ahead.collections.iter().map(|c| c.2.len()).sum::<usize>(),
+            3
+        );
+        // What was encoded ahead is what is written: prepare does not encode it again.
+        w.docs[0].encoded = Some(Err("encoded ahead".into()));
+        assert_eq!(prepare(&w).invalid[0], (0, "encoded ahead".to_owned()));
     }
 
     #[test]

@@ -1020,10 +1020,12 @@ async fn prepare(
         .collect();
     let app2 = app.clone();
     let max_doc = limits.max_doc_bytes;
-    let coredms = ctx.coredms.clone();
+    let in_process = ctx.coredms.in_process();
     let (inputs, t) = tokio::task::spawn_blocking(move || {
         let mut t = transform(app2.as_deref(), "messages", max_doc, &inputs);
-        crate::coredms::encode_ahead(&coredms, &mut t.docs);
+        if in_process {
+            crate::coredms::encode_ahead(&mut t.docs);
+        }
         (inputs, t)
     })
     .await
