@@ -207,9 +207,14 @@ pub struct StreamLoad {
     /// Messages per tenant.
     pub messages: u32,
     /// Offered rate per tenant, messages per second (open loop, latency corrected for
-    /// coordinated omission). Give this or `concurrency`.
+    /// coordinated omission). Give this, `concurrency` or `rate_of_closed_loop`.
     #[serde(default)]
     pub rate: u32,
+    /// An offered rate not fixed in the file: a fraction of the platform's closed-loop rate,
+    /// measured first in the same run. `rate` is then set to it before the load runs (the
+    /// report's scenario shows both).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_of_closed_loop: Option<ClosedLoopRate>,
     /// Closed loop instead: this many publishers per tenant, each sending its next request
     /// when the last one was confirmed. Measures capacity; latency is not corrected.
     #[serde(default)]
@@ -226,6 +231,39 @@ pub struct StreamLoad {
     /// number is `n/a`; each is published in a request of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poison_every: Option<u32>,
+}
+
+/// `[stream.rate_of_closed_loop]`: the platform's capacity measured first, in a phase of its
+/// own (`closed loop`, its own tenant) under this closed-loop load; the scenario's load is
+/// then offered at `fraction` of the messages per second it stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClosedLoopRate {
+    pub fraction: f64,
+    pub messages: u32,
+    /// Publishers, each sending its next request when the last one was confirmed.
+    pub concurrency: u32,
+    #[serde(default = "one")]
+    pub per_request: u32,
+    #[serde(default = "one")]
+    pub consumers: u32,
+}
+
+impl ClosedLoopRate {
+    /// The closed-loop load that measures the rate: the scenario's messages' size, the
+    /// calibration's count, publishers and consumers.
+    pub fn load(&self, of: &StreamLoad) -> StreamLoad {
+        StreamLoad {
+            messages: self.messages,
+            rate: 0,
+            rate_of_closed_loop: None,
+            concurrency: self.concurrency,
+            per_request: self.per_request,
+            consumers: self.consumers,
+            message_bytes: of.message_bytes,
+            poison_every: None,
+        }
+    }
 }
 
 /// How the platform runs during a scenario.
@@ -513,10 +551,25 @@ fn check_stream(st: &StreamLoad) -> Result<()> {
     if st.messages == 0 || st.per_request == 0 {
         bail!("stream.messages and stream.per_request must be at least 1");
     }
-    if (st.rate == 0) == (st.concurrency == 0) {
+    let modes = [
+        st.rate > 0,
+        st.concurrency > 0,
+        st.rate_of_closed_loop.is_some(),
+    ];
+    if modes.iter().filter(|m| **m).count() != 1 {
         bail!(
-            "give exactly one of stream.rate (fixed offered rate) and stream.concurrency (closed loop)"
+            "give exactly one of stream.rate (fixed offered rate), stream.concurrency (closed loop) and [stream.rate_of_closed_loop] (a fraction of the closed-loop rate, measured first)"
         );
+    }
+    if let Some(c) = &st.rate_of_closed_loop {
+        if !(c.fraction > 0.0 && c.fraction <= 1.0) {
+            bail!("stream.rate_of_closed_loop.fraction must be more than 0 and at most 1");
+        }
+        if c.messages == 0 || c.concurrency == 0 || c.per_request == 0 || c.consumers == 0 {
+            bail!(
+                "stream.rate_of_closed_loop: messages, concurrency, per_request and consumers must be at least 1"
+            );
+        }
     }
     if st.poison_every == Some(0) {
         bail!("stream.poison_every must be at least 1");
@@ -562,6 +615,12 @@ fn check_group(g: &mut Group, base: &Path) -> Result<()> {
     }
     if let Some(st) = &g.stream {
         check_stream(st).with_context(|| format!("group `{}`", g.name))?;
+        if st.rate_of_closed_loop.is_some() {
+            bail!(
+                "group `{}`: [stream.rate_of_closed_loop] is for the scenario's own [stream] of one tenant",
+                g.name
+            );
+        }
     }
     Ok(())
 }
@@ -637,6 +696,22 @@ impl Scenario {
         }
         if !(1..=MAX_ROUNDS).contains(&s.rounds) {
             bail!("rounds must be from 1 to {MAX_ROUNDS}");
+        }
+        if s.stream
+            .as_ref()
+            .is_some_and(|st| st.rate_of_closed_loop.is_some())
+            && (s.rounds > 1
+                || s.baseline
+                || s.batch.is_some()
+                || s.tenants.count != 1
+                || !s.tenants.groups.is_empty()
+                || s.faults.is_some()
+                || s.cost.is_some()
+                || s.replicas.is_some())
+        {
+            bail!(
+                "[stream.rate_of_closed_loop] is for a stream load of one tenant in one phase: no rounds, baseline, [batch], groups, [faults], [cost] or [replicas]"
+            );
         }
         if s.rounds > 1
             && (s.batch.is_none() || s.stream.is_some() || s.baseline || kinds.iter().any(|k| *k))
@@ -966,6 +1041,81 @@ poison_every = 2
         ] {
             std::fs::write(&p, format!("name = \"x\"\n{text}{load}")).expect("write");
             let e = format!("{:#}", Scenario::load(&p).expect_err(text));
+            assert!(e.contains(expect), "{text}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_rate_of_the_closed_loop_is_one_tenants_only_rate() {
+        let dir = scenario_dir("closedlooprate");
+        let p = dir.join("x.toml");
+        let stream = "[stream]\nmessages = 5\nmessage_bytes = 99\n";
+        let closed = |body: &str| format!("[stream.rate_of_closed_loop]\n{body}");
+        let ok = "fraction = 0.5\nmessages = 7\nconcurrency = 3\n";
+        std::fs::write(&p, format!("name = \"x\"\n{stream}{}", closed(ok))).expect("write");
+        let sc = Scenario::load(&p).expect("valid");
+        let st = sc.stream.as_ref().expect("stream");
+        let c = st.rate_of_closed_loop.as_ref().expect("closed loop");
+        let measured = c.load(st);
+        assert_eq!(
+            (measured.messages, measured.rate, measured.concurrency),
+            (7, 0, 3)
+        );
+        assert_eq!((measured.per_request, measured.consumers), (1, 1));
+        assert_eq!(measured.message_bytes, 99, "the scenario's messages");
+        assert!(measured.rate_of_closed_loop.is_none());
+        for (text, expect) in [
+            (
+                format!("[stream]\nmessages = 5\nrate = 9\n{}", closed(ok)),
+                "give exactly one of stream.rate",
+            ),
+            (
+                format!(
+                    "{stream}{}",
+                    closed("fraction = 0.0\nmessages = 7\nconcurrency = 3\n")
+                ),
+                "fraction must be more than 0 and at most 1",
+            ),
+            (
+                format!(
+                    "{stream}{}",
+                    closed("fraction = 1.5\nmessages = 7\nconcurrency = 3\n")
+                ),
+                "fraction must be more than 0 and at most 1",
+            ),
+            (
+                format!(
+                    "{stream}{}",
+                    closed("fraction = 0.5\nmessages = 7\nconcurrency = 0\n")
+                ),
+                "messages, concurrency, per_request and consumers must be at least 1",
+            ),
+            (
+                format!("{stream}{}", closed("fraction = 0.5\nmessages = 7\n")),
+                "missing field `concurrency`",
+            ),
+            (
+                format!("[tenants]\ncount = 2\n{stream}{}", closed(ok)),
+                "for a stream load of one tenant in one phase",
+            ),
+            (
+                format!(
+                    "[batch]\nfiles = 1\nrecords_per_file = 1\n{stream}{}",
+                    closed(ok)
+                ),
+                "for a stream load of one tenant in one phase",
+            ),
+            (
+                format!(
+                    "[[tenants.group]]\nname = \"a\"\n[tenants.group.stream]\nmessages = 5\n{}",
+                    closed(ok).replace("[stream.", "[tenants.group.stream.")
+                ),
+                "is for the scenario's own [stream] of one tenant",
+            ),
+        ] {
+            std::fs::write(&p, format!("name = \"x\"\n{text}")).expect("write");
+            let e = format!("{:#}", Scenario::load(&p).expect_err(&text));
             assert!(e.contains(expect), "{text}: {e}");
         }
         let _ = std::fs::remove_dir_all(&dir);

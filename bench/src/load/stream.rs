@@ -300,6 +300,7 @@ mod tests {
         StreamLoad {
             messages,
             rate: 10,
+            rate_of_closed_loop: None,
             concurrency: 0,
             per_request: per,
             consumers: 1,

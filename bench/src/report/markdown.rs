@@ -59,7 +59,14 @@ impl Report {
                 u.p50_ms, u.p99_ms
             ));
         }
-        s.push_str(".\n\n\"ms per ingestion\" is wall time divided by ingestions, as the original measured it: it is the platform's capacity only when the offered load exceeds it (the seed scenarios); at a sustainable fixed rate it reflects the rate.\n");
+        s.push('.');
+        if let Some(r) = &self.stream_rate {
+            s.push_str(&format!(
+                " Offered rate {}/s per tenant: {} of the {:.0} messages/s the platform stored in a closed loop measured first in this run (phase `closed loop` under Groups).",
+                r.rate, r.fraction, r.closed_loop_per_s
+            ));
+        }
+        s.push_str("\n\n\"ms per ingestion\" is wall time divided by ingestions, as the original measured it: it is the platform's capacity only when the offered load exceeds it (the seed scenarios); at a sustainable fixed rate it reflects the rate.\n");
         if let Some(f) = self.batch.as_ref().and_then(|p| p.per_file.as_ref()) {
             s.push_str(&format!(
                 "\nPer file (ingest request → done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.\n",

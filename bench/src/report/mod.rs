@@ -227,6 +227,19 @@ pub struct Results {
     pub phases: Vec<PhaseReport>,
     /// Each round of a scenario with `rounds` > 1; `batch` is then the median round's.
     pub rounds: Vec<Round>,
+    /// The stream's offered rate, when it was measured in the run rather than fixed.
+    pub stream_rate: Option<StreamRate>,
+}
+
+/// An offered rate set from the platform's closed-loop rate measured first in the same run
+/// (`[stream.rate_of_closed_loop]`; its phase is `closed loop`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamRate {
+    /// Messages per second the platform stored in the closed loop.
+    pub closed_loop_per_s: f64,
+    pub fraction: f64,
+    /// The rate offered: `fraction` of `closed_loop_per_s`, rounded.
+    pub rate: u32,
 }
 
 /// One round of a scenario run several times: the raw driver on the same records just
@@ -435,6 +448,9 @@ pub struct Report {
     /// The stream path as a ratio to [`Report::stream_raw`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_vs_raw: Option<StreamVsRaw>,
+    /// The offered rate, when it was measured in the run (the closed loop first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_rate: Option<StreamRate>,
     pub reference: serde_json::Value,
     /// Every tenant's path in every phase: offered, stored, failed, lost.
     #[serde(default)]
@@ -505,6 +521,7 @@ impl Report {
             batch_fraction_of_data_alone: fraction_alone,
             stream_vs_raw,
             stream_raw,
+            stream_rate: results.stream_rate,
             reference,
             accounting: results.accounting,
             phases: results.phases,

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use mysimbdp::infra::ServerVersions;
 
 use crate::deploy::Deployment;
-use crate::report::{Ceiling, Ceilings, Environment, Report, Results, Round};
-use crate::schema::{Expect, Scenario};
+use crate::report::{Ceiling, Ceilings, Environment, Report, Results, Round, StreamRate};
+use crate::schema::{ClosedLoopRate, Expect, Scenario};
 use crate::{accounting, ceiling, cost, faults, host, load, replicas};
 
 mod look;
@@ -101,6 +101,24 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         }
         let db = mongodb::Client::with_uri_str(&mongodb_uri).await?;
         let mut results = Results::default();
+        // An offered rate measured, not fixed: the closed loop runs first.
+        let rated = match sc
+            .stream
+            .as_ref()
+            .and_then(|s| s.rate_of_closed_loop.as_ref())
+        {
+            Some(c) => Some(closed_loop_rate(&sc, c, &admin, &db, &mut results).await?),
+            None => None,
+        };
+        let sc = rated.as_ref().unwrap_or(&sc);
+        let replanned;
+        let plans = match &rated {
+            Some(r) => {
+                replanned = r.plans()?;
+                &replanned
+            }
+            None => &plans,
+        };
         let mut rounds = Vec::new();
         // The time spent in the phases' loads (with rounds, not their ceilings).
         let mut loaded = std::time::Duration::ZERO;
@@ -180,20 +198,20 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             _ => None,
         };
         let ceiling = Ceilings { batch, stream };
-        Ok::<_, anyhow::Error>((results, ceiling, wall))
+        Ok::<_, anyhow::Error>((results, ceiling, wall, rated))
     }
     .await;
     let processes = deployment.peak_rss();
     let stopped = deployment.stop().await;
     let _ = std::fs::remove_dir_all(&staging);
     let _ = std::fs::remove_dir_all(staging.with_extension("logs"));
-    let (results, ceiling, wall) = match (measured, &stopped) {
+    let (results, ceiling, wall, rated) = match (measured, &stopped) {
         (Ok(m), _) => m,
         (Err(e), Ok(())) => return Err(e),
         (Err(e), Err(s)) => return Err(e.context(format!("and the platform: {s:#}"))),
     };
     let report = Report::new(
-        &sc,
+        rated.as_ref().unwrap_or(&sc),
         &run_id,
         environment(versions, processes),
         results,
@@ -210,6 +228,58 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
     let dir = out.join(&sc.name).join(&run_id);
     report.write(&dir)?;
     Ok(dir)
+}
+
+/// The scenario with its stream's rate set to `c.fraction` of the messages per second the
+/// platform stored under the closed-loop load `c`, run first as a phase of its own (`closed
+/// loop`, its own tenant; its figures and accounting are in the report with the others').
+async fn closed_loop_rate(
+    sc: &Scenario,
+    c: &ClosedLoopRate,
+    admin: &mysimbdp::client::Client,
+    db: &mongodb::Client,
+    results: &mut Results,
+) -> Result<Scenario> {
+    let stream = sc
+        .stream
+        .as_ref()
+        .context("a rate of the closed loop needs a [stream] load")?;
+    let mut closed = sc.clone();
+    closed.stream = Some(c.load(stream));
+    let plans = closed.plans()?;
+    let ph = PhaseSpec {
+        name: "closed loop".into(),
+        prefix: "cl-".into(),
+        groups: (0..plans.len()).collect(),
+    };
+    eprintln!(
+        "closed loop first: {} messages, {} publishers, for the rate to offer",
+        c.messages, c.concurrency
+    );
+    let o = phase::run_phase(&closed, &plans, &ph, admin, db).await?;
+    let per_s = o
+        .stream
+        .as_ref()
+        .map(|p| p.stats().throughput_per_s)
+        .filter(|r| r.is_finite() && *r > 0.0)
+        .context("the closed loop stored nothing: no rate to offer")?;
+    results.accounting.extend(o.accounts);
+    results.phases.push(o.report);
+    let rate = ((per_s * c.fraction).round() as u32).max(1);
+    eprintln!(
+        "closed loop: {per_s:.0} messages/s; offering {} of it: {rate}/s",
+        c.fraction
+    );
+    let mut rated = sc.clone();
+    if let Some(s) = &mut rated.stream {
+        s.rate = rate;
+    }
+    results.stream_rate = Some(StreamRate {
+        closed_loop_per_s: per_s,
+        fraction: c.fraction,
+        rate,
+    });
+    Ok(rated)
 }
 
 /// The raw driver's ceilings for the scenario's batch load, when it has one (`alone_first`:
