@@ -127,17 +127,17 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             // server's rate drifts from one minute to the next, and the mean of the two
             // is what it could do while the platform ran.
             let before = if sc.rounds > 1 {
-                batch_ceiling(&sc, &mongodb_uri, &ns, false).await?
+                batch_ceiling(sc, &mongodb_uri, &ns, false).await?
             } else {
                 None
             };
             let phase_started = Instant::now();
-            let o = phase::run_phase(&sc, &plans, ph, &admin, &db).await?;
+            let o = phase::run_phase(sc, plans, ph, &admin, &db).await?;
             loaded += phase_started.elapsed();
             results.accounting.extend(o.accounts);
             results.phases.push(o.report);
             if sc.rounds > 1 {
-                let after = batch_ceiling(&sc, &mongodb_uri, &ns, true).await?;
+                let after = batch_ceiling(sc, &mongodb_uri, &ns, true).await?;
                 match (o.batch, before, after) {
                     (Some(parts), Some(before), Some(after)) => {
                         let round = Round::of(i + 1, &parts, &before, &after);
@@ -163,7 +163,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
                 results.batch = Some(parts);
                 Some(ceiling)
             }
-            None => batch_ceiling(&sc, &mongodb_uri, &ns, false).await?,
+            None => batch_ceiling(sc, &mongodb_uri, &ns, false).await?,
         };
         // The raw stream pipeline: the same messages on the same schedule. It mirrors one
         // tenant running the map app on a clean stream load alone; a run of many tenants,
