@@ -696,7 +696,7 @@ pub fn condense(e: &str) -> String {
         .join(" / ")
 }
 
-fn account_problem(a: &Value) -> Option<String> {
+pub(crate) fn account_problem(a: &Value) -> Option<String> {
     let n = |k: &str| a[k].as_u64().unwrap_or(0);
     let (offered, stored, failed, refused) = (n("offered"), n("stored"), n("failed"), n("refused"));
     let lost = a["lost"].as_i64().unwrap_or(0);

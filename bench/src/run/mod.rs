@@ -257,6 +257,19 @@ async fn closed_loop_rate(
         c.messages, c.concurrency
     );
     let o = phase::run_phase(&closed, &plans, &ph, admin, db).await?;
+    // A closed loop that lost, failed or did not finish inputs measured something else than
+    // the platform's capacity: no rate is offered from it.
+    let problems: Vec<String> = o
+        .accounts
+        .iter()
+        .filter_map(|a| accounting::account_problem(&serde_json::to_value(a).ok()?))
+        .collect();
+    if !problems.is_empty() {
+        anyhow::bail!(
+            "the closed loop that measures the rate to offer did not store every message: {}",
+            problems.join("; ")
+        );
+    }
     let per_s = o
         .stream
         .as_ref()
@@ -266,6 +279,15 @@ async fn closed_loop_rate(
     results.accounting.extend(o.accounts);
     results.phases.push(o.report);
     let rate = ((per_s * c.fraction).round() as u32).max(1);
+    let needs_s = f64::from(stream.messages) / f64::from(rate);
+    if needs_s > sc.timeout_s as f64 {
+        anyhow::bail!(
+            "the closed loop stored {per_s:.0} messages/s: {} messages at {} of it ({rate}/s) take {needs_s:.0} s, more than timeout_s ({} s)",
+            stream.messages,
+            c.fraction,
+            sc.timeout_s
+        );
+    }
     eprintln!(
         "closed loop: {per_s:.0} messages/s; offering {} of it: {rate}/s",
         c.fraction

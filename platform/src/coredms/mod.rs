@@ -277,7 +277,21 @@ pub fn prepare(w: &BulkWrite) -> Prepared {
     let mut invalid = Vec::new();
     for (i, d) in w.docs.iter().enumerate() {
         let encoded = match &d.encoded {
-            Some(ahead) => ahead.clone(),
+            Some(ahead) => {
+                // Bytes encoded ahead must be of the document as it is now: a change of `id`
+                // or `doc` after `encode_ahead` that did not clear them fails every test.
+                #[cfg(debug_assertions)]
+                {
+                    let now = encode(&d.id, &d.doc).map_err(|e| e.to_string());
+                    let same = match (ahead, &now) {
+                        (Ok(a), Ok(b)) => a.as_bytes() == b.as_bytes(),
+                        (Err(a), Err(b)) => a == b,
+                        _ => false,
+                    };
+                    assert!(same, "document {} changed after it was encoded ahead", d.id);
+                }
+                ahead.clone()
+            }
             None => encode(&d.id, &d.doc).map_err(|e| e.to_string()),
         };
         let doc = match encoded {
@@ -648,9 +662,13 @@ mod tests {
             ahead.collections.iter().map(|c| c.2.len()).sum::<usize>(),
             3
         );
-        // What was encoded ahead is what is written: prepare does not encode it again.
-        w.docs[0].encoded = Some(Err("encoded ahead".into()));
-        assert_eq!(prepare(&w).invalid[0], (0, "encoded ahead".to_owned()));
+        // What was encoded ahead is what is written, so it must be of the document as it is:
+        // bytes left from before a change are caught in every debug build.
+        if cfg!(debug_assertions) {
+            w.docs[0].encoded = Some(Err("stale".into()));
+            let stale = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prepare(&w)));
+            assert!(stale.is_err(), "stale bytes encoded ahead are caught");
+        }
     }
 
     #[test]
