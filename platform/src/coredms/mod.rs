@@ -10,6 +10,7 @@ mod ops;
 mod remote;
 mod router;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use ::mongodb::bson::{self, Bson, DateTime, Document, RawDocumentBuf};
@@ -115,10 +116,11 @@ pub fn encode_ahead(docs: &mut [crate::model::DocWrite]) {
     }
 }
 
-/// The documents of a bulk write as BSON, grouped by collection, ready to insert.
-pub struct Prepared {
+/// The documents of a bulk write as BSON, grouped by collection, ready to insert: those
+/// encoded ahead borrowed from the write, not copied.
+pub struct Prepared<'a> {
     /// (collection, indexes into `BulkWrite::docs`, encoded documents)
-    pub collections: Vec<(String, Vec<usize>, Vec<RawDocumentBuf>)>,
+    pub collections: Vec<(String, Vec<usize>, Vec<Cow<'a, RawDocumentBuf>>)>,
     /// Documents the database would refuse, found before the write: (index, reason).
     pub invalid: Vec<(usize, String)>,
 }
@@ -272,11 +274,11 @@ pub fn encode(
 /// Encodes a bulk write's documents as BSON with their ids, and sets aside each document the
 /// database would refuse, so that one poison document fails alone: the CPU-bound part of a
 /// write.
-pub fn prepare(w: &BulkWrite) -> Prepared {
-    let mut collections: Vec<(String, Vec<usize>, Vec<RawDocumentBuf>)> = Vec::new();
+pub fn prepare(w: &BulkWrite) -> Prepared<'_> {
+    let mut collections: Vec<(String, Vec<usize>, Vec<Cow<'_, RawDocumentBuf>>)> = Vec::new();
     let mut invalid = Vec::new();
     for (i, d) in w.docs.iter().enumerate() {
-        let encoded = match &d.encoded {
+        let encoded: Result<Cow<'_, RawDocumentBuf>, String> = match &d.encoded {
             Some(ahead) => {
                 // Bytes encoded ahead must be of the document as it is now: a change of `id`
                 // or `doc` after `encode_ahead` that did not clear them fails every test.
@@ -290,9 +292,11 @@ pub fn prepare(w: &BulkWrite) -> Prepared {
                     };
                     assert!(same, "document {} changed after it was encoded ahead", d.id);
                 }
-                ahead.clone()
+                ahead.as_ref().map(Cow::Borrowed).map_err(Clone::clone)
             }
-            None => encode(&d.id, &d.doc).map_err(|e| e.to_string()),
+            None => encode(&d.id, &d.doc)
+                .map(Cow::Owned)
+                .map_err(|e| e.to_string()),
         };
         let doc = match encoded {
             Ok(doc) => doc,
@@ -641,7 +645,8 @@ mod tests {
             json!({"n": u64::MAX}),
             json!({"_id": "mine", "ok": [1, {"k": "v"}]}),
         ];
-        let now = prepare(&write(docs.clone()));
+        let plain = write(docs.clone());
+        let now = prepare(&plain);
         let mut w = write(docs);
         encode_ahead(&mut w.docs);
         assert!(w.docs.iter().all(|d| d.encoded.is_some()));

@@ -783,14 +783,18 @@ impl MongoStore {
     fn insert_isolating<'a>(
         &'a self,
         coll: &'a Collection<RawDocumentBuf>,
-        docs: &'a [RawDocumentBuf],
+        docs: &'a [std::borrow::Cow<'a, RawDocumentBuf>],
     ) -> futures::future::BoxFuture<'a, Result<Vec<Inserted>, CoreError>> {
         Box::pin(async move {
             let opts = mongodb::options::InsertManyOptions::builder()
                 .ordered(false)
                 .write_concern(self.write_concern.clone())
                 .build();
-            let e = match coll.insert_many(docs).with_options(opts).await {
+            let e = match coll
+                .insert_many(docs.iter().map(AsRef::as_ref))
+                .with_options(opts)
+                .await
+            {
                 Ok(_) => return Ok(docs.iter().map(|_| Inserted::Yes).collect()),
                 Err(e) => e,
             };
