@@ -81,8 +81,10 @@ impl Deployment {
         let sampler = tokio::spawn(async move {
             loop {
                 for (c, pid) in &pids {
-                    let rss = host::peak_rss(Some(*pid));
+                    // Read under the lock: a reading from before a reset of the peaks
+                    // (`reset_peak_rss`) cannot land after it.
                     if let Ok(mut m) = sampled.lock() {
+                        let rss = host::peak_rss(Some(*pid));
                         let e = m.entry(*c).or_insert(0);
                         *e = (*e).max(rss);
                     }
@@ -138,6 +140,31 @@ impl Deployment {
             }
         }
         out
+    }
+
+    /// Starts each process's peak resident memory afresh, so [`Self::peak_rss`] gives the
+    /// peak from now on (a load's own, not that of a closed loop run before it to measure
+    /// its rate). False when a process's could not be reset.
+    pub fn reset_peak_rss(&self) -> bool {
+        let mut all = host::reset_peak_rss(None);
+        if let Running::Separate {
+            processes, peaks, ..
+        } = &self.running
+        {
+            // Under the sampler's lock; a component's sampled peak is forgotten only when
+            // its own was reset (a dead one's stays: it has no other figure).
+            let Ok(mut m) = peaks.lock() else {
+                return false;
+            };
+            for (component, pid) in processes.pids() {
+                if pid.is_some_and(|p| host::reset_peak_rss(Some(p))) {
+                    m.remove(component);
+                } else {
+                    all = false;
+                }
+            }
+        }
+        all
     }
 
     /// Caps each component's address space (`prlimit --as`), so a component that tenant

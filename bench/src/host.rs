@@ -27,6 +27,17 @@ pub fn peak_rss(pid: Option<u32>) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// Starts a process's peak resident memory (`None`: this one) afresh from what it holds now
+/// (`5` written to its `clear_refs`, Linux ≥ 4.0), so a later [`peak_rss`] is the peak since:
+/// a load's own, not a warm-up's before it. False where that cannot be done.
+pub fn reset_peak_rss(pid: Option<u32>) -> bool {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/clear_refs"),
+        None => "/proc/self/clear_refs".into(),
+    };
+    std::fs::write(path, "5").is_ok()
+}
+
 /// Resident memory (VmRSS) and threads of a process now; `None` once it has exited.
 pub fn rss_and_threads(pid: u32) -> Option<(u64, u64)> {
     let s = Status::from_file(format!("/proc/{pid}/status")).ok()?;
@@ -100,6 +111,11 @@ mod tests {
         let other = peak_rss(Some(child.id()));
         assert!(rss > 0 && rss <= other, "{rss} vs peak {other}");
         assert_eq!(threads, 1, "sleep has one thread");
+        assert!(
+            reset_peak_rss(Some(child.id())),
+            "another process's peak can be reset, as each component's is"
+        );
+        assert!(peak_rss(Some(child.id())) > 0);
         let _ = child.kill();
         let _ = child.wait();
         assert!(other > 0, "{other}");
@@ -107,5 +123,26 @@ mod tests {
             load_average().is_some_and(|l| l >= 0.0),
             "Linux has /proc/loadavg"
         );
+    }
+
+    #[test]
+    fn a_peak_reset_forgets_memory_given_back_before_it() {
+        // 256 MiB touched then freed (an allocation this big is its own mapping, given back
+        // to the system when dropped): the peak holds it until it is reset.
+        let mut held = vec![0u8; 256 << 20];
+        for page in held.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        std::hint::black_box(&held);
+        let with = peak_rss(None);
+        drop(held);
+        assert!(with > 256 << 20, "{with}");
+        assert!(reset_peak_rss(None), "this process's own peak can be reset");
+        let after = peak_rss(None);
+        assert!(
+            after + (200 << 20) < with,
+            "{after} vs {with} before the reset"
+        );
+        assert!(!reset_peak_rss(Some(u32::MAX)), "no such process");
     }
 }

@@ -211,8 +211,8 @@ pub struct StreamLoad {
     #[serde(default)]
     pub rate: u32,
     /// An offered rate not fixed in the file: a fraction of the platform's closed-loop rate,
-    /// measured first in the same run. `rate` is then set to it before the load runs (the
-    /// report's scenario shows both).
+    /// measured first in the same run. The load runs at that rate; the report gives it in
+    /// `stream_rate` (its scenario is this one, as given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_of_closed_loop: Option<ClosedLoopRate>,
     /// Closed loop instead: this many publishers per tenant, each sending its next request
@@ -1065,6 +1065,17 @@ poison_every = 2
         assert_eq!((measured.per_request, measured.consumers), (1, 1));
         assert_eq!(measured.message_bytes, 99, "the scenario's messages");
         assert!(measured.rate_of_closed_loop.is_none());
+        // A report holds the scenario as given (its rate measured again when it is run
+        // again): written back to a file, it loads.
+        let again = dir.join("again.toml");
+        std::fs::write(&again, toml::to_string(&sc).expect("as TOML")).expect("write");
+        let back = Scenario::load(&again).expect("the report's scenario loads again");
+        let st = back.stream.as_ref().expect("stream");
+        assert_eq!(st.rate, 0);
+        assert_eq!(
+            st.rate_of_closed_loop.as_ref().map(|c| c.fraction),
+            Some(0.5)
+        );
         for (text, expect) in [
             (
                 format!("[stream]\nmessages = 5\nrate = 9\n{}", closed(ok)),

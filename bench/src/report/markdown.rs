@@ -65,6 +65,14 @@ impl Report {
                 " Offered rate {}/s per tenant: {} of the {:.0} messages/s the platform stored in a closed loop measured first in this run (phase `closed loop` under Groups).",
                 r.rate, r.fraction, r.closed_loop_per_s
             ));
+            if r.closed_loop_peak_rss_bytes > 0 {
+                s.push_str(&format!(
+                    " Peak RSS (Environment) is of what followed the closed loop; the closed loop's own: {:.0} MiB.",
+                    r.closed_loop_peak_rss_bytes as f64 / (1u64 << 20) as f64
+                ));
+            } else {
+                s.push_str(" Peak RSS (Environment) may include the closed loop's.");
+            }
         }
         s.push_str("\n\n\"ms per ingestion\" is wall time divided by ingestions, as the original measured it: it is the platform's capacity only when the offered load exceeds it (the seed scenarios); at a sustainable fixed rate it reflects the rate.\n");
         if let Some(f) = self.batch.as_ref().and_then(|p| p.per_file.as_ref()) {

@@ -240,6 +240,11 @@ pub struct StreamRate {
     pub fraction: f64,
     /// The rate offered: `fraction` of `closed_loop_per_s`, rounded.
     pub rate: u32,
+    /// Peak resident memory of the closed loop (the processes' sum). The report's
+    /// `peak_rss_bytes` is the peak of what followed it: the peaks are reset in between.
+    /// 0 in reports from before it was kept.
+    #[serde(default)]
+    pub closed_loop_peak_rss_bytes: u64,
 }
 
 /// One round of a scenario run several times: the raw driver on the same records just

@@ -107,7 +107,29 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             .as_ref()
             .and_then(|s| s.rate_of_closed_loop.as_ref())
         {
-            Some(c) => Some(closed_loop_rate(&sc, c, &admin, &db, &mut results).await?),
+            Some(c) => {
+                let rated = closed_loop_rate(&sc, c, &admin, &db, &mut results).await?;
+                // Memory the closed loop freed is given back to the system within the
+                // platform allocator's decay; the reset below starts after that.
+                tokio::time::sleep(std::time::Duration::from_millis(
+                    2 * mysimbdp::memory::DECAY_MS as u64,
+                ))
+                .await;
+                // The load's peak memory is its own: the closed loop's is kept apart.
+                if let Some(r) = &mut results.stream_rate {
+                    r.closed_loop_peak_rss_bytes =
+                        deployment.peak_rss().iter().map(|(_, b)| b).sum();
+                }
+                if !deployment.reset_peak_rss() {
+                    eprintln!(
+                        "cannot reset the peak memory of every process after the closed loop: the report's peak may include it"
+                    );
+                    if let Some(r) = &mut results.stream_rate {
+                        r.closed_loop_peak_rss_bytes = 0;
+                    }
+                }
+                Some(rated)
+            }
             None => None,
         };
         let sc = rated.as_ref().unwrap_or(&sc);
@@ -198,20 +220,22 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
             _ => None,
         };
         let ceiling = Ceilings { batch, stream };
-        Ok::<_, anyhow::Error>((results, ceiling, wall, rated))
+        Ok::<_, anyhow::Error>((results, ceiling, wall))
     }
     .await;
     let processes = deployment.peak_rss();
     let stopped = deployment.stop().await;
     let _ = std::fs::remove_dir_all(&staging);
     let _ = std::fs::remove_dir_all(staging.with_extension("logs"));
-    let (results, ceiling, wall, rated) = match (measured, &stopped) {
+    let (results, ceiling, wall) = match (measured, &stopped) {
         (Ok(m), _) => m,
         (Err(e), Ok(())) => return Err(e),
         (Err(e), Err(s)) => return Err(e.context(format!("and the platform: {s:#}"))),
     };
+    // The scenario as given, so that the report's copy runs again as it ran: a rate measured
+    // in the run is in `stream_rate`, not written into it.
     let report = Report::new(
-        rated.as_ref().unwrap_or(&sc),
+        &sc,
         &run_id,
         environment(versions, processes),
         results,
@@ -300,6 +324,7 @@ async fn closed_loop_rate(
         closed_loop_per_s: per_s,
         fraction: c.fraction,
         rate,
+        closed_loop_peak_rss_bytes: 0,
     });
     Ok(rated)
 }
