@@ -559,6 +559,7 @@ mod tests {
             unstored: vec![],
             origin: Some("abc".into()),
             replay: false,
+            local_lock_ms: 0,
         }
     }
 
