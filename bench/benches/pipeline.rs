@@ -156,7 +156,6 @@ fn bulk(c: &mut Criterion) {
         unstored: vec![],
         origin: Some("bench".into()),
         replay: false,
-        local_lock_ms: 0,
     };
     let statuses = vec![Status::Success; write.docs.len()];
     let reasons = vec![None; write.docs.len()];

@@ -264,13 +264,6 @@ pub struct BulkWrite {
     /// Batch: part of a replay of its run, so its entries are checked against the run's log.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub replay: bool,
-    /// Batch, from a batch manager whose coredms runs in its own process (every bulk of the
-    /// run goes through this one store, until another manager takes the job over after its
-    /// lease): how long the origin's lock may go unwritten between the run's bulks (see
-    /// `coredms`), well under the lease; 0: written before each bulk. Never sent: a remote
-    /// coredms may serve a run's bulks from several replicas, and writes it before each.
-    #[serde(skip)]
-    pub local_lock_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -375,7 +375,6 @@ fn bulk(tenant: &TenantName, batch: &[lapin::message::Delivery]) -> BulkWrite {
         unstored: Vec::new(),
         origin: None,
         replay: false,
-        local_lock_ms: 0,
     }
 }
 

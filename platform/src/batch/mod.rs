@@ -582,7 +582,7 @@ impl BatchManager {
         };
         // The bulk read ahead, once awaited (see `warming` below).
         let mut done: Option<Result<Option<Prepared>, JobError>> = None;
-        let every = self.checkpoint_every();
+        let every = CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3));
         for n in 0.. {
             if cancel.is_cancelled() {
                 // Left `ingesting`: the next start resumes from the checkpoint.
@@ -843,11 +843,6 @@ impl BatchManager {
         })
     }
 
-    /// The longest a job's progress goes unstored while its bulks are written.
-    fn checkpoint_every(&self) -> Duration {
-        CHECKPOINT_EVERY.min(Duration::from_millis(self.settings.lease_ms / 3))
-    }
-
     /// Writes a prepared bulk and moves the job's checkpoint past its records.
     async fn commit(
         &self,
@@ -879,13 +874,6 @@ impl BatchManager {
             unstored: transformed.unstored,
             origin: Some(origin_of(&job.record)),
             replay: job.record.replay,
-            // In this process, every bulk of the run comes through its store: the lock
-            // goes unwritten as long as the progress goes unstored.
-            local_lock_ms: if self.coredms.in_process() {
-                self.checkpoint_every().as_millis() as u64
-            } else {
-                0
-            },
         };
         let bytes: u64 = write.docs.iter().map(|d| d.bytes).sum();
         let outcome = write_with_retry(&self.coredms, write, cancel).await?;
@@ -983,7 +971,6 @@ impl BatchManager {
                         }],
                         origin: Some(origin_of(&job.record)),
                         replay: job.record.replay,
-                        local_lock_ms: 0,
                     })
                     .await;
             }

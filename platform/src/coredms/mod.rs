@@ -559,7 +559,6 @@ mod tests {
             unstored: vec![],
             origin: Some("abc".into()),
             replay: false,
-            local_lock_ms: 0,
         }
     }
 

@@ -46,21 +46,11 @@ pub struct MongoStore {
 }
 
 /// The last take of one origin lock by this store: the run it was for, the token it wrote,
-/// whether a bulk write is under it now, and when this store last wrote it.
+/// and whether a bulk write is under it now.
 struct Take {
     job: String,
     token: ObjectId,
     busy: bool,
-    written: Instant,
-    /// Which take this is ([`next_turn`]): a local run's bulks take the lock under one token,
-    /// each with a turn of its own.
-    turn: u64,
-}
-
-/// A number no take of this process had before.
-fn next_turn() -> u64 {
-    static TURNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    TURNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// An origin lock taken for one bulk write. Dropped after its bulk ended, it stays in the
@@ -71,7 +61,6 @@ struct OriginLock {
     ended: bool,
     id: String,
     token: ObjectId,
-    turn: u64,
     takes: Arc<Mutex<HashMap<String, Take>>>,
     locks: Collection<Document>,
 }
@@ -89,31 +78,30 @@ impl Drop for OriginLock {
         }
         if let Ok(mut takes) = self.takes.lock()
             && let Some(t) = takes.get_mut(&self.id)
-            && t.turn == self.turn
+            && t.token == self.token
         {
             t.busy = false;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (id, token, turn, takes, locks) = (
+        let (id, token, takes, locks) = (
             self.id.clone(),
             self.token,
-            self.turn,
             self.takes.clone(),
             self.locks.clone(),
         );
         rt.spawn(async move {
             tokio::time::sleep(LOCK_IDLE).await;
             let idle = takes.lock().is_ok_and(|mut takes| {
-                let idle = takes.get(&id).is_some_and(|t| t.turn == turn && !t.busy);
+                let idle = takes.get(&id).is_some_and(|t| t.token == token && !t.busy);
                 if idle {
                     takes.remove(&id);
                 }
                 idle
             });
-            // The turn: a take since here (this run's next bulk) is not released; the token:
-            // nor one elsewhere (through another replica, or another run's).
+            // The token: a take since (this run's next bulk, through another replica too,
+            // or another run's) is not released.
             if idle && let Err(e) = locks.delete_one(doc! {"_id": &id, "token": token}).await {
                 tracing::warn!(lock = id, error = %e, "cannot release a log lock; it expires");
             }
@@ -398,14 +386,7 @@ impl MongoStore {
             // Nothing another run could store too: no lock needed.
             return self.bulk_write_bucketed(w, origin, &job).await;
         }
-        let mut lock = self
-            .lock_origin(
-                &w.tenant,
-                origin,
-                &job,
-                Duration::from_millis(w.local_lock_ms),
-            )
-            .await?;
+        let mut lock = self.lock_origin(&w.tenant, origin, &job).await?;
         let r = self.bulk_write_bucketed(w, origin, &job).await;
         lock.ended = true;
         r
@@ -557,29 +538,16 @@ impl MongoStore {
     /// (`wanted`): the holder's next bulk hands it over instead of taking it, so runs of the
     /// same file still take turns per bulk; a run that stops waiting takes its request back
     /// ([`Waiting`]).
-    ///
-    /// A local run (its batch manager in this process: every bulk of it comes through this
-    /// store) writes the lock at most every `unwritten` (its manager's checkpoint interval,
-    /// at most a second and a third of its lease): a bulk that finds this store's own take
-    /// of it for the run idle and written less than that ago takes it as it is.
-    /// Nothing else can have changed it meanwhile: no other run takes a lock that is neither
-    /// expired nor handed over, only this store hands it over (at a write), and it releases
-    /// it only once idle, which a bulk marked busy prevents. A run that asks for it is seen
-    /// at the next write. A run whose bulks may come through other stores (a remote
-    /// coredms's replicas) writes it before each bulk: another store's hand-over or release
-    /// would not be seen here.
     async fn lock_origin(
         &self,
         tenant: &TenantName,
         origin: &str,
         job: &str,
-        unwritten: Duration,
     ) -> Result<OriginLock, CoreError> {
         let id = format!("{tenant}/{origin}");
         let locks = self.locks();
         let token = ObjectId::new();
         let taken = |busy_token: ObjectId| {
-            let turn = next_turn();
             if let Ok(mut takes) = self.takes.lock() {
                 takes.insert(
                     id.clone(),
@@ -587,8 +555,6 @@ impl MongoStore {
                         job: job.to_owned(),
                         token: busy_token,
                         busy: true,
-                        written: Instant::now(),
-                        turn,
                     },
                 );
             }
@@ -596,33 +562,10 @@ impl MongoStore {
                 ended: false,
                 id: id.clone(),
                 token: busy_token,
-                turn,
                 takes: self.takes.clone(),
                 locks: locks.clone(),
             }
         };
-        if !unwritten.is_zero() {
-            // Marked busy under the same lock the release checks: once this returns, the
-            // take is not released under the bulk.
-            let unwritten = self.takes.lock().ok().and_then(|mut takes| {
-                let t = takes.get_mut(&id)?;
-                (t.job == job && !t.busy && t.written.elapsed() < unwritten).then(|| {
-                    t.busy = true;
-                    t.turn = next_turn();
-                    (t.token, t.turn)
-                })
-            });
-            if let Some((token, turn)) = unwritten {
-                return Ok(OriginLock {
-                    ended: false,
-                    id,
-                    token,
-                    turn,
-                    takes: self.takes.clone(),
-                    locks,
-                });
-            }
-        }
         let mine = self
             .takes
             .lock()

@@ -195,7 +195,6 @@ impl Remote {
             },
             origin: write.origin.clone(),
             replay: write.replay,
-            local_lock_ms: 0,
         };
         self.send(&Call::bulk_write { write: chunk }).await
     }
@@ -324,7 +323,6 @@ mod tests {
             unstored: vec![],
             origin: Some("abc".into()),
             replay: false,
-            local_lock_ms: 0,
         };
         let unchunked = serde_json::to_vec(&CallRef::BulkWrite { write: &w }).expect("json");
         let sent = serde_json::to_vec(&Call::bulk_write { write: w }).expect("json");

@@ -1041,7 +1041,6 @@ async fn prepare(
         unstored: t.unstored,
         origin: None,
         replay: false,
-        local_lock_ms: 0,
     };
     Ok(Prepared {
         batch,

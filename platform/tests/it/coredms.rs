@@ -172,7 +172,6 @@ fn bulk_of(tenant: &TenantName, ingestion: &str, n: u64) -> BulkWrite {
         unstored: vec![],
         origin: None,
         replay: false,
-        local_lock_ms: 0,
     }
 }
 
@@ -541,79 +540,6 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
         })
         .await,
         "released once idle"
-    );
-}
-
-#[tokio::test]
-async fn a_local_runs_lock_goes_unwritten_between_its_bulks_yet_a_waiting_run_gets_its_turn() {
-    use mongodb::bson::doc;
-    let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("unwritten").await;
-    let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(&app).await, store(&app).await);
-    let locks = locks(&app).await;
-    let id = format!("{name}/feed");
-    let lock = || async { locks.find_one(doc! {"_id": &id}).await.expect("read") };
-    // Bulk k of run x, whose manager is in store `one`'s process: the lock may go unwritten
-    // `ms` since this store last wrote it.
-    let local = |k, ms| {
-        let mut w = slice_of(&tenant, "x", k);
-        w.local_lock_ms = ms;
-        w
-    };
-    const LONG: u64 = 60_000;
-    one.bulk_write(&local(0, LONG)).await.expect("x0");
-    let written = lock().await.expect("held by x");
-    one.bulk_write(&local(1, LONG)).await.expect("x1");
-    assert_eq!(
-        lock().await.as_ref(),
-        Some(&written),
-        "the next bulk within the time does not write the lock"
-    );
-    // Run y of the same file asks for it through the other store (where its bulks may come
-    // through other replicas: it writes before each). x's next bulk past the time (here
-    // 1 ms) writes the lock, so it sees the request and y goes first (or y took the lock
-    // released once x was idle): y's bulk ends before x's.
-    let done = std::sync::Mutex::new(Vec::new());
-    let y = async {
-        two.bulk_write(&slice_of(&tenant, "y", 0)).await.expect("y");
-        done.lock().expect("order").push("y");
-    };
-    let x = async {
-        let asked = crate::harness::eventually(Duration::from_secs(20), || async {
-            lock()
-                .await
-                .is_none_or(|l| l.get_str("wanted").ok() == Some("y"))
-        })
-        .await;
-        assert!(asked, "y asks for the lock");
-        one.bulk_write(&local(2, 1)).await.expect("x2");
-        done.lock().expect("order").push("x2");
-    };
-    tokio::time::timeout(Duration::from_secs(50), async { tokio::join!(x, y) })
-        .await
-        .expect("neither run waits for an expiry");
-    assert_eq!(done.into_inner().expect("order"), ["y", "x2"]);
-    let logs = app.logs(&alice, &name, "").await;
-    for (run, n) in [("x", 900), ("y", 300)] {
-        let mine: std::collections::HashSet<_> = logs
-            .iter()
-            .filter(|e| e.ingestion.as_deref() == Some(run))
-            .map(|e| e.document_id.clone())
-            .collect();
-        assert_eq!(mine.len(), n, "run {run} names each of its documents");
-    }
-    assert_eq!(logs.len(), 1200, "each run logs each document once");
-    let success: std::collections::HashSet<_> = logs
-        .iter()
-        .filter(|e| e.status == Status::Success)
-        .map(|e| e.document_id.clone())
-        .collect();
-    assert_eq!(success.len(), 900, "x stored 900, y's 300 are x's too");
-    assert_eq!(
-        logs.iter().filter(|e| e.status == Status::Success).count(),
-        900,
-        "one success entry per document"
     );
 }
 
