@@ -144,8 +144,10 @@ impl Deployment {
 
     /// Starts each process's peak resident memory afresh, so [`Self::peak_rss`] gives the
     /// peak from now on (a load's own, not that of a closed loop run before it to measure
-    /// its rate). False when a process's could not be reset.
-    pub fn reset_peak_rss(&self) -> bool {
+    /// its rate). The processes' peak sum until now, or `None` when a process's could not
+    /// be reset (the peaks then go on from before).
+    pub fn reset_peak_rss(&self) -> Option<u64> {
+        let before = self.peak_rss().iter().map(|(_, b)| b).sum();
         let mut all = host::reset_peak_rss(None);
         if let Running::Separate {
             processes, peaks, ..
@@ -154,7 +156,7 @@ impl Deployment {
             // Under the sampler's lock; a component's sampled peak is forgotten only when
             // its own was reset (a dead one's stays: it has no other figure).
             let Ok(mut m) = peaks.lock() else {
-                return false;
+                return None;
             };
             for (component, pid) in processes.pids() {
                 if pid.is_some_and(|p| host::reset_peak_rss(Some(p))) {
@@ -164,7 +166,7 @@ impl Deployment {
                 }
             }
         }
-        all
+        all.then_some(before)
     }
 
     /// Caps each component's address space (`prlimit --as`), so a component that tenant

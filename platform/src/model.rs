@@ -285,8 +285,8 @@ pub struct DocWrite {
     /// it was encoded ahead (`coredms::encode_ahead`): the batch and stream stages encode on
     /// their read-ahead thread while the bulk before is written, so the write does not wait
     /// for it. Whoever changes `id` or `doc` afterwards sets it back to `None` (a debug build's
-    /// write checks the bytes against the document). Never sent: a
-    /// coredms in another process encodes what it receives.
+    /// write checks the bytes against the document). Never sent: a coredms in another
+    /// process encodes what it receives.
     #[serde(skip)]
     pub encoded: Option<Result<mongodb::bson::RawDocumentBuf, String>>,
 }

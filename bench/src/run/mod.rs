@@ -116,17 +116,14 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
                 ))
                 .await;
                 // The load's peak memory is its own: the closed loop's is kept apart.
-                if let Some(r) = &mut results.stream_rate {
-                    r.closed_loop_peak_rss_bytes =
-                        deployment.peak_rss().iter().map(|(_, b)| b).sum();
-                }
-                if !deployment.reset_peak_rss() {
+                let closed_peak = deployment.reset_peak_rss();
+                if closed_peak.is_none() {
                     eprintln!(
                         "cannot reset the peak memory of every process after the closed loop: the report's peak may include it"
                     );
-                    if let Some(r) = &mut results.stream_rate {
-                        r.closed_loop_peak_rss_bytes = 0;
-                    }
+                }
+                if let Some(r) = &mut results.stream_rate {
+                    r.closed_loop_peak_rss_bytes = closed_peak.unwrap_or(0);
                 }
                 Some(rated)
             }
