@@ -255,6 +255,7 @@ pub async fn run(sc: &Scenario, load: &CostLoad, out: &Path, run_id: &str) -> Re
         format!("mongodb.write_concern=\"{}\"", sc.platform.write_concern),
         format!("mongodb.journal={}", sc.platform.journal),
         "mongodb.max_pool_size=4".into(),
+        mysimbdp::testing::expiring_queues(),
     ];
     overrides.extend(load.set.iter().cloned());
     eprintln!(

@@ -114,6 +114,7 @@ async fn one_fault(
         db = Some(d);
     }
     settings.platform.namespace = ns.clone();
+    settings.amqp.queue_expires_ms = mysimbdp::testing::QUEUE_EXPIRES_MS;
     settings.staging.dir = staging.clone();
     let uri = settings.mongodb.uri.clone();
     // A runtime of its own, so the platform can be killed; restarted on the same port.

@@ -109,6 +109,13 @@ pub struct AmqpSettings {
     /// buffers (8 MiB with RabbitMQ's default frame size); RabbitMQ allows 2,047 channels
     /// per connection by default, so each carries up to about 1,000 consumers.
     pub consumer_connections: usize,
+    /// When not 0, tenant queues are declared with RabbitMQ's `x-expires`: a queue left
+    /// unused this long (no consumer, not declared again, no `basic.get`) is deleted by the
+    /// broker **with the messages in it**, and the dead-letter exchange with the last queue
+    /// bound to it. For namespaces that end (tests, workbench runs), so that they leave
+    /// nothing behind on a broker that outlives them; never for tenants whose messages
+    /// matter. At most 2^31 - 1 (about 24 days). 0 (the default): queues stay.
+    pub queue_expires_ms: u64,
 }
 
 impl Default for AmqpSettings {
@@ -119,6 +126,7 @@ impl Default for AmqpSettings {
             delivery_limit: 20,
             connect_timeout_ms: 5_000,
             consumer_connections: 4,
+            queue_expires_ms: 0,
         }
     }
 }
@@ -673,6 +681,13 @@ impl Settings {
                 self.batch.lease_ms
             )));
         }
+        if self.amqp.queue_expires_ms > i32::MAX as u64 {
+            return Err(ConfigError::Invalid(format!(
+                "amqp.queue_expires_ms must be at most {} (0: queues stay), not {}",
+                i32::MAX,
+                self.amqp.queue_expires_ms
+            )));
+        }
         if self.mongodb.write_concern != "majority"
             && self.mongodb.write_concern.parse::<u32>().is_err()
         {
@@ -839,5 +854,15 @@ mod tests {
         )
         .expect_err("chunk over half the limit");
         assert!(err.to_string().contains("rpc_chunk_bytes"), "{err}");
+    }
+
+    #[test]
+    fn a_queue_expiry_is_what_the_broker_can_take() {
+        let at = |ms: u64| Settings::load_from(None, &[], &[format!("amqp.queue_expires_ms={ms}")]);
+        assert_eq!(at(0).expect("off").amqp.queue_expires_ms, 0);
+        let max = i32::MAX as u64;
+        assert_eq!(at(max).expect("the largest").amqp.queue_expires_ms, max);
+        let err = at(max + 1).expect_err("past a signed 32-bit count of ms");
+        assert!(err.to_string().contains("amqp.queue_expires_ms"), "{err}");
     }
 }

@@ -219,6 +219,17 @@ pub fn cut_connections(namespace: &str, reason: &str) -> std::io::Result<usize> 
     Ok(cut)
 }
 
+/// How long the queues of a test's or a workbench run's namespace outlive their last use
+/// (`amqp.queue_expires_ms`): long past any run's pause, yet a broker that serves run after
+/// run (a developer's, CI's) does not keep thousands of empty queues.
+pub const QUEUE_EXPIRES_MS: u64 = 15 * 60 * 1000;
+
+/// The setting that makes a namespace's queues expire ([`QUEUE_EXPIRES_MS`]), as
+/// `section.key=value`.
+pub fn expiring_queues() -> String {
+    format!("amqp.queue_expires_ms={QUEUE_EXPIRES_MS}")
+}
+
 /// The variable holding a command that starts a MongoDB server on `{port}` with its data in
 /// `{dir}`, e.g. `secantusd-py --port {port} --storage-path {dir}`.
 pub const MONGOD_COMMAND_VAR: &str = "MYSIMBDP_TEST_MONGOD";

@@ -227,6 +227,7 @@ pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) ->
         // A killed batch manager's jobs pass to the others once its lease expires: short
         // here, so the kill phase measures the takeover, not the default 30 s lease.
         "batch.lease_ms=3000".into(),
+        mysimbdp::testing::expiring_queues(),
     ];
     overrides.extend(load.set.iter().cloned());
     let settings = Settings::load(None, &overrides)?;

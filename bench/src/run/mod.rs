@@ -55,6 +55,8 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         format!("mongodb.journal={}", sc.platform.journal),
         "mongodb.max_pool_size=4".into(),
         "limits.max_file_bytes=1000000000".into(),
+        // The run's queues go from the broker after it (a scenario's `set` may keep them).
+        mysimbdp::testing::expiring_queues(),
     ];
     eprintln!(
         "scenario {}: provisioning, platform {}",

@@ -89,11 +89,17 @@ pub async fn declare(
         durable: true,
         ..Default::default()
     };
+    // Queues that expire (`amqp.queue_expires_ms`) take the dead-letter exchange with them:
+    // it goes when the last queue bound to it does.
+    let expires = i32::try_from(settings.queue_expires_ms)
+        .ok()
+        .filter(|ms| *ms > 0);
     ch.exchange_declare(
         t.dlx.as_str().into(),
         ExchangeKind::Direct,
         ExchangeDeclareOptions {
             durable: true,
+            auto_delete: expires.is_some(),
             ..Default::default()
         },
         FieldTable::default(),
@@ -101,6 +107,10 @@ pub async fn declare(
     .await?;
     let mut dlq_args = FieldTable::default();
     let mut args = FieldTable::default();
+    if let Some(ms) = expires {
+        args.insert("x-expires".into(), AMQPValue::LongInt(ms));
+        dlq_args.insert("x-expires".into(), AMQPValue::LongInt(ms));
+    }
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString(t.dlx.as_str().into()),

@@ -51,6 +51,9 @@ async fn spawn_serve(namespace: &str, staging: &std::path::Path) -> Proc {
             // The killed process's job lease runs out soon, so the restarted one resumes it.
             "--set",
             "batch.lease_ms=2000",
+            // As the in-process platforms of the tests declare them.
+            "--set",
+            &mysimbdp::testing::expiring_queues(),
         ])
         .env("MYSIMBDP_LISTEN", format!("127.0.0.1:{port}"))
         .env("MYSIMBDP_ADMIN_TOKEN", ADMIN_TOKEN)

@@ -60,6 +60,7 @@ impl TestApp {
             format!("auth.admin_token={ADMIN_TOKEN}"),
             "http.listen=127.0.0.1:0".to_owned(),
             "mongodb.max_pool_size=4".to_owned(),
+            mysimbdp::testing::expiring_queues(),
         ];
         all.extend(overrides.iter().cloned());
         let settings = Settings::load_from(None, &env, &all).expect("test settings are valid");

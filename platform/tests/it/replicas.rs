@@ -390,6 +390,7 @@ impl Replicas {
             format!("staging.dir={}", dir.join("staging").display()),
             format!("auth.admin_token={ADMIN_TOKEN}"),
             "mongodb.max_pool_size=4".to_owned(),
+            mysimbdp::testing::expiring_queues(),
         ];
         overrides.extend(extra.iter().map(|s| (*s).to_owned()));
         let coredms = Proc::start("coredms", &overrides, &infra, dir.join("coredms.log")).await;

@@ -349,6 +349,7 @@ async fn start_replicas(
         format!("staging.dir={}", dir.join("staging").display()),
         format!("auth.admin_token={ADMIN_TOKEN}"),
         "mongodb.max_pool_size=4".to_owned(),
+        mysimbdp::testing::expiring_queues(),
     ];
     overrides.extend(extra.iter().map(|s| (*s).to_owned()));
     let components = SplitProcesses::start_replicas(

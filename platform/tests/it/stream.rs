@@ -393,3 +393,93 @@ async fn a_message_on_a_quiet_queue_is_not_held_for_the_linger() {
     c.stream_stop(&t).await.expect("stop");
     assert_eq!(distinct_seqs(&app, &t).await, (3, 3));
 }
+
+/// Whether the broker has queue `name` (a passive declare, on a channel of its own: a
+/// missing queue closes the channel).
+async fn queue_exists(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(name.into(), passive, Default::default())
+        .await
+        .is_ok()
+}
+
+async fn exchange_exists(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = lapin::options::ExchangeDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.exchange_declare(
+        name.into(),
+        lapin::ExchangeKind::Direct,
+        passive,
+        Default::default(),
+    )
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn expiring_queues_outlive_their_pauses_and_go_with_their_namespace() {
+    let app = TestApp::spawn_with(&["amqp.queue_expires_ms=1500"]).await;
+    let (t, c) = app.tenant("brief").await;
+    let queue = format!("{}mysimbdp.{t}", app.namespace);
+    let dlq = format!("{queue}.dlq");
+    let dlx = format!("{}mysimbdp.dlx", app.namespace);
+    let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    // Published with no consumer, then a pause shorter than the expiry: nothing is lost.
+    c.publish(&t, "reading", ndjson(0, 100))
+        .await
+        .expect("published");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.stream_start(&t, 1).await.expect("start");
+    let first = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await >= 100
+    })
+    .await;
+    assert!(first, "stored {}", app.count(&t, "messages").await);
+    // A queue with a consumer is in use: twice its expiry later it still takes messages.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    assert!(
+        queue_exists(&conn, &queue).await,
+        "the consumed queue stays"
+    );
+    c.publish(&t, "reading", ndjson(100, 200))
+        .await
+        .expect("published to the same queue");
+    let all = eventually(Duration::from_secs(60), || async {
+        app.count(&t, "messages").await >= 200
+    })
+    .await;
+    assert!(all, "stored {}", app.count(&t, "messages").await);
+    assert_eq!(distinct_seqs(&app, &t).await, (200, 200));
+    // The platform gone, its queues, and the dead-letter exchange with them, go too. Looked
+    // at less often than the expiry: a look at a queue is a use of it.
+    let mut app = app;
+    app.kill();
+    let mut gone = false;
+    for _ in 0..12 {
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        gone = !queue_exists(&conn, &queue).await
+            && !queue_exists(&conn, &dlq).await
+            && !exchange_exists(&conn, &dlx).await;
+        if gone {
+            break;
+        }
+    }
+    assert!(
+        gone,
+        "left behind: queue {}, dlq {}, dlx {}",
+        queue_exists(&conn, &queue).await,
+        queue_exists(&conn, &dlq).await,
+        exchange_exists(&conn, &dlx).await
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
