@@ -112,9 +112,11 @@ pub struct AmqpSettings {
     /// When not 0, tenant queues are declared with RabbitMQ's `x-expires`: a queue left
     /// unused this long (no consumer, not declared again, no `basic.get`) is deleted by the
     /// broker **with the messages in it**, and the dead-letter exchange with the last queue
-    /// bound to it. For namespaces that end (tests, workbench runs), so that they leave
-    /// nothing behind on a broker that outlives them; never for tenants whose messages
-    /// matter. At most 2^31 - 1 (about 24 days). 0 (the default): queues stay.
+    /// bound to it. The stream managers look at the dead-letter queues of the tenants they
+    /// consume, so those live as long as their consumers. For namespaces that end (tests,
+    /// workbench runs), so that they leave nothing behind on a broker that outlives them;
+    /// never for tenants whose messages matter. Classic queues only (not with
+    /// `quorum_queues`); at most 2^31 - 1 (about 24 days). 0 (the default): queues stay.
     pub queue_expires_ms: u64,
 }
 
@@ -688,6 +690,14 @@ impl Settings {
                 self.amqp.queue_expires_ms
             )));
         }
+        if self.amqp.queue_expires_ms > 0 && self.amqp.quorum_queues {
+            // A quorum queue's lease is not renewed by a declare: the dead-letter queues,
+            // which nothing consumes, would go while their tenants run.
+            return Err(ConfigError::Invalid(
+                "amqp.queue_expires_ms is for classic queues: it cannot go with amqp.quorum_queues"
+                    .into(),
+            ));
+        }
         if self.mongodb.write_concern != "majority"
             && self.mongodb.write_concern.parse::<u32>().is_err()
         {
@@ -864,5 +874,15 @@ mod tests {
         assert_eq!(at(max).expect("the largest").amqp.queue_expires_ms, max);
         let err = at(max + 1).expect_err("past a signed 32-bit count of ms");
         assert!(err.to_string().contains("amqp.queue_expires_ms"), "{err}");
+        let err = Settings::load_from(
+            None,
+            &[],
+            &[
+                "amqp.queue_expires_ms=60000".into(),
+                "amqp.quorum_queues=true".into(),
+            ],
+        )
+        .expect_err("quorum queues do not renew on a look");
+        assert!(err.to_string().contains("quorum_queues"), "{err}");
     }
 }

@@ -208,7 +208,8 @@ fn last_entry_at(body: &[u8]) -> Option<time::OffsetDateTime> {
 /// Runs the three phases and writes `<out>/<name>/<run>/report.{json,md}` and
 /// `elastic.svg`.
 pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) -> Result<PathBuf> {
-    let ns = format!("rp{:06x}_", std::process::id() & 0xffffff);
+    // Not the process id alone: a broker that outlives runs may hold an earlier run's.
+    let ns = format!("rp{:06x}_", crate::run::rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-replicas-{ns}"));
     let admin = format!("replicas-admin-{:010}", std::process::id());
     let p = &sc.platform;

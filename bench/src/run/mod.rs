@@ -55,7 +55,7 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         format!("mongodb.journal={}", sc.platform.journal),
         "mongodb.max_pool_size=4".into(),
         "limits.max_file_bytes=1000000000".into(),
-        // The run's queues go from the broker after it (a scenario's `set` may keep them).
+        // The run's queues go from the broker some time after it.
         mysimbdp::testing::expiring_queues(),
     ];
     eprintln!(
@@ -392,7 +392,8 @@ fn environment(versions: ServerVersions, processes: Vec<(String, u64)>) -> Envir
     }
 }
 
-fn rand_u32() -> u32 {
+/// A few random bits for a run's names: the time's nanoseconds and the process id.
+pub(crate) fn rand_u32() -> u32 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();

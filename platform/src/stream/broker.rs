@@ -91,9 +91,11 @@ pub async fn declare(
     };
     // Queues that expire (`amqp.queue_expires_ms`) take the dead-letter exchange with them:
     // it goes when the last queue bound to it does.
-    let expires = i32::try_from(settings.queue_expires_ms)
-        .ok()
-        .filter(|ms| *ms > 0);
+    let expires = match settings.queue_expires_ms {
+        0 => None,
+        // Settings refuse more; set in code past it, the longest the field holds.
+        ms => Some(i32::try_from(ms).unwrap_or(i32::MAX)),
+    };
     ch.exchange_declare(
         t.dlx.as_str().into(),
         ExchangeKind::Direct,
@@ -366,6 +368,38 @@ impl Broker {
         &self,
         tenants: &[TenantName],
     ) -> Result<HashMap<TenantName, u64>, BrokerError> {
+        self.look_at(tenants, |t| t.queue, "queue depths read")
+            .await
+    }
+
+    /// How long an unused tenant queue lives (`amqp.queue_expires_ms`), if it expires.
+    pub fn queue_expiry(&self) -> Option<Duration> {
+        (self.settings.queue_expires_ms > 0)
+            .then(|| Duration::from_millis(self.settings.queue_expires_ms))
+    }
+
+    /// With expiring queues: each tenant's dead-letter queue looked at (a passive declare,
+    /// which RabbitMQ counts as a use of a classic queue), so that it lives as long as the
+    /// tenant's consumers do. Nothing consumes it, and a message dead-lettered into it is
+    /// no use of it. The stream managers call it for the tenants they consume, well within
+    /// the expiry.
+    pub async fn keep_dead_letter_queues(&self, tenants: &[TenantName]) -> Result<(), BrokerError> {
+        if self.queue_expiry().is_none() || tenants.is_empty() {
+            return Ok(());
+        }
+        self.look_at(tenants, |t| t.dlq, "dead-letter queues kept")
+            .await
+            .map(|_| ())
+    }
+
+    /// The ready messages of one queue of each tenant (`which` of its topology), by passive
+    /// declares on a channel of their own; a missing queue is left out.
+    async fn look_at(
+        &self,
+        tenants: &[TenantName],
+        which: fn(Topology) -> String,
+        done: &str,
+    ) -> Result<HashMap<TenantName, u64>, BrokerError> {
         let mut out = HashMap::with_capacity(tenants.len());
         let mut ch = None;
         for t in tenants {
@@ -377,7 +411,7 @@ impl Broker {
                 passive: true,
                 ..QueueDeclareOptions::default()
             };
-            let queue = self.topology(t).queue;
+            let queue = which(self.topology(t));
             // A failed passive declare closes the channel: the next tenant opens another.
             if let Ok(q) = c
                 .queue_declare(queue.as_str().into(), passive, FieldTable::default())
@@ -388,7 +422,7 @@ impl Broker {
             }
         }
         if let Some(c) = ch {
-            let _ = c.close(200, "queue depths read".into()).await;
+            let _ = c.close(200, done.into()).await;
         }
         Ok(out)
     }

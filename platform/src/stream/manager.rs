@@ -318,6 +318,10 @@ impl StreamManager {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
+        // With expiring queues, the consumed tenants' dead-letter queues are looked at a few
+        // times per expiry (see `Broker::keep_dead_letter_queues`).
+        let keep_every = broker.queue_expiry().map(|e| e / 4);
+        let mut kept: Option<(tokio::time::Instant, tokio::task::JoinHandle<()>)> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -342,6 +346,22 @@ impl StreamManager {
                     continue;
                 }
             };
+            // A task of its own, one at a time: a thousand tenants' looks take a while, and
+            // the loop does not wait for them.
+            if let Some(every) = keep_every
+                && kept
+                    .as_ref()
+                    .is_none_or(|(at, task)| at.elapsed() >= every && task.is_finished())
+            {
+                let consumed: Vec<TenantName> = targets.keys().cloned().collect();
+                let broker = broker.clone();
+                let task = tokio::spawn(async move {
+                    if let Err(e) = broker.keep_dead_letter_queues(&consumed).await {
+                        tracing::debug!(error = %e, "dead-letter queues not kept");
+                    }
+                });
+                kept = Some((tokio::time::Instant::now(), task));
+            }
             let elastic: Vec<TenantName> = targets
                 .iter()
                 .filter(|(_, g)| g.max > g.min)
