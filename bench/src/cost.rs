@@ -243,7 +243,7 @@ async fn trickle(
 /// Runs the scenario's steps and writes `<out>/<name>/<run>/report.{json,md}`.
 pub async fn run(sc: &Scenario, load: &CostLoad, out: &Path, run_id: &str) -> Result<PathBuf> {
     // Not the process id alone: a broker that outlives runs may hold an earlier run's.
-    let ns = format!("tc{:06x}_", crate::run::rand_u32() & 0xffffff);
+    let ns = format!("tc{:06x}_", crate::host::rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-tenants-{ns}"));
     let admin = format!("tenants-admin-{:010}", std::process::id());
     let mut overrides = vec![

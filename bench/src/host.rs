@@ -1,8 +1,17 @@
 //! Facts about the machine and its processes that a report records: cores, memory, peak
-//! resident memory, load, the commit. Imports nothing of the crate.
+//! resident memory, load, the commit; and a few random bits for a run's names. Imports
+//! nothing of the crate.
 
 use procfs_core::FromRead;
 use procfs_core::process::Status;
+
+/// A few random bits for a run's names: the time's nanoseconds and the process id.
+pub fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
+}
 
 /// Cores available to this process; 0 where unknown.
 pub fn cores() -> usize {

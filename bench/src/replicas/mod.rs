@@ -209,7 +209,7 @@ fn last_entry_at(body: &[u8]) -> Option<time::OffsetDateTime> {
 /// `elastic.svg`.
 pub async fn run(sc: &Scenario, load: &ReplicaLoad, out: &Path, run_id: &str) -> Result<PathBuf> {
     // Not the process id alone: a broker that outlives runs may hold an earlier run's.
-    let ns = format!("rp{:06x}_", crate::run::rand_u32() & 0xffffff);
+    let ns = format!("rp{:06x}_", crate::host::rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-replicas-{ns}"));
     let admin = format!("replicas-admin-{:010}", std::process::id());
     let p = &sc.platform;

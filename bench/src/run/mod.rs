@@ -39,9 +39,9 @@ pub async fn run(path: &Path, out: &Path) -> Result<PathBuf> {
         return replicas::run(&sc, r, out, &run_id).await;
     }
     let plans = sc.plans()?;
-    let ns = format!("sc{:06x}_", rand_u32() & 0xffffff);
+    let ns = format!("sc{:06x}_", crate::host::rand_u32() & 0xffffff);
     let staging = std::env::temp_dir().join(format!("mysimbdp-scenario-{ns}"));
-    let admin = format!("scenario-admin-{:08x}", rand_u32());
+    let admin = format!("scenario-admin-{:08x}", crate::host::rand_u32());
     let overrides = vec![
         format!("platform.namespace={ns}"),
         format!("staging.dir={}", staging.display()),
@@ -390,14 +390,6 @@ fn environment(versions: ServerVersions, processes: Vec<(String, u64)>) -> Envir
         peak_rss_bytes: processes.iter().map(|(_, b)| b).sum(),
         processes,
     }
-}
-
-/// A few random bits for a run's names: the time's nanoseconds and the process id.
-pub(crate) fn rand_u32() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    (t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(13)) ^ std::process::id()
 }
 
 #[cfg(test)]

@@ -297,8 +297,15 @@ impl Broker {
             match c.await? {
                 Confirmation::Ack(None) => {}
                 Confirmation::Ack(Some(_)) => {
+                    let why = match self.queue_expiry() {
+                        // Publishing is no use of a queue: one nobody consumed has expired.
+                        Some(_) => {
+                            "create the tenant first, or start its consumers: its queue expires unused (amqp.queue_expires_ms)"
+                        }
+                        None => "create the tenant first",
+                    };
                     return Err(BrokerError::Refused(format!(
-                        "queue `{queue}` does not exist; create the tenant first"
+                        "queue `{queue}` does not exist; {why}"
                     )));
                 }
                 Confirmation::Nack(_) => {
