@@ -207,8 +207,8 @@ fn account(
         }
         .settle();
         // Timed from where the work could begin to the last input logged: see
-        // `PathParts::timed`. Uploads before the first ingest request are the client's, as a
-        // loader's reading of its file is not timed.
+        // `PathParts::timed`. Uploads, all made before the first ingest request, are the
+        // client's, as a loader's reading of its file is not timed.
         let span = r.started_ms.zip(tally.last_ms);
         let elapsed = PathParts::timed(r.elapsed, span);
         let a = TenantAccount {
