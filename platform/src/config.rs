@@ -112,8 +112,9 @@ pub struct AmqpSettings {
     /// When not 0, tenant queues are declared with RabbitMQ's `x-expires`: a queue left
     /// unused this long (no consumer, not declared again, no `basic.get`) is deleted by the
     /// broker **with the messages in it**, and the dead-letter exchange with the last queue
-    /// bound to it. The stream managers look at the dead-letter queues of the tenants they
-    /// consume, so those live as long as their consumers. For namespaces that end (tests,
+    /// bound to it. The stream managers declare the queues of the tenants with a stream
+    /// target again about every quarter of it, so a dead-letter queue (which nothing
+    /// consumes) lives as long as its tenant's target. For namespaces that end (tests,
     /// workbench runs), so that they leave nothing behind on a broker that outlives them;
     /// never for tenants whose messages matter. Classic queues only (not with
     /// `quorum_queues`); at most 2^31 - 1 (about 24 days). 0 (the default): queues stay.

@@ -375,38 +375,6 @@ impl Broker {
         &self,
         tenants: &[TenantName],
     ) -> Result<HashMap<TenantName, u64>, BrokerError> {
-        self.look_at(tenants, |t| t.queue, "queue depths read")
-            .await
-    }
-
-    /// How long an unused tenant queue lives (`amqp.queue_expires_ms`), if it expires.
-    pub fn queue_expiry(&self) -> Option<Duration> {
-        (self.settings.queue_expires_ms > 0)
-            .then(|| Duration::from_millis(self.settings.queue_expires_ms))
-    }
-
-    /// With expiring queues: each tenant's dead-letter queue looked at (a passive declare,
-    /// which RabbitMQ counts as a use of a classic queue), so that it lives as long as the
-    /// tenant's consumers do. Nothing consumes it, and a message dead-lettered into it is
-    /// no use of it. The stream managers call it for the tenants they consume, well within
-    /// the expiry.
-    pub async fn keep_dead_letter_queues(&self, tenants: &[TenantName]) -> Result<(), BrokerError> {
-        if self.queue_expiry().is_none() || tenants.is_empty() {
-            return Ok(());
-        }
-        self.look_at(tenants, |t| t.dlq, "dead-letter queues kept")
-            .await
-            .map(|_| ())
-    }
-
-    /// The ready messages of one queue of each tenant (`which` of its topology), by passive
-    /// declares on a channel of their own; a missing queue is left out.
-    async fn look_at(
-        &self,
-        tenants: &[TenantName],
-        which: fn(Topology) -> String,
-        done: &str,
-    ) -> Result<HashMap<TenantName, u64>, BrokerError> {
         let mut out = HashMap::with_capacity(tenants.len());
         let mut ch = None;
         for t in tenants {
@@ -418,7 +386,7 @@ impl Broker {
                 passive: true,
                 ..QueueDeclareOptions::default()
             };
-            let queue = which(self.topology(t));
+            let queue = self.topology(t).queue;
             // A failed passive declare closes the channel: the next tenant opens another.
             if let Ok(q) = c
                 .queue_declare(queue.as_str().into(), passive, FieldTable::default())
@@ -429,9 +397,50 @@ impl Broker {
             }
         }
         if let Some(c) = ch {
-            let _ = c.close(200, done.into()).await;
+            let _ = c.close(200, "queue depths read".into()).await;
         }
         Ok(out)
+    }
+
+    /// How long an unused tenant queue lives (`amqp.queue_expires_ms`), if it expires.
+    pub fn queue_expiry(&self) -> Option<Duration> {
+        (self.settings.queue_expires_ms > 0)
+            .then(|| Duration::from_millis(self.settings.queue_expires_ms))
+    }
+
+    /// With expiring queues: each tenant's topology declared again, which RabbitMQ counts as
+    /// a use of its classic queues, so that its dead-letter queue lives as long as the
+    /// tenant has a stream target (nothing consumes it, and a message dead-lettered into it
+    /// is no use of it); one that went meanwhile is declared anew, with its binding. The
+    /// stream managers call it every quarter of the expiry or so. Returns how many
+    /// tenants' topologies could not be declared.
+    pub async fn keep_dead_letter_queues(
+        &self,
+        tenants: &[TenantName],
+    ) -> Result<usize, BrokerError> {
+        if self.queue_expiry().is_none() {
+            return Ok(0);
+        }
+        let mut failed = 0;
+        let mut ch = None;
+        for t in tenants {
+            let c = match ch.take() {
+                Some(c) => c,
+                None => self.own_channel().await?,
+            };
+            // A failed declare closes the channel: the next tenant opens another.
+            match declare(&c, &self.topology(t), &self.settings).await {
+                Ok(()) => ch = Some(c),
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(tenant = %t, error = %e, "a tenant's queues could not be declared again");
+                }
+            }
+        }
+        if let Some(c) = ch {
+            let _ = c.close(200, "dead-letter queues kept".into()).await;
+        }
+        Ok(failed)
     }
 
     /// Up to `limit` of a tenant's dead letters, oldest first, left in the queue: they are

@@ -318,14 +318,43 @@ impl StreamManager {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
-        // With expiring queues, the consumed tenants' dead-letter queues are looked at a few
-        // times per expiry (see `Broker::keep_dead_letter_queues`).
+        // With expiring queues, the topologies of the tenants with a target are declared
+        // again about every quarter of the expiry (see `Broker::keep_dead_letter_queues`),
+        // from the last targets read: a database out of reach does not stop it.
         let keep_every = broker.queue_expiry().map(|e| e / 4);
         let mut kept: Option<(tokio::time::Instant, tokio::task::JoinHandle<()>)> = None;
+        let mut known: Vec<TenantName> = Vec::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                () = self.shutdown.cancelled() => return,
+                () = self.shutdown.cancelled() => {
+                    if let Some((_, task)) = kept.take() {
+                        task.abort();
+                    }
+                    return;
+                }
+            }
+            // A task of its own, one at a time, given the period at most: a thousand tenants'
+            // declares take a while, and the loop does not wait for them.
+            if let Some(every) = keep_every
+                && !known.is_empty()
+                && kept
+                    .as_ref()
+                    .is_none_or(|(at, task)| at.elapsed() >= every && task.is_finished())
+            {
+                let tenants = known.clone();
+                let broker = broker.clone();
+                let task = tokio::spawn(async move {
+                    let keep = broker.keep_dead_letter_queues(&tenants);
+                    match tokio::time::timeout(every, keep).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "tenant queues not declared again")
+                        }
+                        Err(_) => tracing::warn!("tenant queues not all declared again in time"),
+                    }
+                });
+                kept = Some((tokio::time::Instant::now(), task));
             }
             let epoch = self.epoch.load(SeqCst);
             let targets: HashMap<TenantName, ConsumerTarget> = match self
@@ -346,21 +375,8 @@ impl StreamManager {
                     continue;
                 }
             };
-            // A task of its own, one at a time: a thousand tenants' looks take a while, and
-            // the loop does not wait for them.
-            if let Some(every) = keep_every
-                && kept
-                    .as_ref()
-                    .is_none_or(|(at, task)| at.elapsed() >= every && task.is_finished())
-            {
-                let consumed: Vec<TenantName> = targets.keys().cloned().collect();
-                let broker = broker.clone();
-                let task = tokio::spawn(async move {
-                    if let Err(e) = broker.keep_dead_letter_queues(&consumed).await {
-                        tracing::debug!(error = %e, "dead-letter queues not kept");
-                    }
-                });
-                kept = Some((tokio::time::Instant::now(), task));
+            if keep_every.is_some() {
+                known = targets.keys().cloned().collect();
             }
             let elastic: Vec<TenantName> = targets
                 .iter()
