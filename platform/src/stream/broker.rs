@@ -320,6 +320,16 @@ impl Broker {
     }
 }
 
+/// The broker's answer that a queue or exchange does not exist (it closes the channel).
+fn not_found(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(a)
+            if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 fn header<'a>(d: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
     d.properties.headers().as_ref()?.inner().get(name)
 }
@@ -456,10 +466,15 @@ impl Broker {
         let mut more = false;
         let r = async {
             while out.len() < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
-                match ch
+                let got = match ch
                     .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await?
+                    .await
                 {
+                    // No dead-letter queue (it expired, or was deleted): no dead letters.
+                    Err(e) if not_found(&e) => None,
+                    got => got?,
+                };
+                match got {
                     Some(m) => {
                         out.push(listed(&m.delivery));
                         more = m.message_count > 0;
@@ -493,10 +508,15 @@ impl Broker {
         let mut moved = 0u64;
         let r = async {
             while (moved as usize) < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
-                let Some(m) = ch
+                let got = match ch
                     .basic_get(t.dlq.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await?
-                else {
+                    .await
+                {
+                    // No dead-letter queue (it expired, or was deleted): nothing to replay.
+                    Err(e) if not_found(&e) => None,
+                    got => got?,
+                };
+                let Some(m) = got else {
                     break;
                 };
                 let d = &m.delivery;

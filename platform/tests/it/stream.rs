@@ -476,6 +476,22 @@ async fn expiring_queues_outlive_their_pauses_and_go_with_their_namespace() {
     .await;
     assert!(all, "stored {}", app.count(&t, "messages").await);
     assert_eq!(distinct_seqs(&app, &t).await, (199, 199));
+    // Stopped, the tenant's queues are no longer kept: they go, with the dead letter. What
+    // asks for them then gets an answer, not a broker error.
+    c.stream_stop(&t).await.expect("stop");
+    tokio::time::sleep(Duration::from_millis(2 * EXPIRES_MS + 2_000)).await;
+    let dead = c
+        .dead_letters(&t, 10)
+        .await
+        .expect("no dead-letter queue: none listed");
+    assert!(dead.dead_letters.is_empty() && !dead.more, "{dead:?}");
+    let replayed = c.replay_dead_letters(&t, 10).await.expect("none to replay");
+    assert_eq!(replayed.replayed, 0);
+    let refused = c
+        .publish(&t, "reading", ndjson(200, 201))
+        .await
+        .expect_err("its queue expired");
+    assert!(refused.to_string().contains("expires unused"), "{refused}");
     // The platform gone, its queues, and the dead-letter exchange with them, go too. Looked
     // at less often than the expiry: a look at a queue is a use of it.
     let mut app = app;
