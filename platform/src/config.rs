@@ -121,6 +121,13 @@ pub struct AmqpSettings {
     pub queue_expires_ms: u64,
 }
 
+impl AmqpSettings {
+    /// How long an unused tenant queue lives (`queue_expires_ms`), if it expires.
+    pub fn queue_expiry(&self) -> Option<std::time::Duration> {
+        (self.queue_expires_ms > 0).then(|| std::time::Duration::from_millis(self.queue_expires_ms))
+    }
+}
+
 impl Default for AmqpSettings {
     fn default() -> Self {
         Self {

@@ -91,11 +91,10 @@ pub async fn declare(
     };
     // Queues that expire (`amqp.queue_expires_ms`) take the dead-letter exchange with them:
     // it goes when the last queue bound to it does.
-    let expires = match settings.queue_expires_ms {
-        0 => None,
-        // Settings refuse more; set in code past it, the longest the field holds.
-        ms => Some(i32::try_from(ms).unwrap_or(i32::MAX)),
-    };
+    // Settings refuse more than i32 holds; set in code past it, the longest it holds.
+    let expires = settings
+        .queue_expiry()
+        .map(|e| i32::try_from(e.as_millis()).unwrap_or(i32::MAX));
     ch.exchange_declare(
         t.dlx.as_str().into(),
         ExchangeKind::Direct,
@@ -320,14 +319,29 @@ impl Broker {
     }
 }
 
-/// The broker's answer that a queue or exchange does not exist (it closes the channel).
-fn not_found(e: &lapin::Error) -> bool {
+/// The next dead letter of `dlq`, unacknowledged; none when the queue is empty, or when it
+/// does not exist (it expired, or was deleted: the broker's NOT_FOUND, which closes the
+/// channel, is no outage).
+async fn take_dead_letter(
+    ch: &Channel,
+    dlq: &str,
+) -> Result<Option<lapin::message::BasicGetMessage>, BrokerError> {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(
-        e.kind(),
-        lapin::ErrorKind::ProtocolError(a)
-            if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
-    )
+    match ch
+        .basic_get(dlq.into(), BasicGetOptions { no_ack: false })
+        .await
+    {
+        Err(e)
+            if matches!(
+                e.kind(),
+                lapin::ErrorKind::ProtocolError(a)
+                    if matches!(a.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+            ) =>
+        {
+            Ok(None)
+        }
+        got => Ok(got?),
+    }
 }
 
 fn header<'a>(d: &'a lapin::message::Delivery, name: &str) -> Option<&'a AMQPValue> {
@@ -414,24 +428,19 @@ impl Broker {
 
     /// How long an unused tenant queue lives (`amqp.queue_expires_ms`), if it expires.
     pub fn queue_expiry(&self) -> Option<Duration> {
-        (self.settings.queue_expires_ms > 0)
-            .then(|| Duration::from_millis(self.settings.queue_expires_ms))
+        self.settings.queue_expiry()
     }
 
     /// With expiring queues: each tenant's topology declared again, which RabbitMQ counts as
     /// a use of its classic queues, so that its dead-letter queue lives as long as the
     /// tenant has a stream target (nothing consumes it, and a message dead-lettered into it
     /// is no use of it); one that went meanwhile is declared anew, with its binding. The
-    /// stream managers call it every quarter of the expiry or so. Returns how many
-    /// tenants' topologies could not be declared.
-    pub async fn keep_dead_letter_queues(
-        &self,
-        tenants: &[TenantName],
-    ) -> Result<usize, BrokerError> {
+    /// stream managers call it every quarter of the expiry or so; a tenant whose topology
+    /// cannot be declared is warned about.
+    pub async fn keep_dead_letter_queues(&self, tenants: &[TenantName]) -> Result<(), BrokerError> {
         if self.queue_expiry().is_none() {
-            return Ok(0);
+            return Ok(());
         }
-        let mut failed = 0;
         let mut ch = None;
         for t in tenants {
             let c = match ch.take() {
@@ -442,7 +451,6 @@ impl Broker {
             match declare(&c, &self.topology(t), &self.settings).await {
                 Ok(()) => ch = Some(c),
                 Err(e) => {
-                    failed += 1;
                     tracing::warn!(tenant = %t, error = %e, "a tenant's queues could not be declared again");
                 }
             }
@@ -450,7 +458,7 @@ impl Broker {
         if let Some(c) = ch {
             let _ = c.close(200, "dead-letter queues kept".into()).await;
         }
-        Ok(failed)
+        Ok(())
     }
 
     /// Up to `limit` of a tenant's dead letters, oldest first, left in the queue: they are
@@ -466,15 +474,7 @@ impl Broker {
         let mut more = false;
         let r = async {
             while out.len() < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
-                let got = match ch
-                    .basic_get(dlq.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await
-                {
-                    // No dead-letter queue (it expired, or was deleted): no dead letters.
-                    Err(e) if not_found(&e) => None,
-                    got => got?,
-                };
-                match got {
+                match take_dead_letter(&ch, &dlq).await? {
                     Some(m) => {
                         out.push(listed(&m.delivery));
                         more = m.message_count > 0;
@@ -508,15 +508,7 @@ impl Broker {
         let mut moved = 0u64;
         let r = async {
             while (moved as usize) < limit.min(MAX_DEAD_LETTERS_PER_REQUEST) {
-                let got = match ch
-                    .basic_get(t.dlq.as_str().into(), BasicGetOptions { no_ack: false })
-                    .await
-                {
-                    // No dead-letter queue (it expired, or was deleted): nothing to replay.
-                    Err(e) if not_found(&e) => None,
-                    got => got?,
-                };
-                let Some(m) = got else {
+                let Some(m) = take_dead_letter(&ch, &t.dlq).await? else {
                     break;
                 };
                 let d = &m.delivery;

@@ -347,7 +347,7 @@ impl StreamManager {
                 let task = tokio::spawn(async move {
                     let keep = broker.keep_dead_letter_queues(&tenants);
                     match tokio::time::timeout(every, keep).await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(())) => {}
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "tenant queues not declared again")
                         }
