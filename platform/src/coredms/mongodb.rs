@@ -386,7 +386,9 @@ impl MongoStore {
             // Nothing another run could store too: no lock needed.
             return self.bulk_write_bucketed(w, origin, &job).await;
         }
-        let mut lock = self.lock_origin(&w.tenant, origin, &job).await?;
+        let mut lock = self
+            .lock_origin(&w.tenant, origin, &job, first_record(w))
+            .await?;
         let r = self.bulk_write_bucketed(w, origin, &job).await;
         lock.ended = true;
         r
@@ -538,11 +540,18 @@ impl MongoStore {
     /// (`wanted`): the holder's next bulk hands it over instead of taking it, so runs of the
     /// same file still take turns per bulk; a run that stops waiting takes its request back
     /// ([`Waiting`]).
+    ///
+    /// Each take writes where in the file its bulk begins (`from`, its first record). Only a
+    /// bulk further on hands the lock over: its run has moved past the bulk of the take, so
+    /// no write of it is still due. One that does not begin further on is a retry (or the
+    /// next chunk of one) overlapping an attempt that may still be writing, through another
+    /// replica as well: it takes the lock over for its own run instead.
     async fn lock_origin(
         &self,
         tenant: &TenantName,
         origin: &str,
         job: &str,
+        from: i64,
     ) -> Result<OriginLock, CoreError> {
         let id = format!("{tenant}/{origin}");
         let locks = self.locks();
@@ -575,7 +584,7 @@ impl MongoStore {
                 .update_one(
                     doc! {"_id": &id, "by": job, "wanted": {"$exists": false}},
                     doc! {
-                        "$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token},
+                        "$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token, "from": from},
                         "$unset": {"handed": ""},
                     },
                 )
@@ -600,7 +609,9 @@ impl MongoStore {
             }
             let until = now_us() + ORIGIN_LOCK_US;
             let inserted = locks
-                .insert_one(doc! {"_id": &id, "by": job, "until_us": until, "token": token})
+                .insert_one(
+                    doc! {"_id": &id, "by": job, "until_us": until, "token": token, "from": from},
+                )
                 .await;
             match inserted {
                 Ok(_) => {
@@ -629,10 +640,14 @@ impl MongoStore {
                 .takes
                 .lock()
                 .is_ok_and(|t| t.get(&id).is_some_and(|t| t.job == job && t.busy));
+            // Taken for a bulk this one does not come after: an attempt of it, here or through
+            // another replica, may still be writing. (A take that says nothing is older.)
+            let overlapping = held.get_i64("from").is_ok_and(|f| f >= from);
             if by == job
                 && !expired
                 && !handed
                 && !busy_here
+                && !overlapping
                 && let Some(other) = wanted.filter(|w| *w != job)
             {
                 // Ours since an earlier bulk, and another run waits: its turn, under the
@@ -647,12 +662,13 @@ impl MongoStore {
                         exact,
                         doc! {
                             "$set": {"by": other, "until_us": now_us() + HANDOVER_US, "token": to, "handed": true},
-                            "$unset": {"wanted": "", "wanted_token": ""},
+                            "$unset": {"wanted": "", "wanted_token": "", "from": ""},
                         },
                     )
                     .await?;
             } else if by == job || expired {
-                let mut change = doc! {"$set": {"by": job, "until_us": until, "token": token}};
+                let mut change =
+                    doc! {"$set": {"by": job, "until_us": until, "token": token, "from": from}};
                 let mut clear = doc! {"handed": ""};
                 if wanted == Some(job) {
                     clear.insert("wanted", "");
@@ -1513,4 +1529,17 @@ fn is_duplicate(e: &mongodb::error::Error) -> bool {
         ErrorKind::Command(ce) => ce.code == DUPLICATE_KEY,
         _ => false,
     }
+}
+
+/// Where in its file a batch bulk begins: its first record (see [`MongoStore::lock_origin`]).
+fn first_record(w: &BulkWrite) -> i64 {
+    let inputs = w.docs.iter().map(|d| &d.input);
+    let inputs = inputs.chain(w.unstored.iter().map(|u| &u.input));
+    inputs
+        .filter_map(|i| match i {
+            crate::model::InputRef::Record { record, .. } => Some(*record),
+            _ => None,
+        })
+        .min()
+        .map_or(-1, |r| i64::try_from(r).unwrap_or(i64::MAX))
 }

@@ -544,6 +544,81 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
 }
 
 #[tokio::test]
+async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run() {
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("overlap").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
+    let locks = locks(&app).await;
+    let lock = || async {
+        locks
+            .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
+            .await
+            .expect("read")
+            .unwrap_or_default()
+    };
+    // Run x's first attempt at its first bulk, through one replica, stores the documents and
+    // hangs before its log (its caller gives up on it and retries through another).
+    mysimbdp::coredms::faults::stall_before_log(&name);
+    let first = tokio::spawn({
+        let w = slice_of(&tenant, "x", 0);
+        async move { one.bulk_write(&w).await }
+    });
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || async {
+            app.count(&name, "items").await == 300
+        })
+        .await,
+        "the first attempt stores its documents"
+    );
+    // Run y of the same file waits for the lock through the other replica, and asks for it.
+    let y = tokio::spawn({
+        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
+        async move { two.bulk_write(&w).await }
+    });
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || async {
+            lock().await.get_str("wanted") == Ok("y")
+        })
+        .await,
+        "y asks for the lock: {:?}",
+        lock().await
+    );
+    // x's retry of the same bulk through that replica: the lock is not y's turn yet, since
+    // the first attempt may still be writing.
+    let retry = tokio::time::timeout(
+        Duration::from_secs(30),
+        two.bulk_write(&slice_of(&tenant, "x", 0)),
+    )
+    .await
+    .expect("the retry does not wait for an expiry")
+    .expect("retry");
+    let y = tokio::time::timeout(Duration::from_secs(30), y)
+        .await
+        .expect("y gets its turn after the retry")
+        .expect("y's task")
+        .expect("y's bulk");
+    first.abort();
+    assert_eq!(
+        (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
+        (300, 0, 0, 300),
+        "the run that stored the documents is the one credited"
+    );
+    let logs = app.logs(&alice, &name, "").await;
+    let of = |run: &str, status: Status| {
+        logs.iter()
+            .filter(|e| e.ingestion.as_deref() == Some(run) && e.status == status)
+            .count()
+    };
+    assert_eq!(
+        (of("x", Status::Success), of("y", Status::Duplicate)),
+        (300, 300),
+        "x stored them, y found them stored"
+    );
+    assert_eq!(logs.len(), 600, "each run logs each document once");
+}
+
+#[tokio::test]
 async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
     use mongodb::bson::{doc, oid::ObjectId};
     let app = TestApp::spawn().await;
