@@ -541,11 +541,14 @@ impl MongoStore {
     /// same file still take turns per bulk; a run that stops waiting takes its request back
     /// ([`Waiting`]).
     ///
-    /// Each take writes where in the file its bulk begins (`from`, its first record). Only a
-    /// bulk further on hands the lock over: its run has moved past the bulk of the take, so
-    /// no write of it is still due. One that does not begin further on is a retry (or the
-    /// next chunk of one) overlapping an attempt that may still be writing, through another
-    /// replica as well: it takes the lock over for its own run instead.
+    /// The lock holds how far into the file its run's takes have reached (`from`: the
+    /// furthest first record of a bulk taken under it; a take of the same run never lowers
+    /// it). Only a bulk that begins further on hands the lock over: its run has moved past
+    /// every bulk taken before, so none of their writes is still due from an attempt whose
+    /// retry it follows. One that does not is a retry overlapping an attempt that may still
+    /// be writing (through another replica, too; or a chunk of such a retry, or a resumed
+    /// run): it takes the lock over for its own run instead. What this cannot cover: an
+    /// attempt still writing after its run's lock was released idle or expired.
     async fn lock_origin(
         &self,
         tenant: &TenantName,
@@ -584,7 +587,8 @@ impl MongoStore {
                 .update_one(
                     doc! {"_id": &id, "by": job, "wanted": {"$exists": false}},
                     doc! {
-                        "$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token, "from": from},
+                        "$set": {"until_us": now_us() + ORIGIN_LOCK_US, "token": token},
+                        "$max": {"from": from},
                         "$unset": {"handed": ""},
                     },
                 )
@@ -641,7 +645,7 @@ impl MongoStore {
                 .lock()
                 .is_ok_and(|t| t.get(&id).is_some_and(|t| t.job == job && t.busy));
             // Taken for a bulk this one does not come after: an attempt of it, here or through
-            // another replica, may still be writing. (A take that says nothing is older.)
+            // another replica, may still be writing. (A lock that says nothing is older.)
             let overlapping = held.get_i64("from").is_ok_and(|f| f >= from);
             if by == job
                 && !expired
@@ -667,8 +671,15 @@ impl MongoStore {
                     )
                     .await?;
             } else if by == job || expired {
-                let mut change =
-                    doc! {"$set": {"by": job, "until_us": until, "token": token, "from": from}};
+                let mut set = doc! {"by": job, "until_us": until, "token": token};
+                let mut change = doc! {};
+                // This run's furthest take stays; another run's (expired) goes.
+                if by == job {
+                    change.insert("$max", doc! {"from": from});
+                } else {
+                    set.insert("from", from);
+                }
+                change.insert("$set", set);
                 let mut clear = doc! {"handed": ""};
                 if wanted == Some(job) {
                     clear.insert("wanted", "");

@@ -546,10 +546,21 @@ async fn two_runs_of_one_file_through_two_replicas_take_turns_and_log_each_docum
 #[tokio::test]
 async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run() {
     let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("overlap").await;
+    // The retried bulk first, then the second of two (as the second chunk of a bulk sent in
+    // chunks, whose retry sends the first again before it).
+    for k in [0, 1] {
+        retry_keeps_the_lock(&app, k).await;
+    }
+}
+
+/// Run x writes its bulks up to `k` through one replica, and its attempt at bulk `k` hangs
+/// between its data and its log; run y waits for bulk `k` of the same file through another
+/// replica; x retries its bulks from the first through that replica.
+async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
+    let (name, alice) = app.tenant(&format!("overlap{k}")).await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
-    let locks = locks(&app).await;
+    let (one, two) = (store(app).await, std::sync::Arc::new(store(app).await));
+    let locks = locks(app).await;
     let lock = || async {
         locks
             .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
@@ -557,23 +568,27 @@ async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run
             .expect("read")
             .unwrap_or_default()
     };
-    // Run x's first attempt at its first bulk, through one replica, stores the documents and
-    // hangs before its log (its caller gives up on it and retries through another).
+    for before in 0..k {
+        one.bulk_write(&slice_of(&tenant, "x", before))
+            .await
+            .expect("x");
+    }
+    // The attempt that hangs: its caller gives up on it and retries through another replica.
     mysimbdp::coredms::faults::stall_before_log(&name);
     let first = tokio::spawn({
-        let w = slice_of(&tenant, "x", 0);
+        let w = slice_of(&tenant, "x", k);
         async move { one.bulk_write(&w).await }
     });
+    let stored = 300 * (k + 1);
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
-            app.count(&name, "items").await == 300
+            app.count(&name, "items").await == stored
         })
         .await,
         "the first attempt stores its documents"
     );
-    // Run y of the same file waits for the lock through the other replica, and asks for it.
     let y = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
+        let (two, w) = (two.clone(), slice_of(&tenant, "y", k));
         async move { two.bulk_write(&w).await }
     });
     assert!(
@@ -584,15 +599,19 @@ async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run
         "y asks for the lock: {:?}",
         lock().await
     );
-    // x's retry of the same bulk through that replica: the lock is not y's turn yet, since
-    // the first attempt may still be writing.
-    let retry = tokio::time::timeout(
-        Duration::from_secs(30),
-        two.bulk_write(&slice_of(&tenant, "x", 0)),
-    )
-    .await
-    .expect("the retry does not wait for an expiry")
-    .expect("retry");
+    // Not y's turn yet at any of these: the first attempt may still be writing.
+    let mut retry = None;
+    for again in 0..=k {
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            two.bulk_write(&slice_of(&tenant, "x", again)),
+        )
+        .await
+        .expect("the retry does not wait for an expiry")
+        .expect("retry");
+        retry = Some(r);
+    }
+    let retry = retry.expect("retried");
     let y = tokio::time::timeout(Duration::from_secs(30), y)
         .await
         .expect("y gets its turn after the retry")
@@ -602,7 +621,7 @@ async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run
     assert_eq!(
         (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
         (300, 0, 0, 300),
-        "the run that stored the documents is the one credited"
+        "bulk {k}: the run that stored the documents is the one credited"
     );
     let logs = app.logs(&alice, &name, "").await;
     let of = |run: &str, status: Status| {
@@ -612,10 +631,14 @@ async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run
     };
     assert_eq!(
         (of("x", Status::Success), of("y", Status::Duplicate)),
-        (300, 300),
-        "x stored them, y found them stored"
+        (stored as usize, 300),
+        "bulk {k}: x stored them, y found them stored"
     );
-    assert_eq!(logs.len(), 600, "each run logs each document once");
+    assert_eq!(
+        logs.len(),
+        stored as usize + 300,
+        "bulk {k}: each run logs each document once"
+    );
 }
 
 #[tokio::test]
