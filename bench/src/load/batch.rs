@@ -4,19 +4,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysimbdp::model::FileState;
+use tokio::sync::Barrier;
 
 use super::{PathRun, SILENCE, TenantCtx, bounded, limit, short};
 use crate::accounting::{FileOutcome, hist};
 use crate::dataset::GroupFiles;
 use crate::progress::Progress;
 
-/// Uploads every file, then asks for each one's ingestion, then follows them until they are
-/// `done` or `failed`.
+/// Uploads every file, waits at `uploaded` for the phase's other batch tenants to upload
+/// theirs, then asks for each one's ingestion, then follows them until they are `done` or
+/// `failed`.
 pub async fn drive_batch(
     t: TenantCtx,
     files: Arc<GroupFiles>,
-    started: Instant,
-    deadline: Instant,
+    uploaded: Arc<Barrier>,
+    (started, deadline): (Instant, Instant),
     progress: Arc<Progress>,
 ) -> PathRun {
     let track = progress.track("batch");
@@ -28,8 +30,9 @@ pub async fn drive_batch(
     // first ingest request to its last input logged) holds none of its uploads, as a
     // loader's reading of its files is not timed. Uploading the next file while the one
     // before was ingested put uploads (HTTP, staging, hashing, their database writes)
-    // inside the span. In a group of tenants, the others' uploads can still overlap it.
-    let mut uploaded: Vec<(usize, String, u64)> = Vec::new();
+    // inside the span. The phase's batch tenants all upload before any asks, so another
+    // tenant's uploads do not overlap it either.
+    let mut ready: Vec<(usize, String, u64)> = Vec::new();
     for i in 0..files.len() {
         let name = format!("f{i}.csv");
         let inputs = if t.whole_file { 1 } else { files.records[i] };
@@ -43,13 +46,16 @@ pub async fn drive_batch(
         )
         .await
         {
-            Ok(_) => uploaded.push((i, name, inputs)),
+            Ok(_) => ready.push((i, name, inputs)),
             Err(f) => run.refuse(inputs, &format!("upload of {name}"), f),
         }
     }
     // (index into run.files, when its ingestion was requested, last state, next record)
     let mut pending: Vec<(usize, Instant, String, u64)> = Vec::new();
-    for (i, name, inputs) in uploaded {
+    // Every batch driver of the phase reaches this (the loop above has no early return);
+    // one that failed on the way (a panic) holds the others until the deadline, no longer.
+    let _ = tokio::time::timeout_at(deadline.into(), uploaded.wait()).await;
+    for (i, name, inputs) in ready {
         if Instant::now() > deadline {
             run.unfinished = Some(format!(
                 "the timeout passed before {name}'s ingestion was asked for"

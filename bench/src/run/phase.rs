@@ -138,9 +138,18 @@ async fn drive(
     let started = Instant::now();
     let deadline = started + Duration::from_secs(sc.timeout_s);
     let mut drivers = Vec::new();
+    // The batch tenants ask for their first ingestion together, once all have uploaded.
+    let batch_tenants = tenants.iter().filter(|(gi, _)| files.contains_key(gi));
+    let uploaded = Arc::new(tokio::sync::Barrier::new(batch_tenants.count()));
     for (ti, (gi, t)) in tenants.iter().enumerate() {
         if let Some(f) = files.get(gi) {
-            let fut = load::drive_batch(t.clone(), f.clone(), started, deadline, progress.clone());
+            let fut = load::drive_batch(
+                t.clone(),
+                f.clone(),
+                uploaded.clone(),
+                (started, deadline),
+                progress.clone(),
+            );
             drivers.push((ti, PathKind::Batch, tokio::spawn(fut)));
         }
         if let Some(s) = &plans[*gi].stream {
