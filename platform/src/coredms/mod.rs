@@ -336,6 +336,28 @@ pub mod faults {
         }
     }
 
+    static HOLD_IDLE_LOCKS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+    /// While held, `tenant`'s file locks are not released idle (a test's way to take a run's
+    /// next bulk within the idle time, however slow the machine), then as usual.
+    pub fn hold_idle_locks(tenant: &str, hold: bool) {
+        if let Ok(mut s) = HOLD_IDLE_LOCKS.lock() {
+            if hold {
+                s.insert(tenant.to_owned());
+            } else {
+                s.remove(tenant);
+            }
+        }
+    }
+
+    /// Waits while the tenant of lock `id` (`<tenant>/<origin>`) is held.
+    pub(crate) async fn before_idle_release(id: &str) {
+        let tenant = id.split('/').next().unwrap_or_default();
+        while HOLD_IDLE_LOCKS.lock().is_ok_and(|s| s.contains(tenant)) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     pub(crate) async fn before_log(tenant: &str) {
         let stall = STALL_BEFORE_LOG
             .lock()

@@ -93,6 +93,8 @@ impl Drop for OriginLock {
         );
         rt.spawn(async move {
             tokio::time::sleep(LOCK_IDLE).await;
+            #[cfg(feature = "testing")]
+            super::faults::before_idle_release(&id).await;
             let idle = takes.lock().is_ok_and(|mut takes| {
                 let idle = takes.get(&id).is_some_and(|t| t.token == token && !t.busy);
                 if idle {
