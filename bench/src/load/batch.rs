@@ -4,12 +4,51 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysimbdp::model::FileState;
-use tokio::sync::Barrier;
+use tokio::sync::watch;
 
 use super::{PathRun, SILENCE, TenantCtx, bounded, limit, short};
 use crate::accounting::{FileOutcome, hist};
 use crate::dataset::GroupFiles;
 use crate::progress::Progress;
+
+/// Where a phase's batch drivers wait until each has uploaded its files: the drivers yet to
+/// arrive. A driver that ends without arriving (it panicked) is counted as arrived when its
+/// [`Arrival`] is dropped, so the others do not wait for it.
+pub struct UploadGate(Arc<watch::Sender<usize>>);
+
+impl UploadGate {
+    /// A gate for `drivers` drivers, each given one [`Arrival`].
+    pub fn new(drivers: usize) -> Self {
+        Self(Arc::new(watch::channel(drivers).0))
+    }
+
+    pub fn arrival(&self) -> Arrival {
+        Arrival(Some(self.0.clone()))
+    }
+}
+
+/// One driver's place at an [`UploadGate`].
+pub struct Arrival(Option<Arc<watch::Sender<usize>>>);
+
+impl Arrival {
+    /// Arrives, then waits for the others, until `deadline` at most.
+    async fn wait(mut self, deadline: Instant) {
+        let Some(gate) = self.0.take() else {
+            return;
+        };
+        let mut others = gate.subscribe();
+        gate.send_modify(|n| *n = n.saturating_sub(1));
+        let _ = tokio::time::timeout_at(deadline.into(), others.wait_for(|n| *n == 0)).await;
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        if let Some(gate) = self.0.take() {
+            gate.send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
 
 /// Uploads every file, waits at `uploaded` for the phase's other batch tenants to upload
 /// theirs, then asks for each one's ingestion, then follows them until they are `done` or
@@ -17,7 +56,7 @@ use crate::progress::Progress;
 pub async fn drive_batch(
     t: TenantCtx,
     files: Arc<GroupFiles>,
-    uploaded: Arc<Barrier>,
+    uploaded: Arrival,
     (started, deadline): (Instant, Instant),
     progress: Arc<Progress>,
 ) -> PathRun {
@@ -52,9 +91,7 @@ pub async fn drive_batch(
     }
     // (index into run.files, when its ingestion was requested, last state, next record)
     let mut pending: Vec<(usize, Instant, String, u64)> = Vec::new();
-    // Every batch driver of the phase reaches this (the loop above has no early return);
-    // one that failed on the way (a panic) holds the others until the deadline, no longer.
-    let _ = tokio::time::timeout_at(deadline.into(), uploaded.wait()).await;
+    uploaded.wait(deadline).await;
     for (i, name, inputs) in ready {
         if Instant::now() > deadline {
             run.unfinished = Some(format!(
@@ -164,4 +201,40 @@ pub async fn drive_batch(
     }
     run.elapsed = started.elapsed();
     run
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_driver_that_never_arrives_does_not_hold_the_others() {
+        let gate = UploadGate::new(3);
+        let (a, b, c) = (gate.arrival(), gate.arrival(), gate.arrival());
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = tokio::spawn(a.wait(far));
+        let crashed = tokio::spawn(async move {
+            let _place = c;
+            panic!("a driver fails while uploading");
+        });
+        assert!(crashed.await.is_err());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!first.is_finished(), "one driver has not arrived yet");
+        tokio::time::timeout(Duration::from_secs(5), b.wait(far))
+            .await
+            .expect("the last to arrive goes on");
+        tokio::time::timeout(Duration::from_secs(5), first)
+            .await
+            .expect("the first goes on")
+            .expect("its task");
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_driver_that_never_comes_ends_at_the_deadline() {
+        let gate = UploadGate::new(2);
+        let (a, _late) = (gate.arrival(), gate.arrival());
+        let t0 = Instant::now();
+        a.wait(t0 + Duration::from_millis(100)).await;
+        assert!(t0.elapsed() >= Duration::from_millis(100));
+    }
 }

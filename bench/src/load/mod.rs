@@ -14,7 +14,7 @@ use crate::accounting::FileOutcome;
 mod batch;
 mod stream;
 
-pub use batch::drive_batch;
+pub use batch::{UploadGate, drive_batch};
 pub use stream::{drive_stream, schedule};
 
 /// A tenant as the load drivers see it.

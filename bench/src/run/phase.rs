@@ -140,13 +140,13 @@ async fn drive(
     let mut drivers = Vec::new();
     // The batch tenants ask for their first ingestion together, once all have uploaded.
     let batch_tenants = tenants.iter().filter(|(gi, _)| files.contains_key(gi));
-    let uploaded = Arc::new(tokio::sync::Barrier::new(batch_tenants.count()));
+    let uploaded = load::UploadGate::new(batch_tenants.count());
     for (ti, (gi, t)) in tenants.iter().enumerate() {
         if let Some(f) = files.get(gi) {
             let fut = load::drive_batch(
                 t.clone(),
                 f.clone(),
-                uploaded.clone(),
+                uploaded.arrival(),
                 (started, deadline),
                 progress.clone(),
             );
