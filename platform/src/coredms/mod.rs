@@ -336,6 +336,26 @@ pub mod faults {
         }
     }
 
+    static STALL_AFTER_TAKE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+    /// The next take of a file lock of `tenant` by an update (a take-over) lands, then never
+    /// returns: the test cancels the attempt there.
+    pub fn stall_after_take(tenant: &str) {
+        if let Ok(mut s) = STALL_AFTER_TAKE.lock() {
+            s.insert(tenant.to_owned());
+        }
+    }
+
+    pub(crate) async fn after_take(tenant: &str) {
+        let stall = STALL_AFTER_TAKE
+            .lock()
+            .map(|mut s| s.remove(tenant))
+            .unwrap_or(false);
+        if stall {
+            std::future::pending::<()>().await;
+        }
+    }
+
     static HOLD_IDLE_LOCKS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
 
     /// While held, `tenant`'s file locks are not released idle (a test's way to take a run's

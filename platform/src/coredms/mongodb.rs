@@ -118,12 +118,15 @@ impl Drop for OriginLock {
 /// cancelled): no write is under such a lock. Left there, either keeps the file's other runs
 /// waiting [`HANDOVER_US`] or [`ORIGIN_LOCK_US`] for an attempt that is gone. Keyed by the
 /// attempt's token, a late cleanup cannot touch another attempt's mark or lock, even of the
-/// same run.
+/// same run. A lock its run held already and it took over (`keep`) stays, though: an earlier
+/// attempt of the run may still be writing under it, so it is left to the run's next take
+/// (its retry) or its expiry.
 struct Waiting {
     id: String,
     token: ObjectId,
     locks: Collection<Document>,
     took: bool,
+    keep: bool,
 }
 
 impl Drop for Waiting {
@@ -135,6 +138,7 @@ impl Drop for Waiting {
             return;
         };
         let (id, token, locks) = (std::mem::take(&mut self.id), self.token, self.locks.clone());
+        let keep = self.keep;
         rt.spawn(async move {
             let unmark = locks
                 .update_one(
@@ -142,7 +146,14 @@ impl Drop for Waiting {
                     doc! {"$unset": {"wanted": "", "wanted_token": ""}},
                 )
                 .await;
-            let unlock = locks.delete_one(doc! {"_id": &id, "token": token}).await;
+            let unlock = if keep {
+                Ok(())
+            } else {
+                locks
+                    .delete_one(doc! {"_id": &id, "token": token})
+                    .await
+                    .map(drop)
+            };
             if let Err(e) = unmark.and(unlock) {
                 tracing::warn!(lock = id, error = %e, "cannot withdraw a wait for a log lock");
             }
@@ -606,6 +617,7 @@ impl MongoStore {
             token,
             locks: locks.clone(),
             took: false,
+            keep: false,
         };
         loop {
             if began.elapsed() > Duration::from_micros(2 * ORIGIN_LOCK_US as u64) {
@@ -614,6 +626,7 @@ impl MongoStore {
                 )));
             }
             let until = now_us() + ORIGIN_LOCK_US;
+            waiting.keep = false;
             let inserted = locks
                 .insert_one(
                     doc! {"_id": &id, "by": job, "until_us": until, "token": token, "from": from},
@@ -688,7 +701,11 @@ impl MongoStore {
                     clear.insert("wanted_token", "");
                 }
                 change.insert("$unset", clear);
+                // Its run's already (not handed to it): kept should this attempt go now.
+                waiting.keep = by == job && !handed;
                 if locks.update_one(exact, change).await?.matched_count == 1 {
+                    #[cfg(feature = "testing")]
+                    super::faults::after_take(tenant.as_str()).await;
                     waiting.took = true;
                     return Ok(taken(token));
                 }

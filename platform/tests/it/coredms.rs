@@ -645,6 +645,86 @@ async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
 }
 
 #[tokio::test]
+async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_run() {
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("cancelled").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
+    let locks = locks(&app).await;
+    let lock = || async {
+        locks
+            .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
+            .await
+            .expect("read")
+            .unwrap_or_default()
+    };
+    // x's first attempt hangs between its data and its log; y waits and asks.
+    mysimbdp::coredms::faults::stall_before_log(&name);
+    let first = tokio::spawn({
+        let w = slice_of(&tenant, "x", 0);
+        async move { one.bulk_write(&w).await }
+    });
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || async {
+            app.count(&name, "items").await == 300
+        })
+        .await,
+        "the first attempt stores its documents"
+    );
+    let y = tokio::spawn({
+        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
+        async move { two.bulk_write(&w).await }
+    });
+    assert!(
+        crate::harness::eventually(Duration::from_secs(20), || async {
+            lock().await.get_str("wanted") == Ok("y")
+        })
+        .await,
+        "y asks for the lock"
+    );
+    // x's retry takes its run's lock over and is cancelled right then (its caller's
+    // timeout): the lock stays x's, for the first attempt may still write under it.
+    mysimbdp::coredms::faults::stall_after_take(&name);
+    let cancelled = tokio::time::timeout(
+        Duration::from_secs(5),
+        two.bulk_write(&slice_of(&tenant, "x", 0)),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the fault stops the retry: {cancelled:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = lock().await;
+    assert_eq!(
+        held.get_str("by"),
+        Ok("x"),
+        "the cancelled retry left its run's lock: {held:?}"
+    );
+    assert!(!y.is_finished(), "y still waits");
+    // The next retry goes through; then y's turn.
+    let retry = tokio::time::timeout(
+        Duration::from_secs(30),
+        two.bulk_write(&slice_of(&tenant, "x", 0)),
+    )
+    .await
+    .expect("the retry does not wait for an expiry")
+    .expect("retry");
+    let y = tokio::time::timeout(Duration::from_secs(30), y)
+        .await
+        .expect("y gets its turn after the retry")
+        .expect("y's task")
+        .expect("y's bulk");
+    first.abort();
+    assert_eq!(
+        (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
+        (300, 0, 0, 300),
+        "the run that stored the documents is the one credited"
+    );
+    assert_eq!(app.logs(&alice, &name, "").await.len(), 600);
+}
+
+#[tokio::test]
 async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
     use mongodb::bson::{doc, oid::ObjectId};
     let app = TestApp::spawn().await;
