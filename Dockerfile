@@ -37,7 +37,7 @@ COPY dist/mysimbdp /usr/local/bin/mysimbdp
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bin mysimbdp
+RUN cargo build --release --locked -p mysimbdp --bin mysimbdp
 
 # The default target: the release binary compiled above.
 FROM runtime AS release

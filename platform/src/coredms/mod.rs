@@ -337,13 +337,19 @@ pub mod faults {
     }
 
     static STALL_AFTER_TAKE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+    static STALLED_AFTER_TAKE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
 
     /// The next take of a file lock of `tenant` by an update (a take-over) lands, then never
-    /// returns: the test cancels the attempt there.
+    /// returns: the test cancels the attempt there, once [`stalled_after_take`] says so.
     pub fn stall_after_take(tenant: &str) {
         if let Ok(mut s) = STALL_AFTER_TAKE.lock() {
             s.insert(tenant.to_owned());
         }
+    }
+
+    /// Whether a take of `tenant`'s has landed and stopped there (see [`stall_after_take`]).
+    pub fn stalled_after_take(tenant: &str) -> bool {
+        STALLED_AFTER_TAKE.lock().is_ok_and(|s| s.contains(tenant))
     }
 
     pub(crate) async fn after_take(tenant: &str) {
@@ -352,6 +358,9 @@ pub mod faults {
             .map(|mut s| s.remove(tenant))
             .unwrap_or(false);
         if stall {
+            if let Ok(mut s) = STALLED_AFTER_TAKE.lock() {
+                s.insert(tenant.to_owned());
+            }
             std::future::pending::<()>().await;
         }
     }

@@ -701,8 +701,9 @@ impl MongoStore {
                     clear.insert("wanted_token", "");
                 }
                 change.insert("$unset", clear);
-                // Its run's already (not handed to it): kept should this attempt go now.
-                waiting.keep = by == job && !handed;
+                // Its run's already (not handed to it), and an attempt of the run may still
+                // write under it: kept should this attempt go now.
+                waiting.keep = by == job && !handed && (overlapping || busy_here);
                 if locks.update_one(exact, change).await?.matched_count == 1 {
                     #[cfg(feature = "testing")]
                     super::faults::after_take(tenant.as_str()).await;

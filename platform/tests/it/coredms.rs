@@ -685,15 +685,19 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
     // x's retry takes its run's lock over and is cancelled right then (its caller's
     // timeout): the lock stays x's, for the first attempt may still write under it.
     mysimbdp::coredms::faults::stall_after_take(&name);
-    let cancelled = tokio::time::timeout(
-        Duration::from_secs(5),
-        two.bulk_write(&slice_of(&tenant, "x", 0)),
-    )
-    .await;
+    let cancelled = tokio::spawn({
+        let (two, w) = (two.clone(), slice_of(&tenant, "x", 0));
+        async move { two.bulk_write(&w).await }
+    });
     assert!(
-        cancelled.is_err(),
-        "the fault stops the retry: {cancelled:?}"
+        crate::harness::eventually(Duration::from_secs(30), || async {
+            mysimbdp::coredms::faults::stalled_after_take(&name)
+        })
+        .await,
+        "the retry takes the lock over"
     );
+    cancelled.abort();
+    assert!(cancelled.await.is_err_and(|e| e.is_cancelled()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     let held = lock().await;
     assert_eq!(
