@@ -5,14 +5,16 @@
 //! With glibc's allocator, memory once used stayed resident: the VMs of quiet apps were
 //! dropped but their pages kept in per-thread heaps, so a stream process that had run a
 //! thousand tenants' apps stayed at its peak. The binaries (`mysimbdp`, the workbench's
-//! `scenario`) install it:
+//! `scenario`) install it and call [`return_freed_memory`] first thing in `main`:
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static ALLOCATOR: mysimbdp::memory::Allocator = mysimbdp::memory::Allocator;
-//! ```
 //!
-//! and call [`return_freed_memory`] first thing in `main`.
+//! fn main() {
+//!     mysimbdp::memory::return_freed_memory();
+//! }
+//! ```
 
 pub use tikv_jemallocator::Jemalloc as Allocator;
 
