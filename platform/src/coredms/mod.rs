@@ -387,7 +387,26 @@ pub mod faults {
         }
     }
 
-    pub(crate) async fn before_log(tenant: &str) {
+    static FAIL_BEFORE_LOG: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+    /// The next bulk write of `tenant` (in any in-process coredms) writes its documents, then
+    /// fails as if the database went away before its log (a retryable error).
+    pub fn fail_before_log(tenant: &str) {
+        if let Ok(mut s) = FAIL_BEFORE_LOG.lock() {
+            s.insert(tenant.to_owned());
+        }
+    }
+
+    pub(crate) async fn before_log(tenant: &str) -> Result<(), super::CoreError> {
+        let fail = FAIL_BEFORE_LOG
+            .lock()
+            .map(|mut s| s.remove(tenant))
+            .unwrap_or(false);
+        if fail {
+            return Err(super::CoreError::Unavailable(
+                "fault injected: the database went away between the data and the log".into(),
+            ));
+        }
         let stall = STALL_BEFORE_LOG
             .lock()
             .map(|mut s| s.remove(tenant))
@@ -399,6 +418,7 @@ pub mod faults {
             );
             std::future::pending::<()>().await;
         }
+        Ok(())
     }
 }
 

@@ -55,8 +55,9 @@ struct Take {
 
 /// An origin lock taken for one bulk write. Dropped after its bulk ended, it stays in the
 /// database for the run's next bulk, and is released [`LOCK_IDLE`] after unless taken again
-/// since. Dropped mid-bulk (cancelled: writes already sent may still land), it stays busy
-/// and is left to the run's next take or to its expiry.
+/// since. Dropped mid-bulk (cancelled: writes already sent may still land), or after a bulk
+/// that failed retryably (its data may be in and its log not), it stays busy and is left to
+/// the run's next take (the retry) or to its expiry.
 struct OriginLock {
     ended: bool,
     id: String,
@@ -403,7 +404,11 @@ impl MongoStore {
             .lock_origin(&w.tenant, origin, &job, first_record(w))
             .await?;
         let r = self.bulk_write_bucketed(w, origin, &job).await;
-        lock.ended = true;
+        // A bulk that failed in a way its retry may complete (the database went away, maybe
+        // after its data and before its log) keeps the lock for that retry: released idle
+        // before it came, another run would find the documents stored and unlogged, and log
+        // them as its own.
+        lock.ended = !r.as_ref().is_err_and(CoreError::is_retryable);
         r
     }
 
@@ -444,7 +449,7 @@ impl MongoStore {
         outcome.failed.sort_by_key(|(i, _)| *i);
         held.sort_unstable();
         #[cfg(feature = "testing")]
-        super::faults::before_log(w.tenant.as_str()).await;
+        super::faults::before_log(w.tenant.as_str()).await?;
         Ok((status, reasons, outcome, held))
     }
 

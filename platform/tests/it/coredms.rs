@@ -729,6 +729,48 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
 }
 
 #[tokio::test]
+async fn a_bulk_that_failed_after_its_data_keeps_its_files_lock_for_its_retry() {
+    let app = TestApp::spawn().await;
+    let (name, alice) = app.tenant("failed").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
+    // x's bulk stores its documents, then the database goes away before its log.
+    mysimbdp::coredms::faults::fail_before_log(&name);
+    let failed = one.bulk_write(&slice_of(&tenant, "x", 0)).await;
+    assert!(
+        failed.as_ref().is_err_and(|e| e.is_retryable()),
+        "{failed:?}"
+    );
+    assert_eq!(app.count(&name, "items").await, 300, "the data is written");
+    // y asks for the file while x's retry waits out its backoff (longer than the lock's
+    // idle release).
+    let y = tokio::spawn({
+        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
+        async move { two.bulk_write(&w).await }
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!y.is_finished(), "y waits for x's retry");
+    let retry = tokio::time::timeout(
+        Duration::from_secs(30),
+        one.bulk_write(&slice_of(&tenant, "x", 0)),
+    )
+    .await
+    .expect("the retry does not wait for an expiry")
+    .expect("retry");
+    let y = tokio::time::timeout(Duration::from_secs(30), y)
+        .await
+        .expect("y gets its turn after the retry")
+        .expect("y's task")
+        .expect("y's bulk");
+    assert_eq!(
+        (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
+        (300, 0, 0, 300),
+        "the run that stored the documents is the one credited"
+    );
+    assert_eq!(app.logs(&alice, &name, "").await.len(), 600);
+}
+
+#[tokio::test]
 async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
     use mongodb::bson::{doc, oid::ObjectId};
     let app = TestApp::spawn().await;
