@@ -55,13 +55,17 @@ struct Take {
 
 /// An origin lock taken for one bulk write. Dropped after its bulk ended, it stays in the
 /// database for the run's next bulk, and is released [`LOCK_IDLE`] after unless taken again
-/// since. Dropped mid-bulk (cancelled: writes already sent may still land), or after a bulk
+/// since, or unless its run had gone further in the file under it (the lock's `from` beyond
+/// this bulk's: a retry of an earlier chunk, or a resumed run, whose later records may be
+/// stored and not yet logged). Dropped mid-bulk (cancelled: writes already sent may still land), or after a bulk
 /// that failed retryably (its data may be in and its log not), it stays busy and is left to
 /// the run's next take (the retry) or to its expiry.
 struct OriginLock {
     ended: bool,
     id: String,
     token: ObjectId,
+    /// Where this bulk begins in the file (see [`MongoStore::lock_origin`]).
+    from: i64,
     takes: Arc<Mutex<HashMap<String, Take>>>,
     locks: Collection<Document>,
 }
@@ -86,9 +90,10 @@ impl Drop for OriginLock {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (id, token, takes, locks) = (
+        let (id, token, from, takes, locks) = (
             self.id.clone(),
             self.token,
+            self.from,
             self.takes.clone(),
             self.locks.clone(),
         );
@@ -104,8 +109,9 @@ impl Drop for OriginLock {
                 idle
             });
             // The token: a take since (this run's next bulk, through another replica too,
-            // or another run's) is not released.
-            if idle && let Err(e) = locks.delete_one(doc! {"_id": &id, "token": token}).await {
+            // or another run's) is not released. `from`: nor is one its run took further.
+            let mine = doc! {"_id": &id, "token": token, "from": {"$lte": from}};
+            if idle && let Err(e) = locks.delete_one(mine).await {
                 tracing::warn!(lock = id, error = %e, "cannot release a log lock; it expires");
             }
         });
@@ -592,6 +598,7 @@ impl MongoStore {
                 ended: false,
                 id: id.clone(),
                 token: busy_token,
+                from,
                 takes: self.takes.clone(),
                 locks: locks.clone(),
             }

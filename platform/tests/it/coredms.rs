@@ -731,32 +731,62 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
 #[tokio::test]
 async fn a_bulk_that_failed_after_its_data_keeps_its_files_lock_for_its_retry() {
     let app = TestApp::spawn().await;
-    let (name, alice) = app.tenant("failed").await;
+    // The bulk retried through the same replica; then the second of two chunks, retried
+    // from the first through another replica, slower than the lock's idle release.
+    for k in [0, 1] {
+        failed_bulk_keeps_the_lock(&app, k).await;
+    }
+}
+
+/// Run x writes its bulks up to `k` through one replica; bulk `k` stores its documents and
+/// fails before its log. Run y waits for bulk `k` of the same file. x retries from bulk 0.
+async fn failed_bulk_keeps_the_lock(app: &TestApp, k: u64) {
+    let (name, alice) = app.tenant(&format!("failed{k}")).await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
-    // x's bulk stores its documents, then the database goes away before its log.
+    let (one, two) = (store(app).await, std::sync::Arc::new(store(app).await));
+    for before in 0..k {
+        one.bulk_write(&slice_of(&tenant, "x", before))
+            .await
+            .expect("x");
+    }
     mysimbdp::coredms::faults::fail_before_log(&name);
-    let failed = one.bulk_write(&slice_of(&tenant, "x", 0)).await;
+    let failed = one.bulk_write(&slice_of(&tenant, "x", k)).await;
     assert!(
         failed.as_ref().is_err_and(|e| e.is_retryable()),
         "{failed:?}"
     );
-    assert_eq!(app.count(&name, "items").await, 300, "the data is written");
+    let stored = 300 * (k + 1);
+    assert_eq!(
+        app.count(&name, "items").await,
+        stored,
+        "the data is written"
+    );
     // y asks for the file while x's retry waits out its backoff (longer than the lock's
     // idle release).
     let y = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
+        let (two, w) = (two.clone(), slice_of(&tenant, "y", k));
         async move { two.bulk_write(&w).await }
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!y.is_finished(), "y waits for x's retry");
-    let retry = tokio::time::timeout(
-        Duration::from_secs(30),
-        one.bulk_write(&slice_of(&tenant, "x", 0)),
-    )
-    .await
-    .expect("the retry does not wait for an expiry")
-    .expect("retry");
+    assert!(!y.is_finished(), "bulk {k}: y waits for x's retry");
+    let mut retry = None;
+    for again in 0..=k {
+        let via = if k == 0 { &one } else { &*two };
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            via.bulk_write(&slice_of(&tenant, "x", again)),
+        )
+        .await
+        .expect("the retry does not wait for an expiry")
+        .expect("retry");
+        retry = Some(r);
+        if again < k {
+            // The next chunk comes later than the idle release.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(!y.is_finished(), "bulk {k}: y waits for all of x's retry");
+        }
+    }
+    let retry = retry.expect("retried");
     let y = tokio::time::timeout(Duration::from_secs(30), y)
         .await
         .expect("y gets its turn after the retry")
@@ -765,9 +795,12 @@ async fn a_bulk_that_failed_after_its_data_keeps_its_files_lock_for_its_retry() 
     assert_eq!(
         (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
         (300, 0, 0, 300),
-        "the run that stored the documents is the one credited"
+        "bulk {k}: the run that stored the documents is the one credited"
     );
-    assert_eq!(app.logs(&alice, &name, "").await.len(), 600);
+    assert_eq!(
+        app.logs(&alice, &name, "").await.len(),
+        stored as usize + 300
+    );
 }
 
 #[tokio::test]
