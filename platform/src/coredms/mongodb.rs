@@ -1574,11 +1574,13 @@ fn is_duplicate(e: &mongodb::error::Error) -> bool {
     }
 }
 
-/// Where in its file a batch bulk begins: its first record (see [`MongoStore::lock_origin`]).
+/// Where in its file a batch bulk begins: the first record of its documents (see
+/// [`MongoStore::lock_origin`]). Not of its inputs that store nothing: a remote bulk's last
+/// chunk carries all of the bulk's, which would put it before the chunks it follows.
 fn first_record(w: &BulkWrite) -> i64 {
-    let inputs = w.docs.iter().map(|d| &d.input);
-    let inputs = inputs.chain(w.unstored.iter().map(|u| &u.input));
-    inputs
+    w.docs
+        .iter()
+        .map(|d| &d.input)
         .filter_map(|i| match i {
             crate::model::InputRef::Record { record, .. } => Some(*record),
             _ => None,

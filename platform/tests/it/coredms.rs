@@ -804,6 +804,46 @@ async fn failed_bulk_keeps_the_lock(app: &TestApp, k: u64) {
 }
 
 #[tokio::test]
+async fn a_runs_last_chunk_carrying_its_failures_lets_its_files_lock_go_when_idle() {
+    let app = TestApp::spawn().await;
+    let (name, _alice) = app.tenant("lastchunk").await;
+    let tenant = TenantName::parse(&name).expect("valid");
+    let store = store(&app).await;
+    // A bulk sent in two chunks: the last carries the bulk's inputs that store nothing,
+    // here a record from the first chunk's part of the file.
+    store
+        .bulk_write(&slice_of(&tenant, "x", 0))
+        .await
+        .expect("first chunk");
+    let mut last = slice_of(&tenant, "x", 1);
+    last.unstored.push(mysimbdp::model::Unstored {
+        input: InputRef::Record {
+            job: "x".into(),
+            record: 5,
+            line: Some(7),
+        },
+        collection: "items".into(),
+        document_id: None,
+        reason: Some("not a number".into()),
+        bytes: 20,
+        started_us: now_us(),
+        data_name: None,
+    });
+    store.bulk_write(&last).await.expect("last chunk");
+    // The run is over: its lock goes after the idle time, not at its 60 s expiry.
+    let locks = locks(&app).await;
+    let mine = mongodb::bson::doc! {"_id": format!("{name}/feed")};
+    assert!(
+        crate::harness::eventually(Duration::from_secs(10), || async {
+            locks.count_documents(mine.clone()).await.expect("count") == 0
+        })
+        .await,
+        "released once idle: {:?}",
+        locks.find_one(mine.clone()).await
+    );
+}
+
+#[tokio::test]
 async fn a_run_that_stops_waiting_for_a_files_lock_takes_its_request_back() {
     use mongodb::bson::{doc, oid::ObjectId};
     let app = TestApp::spawn().await;
