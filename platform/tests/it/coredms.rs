@@ -809,18 +809,17 @@ async fn a_runs_last_chunk_carrying_its_failures_lets_its_files_lock_go_when_idl
     let (name, _alice) = app.tenant("lastchunk").await;
     let tenant = TenantName::parse(&name).expect("valid");
     let store = store(&app).await;
-    // A bulk sent in two chunks: the last carries the bulk's inputs that store nothing,
-    // here a record from the first chunk's part of the file.
-    store
-        .bulk_write(&slice_of(&tenant, "x", 0))
-        .await
-        .expect("first chunk");
-    let mut last = slice_of(&tenant, "x", 1);
+    // A bulk of records 300..900 sent in two chunks, its first record failed: the last
+    // chunk carries the bulk's inputs that store nothing, so it holds record 300.
+    let mut first = slice_of(&tenant, "x", 1);
+    first.docs.remove(0);
+    store.bulk_write(&first).await.expect("first chunk");
+    let mut last = slice_of(&tenant, "x", 2);
     last.unstored.push(mysimbdp::model::Unstored {
         input: InputRef::Record {
             job: "x".into(),
-            record: 5,
-            line: Some(7),
+            record: 300,
+            line: Some(302),
         },
         collection: "items".into(),
         document_id: None,
