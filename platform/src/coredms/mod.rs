@@ -319,99 +319,93 @@ pub fn prepare(w: &BulkWrite) -> Prepared<'_> {
     }
 }
 
-/// Fault injection for tests (feature `testing`): a bulk write that stops after its data and
-/// before its log entries, as in a process killed between the two.
+/// Fault injection for tests (feature `testing`), per tenant: a bulk write that stops or
+/// fails between its data and its log entries (as in a process killed, or a database gone,
+/// between the two), a lock take that stops once it landed, and idle lock releases held.
 #[cfg(feature = "testing")]
 pub mod faults {
     use std::collections::HashSet;
     use std::sync::{LazyLock, Mutex};
 
-    static STALL_BEFORE_LOG: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+    /// The tenants a fault is armed for.
+    type Tenants = LazyLock<Mutex<HashSet<String>>>;
+
+    fn arm(set: &Tenants, tenant: &str) {
+        if let Ok(mut s) = set.lock() {
+            s.insert(tenant.to_owned());
+        }
+    }
+
+    /// Whether the fault was armed for `tenant`; disarms it.
+    fn fire(set: &Tenants, tenant: &str) -> bool {
+        set.lock().map(|mut s| s.remove(tenant)).unwrap_or(false)
+    }
+
+    fn armed(set: &Tenants, tenant: &str) -> bool {
+        set.lock().is_ok_and(|s| s.contains(tenant))
+    }
+
+    static STALL_BEFORE_LOG: Tenants = LazyLock::new(Default::default);
+    static FAIL_BEFORE_LOG: Tenants = LazyLock::new(Default::default);
+    static STALL_AFTER_TAKE: Tenants = LazyLock::new(Default::default);
+    static STALLED_AFTER_TAKE: Tenants = LazyLock::new(Default::default);
+    static HOLD_IDLE_LOCKS: Tenants = LazyLock::new(Default::default);
 
     /// The next bulk write of `tenant` (in any in-process coredms) writes its documents, then
     /// never returns: the test kills the platform there.
     pub fn stall_before_log(tenant: &str) {
-        if let Ok(mut s) = STALL_BEFORE_LOG.lock() {
-            s.insert(tenant.to_owned());
-        }
+        arm(&STALL_BEFORE_LOG, tenant);
     }
 
-    static STALL_AFTER_TAKE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-    static STALLED_AFTER_TAKE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+    /// The next bulk write of `tenant` (in any in-process coredms) writes its documents, then
+    /// fails as if the database went away before its log (a retryable error).
+    pub fn fail_before_log(tenant: &str) {
+        arm(&FAIL_BEFORE_LOG, tenant);
+    }
 
     /// The next take of a file lock of `tenant` by an update (a take-over) lands, then never
     /// returns: the test cancels the attempt there, once [`stalled_after_take`] says so.
     pub fn stall_after_take(tenant: &str) {
-        if let Ok(mut s) = STALL_AFTER_TAKE.lock() {
-            s.insert(tenant.to_owned());
-        }
+        arm(&STALL_AFTER_TAKE, tenant);
     }
 
     /// Whether a take of `tenant`'s has landed and stopped there (see [`stall_after_take`]).
     pub fn stalled_after_take(tenant: &str) -> bool {
-        STALLED_AFTER_TAKE.lock().is_ok_and(|s| s.contains(tenant))
+        armed(&STALLED_AFTER_TAKE, tenant)
     }
-
-    pub(crate) async fn after_take(tenant: &str) {
-        let stall = STALL_AFTER_TAKE
-            .lock()
-            .map(|mut s| s.remove(tenant))
-            .unwrap_or(false);
-        if stall {
-            if let Ok(mut s) = STALLED_AFTER_TAKE.lock() {
-                s.insert(tenant.to_owned());
-            }
-            std::future::pending::<()>().await;
-        }
-    }
-
-    static HOLD_IDLE_LOCKS: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
 
     /// While held, `tenant`'s file locks are not released idle (a test's way to take a run's
     /// next bulk within the idle time, however slow the machine), then as usual.
     pub fn hold_idle_locks(tenant: &str, hold: bool) {
-        if let Ok(mut s) = HOLD_IDLE_LOCKS.lock() {
-            if hold {
-                s.insert(tenant.to_owned());
-            } else {
-                s.remove(tenant);
-            }
+        if hold {
+            arm(&HOLD_IDLE_LOCKS, tenant);
+        } else {
+            fire(&HOLD_IDLE_LOCKS, tenant);
+        }
+    }
+
+    pub(crate) async fn after_take(tenant: &str) {
+        if fire(&STALL_AFTER_TAKE, tenant) {
+            arm(&STALLED_AFTER_TAKE, tenant);
+            std::future::pending::<()>().await;
         }
     }
 
     /// Waits while the tenant of lock `id` (`<tenant>/<origin>`) is held.
     pub(crate) async fn before_idle_release(id: &str) {
         let tenant = id.split('/').next().unwrap_or_default();
-        while HOLD_IDLE_LOCKS.lock().is_ok_and(|s| s.contains(tenant)) {
+        while armed(&HOLD_IDLE_LOCKS, tenant) {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 
-    static FAIL_BEFORE_LOG: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
-
-    /// The next bulk write of `tenant` (in any in-process coredms) writes its documents, then
-    /// fails as if the database went away before its log (a retryable error).
-    pub fn fail_before_log(tenant: &str) {
-        if let Ok(mut s) = FAIL_BEFORE_LOG.lock() {
-            s.insert(tenant.to_owned());
-        }
-    }
-
     pub(crate) async fn before_log(tenant: &str) -> Result<(), super::CoreError> {
-        let fail = FAIL_BEFORE_LOG
-            .lock()
-            .map(|mut s| s.remove(tenant))
-            .unwrap_or(false);
-        if fail {
+        if fire(&FAIL_BEFORE_LOG, tenant) {
             return Err(super::CoreError::Unavailable(
                 "fault injected: the database went away between the data and the log".into(),
             ));
         }
-        let stall = STALL_BEFORE_LOG
-            .lock()
-            .map(|mut s| s.remove(tenant))
-            .unwrap_or(false);
-        if stall {
+        if fire(&STALL_BEFORE_LOG, tenant) {
             tracing::warn!(
                 tenant,
                 "fault injected: stopping between the data and the log"

@@ -57,9 +57,9 @@ struct Take {
 /// database for the run's next bulk, and is released [`LOCK_IDLE`] after unless taken again
 /// since, or unless its run had gone further in the file under it (the lock's `from` beyond
 /// this bulk's: a retry of an earlier chunk, or a resumed run, whose later records may be
-/// stored and not yet logged). Dropped mid-bulk (cancelled: writes already sent may still land), or after a bulk
-/// that failed retryably (its data may be in and its log not), it stays busy and is left to
-/// the run's next take (the retry) or to its expiry.
+/// stored and not yet logged). Dropped mid-bulk (cancelled: writes already sent may still
+/// land), or after a bulk that failed retryably (its data may be in and its log not), it
+/// stays busy and is left to the run's next take (the retry) or to its expiry.
 struct OriginLock {
     ended: bool,
     id: String,

@@ -1,9 +1,10 @@
 use mysimbdp::coredms::MongoStore;
 use mysimbdp::logs::Source;
-use mysimbdp::model::{BulkWrite, DocWrite, InputRef, doc_id, now_us};
+use mysimbdp::model::{BulkOutcome, BulkWrite, DocWrite, InputRef, doc_id, now_us};
 use mysimbdp::tenants::TenantName;
 use reqwest::Method;
 use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::TestApp;
@@ -467,6 +468,43 @@ async fn locks(app: &TestApp) -> mongodb::Collection<mongodb::bson::Document> {
         .collection("locks")
 }
 
+/// The lock of tenant `name`'s file origin `feed` as it is now (empty when there is none).
+async fn feed_lock(
+    locks: &mongodb::Collection<mongodb::bson::Document>,
+    name: &str,
+) -> mongodb::bson::Document {
+    locks
+        .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
+        .await
+        .expect("read")
+        .unwrap_or_default()
+}
+
+type BulkTask = tokio::task::JoinHandle<Result<BulkOutcome, mysimbdp::coredms::CoreError>>;
+
+/// `w` written through `store` in a task of its own.
+fn spawn_bulk(store: &Arc<MongoStore>, w: BulkWrite) -> BulkTask {
+    let store = store.clone();
+    tokio::spawn(async move { store.bulk_write(&w).await })
+}
+
+/// Run x's retry of `w` through `store`: it never waits for a lock's expiry.
+async fn retry_via(store: &MongoStore, w: &BulkWrite) -> BulkOutcome {
+    tokio::time::timeout(Duration::from_secs(30), store.bulk_write(w))
+        .await
+        .expect("the retry does not wait for an expiry")
+        .expect("retry")
+}
+
+/// Run y's bulk, which waited for x's retry.
+async fn turn_after_the_retry(y: BulkTask) -> BulkOutcome {
+    tokio::time::timeout(Duration::from_secs(30), y)
+        .await
+        .expect("y gets its turn after the retry")
+        .expect("y's task")
+        .expect("y's bulk")
+}
+
 /// Bulk `k` (records 300k..300k+300) of run `job` of the file origin `feed`.
 fn slice_of(tenant: &TenantName, job: &str, k: u64) -> BulkWrite {
     let mut w = bulk_shaped(tenant, job, 1200, Shape::Batch);
@@ -559,15 +597,9 @@ async fn a_retry_through_another_replica_keeps_its_files_lock_from_a_waiting_run
 async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
     let (name, alice) = app.tenant(&format!("overlap{k}")).await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(app).await, std::sync::Arc::new(store(app).await));
+    let (one, two) = (Arc::new(store(app).await), Arc::new(store(app).await));
     let locks = locks(app).await;
-    let lock = || async {
-        locks
-            .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
-            .await
-            .expect("read")
-            .unwrap_or_default()
-    };
+    let lock = || feed_lock(&locks, &name);
     for before in 0..k {
         one.bulk_write(&slice_of(&tenant, "x", before))
             .await
@@ -575,10 +607,7 @@ async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
     }
     // The attempt that hangs: its caller gives up on it and retries through another replica.
     mysimbdp::coredms::faults::stall_before_log(&name);
-    let first = tokio::spawn({
-        let w = slice_of(&tenant, "x", k);
-        async move { one.bulk_write(&w).await }
-    });
+    let first = spawn_bulk(&one, slice_of(&tenant, "x", k));
     let stored = 300 * (k + 1);
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
@@ -587,10 +616,7 @@ async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
         .await,
         "the first attempt stores its documents"
     );
-    let y = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "y", k));
-        async move { two.bulk_write(&w).await }
-    });
+    let y = spawn_bulk(&two, slice_of(&tenant, "y", k));
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
             lock().await.get_str("wanted") == Ok("y")
@@ -604,22 +630,11 @@ async fn retry_keeps_the_lock(app: &TestApp, k: u64) {
     mysimbdp::coredms::faults::hold_idle_locks(&name, true);
     let mut retry = None;
     for again in 0..=k {
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            two.bulk_write(&slice_of(&tenant, "x", again)),
-        )
-        .await
-        .expect("the retry does not wait for an expiry")
-        .expect("retry");
-        retry = Some(r);
+        retry = Some(retry_via(&two, &slice_of(&tenant, "x", again)).await);
     }
     mysimbdp::coredms::faults::hold_idle_locks(&name, false);
     let retry = retry.expect("retried");
-    let y = tokio::time::timeout(Duration::from_secs(30), y)
-        .await
-        .expect("y gets its turn after the retry")
-        .expect("y's task")
-        .expect("y's bulk");
+    let y = turn_after_the_retry(y).await;
     first.abort();
     assert_eq!(
         (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
@@ -649,21 +664,12 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
     let app = TestApp::spawn().await;
     let (name, alice) = app.tenant("cancelled").await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(&app).await, std::sync::Arc::new(store(&app).await));
+    let (one, two) = (Arc::new(store(&app).await), Arc::new(store(&app).await));
     let locks = locks(&app).await;
-    let lock = || async {
-        locks
-            .find_one(mongodb::bson::doc! {"_id": format!("{name}/feed")})
-            .await
-            .expect("read")
-            .unwrap_or_default()
-    };
+    let lock = || feed_lock(&locks, &name);
     // x's first attempt hangs between its data and its log; y waits and asks.
     mysimbdp::coredms::faults::stall_before_log(&name);
-    let first = tokio::spawn({
-        let w = slice_of(&tenant, "x", 0);
-        async move { one.bulk_write(&w).await }
-    });
+    let first = spawn_bulk(&one, slice_of(&tenant, "x", 0));
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
             app.count(&name, "items").await == 300
@@ -671,10 +677,7 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
         .await,
         "the first attempt stores its documents"
     );
-    let y = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "y", 0));
-        async move { two.bulk_write(&w).await }
-    });
+    let y = spawn_bulk(&two, slice_of(&tenant, "y", 0));
     assert!(
         crate::harness::eventually(Duration::from_secs(20), || async {
             lock().await.get_str("wanted") == Ok("y")
@@ -685,10 +688,7 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
     // x's retry takes its run's lock over and is cancelled right then (its caller's
     // timeout): the lock stays x's, for the first attempt may still write under it.
     mysimbdp::coredms::faults::stall_after_take(&name);
-    let cancelled = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "x", 0));
-        async move { two.bulk_write(&w).await }
-    });
+    let cancelled = spawn_bulk(&two, slice_of(&tenant, "x", 0));
     assert!(
         crate::harness::eventually(Duration::from_secs(30), || async {
             mysimbdp::coredms::faults::stalled_after_take(&name)
@@ -707,18 +707,8 @@ async fn a_retry_cancelled_as_it_took_its_runs_lock_over_leaves_the_lock_to_its_
     );
     assert!(!y.is_finished(), "y still waits");
     // The next retry goes through; then y's turn.
-    let retry = tokio::time::timeout(
-        Duration::from_secs(30),
-        two.bulk_write(&slice_of(&tenant, "x", 0)),
-    )
-    .await
-    .expect("the retry does not wait for an expiry")
-    .expect("retry");
-    let y = tokio::time::timeout(Duration::from_secs(30), y)
-        .await
-        .expect("y gets its turn after the retry")
-        .expect("y's task")
-        .expect("y's bulk");
+    let retry = retry_via(&two, &slice_of(&tenant, "x", 0)).await;
+    let y = turn_after_the_retry(y).await;
     first.abort();
     assert_eq!(
         (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
@@ -743,7 +733,7 @@ async fn a_bulk_that_failed_after_its_data_keeps_its_files_lock_for_its_retry() 
 async fn failed_bulk_keeps_the_lock(app: &TestApp, k: u64) {
     let (name, alice) = app.tenant(&format!("failed{k}")).await;
     let tenant = TenantName::parse(&name).expect("valid");
-    let (one, two) = (store(app).await, std::sync::Arc::new(store(app).await));
+    let (one, two) = (Arc::new(store(app).await), Arc::new(store(app).await));
     for before in 0..k {
         one.bulk_write(&slice_of(&tenant, "x", before))
             .await
@@ -763,23 +753,13 @@ async fn failed_bulk_keeps_the_lock(app: &TestApp, k: u64) {
     );
     // y asks for the file while x's retry waits out its backoff (longer than the lock's
     // idle release).
-    let y = tokio::spawn({
-        let (two, w) = (two.clone(), slice_of(&tenant, "y", k));
-        async move { two.bulk_write(&w).await }
-    });
+    let y = spawn_bulk(&two, slice_of(&tenant, "y", k));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!y.is_finished(), "bulk {k}: y waits for x's retry");
     let mut retry = None;
     for again in 0..=k {
-        let via = if k == 0 { &one } else { &*two };
-        let r = tokio::time::timeout(
-            Duration::from_secs(30),
-            via.bulk_write(&slice_of(&tenant, "x", again)),
-        )
-        .await
-        .expect("the retry does not wait for an expiry")
-        .expect("retry");
-        retry = Some(r);
+        let via = if k == 0 { &one } else { &two };
+        retry = Some(retry_via(via, &slice_of(&tenant, "x", again)).await);
         if again < k {
             // The next chunk comes later than the idle release.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -787,11 +767,7 @@ async fn failed_bulk_keeps_the_lock(app: &TestApp, k: u64) {
         }
     }
     let retry = retry.expect("retried");
-    let y = tokio::time::timeout(Duration::from_secs(30), y)
-        .await
-        .expect("y gets its turn after the retry")
-        .expect("y's task")
-        .expect("y's bulk");
+    let y = turn_after_the_retry(y).await;
     assert_eq!(
         (retry.inserted, retry.duplicates, y.inserted, y.duplicates),
         (300, 0, 0, 300),
