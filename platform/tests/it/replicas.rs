@@ -826,8 +826,9 @@ async fn consumers_started_on_one_stream_manager_run_on_every_one_and_stop_from_
 
 #[tokio::test]
 async fn a_backlog_makes_a_stream_manager_add_consumers_and_an_empty_queue_takes_them_away() {
-    // Small batches, so that one consumer takes seconds over the backlog (at most a few
-    // hundred milliseconds pass between looks).
+    // Small batches and a backlog of 10,000, so that one consumer takes seconds over it (at
+    // most a few hundred milliseconds pass between looks; 2,000 were gone in about a second
+    // on a fast night, before the third consumer came).
     let app = TestApp::spawn_with(&[
         "stream.reconcile_ms=200",
         "stream.scale_up_depth=100",
@@ -839,7 +840,7 @@ async fn a_backlog_makes_a_stream_manager_add_consumers_and_an_empty_queue_takes
     ])
     .await;
     let (t, c) = app.tenant("elastic").await;
-    let n = 2000;
+    let n = 10_000;
     for i in (0..n).step_by(500) {
         c.publish(&t, "reading", messages(i, i + 500))
             .await
