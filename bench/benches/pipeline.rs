@@ -15,6 +15,10 @@ use mysimbdp::pipeline::{Input, transform};
 use mysimbdp::tenants::TenantName;
 use mysimbdp_bench::schema::AppChoice;
 
+// The allocator the platform's binaries run with (jemalloc): what the stages cost there.
+#[global_allocator]
+static ALLOCATOR: mysimbdp::memory::Allocator = mysimbdp::memory::Allocator;
+
 fn dataset() -> Vec<u8> {
     let p =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scenarios/data/water-quality-10k.csv");
