@@ -319,10 +319,11 @@ pub fn prepare(w: &BulkWrite) -> Prepared<'_> {
     }
 }
 
-/// Fault injection for tests (feature `testing`), per tenant: a bulk write that stops or
-/// fails between its data and its log entries (as in a process killed, or a database gone,
-/// between the two), a lock take that stops once it landed, and idle lock releases held.
-#[cfg(feature = "testing")]
+/// Fault injection for the platform's integration tests (feature `faults`), per tenant: a
+/// bulk write that stops or fails between its data and its log entries (as in a process
+/// killed, or a database gone, between the two), a lock take that stops once it landed, and
+/// idle lock releases held.
+#[cfg(feature = "faults")]
 pub mod faults {
     use std::collections::HashSet;
     use std::sync::{LazyLock, Mutex};

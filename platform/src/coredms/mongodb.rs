@@ -99,7 +99,7 @@ impl Drop for OriginLock {
         );
         rt.spawn(async move {
             tokio::time::sleep(LOCK_IDLE).await;
-            #[cfg(feature = "testing")]
+            #[cfg(feature = "faults")]
             super::faults::before_idle_release(&id).await;
             let idle = takes.lock().is_ok_and(|mut takes| {
                 let idle = takes.get(&id).is_some_and(|t| t.token == token && !t.busy);
@@ -454,7 +454,7 @@ impl MongoStore {
         }
         outcome.failed.sort_by_key(|(i, _)| *i);
         held.sort_unstable();
-        #[cfg(feature = "testing")]
+        #[cfg(feature = "faults")]
         super::faults::before_log(w.tenant.as_str()).await?;
         Ok((status, reasons, outcome, held))
     }
@@ -717,7 +717,7 @@ impl MongoStore {
                 // write under it: kept should this attempt go now.
                 waiting.keep = by == job && !handed && (overlapping || busy_here);
                 if locks.update_one(exact, change).await?.matched_count == 1 {
-                    #[cfg(feature = "testing")]
+                    #[cfg(feature = "faults")]
                     super::faults::after_take(tenant.as_str()).await;
                     waiting.took = true;
                     return Ok(taken(token));
