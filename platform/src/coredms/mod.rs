@@ -385,6 +385,20 @@ pub mod faults {
         }
     }
 
+    /// Disarms every fault of `tenant` that has not fired (after a kill that came first, so
+    /// that the restarted platform runs without it).
+    pub fn clear(tenant: &str) {
+        for set in [
+            &STALL_BEFORE_LOG,
+            &FAIL_BEFORE_LOG,
+            &STALL_AFTER_TAKE,
+            &STALLED_AFTER_TAKE,
+            &HOLD_IDLE_LOCKS,
+        ] {
+            fire(set, tenant);
+        }
+    }
+
     pub(crate) async fn after_take(tenant: &str) {
         if fire(&STALL_AFTER_TAKE, tenant) {
             arm(&STALLED_AFTER_TAKE, tenant);

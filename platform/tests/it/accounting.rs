@@ -294,7 +294,8 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     assert_eq!(r.status, 400, "{:?}", r.json());
 
     // The tenant fixes its app, then replays; running consumers pick the new version up
-    // within a second.
+    // within a second or so (an idle consumer asks coredms every half second once its app
+    // is a second old): three seconds leave room for a lookup slowed by a loaded database.
     c.upload_app(
         &t,
         "stream",
@@ -302,7 +303,7 @@ async fn dead_letters_replayed_after_an_app_fix_are_stored_once_and_logged_once(
     )
     .await
     .expect("app v2");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     let r = c.replay_dead_letters(&t, 1000).await.expect("replay");
     assert_eq!(r.replayed, 10, "{r:?}");
     let stored = eventually(Duration::from_secs(60), || async {

@@ -178,10 +178,15 @@ async fn a_job_killed_mid_file_resumes_and_ends_with_exactly_the_expected_docume
     })
     .await;
     assert!(started, "ingestion made progress before the kill");
+    // The job's next bulk stops between its documents and its log: however fast the
+    // machine, the file cannot end before the kill, which lands before or at that bulk.
+    mysimbdp::coredms::faults::stall_before_log(&t);
     let mut app = app;
     app.kill();
     let before = app.count(&t, "wq").await;
     assert!(before < 9999, "killed mid-file, {before} documents stored");
+    // Should the kill have come first, the restarted platform must not stop there.
+    mysimbdp::coredms::faults::clear(&t);
     let app = app.restart().await;
     let c = app.admin.clone();
     let f = c

@@ -56,7 +56,10 @@ async fn file_records_move_only_by_compare_and_set_and_a_lease_passes_only_once_
     let mut rec = store.file(&t, "f.csv").await.expect("read").expect("there");
     assert_eq!((rec.upload.as_str(), rec.version), ("u2", 2));
 
-    let lease = 400;
+    // Long enough to hold on any machine; a lease that must run out is taken short (`SHORT`)
+    // just before the test waits for it.
+    let lease = 60_000;
+    const SHORT: u64 = 300;
     let mut old = rec.clone();
     old.version = 1;
     old.state = FileState::Ingesting;
@@ -96,8 +99,10 @@ async fn file_records_move_only_by_compare_and_set_and_a_lease_passes_only_once_
         "a's lease holds"
     );
 
-    // a stops renewing: once its lease runs out, b claims the job where a left it.
-    tokio::time::sleep(Duration::from_millis(lease + 200)).await;
+    // a's last renewal is short, then a stops: once its lease runs out, b claims the job
+    // where a left it.
+    assert_eq!(store.checkpoint_file(&rec, "a", SHORT).await, Ok(true));
+    tokio::time::sleep(Duration::from_millis(SHORT + 200)).await;
     let claimed = store.claim_files("b", lease, 10).await.expect("claim");
     assert_eq!(claimed.len(), 1);
     assert_eq!(
@@ -710,6 +715,30 @@ async fn stream_views(
     out
 }
 
+/// Consumers subscribed to the tenant's queue, as the broker counts them.
+async fn consumers_at_the_broker(r: &Replicas, tenant: &str) -> u32 {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(&r.infra.amqp_uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = format!("{}mysimbdp.{tenant}", r.ns);
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the tenant's queue exists");
+    let _ = conn.close(200, "counted".into()).await;
+    q.consumer_count()
+}
+
 #[tokio::test]
 async fn consumers_started_on_one_stream_manager_run_on_every_one_and_stop_from_any() {
     use mysimbdp::api::ConsumerTarget;
@@ -747,6 +776,17 @@ async fn consumers_started_on_one_stream_manager_run_on_every_one_and_stop_from_
         r.logs_of_all()
     );
 
+    // A manager counts a consumer as running once started, before the broker has its
+    // subscription: wait for all four there, or the first to subscribe take every message.
+    let subscribed = eventually(Duration::from_secs(30), || async {
+        consumers_at_the_broker(&r, t).await == 4
+    })
+    .await;
+    assert!(
+        subscribed,
+        "four consumers subscribed at the broker: {}",
+        consumers_at_the_broker(&r, t).await
+    );
     // Published through either, consumed by whichever consumer gets each message.
     for (i, c) in clients.iter().enumerate() {
         c.publish(t, "reading", messages(i * 200, i * 200 + 200))
