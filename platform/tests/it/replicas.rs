@@ -719,9 +719,10 @@ async fn stream_views(
 async fn consumers_at_the_broker(r: &Replicas, tenant: &str) -> u32 {
     use lapin::options::QueueDeclareOptions;
     use lapin::types::FieldTable;
-    let conn = lapin::Connection::connect(&r.infra.amqp_uri, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
+    let conn =
+        lapin::Connection::connect(&r.infra.amqp_uri, lapin::ConnectionProperties::default())
+            .await
+            .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     let queue = format!("{}mysimbdp.{tenant}", r.ns);
     let q = ch
