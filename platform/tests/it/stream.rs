@@ -144,8 +144,9 @@ async fn a_consumer_killed_mid_stream_loses_nothing_and_stores_nothing_twice() {
     })
     .await;
     assert!(progressed);
-    // The consumer's next bulk stops between its documents and its log: however fast the
-    // machine, the stream cannot drain before the kill, which lands before or at that bulk.
+    // From here the consumer's next bulk stops between its documents and its log, so the
+    // stream cannot drain during the kill (the runtime shuts down in the background).
+    // Before it, the 5,500 messages left cannot go in one poll (100 ms).
     mysimbdp::coredms::faults::stall_before_log(&t);
     let mut app = app;
     app.kill();
