@@ -188,6 +188,31 @@ where
     }
 }
 
+/// The tenant's queue as the broker holds it now (its ready messages, its consumers), by a
+/// passive declare over a connection of the test's own.
+pub async fn tenant_queue(amqp_uri: &str, namespace: &str, tenant: &str) -> lapin::Queue {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::FieldTable;
+    let conn = lapin::Connection::connect(amqp_uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let queue = format!("{namespace}mysimbdp.{tenant}");
+    let q = ch
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the tenant's queue exists");
+    let _ = conn.close(200, "counted".into()).await;
+    q
+}
+
 /// Takes every message off a tenant's dead-letter queue: (body, reason header) each; a dead
 /// letter without its reason fails the test.
 pub async fn dead_letters(namespace: &str, tenant: &str) -> Vec<(String, String)> {

@@ -717,27 +717,9 @@ async fn stream_views(
 
 /// Consumers subscribed to the tenant's queue, as the broker counts them.
 async fn consumers_at_the_broker(r: &Replicas, tenant: &str) -> u32 {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::FieldTable;
-    let conn =
-        lapin::Connection::connect(&r.infra.amqp_uri, lapin::ConnectionProperties::default())
-            .await
-            .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let queue = format!("{}mysimbdp.{tenant}", r.ns);
-    let q = ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
+    crate::harness::tenant_queue(&r.infra.amqp_uri, &r.ns, tenant)
         .await
-        .expect("the tenant's queue exists");
-    let _ = conn.close(200, "counted".into()).await;
-    q.consumer_count()
+        .consumer_count()
 }
 
 #[tokio::test]

@@ -304,27 +304,10 @@ async fn a_data_name_with_reserved_characters_arrives_whole() {
 /// Messages of the tenant's queue that are ready (delivered to no consumer, or delivered
 /// and never acknowledged by a consumer that went away), as the broker counts them.
 async fn ready_messages(namespace: &str, tenant: &str) -> u32 {
-    use lapin::options::QueueDeclareOptions;
-    use lapin::types::FieldTable;
     let uri = std::env::var("AMQP_URI").expect("AMQP_URI");
-    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+    crate::harness::tenant_queue(&uri, namespace, tenant)
         .await
-        .expect("connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let queue = format!("{namespace}mysimbdp.{tenant}");
-    let q = ch
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the tenant's queue exists");
-    let _ = conn.close(200, "counted".into()).await;
-    q.message_count()
+        .message_count()
 }
 
 #[tokio::test]
